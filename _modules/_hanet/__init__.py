@@ -1,0 +1,7 @@
+"""hanet's library: a pure core (model, desired, plan, render) and the appliers
+(links, ruleset, dnsmasq, metadata) that touch the host.
+
+It ships inside ``_modules`` so that ``saltutil.sync_all`` brings it to every
+minion; the leading underscore keeps Salt's loader from loading it as an
+execution module of its own. Salt modules import it as ``_hanet``.
+"""
