@@ -1,0 +1,175 @@
+"""Desired host state: what one minion must hold, computed purely from the model.
+
+Every type here is a frozen dataclass of plain values (strings, ints, tuples), so a
+desired state compares with ``==``, hashes, and turns into JSON with ``to_dict``. The
+appliers (``links``, ``ruleset``, ``dnsmasq``, ``metadata``) read the host's current
+state into the same shapes, and the planners compare the two.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The link enslaved to a bridge when the network is segmented (VLAN or VXLAN)."""
+
+    kind: str  # "vlan" | "vxlan"
+    name: str  # vlan101, vx5102
+    parent: str  # bridge_interface: the 802.1Q parent or the VXLAN underlay device
+    vlan_id: Optional[int] = None
+    vni: Optional[int] = None
+    group: Optional[str] = None  # VXLAN multicast group
+    remotes: tuple = ()  # VXLAN unicast remotes (head-end replication via FDB entries)
+    port: int = 4789
+    mtu: int = 1500
+
+
+@dataclass(frozen=True)
+class Bridge:
+    """A Linux bridge for one network on this host.
+
+    ``uplink`` is the interface enslaved to it: the flat interface itself, or the
+    ``segment``'s link name when the network is VLAN/VXLAN segmented, or None for a
+    host-only bridge. ``addresses`` are "ip/prefixlen" strings in order: the host's own
+    address first, then (on the active network host) the network's gateway.
+    STP is off, forward delay 0, and the bridge MAC is pinned to the uplink's.
+    """
+
+    name: str
+    network: str
+    uplink: Optional[str]
+    segment: Optional[Segment] = None
+    mtu: int = 1500
+    addresses: tuple = ()
+
+
+@dataclass(frozen=True)
+class DhcpHost:
+    mac: str
+    hostname: str  # fully qualified: web1.novalocal
+    ip: str
+    default_route: bool = True  # False: this NIC gets no router (use_single_default_gateway)
+
+
+@dataclass(frozen=True)
+class Dnsmasq:
+    """One dnsmasq for one served network (nova-network's flags)."""
+
+    network: str  # label: also the dnsmasq tag
+    bridge: str
+    listen_address: str  # the address dnsmasq binds (own address, or the gateway when it moves)
+    range_start: str
+    netmask: str
+    lease_time: int
+    lease_max: int
+    domain: str
+    router: Optional[str]  # the router option handed out (None: no router option)
+    dns_servers: tuple = ()
+    conf_file: str = ""  # dnsmasq_config_file pass-through
+    mtu: Optional[int] = None  # handed out as option 26 when not 1500
+    hosts: tuple = ()  # DhcpHost entries, only the instances this host serves
+
+    def options_key(self):
+        """Everything that needs a restart when it changes (hosts only need SIGHUP)."""
+        return dataclasses.replace(self, hosts=())
+
+
+@dataclass(frozen=True)
+class Snat:
+    """SNAT of a fixed range to ``source`` out of ``out_interface``."""
+
+    network: str
+    cidr: str
+    source: Optional[str]  # routing_source_ip; None: masquerade with the interface's address
+    out_interface: str
+    exempt: tuple = ()  # destinations not SNATed: dmz_cidr, the fixed range, metadata host
+    force: tuple = ()  # force_snat_range: always SNATed (also on hardware-gateway networks)
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """169.254.169.254:80 -> metadata_host:metadata_port for VMs on ``bridges``."""
+
+    bridges: tuple
+    host: str  # 127.0.0.1: REDIRECT to the local service; else DNAT
+    port: int
+    local_service: bool  # run hanet's metadata service on this host
+
+
+@dataclass(frozen=True)
+class PortGuard:
+    """Anti-spoofing for one bridge: what VM ports may send.
+
+    Frames entering ``bridge`` through any port other than ``trusted_ports`` (the
+    uplink / segment link) must come from a (mac, ip) pair in ``pairs``; DHCP server
+    replies from VM ports are dropped; ARP replies/announcements must claim the sender's
+    own IP. ``dhcp_isolated``: DHCP does not cross the trusted ports (multi_host).
+    """
+
+    bridge: str
+    trusted_ports: tuple
+    pairs: tuple  # ((mac, ip), ...)
+    dhcp_isolated: bool
+
+
+@dataclass(frozen=True)
+class FloatingIp:
+    address: str
+    fixed_ip: str
+    instance: str
+    network: str
+    public_interface: str
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the metadata service tells an instance about itself (found by source IP)."""
+
+    name: str
+    uuid: str
+    hostname: str  # fully qualified
+    ips: tuple  # every fixed IP of the instance (on this host's networks)
+    public_keys: tuple = ()  # (name, key)
+    user_data: str = ""
+    availability_zone: str = "nova"
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    """Everything the NAT/filter ruleset holds on this host, driver-independent."""
+
+    driver: str  # nftables | iptables
+    table: str  # the table (nftables) / chain prefix (iptables) hanet owns
+    snat: tuple = ()  # Snat
+    metadata: Optional[Metadata] = None
+    forward_bridges: tuple = ()  # bridges whose VM traffic the host forwards
+    service_bridges: tuple = ()  # bridges where DHCP/DNS input is accepted
+    guards: tuple = ()  # PortGuard
+    floating: tuple = ()  # FloatingIp
+
+
+@dataclass(frozen=True)
+class HostState:
+    host: str
+    bridges: tuple = ()  # Bridge
+    sysctls: tuple = ()  # (key, value)
+    ruleset: Ruleset = field(default_factory=lambda: Ruleset(driver="nftables", table="hanet"))
+    dnsmasqs: tuple = ()  # Dnsmasq
+    metadata: Optional[Metadata] = None
+    floating_ips: tuple = ()  # FloatingIp
+    roles: tuple = ()  # (network, role): serving | standby | member
+    instances: tuple = ()  # InstanceRecord for the instances this host serves (metadata service)
+
+    def to_dict(self):
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
