@@ -1,0 +1,95 @@
+"""Shared plumbing of the appliers: where hanet keeps its files, what a change is,
+and the record of what hanet made on this host (so that removing something from the
+pillar removes it from the host)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Every file hanet writes lives under the minion's root_dir (contract §1)."""
+
+    root_dir: str = "/"
+
+    @property
+    def state_dir(self):  # durable: configs, host files, leases, the managed record
+        return os.path.join(self.root_dir, "var/lib/hanet")
+
+    @property
+    def run_dir(self):  # volatile: pid files, sockets
+        return os.path.join(self.root_dir, "run/hanet")
+
+    def state(self, *parts):
+        return os.path.join(self.state_dir, *parts)
+
+    def run(self, *parts):
+        return os.path.join(self.run_dir, *parts)
+
+    def ensure(self):
+        os.makedirs(self.state_dir, exist_ok=True)
+        os.makedirs(self.run_dir, exist_ok=True)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One step of a plan: ``facet`` (links, sysctls, ruleset, dnsmasq, metadata,
+    floating), ``action`` (create, delete, set, add, remove, restart, reload, ...),
+    ``target`` (what it acts on) and ``detail`` (plain values the applier needs)."""
+
+    facet: str
+    action: str
+    target: str
+    detail: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __str__(self):
+        return f"{self.action} {self.target}"
+
+
+def write_atomic(path, text, mode=0o644):
+    """Write ``text`` to ``path`` atomically; return True if the content changed."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            if fh.read() == text:
+                return False
+    except FileNotFoundError:
+        pass
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return True
+
+
+class Managed:
+    """What hanet made on this host, per facet: a JSON file under the state dir.
+
+    Appliers add what they create and drop what they remove, so that an apply can
+    remove things the pillar no longer names without touching anything else.
+    """
+
+    def __init__(self, paths: Paths):
+        self.path = paths.state("managed.json")
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                self.data = json.load(fh)
+        except (FileNotFoundError, ValueError):
+            self.data = {}
+
+    def get(self, facet):
+        return set(self.data.get(facet, []))
+
+    def set(self, facet, names):
+        self.data[facet] = sorted(set(names))
+        write_atomic(self.path, json.dumps(self.data, indent=1, sort_keys=True) + "\n")
