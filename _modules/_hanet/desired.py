@@ -87,6 +87,7 @@ class Snat:
     out_interface: str
     exempt: tuple = ()  # destinations not SNATed: dmz_cidr, the fixed range, metadata host
     force: tuple = ()  # force_snat_range: always SNATed (also on hardware-gateway networks)
+    all_destinations: bool = True  # False (hardware gateway): only ``force`` destinations
 
 
 @dataclass(frozen=True)
@@ -173,3 +174,119 @@ def _plain(value):
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+# --------------------------------------------------------------------------- compute
+
+SERVING, STANDBY, MEMBER = "serving", "standby", "member"
+
+
+def compute(cfg, host, owners=None):
+    """The desired state of minion ``host`` under the validated ``cfg``.
+
+    ``owners`` maps a network-host network's label to the host that holds it now (the
+    failover record); a network missing from it is held by its first network host.
+    A host the pillar does not name gets an empty state: hanet removes what it made.
+    """
+    owners = owners or {}
+    me = cfg.hosts.get(host)
+    if me is None:
+        return HostState(host=host, ruleset=Ruleset(driver=cfg.firewall_driver, table="hanet"))
+
+    bridges, dnsmasqs, snat, guards, floating, roles = [], [], [], [], [], []
+    forward, service, meta_bridges, served_instances = [], [], [], {}
+    domain = cfg.dhcp_domain
+    for label in sorted(cfg.networks):
+        if host not in cfg.hosts_carrying(label):
+            continue
+        net = cfg.networks[label]
+        own = me.networks.get(label)
+        if net.multi_host:
+            role = SERVING if own else MEMBER
+            owner = None
+        else:
+            owner = owners.get(label) or net.network_hosts[0]
+            role = SERVING if owner == host else STANDBY if host in net.network_hosts else MEMBER
+        roles.append((label, role))
+
+        segment = _segment(net)
+        uplink = segment.name if segment else net.bridge_interface
+        addresses = []
+        if own:
+            addresses.append(f"{own.address}/{net.prefixlen}")
+        if role == SERVING and not net.multi_host:
+            addresses.append(f"{net.gateway}/{net.prefixlen}")
+        bridges.append(Bridge(name=net.bridge, network=label, uplink=uplink, segment=segment,
+                              mtu=net.mtu, addresses=tuple(addresses)))
+
+        local = [(i, n) for i in cfg.instances.values() for n in i.nics
+                 if n.network == label and i.host == host]
+        guards.append(PortGuard(bridge=net.bridge, trusted_ports=(uplink,) if uplink else (),
+                                pairs=tuple(sorted((n.mac, n.ip) for _, n in local)),
+                                dhcp_isolated=net.multi_host))
+        if role != SERVING:
+            continue
+
+        served = local if net.multi_host else \
+            [(i, n) for i in cfg.instances.values() for n in i.nics if n.network == label]
+        for inst, _ in served:
+            served_instances[inst.name] = inst
+        listen = own.address if net.multi_host else net.gateway
+        router = net.gateway if net.hardware else listen
+        dnsmasqs.append(Dnsmasq(
+            network=label, bridge=net.bridge, listen_address=listen,
+            range_start=net.dhcp_start, netmask=net.netmask, lease_time=cfg.dhcp_lease_time,
+            lease_max=net.net.size, domain=domain, router=router,
+            dns_servers=net.dns_servers or cfg.dns_servers, conf_file=cfg.dnsmasq_config_file,
+            mtu=net.mtu if net.mtu != 1500 else None,
+            hosts=tuple(sorted(
+                DhcpHost(mac=n.mac, hostname=f"{i.hostname}.{domain}", ip=n.ip,
+                         default_route=not (cfg.use_single_default_gateway and n.index != 0))
+                for i, n in served)),
+        ))
+        service.append(net.bridge)
+        exempt = list(cfg.dmz_cidr) + [net.cidr]
+        if cfg.metadata_host != "127.0.0.1":
+            exempt.append(f"{cfg.metadata_host}/32")
+        if not net.hardware:
+            forward.append(net.bridge)
+            meta_bridges.append(net.bridge)
+        if not net.hardware or cfg.force_snat_range:
+            snat.append(Snat(network=label, cidr=net.cidr, source=me.routing_source_ip,
+                             out_interface=me.public_interface, exempt=tuple(exempt),
+                             force=cfg.force_snat_range, all_destinations=not net.hardware))
+        for inst, nic in served:
+            for f in inst.floating_ips:
+                if f.fixed_ip == nic.ip:
+                    floating.append(FloatingIp(address=f.address, fixed_ip=f.fixed_ip,
+                                               instance=inst.name, network=label,
+                                               public_interface=me.public_interface))
+
+    metadata = None
+    if meta_bridges or (served_instances and cfg.metadata_host == "127.0.0.1"):
+        metadata = Metadata(bridges=tuple(meta_bridges), host=cfg.metadata_host,
+                            port=cfg.metadata_port, local_service=cfg.metadata_host == "127.0.0.1")
+    floating = tuple(sorted(floating, key=lambda f: f.address))
+    ruleset = Ruleset(driver=cfg.firewall_driver, table="hanet", snat=tuple(snat), metadata=metadata,
+                      forward_bridges=tuple(forward), service_bridges=tuple(service),
+                      guards=tuple(guards), floating=floating)
+    sysctls = (("net.ipv4.ip_forward", "1"),) if (forward or floating or snat) else ()
+    records = tuple(
+        InstanceRecord(name=i.name, uuid=i.uuid, hostname=f"{i.hostname}.{domain}",
+                       ips=tuple(n.ip for n in i.nics), public_keys=i.public_keys,
+                       user_data=i.user_data, availability_zone=i.availability_zone)
+        for _, i in sorted(served_instances.items()))
+    return HostState(host=host, bridges=tuple(bridges), sysctls=sysctls, ruleset=ruleset,
+                     dnsmasqs=tuple(dnsmasqs), metadata=metadata, floating_ips=floating,
+                     roles=tuple(roles), instances=records)
+
+
+def _segment(net):
+    if net.vlan is not None:
+        return Segment(kind="vlan", name=f"vlan{net.vlan}", parent=net.bridge_interface,
+                       vlan_id=net.vlan, mtu=net.mtu)
+    if net.vxlan is not None:
+        return Segment(kind="vxlan", name=f"vx{net.vxlan.vni}", parent=net.bridge_interface,
+                       vni=net.vxlan.vni, group=net.vxlan.group, remotes=net.vxlan.remotes,
+                       port=net.vxlan.port, mtu=net.mtu)
+    return None

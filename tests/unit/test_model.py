@@ -1,0 +1,252 @@
+"""The pillar model: defaults, validation with paths, and the desired host state."""
+import copy
+import os
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from _hanet import desired, model
+
+CONTRACT = os.environ.get("HANET_CONTRACT", os.path.join(os.path.dirname(__file__), "..", "..", "..",
+                                                          "shared", "contract"))
+EXAMPLE_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "pillar", "hanet.sls")
+
+
+def example():
+    """The contract's pillar.example.sls (a copy lives in pillar/hanet.sls)."""
+    for path in (os.path.join(CONTRACT, "pillar.example.sls"), EXAMPLE_PATH):
+        if os.path.exists(path):
+            with open(path) as fh:
+                return yaml.safe_load(fh)["hanet"]
+    raise AssertionError("no example pillar found")
+
+
+def problems(pillar):
+    with pytest.raises(model.PillarError) as err:
+        model.load(pillar)
+    return err.value.problems
+
+
+def test_contract_example_validates_with_defaults():
+    cfg = model.load(example())
+    assert set(cfg.networks) == {"private", "shared", "red", "green", "blue"}
+    assert cfg.networks["private"].dhcp_start == "192.168.0.2"
+    assert cfg.networks["red"].vlan == 101
+    assert cfg.networks["blue"].vxlan.vni == 5102
+    assert cfg.networks["shared"].network_hosts == ("net1", "net2")
+    assert cfg.instances["web1"].floating_ips[0] == model.FloatingIp("203.0.113.50", "192.168.0.10")
+    assert cfg.instances["db1"].floating_ips[0].fixed_ip == "172.16.101.20"
+    assert cfg.metadata_port == 8775 and cfg.dhcp_domain == "novalocal"
+
+
+def test_defaults_fill_a_minimal_pillar():
+    cfg = model.load({"networks": {"n": {"cidr": "10.0.0.0/24", "bridge": "br0", "multi_host": True}}})
+    assert cfg.firewall_driver == "nftables"
+    assert cfg.send_arp_for_ha is False and cfg.send_arp_for_ha_count == 3
+    assert cfg.ha == model.Ha(100, 3)
+    assert cfg.networks["n"].dhcp_start == "10.0.0.1"
+    assert cfg.networks["n"].mtu == 1500
+
+
+def test_broken_pillar_reports_every_mistake_with_its_path():
+    p = example()
+    p["networks"]["red"]["vlan"] = 5000  # 1 VLAN out of range
+    p["networks"]["green"]["gateway"] = "10.9.9.1"  # 2 gateway outside cidr
+    p["instances"]["web1"]["nics"][0]["ip"] = "10.9.9.9"  # 3 address outside cidr
+    p["instances"]["db1"]["nics"][0]["mac"] = "fa:16:3e:00:00:01"  # 4 duplicate MAC
+    p["instances"]["db1"]["host"] = "compute9"  # 5 unknown host
+    p["networks"]["blue"]["cidr"] = "192.168.0.0/23"  # 6 overlaps private
+    p["instances"]["web1"]["floating_ips"] = ["192.168.0.3"]  # 7 floating IP is a fixed IP
+    p["networks"]["shared"]["bridge_interface"] = "eth1"  # 8 same flat uplink as private on a host
+    p["hosts"]["compute2"]["networks"]["private"]["address"] = "192.168.0.3"  # 9 duplicate IP
+    p["instances"]["db1"]["nics"].append({"network": "nosuchnet", "mac": "fa:16:3e:00:00:77", "ip": "10.1.1.1"})  # 10
+    p["firewall_driver"] = "pf"  # 11 bad option
+    p["netwroks"] = {}  # 12 typo
+    got = problems(p)
+    paths = [path for path, _ in got]
+    expected = {
+        "hanet:networks:red:vlan": "out of range 1..4094",
+        "hanet:networks:green:gateway": "not in the network's cidr",
+        "hanet:instances:web1:nics:0:ip": "not in network private's cidr 192.168.0.0/24",
+        "hanet:instances:web1:nics:0:mac": "already used at hanet:instances:db1:nics:0:mac",
+        "hanet:instances:db1:host": "unknown host 'compute9'",
+        "hanet:networks:private:cidr": "overlaps network blue",
+        "hanet:instances:web1:floating_ips:0": "also a fixed IP",
+        "hanet:networks:shared:bridge_interface": "one uplink fits one bridge",
+        "hanet:hosts:compute2:networks:private:address": "already used",
+        "hanet:instances:db1:nics:1:network": "unknown network 'nosuchnet'",
+        "hanet:firewall_driver": "not nftables or iptables",
+        "hanet:netwroks": "did you mean networks",
+    }
+    for path, text in expected.items():
+        assert any(p == path and text in m for p, m in got), (path, text, got)
+    assert len(set(paths)) >= 12
+    # one message lists them all
+    rendered = model.PillarError(got).render()
+    assert rendered.startswith(f"hanet pillar has {len(got)} problems:")
+    assert all(path in rendered for path in expected)
+
+
+@pytest.mark.parametrize("mutate, path, text", [
+    (lambda p: p["networks"]["private"].update(cidr="192.168.0.1/24"), "hanet:networks:private:cidr", "host bits"),
+    (lambda p: p["networks"]["blue"]["vxlan"].update(group="10.0.0.1"), "hanet:networks:blue:vxlan:group", "not a multicast"),
+    (lambda p: p["networks"]["blue"]["vxlan"].update(remotes=["192.0.2.1"]), "hanet:networks:blue:vxlan", "exclusive"),
+    (lambda p: p["networks"]["blue"].update(vlan=7), "hanet:networks:blue", "exclusive"),
+    (lambda p: p["networks"]["shared"].update(network_hosts=[]), "hanet:networks:shared:network_hosts", "required"),
+    (lambda p: p["networks"]["shared"].update(network_hosts=["net1", "net9"]), "hanet:networks:shared:network_hosts:1", "unknown host"),
+    (lambda p: p["hosts"]["net2"]["networks"].pop("shared"), "hanet:networks:shared:network_hosts:1", "no address on shared"),
+    (lambda p: p["hosts"]["net1"]["networks"]["shared"].update(address="10.20.0.1"), "hanet:hosts:net1:networks:shared:address", "gateway"),
+    (lambda p: p["networks"]["green"].update(vlan=101, bridge_interface="eth2"), "hanet:networks:red:vlan", "already network green's"),
+    (lambda p: p["networks"]["green"].update(bridge="br101"), "hanet:networks:red:bridge", "already network green's"),
+    (lambda p: p["networks"]["red"].pop("gateway"), "hanet:networks:red:gateway", "required with gateway_mode: hardware"),
+    (lambda p: p["networks"]["red"].update(gateway_mode="router"), "hanet:networks:red:gateway_mode", "not host or hardware"),
+    (lambda p: p["networks"]["red"].update(bridge="a-very-long-bridge-name"), "hanet:networks:red:bridge", "interface name"),
+    (lambda p: p["hosts"]["compute1"]["networks"].pop("private"), "hanet:instances:web1:nics:0:network", "no address on it"),
+    (lambda p: p["instances"]["web1"].update(nics=[]), "hanet:instances:web1:nics", "at least one NIC"),
+    (lambda p: p["instances"]["web1"]["nics"].append({"network": "private", "mac": "fa:16:3e:00:00:09", "ip": "192.168.0.99"}),
+     "hanet:instances:web1:nics:2:network", "already has NIC 0"),
+    (lambda p: p["instances"]["db1"]["floating_ips"][0].update(fixed_ip="172.16.101.99"), "hanet:instances:db1:floating_ips:0:fixed_ip", "not one of"),
+    (lambda p: p["instances"]["db1"].update(floating_ips=["203.0.113.50"]), "hanet:instances:web1:floating_ips:0", "already used at hanet:instances:db1"),
+    (lambda p: p["instances"]["db1"]["nics"][0].update(mac="01:00:5e:00:00:01"), "hanet:instances:db1:nics:0:mac", "multicast"),
+    (lambda p: p["instances"]["db1"]["nics"][0].update(ip="172.16.101.1"), "hanet:instances:db1:nics:0:ip", "gateway"),
+    (lambda p: p["instances"]["db1"]["nics"][0].update(ip="172.16.101.255"), "hanet:instances:db1:nics:0:ip", "broadcast"),
+    (lambda p: p["ha"].update(probe_misses=0), "hanet:ha:probe_misses", "out of range"),
+    (lambda p: p.update(dhcp_lease_time="a day"), "hanet:dhcp_lease_time", "integer"),
+    (lambda p: p.update(send_arp_for_ha="yes"), "hanet:send_arp_for_ha", "true or false"),
+    (lambda p: p.update(dns_servers=["8.8.8.x"]), "hanet:dns_servers:0", "not an IPv4"),
+    (lambda p: p.update(networks=[]), "hanet:networks", "must be a mapping"),
+    (lambda p: p["hosts"]["compute1"].update(routing_source_ip="203.0.113.50"), "hanet:hosts:compute1:routing_source_ip", "floating IP"),
+])
+def test_each_mistake_is_named_by_its_path(mutate, path, text):
+    p = example()
+    mutate(p)
+    got = problems(p)
+    assert any(pp == path and text in m for pp, m in got), got
+
+
+def test_not_a_mapping():
+    assert problems("hanet") == [("hanet", "must be a mapping, not a string")]
+    assert problems(None) == [("hanet", "is required")]
+
+
+# ---------------------------------------------------------------- property tests
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 70000), st.text(max_size=12),
+                    st.sampled_from(["10.0.0.0/24", "10.0.0.1", "fa:16:3e:00:00:01", "br0", "eth1",
+                                     "203.0.113.5", "239.1.1.1", "hardware", "host", "nftables"]))
+trees = st.recursive(scalars, lambda kids: st.one_of(
+    st.lists(kids, max_size=4),
+    st.dictionaries(st.sampled_from(sorted(model.TOP_KEYS | model.NETWORK_KEYS | model.INSTANCE_KEYS
+                                           | model.NIC_KEYS | {"vni", "group", "remotes", "address",
+                                                               "a", "b", "compute1"})), kids, max_size=5)),
+    max_leaves=30)
+
+
+def _assert_only_model_errors(value):
+    try:
+        model.load(value)
+    except model.PillarError as err:
+        assert err.problems, "a PillarError always says what is wrong"
+        for path, msg in err.problems:
+            assert path == "hanet" or path.startswith("hanet:"), path
+            assert isinstance(msg, str) and msg
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(trees)
+def test_validator_never_crashes_on_arbitrary_input(value):
+    _assert_only_model_errors(value)
+
+
+def _mutations():
+    """Replace one leaf of the example by an arbitrary value."""
+    leaves = []
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, path + (k,))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, path + (i,))
+        leaves.append(path)
+    walk(example(), ())
+    return st.tuples(st.sampled_from([p for p in leaves if p]), scalars | trees)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_mutations())
+def test_mutated_example_only_raises_model_errors(mutation):
+    path, value = mutation
+    p = example()
+    node = p
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    _assert_only_model_errors(p)
+    # and the desired state of every host computes when it validates
+    try:
+        cfg = model.load(p)
+    except model.PillarError:
+        return
+    for host in cfg.hosts:
+        desired.compute(cfg, host)
+
+
+# ---------------------------------------------------------------- desired state
+
+def test_multi_host_compute_host_serves_its_own_instances():
+    cfg = model.load(example())
+    st_ = desired.compute(cfg, "compute1")
+    br = {b.name: b for b in st_.bridges}
+    assert br["br100"].addresses == ("192.168.0.3/24",) and br["br100"].uplink == "eth1"
+    assert br["br101"].segment.kind == "vlan" and br["br101"].uplink == "vlan101"
+    assert br["br200"].addresses == ()  # a member of the network-host network: bridge only
+    dm = {d.network: d for d in st_.dnsmasqs}
+    assert set(dm) == {"private", "red"}
+    assert dm["private"].router == "192.168.0.3" and dm["private"].listen_address == "192.168.0.3"
+    assert dm["red"].router == "172.16.100.1"  # hardware gateway
+    assert [h.ip for h in dm["private"].hosts] == ["192.168.0.10"]
+    assert dm["private"].hosts[0].hostname == "web1.novalocal"
+    assert st_.ruleset.snat[0].source == "203.0.113.11"
+    assert [f.address for f in st_.floating_ips] == ["203.0.113.50"]
+    assert dict(st_.roles) == {"private": "serving", "red": "serving", "shared": "member"}
+    assert st_.ruleset.forward_bridges == ("br100",)  # not the hardware-gateway bridge
+
+
+def test_network_host_holds_gateway_and_standby_does_not():
+    cfg = model.load(example())
+    a, b = desired.compute(cfg, "net1"), desired.compute(cfg, "net2")
+    assert a.bridges[0].addresses == ("10.20.0.2/24", "10.20.0.1/24")
+    assert b.bridges[0].addresses == ("10.20.0.3/24",)
+    assert a.dnsmasqs[0].listen_address == "10.20.0.1" and a.dnsmasqs[0].router == "10.20.0.1"
+    assert [h.mac for h in a.dnsmasqs[0].hosts] == ["fa:16:3e:00:01:01"]  # web1 on compute1
+    assert b.dnsmasqs == () and dict(b.roles) == {"shared": "standby"}
+    # after a failover the record says net2 holds it
+    a2, b2 = desired.compute(cfg, "net1", {"shared": "net2"}), desired.compute(cfg, "net2", {"shared": "net2"})
+    assert a2.bridges[0].addresses == ("10.20.0.2/24",) and dict(a2.roles) == {"shared": "standby"}
+    assert b2.bridges[0].addresses == ("10.20.0.3/24", "10.20.0.1/24") and b2.dnsmasqs
+
+
+def test_single_default_gateway_marks_non_first_nics():
+    p = example()
+    p["use_single_default_gateway"] = True
+    cfg = model.load(p)
+    net1 = desired.compute(cfg, "net1")
+    assert net1.dnsmasqs[0].hosts[0].default_route is False  # web1's second NIC
+    c1 = desired.compute(cfg, "compute1")
+    assert {d.network: d for d in c1.dnsmasqs}["private"].hosts[0].default_route is True
+
+
+def test_unknown_host_gets_an_empty_state():
+    st_ = desired.compute(model.load(example()), "stranger")
+    assert st_.bridges == () and st_.dnsmasqs == () and st_.ruleset.snat == ()
+
+
+def test_desired_state_is_deterministic_and_plain():
+    cfg = model.load(example())
+    assert desired.compute(cfg, "compute2") == desired.compute(model.load(copy.deepcopy(example())), "compute2")
+    import json
+    json.dumps(desired.compute(cfg, "compute2").to_dict())
