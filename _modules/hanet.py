@@ -24,7 +24,7 @@ __virtualname__ = "hanet"
 
 # The order in which facets are applied: links before the addresses dnsmasq binds,
 # the ruleset before the daemons start answering.
-FACETS = ("links", "sysctls", "ruleset", "dnsmasq", "metadata")
+FACETS = ("links", "sysctls", "ruleset", "floating", "dnsmasq", "metadata")
 
 # _hanet lives beside this file (both are synced into extmods/modules).
 _here = os.path.dirname(os.path.abspath(__file__))
@@ -128,7 +128,7 @@ def desired(pillar=None):
 
 def _facet(facet, state, paths, managed):
     """(plan, runner) for one facet: ``plan`` lists the changes, ``runner()`` makes them."""
-    from _hanet import dnsmasq, links as links_, metadata, ruleset, sysctls
+    from _hanet import dnsmasq, floating, links as links_, metadata, ruleset, sysctls
 
     if facet == "links":
         cur = links_.current(state.bridges, managed.get("links"))
@@ -142,6 +142,10 @@ def _facet(facet, state, paths, managed):
         cur = ruleset.current(state.ruleset, paths)
         changes = ruleset.plan(state.ruleset, cur)
         return changes, lambda: ruleset.apply(changes, paths, managed)
+    if facet == "floating":
+        cur = floating.current(managed.get("floating"), state.floating_ips)
+        changes = floating.plan(state.floating_ips, cur)
+        return changes, lambda: floating.apply(changes, managed, state.garp_count)
     if facet == "dnsmasq":
         cur = dnsmasq.current(paths, managed)
         changes = dnsmasq.plan(state.dnsmasqs, cur)

@@ -30,6 +30,11 @@ usable on its own in a user's SLS; ``pillar`` may name another pillar key to rea
         - require:
           - hanet: hanet-links
 
+    hanet-floating:           # floating IPs as /32 on the public interface, GARPed
+      hanet.floating_ips:
+        - require:
+          - hanet: hanet-ruleset
+
     hanet-dnsmasq:            # one dnsmasq per served network
       hanet.dnsmasq:
         - require:
@@ -133,6 +138,19 @@ def ruleset(name, pillar_key="hanet"):
           hanet.ruleset: []
     """
     return _facet(name, "ruleset", pillar_key)
+
+
+def floating_ips(name, pillar_key="hanet"):
+    """Floating IPs this host serves, as /32 on its public interface, announced with
+    gratuitous ARP (``send_arp_for_ha``) when bound; unbound ones are removed with their
+    conntrack entries. Their NAT lives in the ruleset.
+
+    .. code-block:: yaml
+
+        hanet-floating:
+          hanet.floating_ips: []
+    """
+    return _facet(name, "floating", pillar_key)
 
 
 def dnsmasq(name, pillar_key="hanet"):

@@ -163,6 +163,7 @@ class HostState:
     floating_ips: tuple = ()  # FloatingIp
     roles: tuple = ()  # (network, role): serving | standby | member
     instances: tuple = ()  # InstanceRecord for the instances this host serves (metadata service)
+    garp_count: int = 0  # gratuitous ARPs per address (re)bound here; 0: send_arp_for_ha is off
 
     def to_dict(self):
         return _plain(dataclasses.asdict(self))
@@ -278,7 +279,8 @@ def compute(cfg, host, owners=None):
         for _, i in sorted(served_instances.items()))
     return HostState(host=host, bridges=tuple(bridges), sysctls=sysctls, ruleset=ruleset,
                      dnsmasqs=tuple(dnsmasqs), metadata=metadata, floating_ips=floating,
-                     roles=tuple(roles), instances=records)
+                     roles=tuple(roles), instances=records,
+                     garp_count=cfg.send_arp_for_ha_count if cfg.send_arp_for_ha else 0)
 
 
 def _segment(net):

@@ -28,3 +28,8 @@ hanet-metadata:
   hanet.metadata:
     - require:
       - hanet: hanet-ruleset
+
+hanet-floating:
+  hanet.floating_ips:
+    - require:
+      - hanet: hanet-ruleset

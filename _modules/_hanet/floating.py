@@ -1,0 +1,101 @@
+"""Floating IPs on this host: each as /32 on its public interface, announced with
+gratuitous ARP when bound; when unbound (removed or moved), the address goes and so do
+its conntrack entries, so that no flow keeps using the old host's NAT.
+
+The NAT for floating IPs (DNAT in, SNAT out, hairpin) is part of the ruleset; this
+facet holds the addresses.
+"""
+from __future__ import annotations
+
+import subprocess
+
+from .common import Change
+
+FACET = "floating"
+
+
+def current(managed_names, desired, ipr=None):
+    """{address: interface} for the /32s on public interfaces that hanet bound (named
+    in the managed record) or that the desired state (FloatingIp tuple) names."""
+    from pyroute2 import IPRoute
+
+    own = ipr is None
+    ipr = ipr or IPRoute()
+    try:
+        wanted = {f.address for f in desired}
+        names = {}
+        for link in ipr.get_links():
+            names[link["index"]] = link.get_attr("IFLA_IFNAME")
+        out = {}
+        for a in ipr.get_addr(family=2):
+            ifname = names.get(a["index"])
+            addr = a.get_attr("IFA_ADDRESS")
+            if a["prefixlen"] == 32 and (addr in managed_names or addr in wanted):
+                out[addr] = ifname
+        return out
+    finally:
+        if own:
+            ipr.close()
+
+
+def plan(desired, current):
+    """``desired``: FloatingIp tuple; ``current``: {address: interface}. Pure."""
+    want = {f.address: f.public_interface for f in desired}
+    changes = []
+    for addr in sorted(set(current) - set(want)):
+        changes.append(Change(FACET, "unbind", addr, {"interface": current[addr]}))
+    for addr in sorted(want):
+        if current.get(addr) == want[addr]:
+            continue
+        if addr in current:  # on the wrong interface
+            changes.append(Change(FACET, "unbind", addr, {"interface": current[addr]}))
+        changes.append(Change(FACET, "bind", addr, {"interface": want[addr]}))
+    return changes
+
+
+def flush_conntrack(address):
+    """Drop conntrack entries that NAT to or from ``address`` (ignores 'no entries')."""
+    for args in (["-D", "--orig-dst", address], ["-D", "--reply-dst", address]):
+        subprocess.run(["conntrack", *args], capture_output=True, timeout=10)
+
+
+def apply(changes, managed, garp_count=0, ipr=None):
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from . import arp
+
+    own = ipr is None
+    ipr = ipr or IPRoute()
+    done, bound = [], []
+    names = managed.get(FACET)
+    try:
+        for ch in changes:
+            idx = ipr.link_lookup(ifname=ch.detail["interface"])
+            if not idx:
+                raise RuntimeError(f"public interface {ch.detail['interface']} does not exist")
+            if ch.action == "bind":
+                try:
+                    ipr.addr("add", index=idx[0], address=ch.target, prefixlen=32)
+                except NetlinkError as err:
+                    if err.code != 17:  # EEXIST
+                        raise
+                names.add(ch.target)
+                bound.append(ch)
+            elif ch.action == "unbind":
+                try:
+                    ipr.addr("del", index=idx[0], address=ch.target, prefixlen=32)
+                except NetlinkError as err:
+                    if err.code not in (99, 19):  # EADDRNOTAVAIL, ENODEV
+                        raise
+                names.discard(ch.target)
+                flush_conntrack(ch.target)
+            done.append(f"{ch.action} {ch.target} on {ch.detail['interface']}")
+    finally:
+        managed.set(FACET, names)
+        if own:
+            ipr.close()
+    for ch in bound:
+        if garp_count:
+            arp.garp(ch.target, ch.detail["interface"], garp_count)
+    return done
