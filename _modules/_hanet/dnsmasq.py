@@ -1,0 +1,509 @@
+"""One dnsmasq per served network, nova-network style, supervised by its pid file.
+
+There is no init system to lean on: ``apply`` starts dnsmasq itself (dnsmasq daemonizes,
+so it outlives the Salt job that started it), and ``current`` finds it again through its
+pid file, checking that the pid really is *our* dnsmasq (its command line names that pid
+file) before trusting it.
+
+Files, per network label (``Paths`` keeps them under the minion's root_dir):
+
+- ``run/hanet/dnsmasq-<label>.pid``        the pid file dnsmasq writes
+- ``var/lib/hanet/dnsmasq/<label>.hosts``  ``--dhcp-hostsfile`` (re-read on SIGHUP)
+- ``var/lib/hanet/dnsmasq/<label>.opts``   ``--dhcp-optsfile`` (re-read on SIGHUP)
+- ``var/lib/hanet/dnsmasq/<label>.leases`` ``--dhcp-leasefile``
+- ``var/lib/hanet/dnsmasq/<label>.log``    ``--log-facility``
+- ``var/lib/hanet/dnsmasq/<label>.json``   what ``apply`` started: the options digest, the
+  bridge, the argv (so ``current`` can tell whether a restart is due)
+
+The flags are nova-network's (``linux_net.restart_dhcp``), with two deliberate
+differences: dnsmasq keeps its own lease file (nova used ``--leasefile-ro`` plus its
+``nova-dhcpbridge`` script as the lease database) and it runs with ``--user=root``
+(see ``argv``).
+
+Tags, chosen so that nova's ``dnsmasq_config_file`` recipes behave as they did:
+
+- the range sets the tag ``'<label>'`` *with* the quotes, as nova did
+  (``--dhcp-range=set:'red',...``), since dnsmasq keeps quotes in a tag: the recipe
+  line ``dhcp-option=tag:'red',option:router,172.16.100.1`` in a conf_file matches it;
+- ``--tag-if`` also sets the bare ``<label>`` (later nova's ``set:red``), so
+  ``dhcp-option=tag:red,...`` works too, except for the NICs tagged ``<label>-nogw``;
+- the network's router is handed out by an *untagged* ``--dhcp-option``, dnsmasq's
+  weakest rule, so a router the conf_file gives (tagged or not) wins, as it won over
+  nova's default (dnsmasq's own address); ``router`` None: an empty router option;
+- a NIC with ``default_route`` False is tagged ``<label>-nogw`` in the hosts file and
+  the opts file gives that tag an empty router option (a host's tag outranks them all).
+
+``--dhcp-authoritative`` is *not* passed, as with nova: in multi_host every compute host
+runs a dnsmasq for the same subnet, each knowing only its own instances. An authoritative
+dnsmasq NAKs every request for an address it has no lease for, so one DHCP request that
+crossed hosts (a misconfigured guard, the uplink during a failover) would knock another
+host's instance off its address. Static ranges already make our answers deterministic.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+
+from .common import Change, write_atomic
+from .desired import DhcpHost, Dnsmasq
+
+FACET = "dnsmasq"
+DNSMASQ = "dnsmasq"
+DHCP_RELEASE = "dhcp_release"
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 10.0
+RELEASE_TIMEOUT = 3.0
+
+
+# --------------------------------------------------------------------------- files
+
+
+def files(label, paths):
+    """Every file hanet keeps for the dnsmasq of network ``label``."""
+    return {
+        "pid": paths.run(f"dnsmasq-{label}.pid"),
+        "hosts": paths.state("dnsmasq", f"{label}.hosts"),
+        "opts": paths.state("dnsmasq", f"{label}.opts"),
+        "leases": paths.state("dnsmasq", f"{label}.leases"),
+        "log": paths.state("dnsmasq", f"{label}.log"),
+        "record": paths.state("dnsmasq", f"{label}.json"),
+    }
+
+
+def no_router_tag(label):
+    """The tag of the NICs that get no router (use_single_default_gateway)."""
+    return f"{label}-nogw"
+
+
+# --------------------------------------------------------------------------- pure rendering
+
+
+def argv(spec: Dnsmasq, paths) -> list:
+    """dnsmasq's command line for ``spec`` (nova-network's flags).
+
+    ``--user=root``: dnsmasq drops privileges after start-up, but it re-reads the hosts
+    and opts files on SIGHUP and rewrites its lease file long after that; hanet's files
+    live under the minion's root_dir, which need not be readable by an unprivileged user
+    (or a ``dnsmasq`` user may not exist), so it stays root, as nova's did under rootwrap.
+    ``--conf-file=`` (empty) keeps dnsmasq from reading the host's /etc/dnsmasq.conf.
+    """
+    f = files(spec.network, paths)
+    cmd = [
+        DNSMASQ,
+        "--strict-order",
+        "--bind-interfaces",
+        f"--conf-file={spec.conf_file or ''}",
+        f"--pid-file={f['pid']}",
+        f"--dhcp-optsfile={f['opts']}",
+        f"--listen-address={spec.listen_address}",
+        "--except-interface=lo",
+        f"--dhcp-range=set:'{spec.network}',{spec.range_start},static,{spec.netmask},{spec.lease_time}s",
+        f"--tag-if=set:{spec.network},tag:'{spec.network}',tag:!{no_router_tag(spec.network)}",
+        f"--dhcp-lease-max={spec.lease_max}",
+        f"--dhcp-hostsfile={f['hosts']}",
+        f"--dhcp-leasefile={f['leases']}",
+        "--no-hosts",
+        "--user=root",
+        f"--log-facility={f['log']}",
+    ]
+    # the network's router (or none), untagged: the weakest rule, so that a router given
+    # for the network in the user's conf_file wins, as it did over nova's default
+    cmd.append(f"--dhcp-option=option:router,{spec.router}" if spec.router else "--dhcp-option=option:router")
+    if spec.mtu:
+        # option 26, forced (sent even when not asked for), like nova's recipe line
+        # dhcp-option-force=26,<mtu>
+        cmd.append(f"--dhcp-option-force=tag:{spec.network},option:mtu,{spec.mtu}")
+    if spec.domain:
+        cmd.append(f"--domain={spec.domain}")
+    if spec.dns_servers:
+        cmd.append("--no-resolv")
+        cmd.extend(f"--server={server}" for server in spec.dns_servers)
+    return cmd
+
+
+def hostsfile(spec: Dnsmasq) -> str:
+    """The ``--dhcp-hostsfile``: ``mac,hostname,ip`` (nova's order), sorted by MAC.
+
+    A NIC that must get no router (``default_route`` False) carries the tag
+    ``<label>-nogw``: ``mac,set:<label>-nogw,hostname,ip``.
+    """
+    lines = []
+    for host in sorted(spec.hosts, key=lambda h: (h.mac.lower(), h.ip)):
+        if host.default_route:
+            lines.append(f"{host.mac.lower()},{host.hostname},{host.ip}")
+        else:
+            lines.append(f"{host.mac.lower()},set:{no_router_tag(spec.network)},{host.hostname},{host.ip}")
+    return "".join(line + "\n" for line in lines)
+
+
+def optsfile(spec: Dnsmasq) -> str:
+    """The ``--dhcp-optsfile`` (each line is what follows ``dhcp-option=``): an empty
+    router option for the NICs tagged ``<label>-nogw`` (nova's use_single_default_gateway).
+
+    A host's tag ranks above the range's tag and above untagged options in dnsmasq, so
+    this wins over the network's router and over a router the user's conf_file gives
+    for the network. The line is always there, so only the hosts file follows the hosts.
+    """
+    return f"tag:{no_router_tag(spec.network)},option:router\n"
+
+
+def options_digest(spec: Dnsmasq) -> str:
+    """A digest of everything that needs a restart when it changes (not the hosts)."""
+    data = _plain(dataclasses.asdict(spec.options_key()))
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def spec_to_dict(spec: Dnsmasq) -> dict:
+    return _plain(dataclasses.asdict(spec))
+
+
+def spec_from_dict(data) -> Dnsmasq:
+    if isinstance(data, Dnsmasq):
+        return data
+    data = dict(data)
+    data["hosts"] = tuple(h if isinstance(h, DhcpHost) else DhcpHost(**h) for h in data.get("hosts", ()))
+    data["dns_servers"] = tuple(data.get("dns_servers", ()))
+    return Dnsmasq(**data)
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def parse_hosts(text):
+    """``{mac: ip}`` from a hosts file's text (either line form)."""
+    out = {}
+    for line in (text or "").splitlines():
+        parts = line.strip().split(",")
+        if len(parts) >= 3 and not line.startswith("#"):
+            out[parts[0].lower()] = parts[-1]
+    return out
+
+
+def parse_leases(text):
+    """``[(mac, ip)]`` from a dnsmasq lease file's text."""
+    out = []
+    for line in (text or "").splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and not parts[0].startswith("duid"):
+            out.append((parts[1].lower(), parts[2]))
+    return out
+
+
+# --------------------------------------------------------------------------- current
+
+
+def _read(path):
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _read_pid(path):
+    text = _read(path)
+    try:
+        return int(text.strip()) if text else None
+    except ValueError:
+        return None
+
+
+def process_matches(pid, needle):
+    """True when ``pid`` is a live (not zombie) process whose command line has ``needle``."""
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
+            stat = fh.read()
+        if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            return False
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            args = fh.read().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError, IndexError, OSError):
+        return False
+    return needle.encode() in args
+
+
+def _labels(paths, managed):
+    labels = set(managed.get(FACET)) if managed is not None else set()
+    try:
+        for name in os.listdir(paths.state("dnsmasq")):
+            if name.endswith(".json"):
+                labels.add(name[: -len(".json")])
+    except FileNotFoundError:
+        pass
+    try:
+        for name in os.listdir(paths.run_dir):
+            if name.startswith("dnsmasq-") and name.endswith(".pid"):
+                labels.add(name[len("dnsmasq-"): -len(".pid")])
+    except FileNotFoundError:
+        pass
+    return labels
+
+
+def current(paths, managed=None) -> dict:
+    """What runs now: ``{label: {pid, alive, argv_digest, hosts_text, bridge, leases}}``.
+
+    A label is known from the managed record, a record file or a pid file. ``alive`` is
+    True only when the pid file's process is running and is the dnsmasq started with that
+    pid file. ``leases`` is ``[[mac, ip], ...]`` from the lease file.
+    """
+    out = {}
+    for label in sorted(_labels(paths, managed)):
+        f = files(label, paths)
+        record = {}
+        text = _read(f["record"])
+        if text:
+            try:
+                record = json.loads(text)
+            except ValueError:
+                record = {}
+        pid = _read_pid(f["pid"])
+        alive = process_matches(pid, f"--pid-file={f['pid']}")
+        out[label] = {
+            "pid": pid,
+            "alive": alive,
+            "argv_digest": record.get("argv_digest"),
+            "hosts_text": _read(f["hosts"]) or "",
+            "bridge": record.get("bridge"),
+            "leases": [list(lease) for lease in parse_leases(_read(f["leases"]))],
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def plan(desired, current) -> list:
+    """The changes that make ``current`` what ``desired`` (a tuple of Dnsmasq) says.
+
+    - ``start``: not running yet (detail: spec)
+    - ``restart``: options changed (``options_key``) or the process died (detail: spec, pid, reason)
+    - ``reload``: only the hosts changed: SIGHUP, no lease is lost (detail: spec, pid)
+    - ``release``: an instance left a running dnsmasq while holding a lease: dhcp_release
+      (detail: network, bridge, ip, mac, pid); ordered before the restart/reload
+    - ``stop``: the network is no longer served: stop it, remove its files (detail: pid)
+    """
+    changes = []
+    wanted = {}
+    for spec in desired:
+        wanted[spec.network] = spec
+    for label in sorted(wanted):
+        spec = wanted[label]
+        cur = current.get(label)
+        if cur is None:
+            changes.append(Change(FACET, "start", label, {"spec": spec_to_dict(spec)}))
+            continue
+        releases = []
+        new_hosts = parse_hosts(hostsfile(spec))
+        if cur.get("alive"):
+            leased = {(m.lower(), ip) for m, ip in (cur.get("leases") or [])}
+            bridge = cur.get("bridge") or spec.bridge
+            for mac, ip in sorted(leased):
+                if new_hosts.get(mac) == ip:
+                    continue
+                releases.append(Change(FACET, "release", f"{label}/{ip}/{mac}", {
+                    "network": label, "bridge": bridge, "ip": ip, "mac": mac, "pid": cur.get("pid")}))
+        if not cur.get("alive") or cur.get("argv_digest") != options_digest(spec):
+            reason = "dead" if not cur.get("alive") else "options changed"
+            changes.extend(releases)
+            changes.append(Change(FACET, "restart", label, {
+                "spec": spec_to_dict(spec), "pid": cur.get("pid"), "reason": reason}))
+        elif (cur.get("hosts_text") or "") != hostsfile(spec):
+            changes.extend(releases)
+            changes.append(Change(FACET, "reload", label, {"spec": spec_to_dict(spec), "pid": cur.get("pid")}))
+        else:
+            changes.extend(releases)
+    for label in sorted(set(current) - set(wanted)):
+        changes.append(Change(FACET, "stop", label, {"pid": current[label].get("pid")}))
+    return changes
+
+
+# --------------------------------------------------------------------------- apply
+
+
+def _write_files(spec, paths):
+    f = files(spec.network, paths)
+    paths.ensure()
+    os.makedirs(os.path.dirname(f["hosts"]), exist_ok=True)
+    os.makedirs(os.path.dirname(f["pid"]), exist_ok=True)
+    write_atomic(f["hosts"], hostsfile(spec))
+    write_atomic(f["opts"], optsfile(spec))
+
+
+def _prune_leases(spec, paths):
+    """Drop leases of hosts no longer configured (done while dnsmasq is stopped)."""
+    f = files(spec.network, paths)
+    text = _read(f["leases"])
+    if not text:
+        return
+    keep = parse_hosts(hostsfile(spec))
+    lines = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and not parts[0].startswith("duid") and keep.get(parts[1].lower()) != parts[2]:
+            continue
+        lines.append(line)
+    write_atomic(f["leases"], "".join(line + "\n" for line in lines))
+
+
+def _stop_pid(pid, needle, timeout=STOP_TIMEOUT):
+    """Terminate our process ``pid`` (only when its command line has ``needle``)."""
+    if not process_matches(pid, needle):
+        return False
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not process_matches(pid, needle):
+            return True
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline and process_matches(pid, needle):
+        time.sleep(0.05)
+    return True
+
+
+def _stop(label, paths):
+    f = files(label, paths)
+    pid = _read_pid(f["pid"])
+    stopped = _stop_pid(pid, f"--pid-file={f['pid']}")
+    try:
+        os.unlink(f["pid"])
+    except FileNotFoundError:
+        pass
+    return pid if stopped else None
+
+
+def _start(spec, paths):
+    f = files(spec.network, paths)
+    _write_files(spec, paths)
+    _prune_leases(spec, paths)
+    try:
+        os.unlink(f["pid"])
+    except FileNotFoundError:
+        pass
+    cmd = argv(spec, paths)
+    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=START_TIMEOUT, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"dnsmasq for {spec.network} failed to start "
+                           f"(exit {proc.returncode}): {proc.stdout.strip()}")
+    needle = f"--pid-file={f['pid']}"
+    deadline = time.monotonic() + START_TIMEOUT
+    pid = None
+    while time.monotonic() < deadline:
+        pid = _read_pid(f["pid"])
+        if process_matches(pid, needle):
+            break
+        time.sleep(0.05)
+    else:
+        raise RuntimeError(f"dnsmasq for {spec.network} did not come up within {START_TIMEOUT}s "
+                           f"(see {f['log']})")
+    record = {"argv_digest": options_digest(spec), "bridge": spec.bridge, "argv": cmd}
+    write_atomic(f["record"], json.dumps(record, indent=1, sort_keys=True) + "\n")
+    return pid
+
+
+def _wait_released(paths, label, mac, ip, timeout=RELEASE_TIMEOUT):
+    path = files(label, paths)["leases"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (mac.lower(), ip) not in parse_leases(_read(path)):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def apply(changes, paths, managed) -> list:
+    """Carry out ``changes`` (from ``plan``); return one message per change done."""
+    done = []
+    names = managed.get(FACET) if managed is not None else set()
+    for change in changes:
+        if change.facet != FACET:
+            continue
+        label = change.target
+        if change.action in ("start", "restart"):
+            spec = spec_from_dict(change.detail["spec"])
+            old = _stop(spec.network, paths) if change.action == "restart" else None
+            pid = _start(spec, paths)
+            names.add(spec.network)
+            if managed is not None:
+                managed.set(FACET, names)
+            if change.action == "restart":
+                why = change.detail.get("reason", "options changed")
+                done.append(f"restarted dnsmasq {spec.network} ({why}): pid {old} -> {pid}")
+            else:
+                done.append(f"started dnsmasq {spec.network}: pid {pid}")
+        elif change.action == "reload":
+            spec = spec_from_dict(change.detail["spec"])
+            f = files(spec.network, paths)
+            _write_files(spec, paths)
+            pid = _read_pid(f["pid"])
+            if not process_matches(pid, f"--pid-file={f['pid']}"):
+                pid = _start(spec, paths)
+                done.append(f"started dnsmasq {spec.network} (was not running): pid {pid}")
+            else:
+                os.kill(pid, signal.SIGHUP)
+                done.append(f"reloaded dnsmasq {spec.network} hosts: SIGHUP pid {pid}")
+        elif change.action == "release":
+            d = change.detail
+            proc = subprocess.run([DHCP_RELEASE, d["bridge"], d["ip"], d["mac"]],
+                                  stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  timeout=10, check=False)
+            if proc.returncode != 0:
+                done.append(f"dhcp_release {d['bridge']} {d['ip']} {d['mac']} failed: "
+                            f"{(proc.stderr or proc.stdout).strip()}")
+            elif _wait_released(paths, d["network"], d["mac"], d["ip"]):
+                done.append(f"released lease {d['ip']} {d['mac']} on {d['bridge']}")
+            else:
+                done.append(f"sent dhcp_release {d['ip']} {d['mac']} on {d['bridge']} "
+                            "(lease still listed)")
+        elif change.action == "stop":
+            pid = _stop(label, paths)
+            for path in files(label, paths).values():
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+            names.discard(label)
+            if managed is not None:
+                managed.set(FACET, names)
+            done.append(f"stopped dnsmasq {label}" + (f" (pid {pid})" if pid else "") + ", removed its files")
+        else:
+            raise ValueError(f"unknown dnsmasq change {change.action}")
+    return done
+
+
+# --------------------------------------------------------------------------- status
+
+
+def status(paths, managed=None) -> dict:
+    """``{label: {pid, running, leases, hosts, bridge}}`` for ``hanet.status``."""
+    out = {}
+    for label, cur in current(paths, managed).items():
+        out[label] = {
+            "pid": cur["pid"] if cur["alive"] else None,
+            "running": cur["alive"],
+            "leases": len(cur["leases"]),
+            "hosts": len(parse_hosts(cur["hosts_text"])),
+            "bridge": cur["bridge"],
+        }
+    return out
