@@ -1,0 +1,675 @@
+"""The NAT/filter ruleset applier: ``desired.Ruleset`` -> nftables or iptables.
+
+One driver-independent model, rendered by jinja2 (``ruleset_templates``) for one of two
+drivers:
+
+nftables (default)
+    hanet owns ``table ip <table>`` (NAT and filter) and ``table bridge <table>`` (VM port
+    anti-spoofing) and nothing else. One ``nft -f`` script creates each table if missing,
+    deletes it and defines it again: one transaction, so the ruleset is replaced
+    atomically and never half-applied. hanet's ip-family filter chains hold only
+    ``accept`` rules and end in ``policy accept``: they document and count what hanet
+    forwards and accepts but never drop anybody else's traffic. (In nftables an accept
+    in one table does not override a drop in another: if another table drops forwarded
+    traffic, the operator must allow hanet's bridges there.) The only drops hanet makes
+    are in its bridge table, and only for frames entering hanet's bridges through VM
+    ports (plus DHCP crossing the trusted ports when ``dhcp_isolated``).
+
+iptables
+    Chains ``<table>-PREROUTING``/``-OUTPUT``/``-POSTROUTING`` (nat) and
+    ``<table>-FORWARD``/``-INPUT`` (filter), applied with ``iptables-restore --noflush``:
+    the chains are flushed and refilled, and exactly one jump at the top of each builtin
+    chain is kept (existing jumps are deleted in the same transaction). ACCEPT in
+    ``<table>-FORWARD``/``-INPUT`` is final here (iptables semantics), as nova-network's
+    was. Exempt destinations RETURN from ``<table>-POSTROUTING`` (hanet does not SNAT
+    them and does not decide for other rules).
+    Anti-spoofing stays in the nftables ``table bridge <table>`` with this driver too:
+    ebtables cannot match (MAC, IP) pairs in one set lookup, has no atomic replacement of
+    just hanet's rules, and on Debian 12 ``ebtables`` is ebtables-nft anyway (rules in
+    nftables' shared ``bridge filter`` table). The bridge table is hanet's own, so it
+    coexists with any ebtables rules.
+
+Bridge port scoping: the guard applies to frames entering a hanet bridge through any port
+that is not trusted, matched with ``meta ibrname`` (kernel CONFIG_NFT_BRIDGE_META). On a
+kernel without it the applier falls back to naming the bridge's current VM ports
+(``iifname { ... }``); ``current`` then reports a difference as soon as a bridge's ports
+change, so the next apply guards a newly plugged port (it is unguarded until then).
+``render`` always gives the canonical ``meta ibrname`` form.
+
+State: after an apply, the normalized kernel listing of hanet's objects (``nft -s list
+table``, hanet's lines of ``iptables-save``) is stored in ``<state_dir>/ruleset.json`` with
+the rendered text. ``current`` lists the kernel again and returns the stored text only when
+the listing is identical, so a deleted table or a tampered rule shows up as a difference.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import shutil
+import subprocess
+
+try:  # a package when imported as _hanet, plain modules when loaded by Salt's loader
+    from . import desired as D
+    from . import ruleset_templates as T
+    from .common import Change, Paths, write_atomic
+except ImportError:  # pragma: no cover
+    import desired as D  # type: ignore
+    import ruleset_templates as T  # type: ignore
+    from common import Change, Paths, write_atomic  # type: ignore
+
+FACET = "ruleset"
+METADATA_IP = "169.254.169.254"
+STATE_FILE = "ruleset.json"
+NAT_CHAINS = ("PREROUTING", "OUTPUT", "POSTROUTING")
+FILTER_CHAINS = ("FORWARD", "INPUT")
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _jinja():
+    import jinja2
+
+    return jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                              autoescape=False)
+
+
+def _q(name):
+    """An interface name as an nft string literal."""
+    return '"%s"' % name
+
+
+def _names(names):
+    """An nft anonymous set of interface names (sorted, deduplicated)."""
+    return "{ %s }" % ", ".join(_q(n) for n in sorted(set(names)))
+
+
+def _nets(cidrs):
+    """Sorted, collapsed IPv4 networks (so overlapping ranges never make nft fail)."""
+    nets = [ipaddress.ip_network(str(c), strict=False) for c in cidrs]
+    return [str(n) for n in ipaddress.collapse_addresses(nets)]
+
+
+def _nft_set(items):
+    items = list(items)
+    return items[0] if len(items) == 1 else "{ %s }" % ", ".join(items)
+
+
+def _mac(mac):
+    return str(mac).lower()
+
+
+def _ident(name, used):
+    base = re.sub(r"[^A-Za-z0-9_]", "_", name)
+    if not base or not base[0].isalpha():
+        base = "b_" + base
+    ident, i = base, 1
+    while ident in used:
+        i += 1
+        ident = f"{base}_{i}"
+    used.add(ident)
+    return ident
+
+
+def _all_destinations(snat):
+    return getattr(snat, "all_destinations", True)
+
+
+def is_empty(ruleset: D.Ruleset) -> bool:
+    """True when the ruleset holds nothing: hanet's tables/chains must not exist."""
+    return not (_has_ip_part(ruleset) or ruleset.guards)
+
+
+def _has_ip_part(rs):
+    return bool(rs.snat or rs.floating or rs.forward_bridges or rs.service_bridges
+                or (rs.metadata and rs.metadata.bridges))
+
+
+def _sorted_snat(rs):
+    return sorted(rs.snat, key=lambda s: (str(s.cidr), s.network, s.out_interface))
+
+
+def _sorted_floating(rs):
+    return sorted(rs.floating, key=lambda f: (str(f.address), str(f.fixed_ip)))
+
+
+def _hairpin_sources(rs, fip):
+    """Who may reach a floating IP on the same bridge as its instance: its network."""
+    cidrs = [s.cidr for s in rs.snat if s.network == fip.network]
+    return _nets(cidrs + [f"{fip.fixed_ip}/32"])
+
+
+# --------------------------------------------------------------------------- nftables
+
+def _nft_ip_table(rs):
+    pre, out, post, fwd, inp = [], [], [], [], []
+    for f in _sorted_floating(rs):
+        pre.append(f"ip daddr {f.address} dnat to {f.fixed_ip}")
+        out.append(f"ip daddr {f.address} dnat to {f.fixed_ip}")
+    md = rs.metadata
+    if md and md.bridges:
+        match = f"iifname {_names(md.bridges)} ip daddr {METADATA_IP} tcp dport 80"
+        if md.host == "127.0.0.1":
+            pre.append(f"{match} redirect to :{md.port}")
+        else:
+            pre.append(f"{match} dnat to {md.host}:{md.port}")
+    for f in _sorted_floating(rs):
+        oif = f'oifname {_q(f.public_interface)} ' if f.public_interface else ""
+        post.append(f"ip saddr {f.fixed_ip} {oif}snat to {f.address}")
+    for f in _sorted_floating(rs):
+        src = _nft_set(_hairpin_sources(rs, f))
+        post.append(f"ip saddr {src} ip daddr {f.fixed_ip} ct status dnat masquerade")
+    for s in _sorted_snat(rs):
+        oif = f"oifname {_q(s.out_interface)} " if s.out_interface else ""
+        to = f"snat to {s.source}" if s.source else "masquerade"
+        if s.force:
+            post.append(f"ip saddr {s.cidr} ip daddr {_nft_set(_nets(s.force))} {oif}{to}")
+        if _all_destinations(s):
+            if s.exempt:
+                post.append(f"ip saddr {s.cidr} ip daddr {_nft_set(_nets(s.exempt))} accept")
+            post.append(f"ip saddr {s.cidr} {oif}{to}")
+    if rs.forward_bridges or rs.floating:
+        fwd.append("ct state established,related accept")
+    if rs.floating:
+        fwd.append("ct status dnat accept")
+    if rs.forward_bridges:
+        fwd.append(f"iifname {_names(rs.forward_bridges)} accept")
+        fwd.append(f"oifname {_names(rs.forward_bridges)} accept")
+    if rs.service_bridges:
+        sb = _names(rs.service_bridges)
+        inp.append(f"iifname {sb} udp dport 67 accept")
+        inp.append(f"iifname {sb} meta l4proto {{ tcp, udp }} th dport 53 accept")
+    if md and md.bridges:
+        inp.append(f"iifname {_names(md.bridges)} tcp dport {md.port} accept")
+    chains = [
+        dict(name="prerouting", type="nat", hook="prerouting", priority=-100, rules=pre),
+        dict(name="output", type="nat", hook="output", priority=-100, rules=out),
+        dict(name="postrouting", type="nat", hook="postrouting", priority=100, rules=post),
+        dict(name="forward", type="filter", hook="forward", priority=0, rules=fwd),
+        dict(name="input", type="filter", hook="input", priority=0, rules=inp),
+    ]
+    return dict(family="ip", name=rs.table, sets=[],
+                comment="hanet: NAT and filter; replaced as a whole by hanet",
+                chains=[c for c in chains if c["rules"]])
+
+
+def _nft_bridge_table(rs, ports=None):
+    """``ports``: None to scope each guard with ``meta ibrname``; else {bridge: [VM ports]}."""
+    sets, chains, pre, fwd, inp, out = [], [], [], [], [], []
+    used = set()
+    for g in sorted(rs.guards, key=lambda g: g.bridge):
+        ident = _ident(g.bridge, used)
+        pairs = sorted({(_mac(m), str(ip)) for m, ip in g.pairs})
+        macs = sorted({m for m, _ in pairs})
+        arp = sorted({f"{m} . {m} . {ip}" for m, ip in pairs} | {f"{m} . {m} . 0.0.0.0" for m in macs})
+        sets += [
+            dict(name=f"{ident}_pairs", type="ether_addr . ipv4_addr",
+                 elements=[f"{m} . {ip}" for m, ip in pairs]),
+            dict(name=f"{ident}_arp", type="ether_addr . ether_addr . ipv4_addr", elements=arp),
+            dict(name=f"{ident}_macs", type="ether_addr", elements=macs),
+        ]
+        vm = f"{ident}_vm"
+        if ports is None:
+            trusted = f" iifname != {_names(g.trusted_ports)}" if g.trusted_ports else ""
+            pre.append(f"meta ibrname {_q(g.bridge)}{trusted} jump {vm}")
+        else:
+            vm_ports = sorted(set(ports.get(g.bridge, ())) - set(g.trusted_ports))
+            if vm_ports:
+                pre.append(f"iifname {_names(vm_ports)} jump {vm}")
+        chains.append(dict(name=vm, hook=None, rules=[
+            "ether type ip udp sport 67 counter drop",
+            f"ether type ip ip saddr 0.0.0.0 udp sport 68 udp dport 67 ether saddr @{ident}_macs return",
+            f"ether type ip ether saddr . ip saddr @{ident}_pairs return",
+            f"ether type arp ether saddr . arp saddr ether . arp saddr ip @{ident}_arp return",
+            "counter drop",
+        ]))
+        if g.dhcp_isolated and g.trusted_ports:
+            t = _names(g.trusted_ports)
+            fwd.append(f"iifname {t} ether type ip udp dport 67-68 drop")
+            fwd.append(f"oifname {t} ether type ip udp dport 67-68 drop")
+            inp.append(f"iifname {t} ether type ip udp dport 67-68 drop")
+            out.append(f"oifname {t} ether type ip udp dport 67-68 drop")
+    base = [
+        dict(name="prerouting", type="filter", hook="prerouting", priority=-200, rules=pre),
+        dict(name="forward", type="filter", hook="forward", priority=-200, rules=fwd),
+        dict(name="input", type="filter", hook="input", priority=-200, rules=inp),
+        dict(name="output", type="filter", hook="output", priority=-200, rules=out),
+    ]
+    return dict(family="bridge", name=rs.table, sets=sets,
+                comment="hanet: VM port anti-spoofing; replaced as a whole by hanet",
+                chains=[c for c in base if c["rules"]] + chains)
+
+
+def _nft_script(tables):
+    return _jinja().from_string(T.NFT).render(tables=tables).strip("\n") + "\n"
+
+
+# --------------------------------------------------------------------------- iptables
+
+def _ipt_chain(rs, name):
+    return f"{rs.table}-{name}"
+
+
+def _ipt_tables(rs):
+    pre, out, post, fwd, inp = [], [], [], [], []
+
+    def host(a):
+        return f"{a}/32"
+
+    for f in _sorted_floating(rs):
+        pre.append(f"-d {host(f.address)} -j DNAT --to-destination {f.fixed_ip}")
+        out.append(f"-d {host(f.address)} -j DNAT --to-destination {f.fixed_ip}")
+    md = rs.metadata
+    if md and md.bridges:
+        for b in sorted(set(md.bridges)):
+            m = f"-i {b} -d {METADATA_IP}/32 -p tcp -m tcp --dport 80"
+            if md.host == "127.0.0.1":
+                pre.append(f"{m} -j REDIRECT --to-ports {md.port}")
+            else:
+                pre.append(f"{m} -j DNAT --to-destination {md.host}:{md.port}")
+    for f in _sorted_floating(rs):
+        oif = f" -o {f.public_interface}" if f.public_interface else ""
+        post.append(f"-s {host(f.fixed_ip)}{oif} -j SNAT --to-source {f.address}")
+    for f in _sorted_floating(rs):
+        for src in _hairpin_sources(rs, f):
+            post.append(f"-s {src} -d {host(f.fixed_ip)} -m conntrack --ctstate DNAT -j MASQUERADE")
+    for s in _sorted_snat(rs):
+        oif = f" -o {s.out_interface}" if s.out_interface else ""
+        to = f"-j SNAT --to-source {s.source}" if s.source else "-j MASQUERADE"
+        for d in _nets(s.force):
+            post.append(f"-s {s.cidr} -d {d}{oif} {to}")
+        if _all_destinations(s):
+            for d in _nets(s.exempt):
+                post.append(f"-s {s.cidr} -d {d} -j RETURN")
+            post.append(f"-s {s.cidr}{oif} {to}")
+    if rs.forward_bridges or rs.floating:
+        fwd.append("-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
+    if rs.floating:
+        fwd.append("-m conntrack --ctstate DNAT -j ACCEPT")
+    for b in sorted(set(rs.forward_bridges)):
+        fwd.append(f"-i {b} -j ACCEPT")
+        fwd.append(f"-o {b} -j ACCEPT")
+    for b in sorted(set(rs.service_bridges)):
+        inp.append(f"-i {b} -p udp -m udp --dport 67 -j ACCEPT")
+        inp.append(f"-i {b} -p udp -m udp --dport 53 -j ACCEPT")
+        inp.append(f"-i {b} -p tcp -m tcp --dport 53 -j ACCEPT")
+    if md and md.bridges:
+        for b in sorted(set(md.bridges)):
+            inp.append(f"-i {b} -p tcp -m tcp --dport {md.port} -j ACCEPT")
+
+    def chain(builtin, rules):
+        return dict(name=_ipt_chain(rs, builtin), builtin=builtin, rules=rules)
+
+    return [
+        dict(name="nat", chains=[chain("PREROUTING", pre), chain("OUTPUT", out),
+                                 chain("POSTROUTING", post)]),
+        dict(name="filter", chains=[chain("FORWARD", fwd), chain("INPUT", inp)]),
+    ]
+
+
+def _ipt_script(rs):
+    return _jinja().from_string(T.IPTABLES).render(tables=_ipt_tables(rs)).strip("\n") + "\n"
+
+
+# --------------------------------------------------------------------------- render
+
+def _objects(rs):
+    """The kernel objects the ruleset consists of: 'nft:<family>:<table>', 'iptables:<prefix>'."""
+    objs = []
+    if _has_ip_part(rs):
+        objs.append(f"iptables:{rs.table}" if rs.driver == "iptables" else f"nft:ip:{rs.table}")
+    if rs.guards:
+        objs.append(f"nft:bridge:{rs.table}")
+    return sorted(objs)
+
+
+def _parts(rs, ports=None):
+    """{'iptables': restore input or '', 'nft': nft script or ''} for the ruleset."""
+    if rs.driver not in ("nftables", "iptables"):
+        raise ValueError(f"unknown firewall_driver {rs.driver!r} (nftables | iptables)")
+    if is_empty(rs):
+        return {"iptables": "", "nft": ""}
+    tables = []
+    ipt = ""
+    if _has_ip_part(rs):
+        if rs.driver == "iptables":
+            ipt = _ipt_script(rs)
+        else:
+            tables.append(_nft_ip_table(rs))
+    if rs.guards:
+        tables.append(_nft_bridge_table(rs, ports))
+    return {"iptables": ipt, "nft": _nft_script(tables) if tables else ""}
+
+
+def render(ruleset: D.Ruleset) -> str:
+    """The full ruleset as text: an nft script, or (iptables driver) the iptables-restore
+    input followed by the nft script of the bridge table. Pure and deterministic; ``""``
+    for an empty ruleset."""
+    parts = _parts(ruleset)
+    if not (parts["iptables"] or parts["nft"]):
+        return ""
+    head = f"# hanet ruleset: driver {ruleset.driver}, table {ruleset.table}\n"
+    if ruleset.driver == "iptables":
+        text = head + "# --- iptables-restore --noflush\n" + parts["iptables"]
+        if parts["nft"]:
+            text += "# --- nft -f\n" + parts["nft"]
+        return text
+    return head + parts["nft"]
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- plan
+
+def plan(desired: D.Ruleset, current) -> list:
+    """[] when ``current`` (from :func:`current`) already is ``desired``; else one
+    ``replace`` (or ``remove`` when the desired ruleset is empty)."""
+    text = render(desired)
+    if not text:
+        if current is None:
+            return []
+        return [Change(FACET, "remove", desired.table,
+                       {"driver": desired.driver, "table": desired.table})]
+    if current == text:
+        return []
+    return [Change(FACET, "replace", desired.table, {
+        "driver": desired.driver, "table": desired.table, "digest": digest(text),
+        "objects": _objects(desired), "ruleset": _plain(desired),
+    })]
+
+
+def _plain(rs):
+    return json.loads(json.dumps(dataclasses.asdict(rs)))
+
+
+def _from_plain(d):
+    md = d.get("metadata")
+    return D.Ruleset(
+        driver=d["driver"], table=d["table"],
+        snat=tuple(D.Snat(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()})
+                   for s in d.get("snat", ())),
+        metadata=D.Metadata(**{**md, "bridges": tuple(md["bridges"])}) if md else None,
+        forward_bridges=tuple(d.get("forward_bridges", ())),
+        service_bridges=tuple(d.get("service_bridges", ())),
+        guards=tuple(D.PortGuard(bridge=g["bridge"], trusted_ports=tuple(g["trusted_ports"]),
+                                 pairs=tuple(tuple(p) for p in g["pairs"]),
+                                 dhcp_isolated=g["dhcp_isolated"]) for g in d.get("guards", ())),
+        floating=tuple(D.FloatingIp(**f) for f in d.get("floating", ())),
+    )
+
+
+# --------------------------------------------------------------------------- kernel
+
+def _run(args, stdin=None):
+    proc = subprocess.run(args, input=stdin, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def _nft(*args, stdin=None):
+    return _run(["nft", *args], stdin)
+
+
+def _netns_id():
+    try:
+        return os.stat(f"/proc/self/task/{_gettid()}/ns/net").st_ino
+    except OSError:
+        return None
+
+
+def _gettid():
+    try:
+        return os.gettid()
+    except AttributeError:  # pragma: no cover
+        return os.getpid()
+
+
+_BRIDGE_META = {}
+
+
+def bridge_meta_supported():
+    """Whether the kernel can match ``meta ibrname`` (nft_meta_bridge); probed with a
+    check-only transaction (``nft -c``) that changes nothing, cached per network namespace."""
+    key = _netns_id()
+    if key not in _BRIDGE_META:
+        probe = "table bridge hanet_probe {\n\tchain c {\n\t\tmeta ibrname \"lo\" accept\n\t}\n}\n"
+        proc = subprocess.run(["nft", "-c", "-f", "-"], input=probe, capture_output=True, text=True)
+        _BRIDGE_META[key] = proc.returncode == 0
+    return _BRIDGE_META[key]
+
+
+def _bridge_ports(bridges):
+    """{bridge: sorted port names} for the bridges that exist (pyroute2, this netns)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        links = ipr.get_links()
+    names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in links}
+    ports = {b: [] for b in bridges}
+    for link in links:
+        master = names.get(link.get_attr("IFLA_MASTER"))
+        if master in ports:
+            ports[master].append(link.get_attr("IFLA_IFNAME"))
+    return {b: sorted(p) for b, p in ports.items()}
+
+
+def _nft_tables():
+    out = _nft("list", "tables")
+    return {tuple(line.split()[1:3]) for line in out.splitlines() if line.startswith("table ")}
+
+
+def _ipt_save(table):
+    if not shutil.which("iptables-save"):
+        return ""
+    proc = subprocess.run(["iptables-save", "-t", table], capture_output=True, text=True)
+    return proc.stdout if proc.returncode == 0 else ""
+
+
+def _ipt_lines(prefix, table, save=None):
+    """hanet's lines in ``iptables-save -t table``: its chains, their rules, the jumps."""
+    names = NAT_CHAINS if table == "nat" else FILTER_CHAINS
+    mine = {f"{prefix}-{n}" for n in names}
+    save = _ipt_save(table) if save is None else save
+    lines = []
+    for line in save.splitlines():
+        words = line.split()
+        if not words:
+            continue
+        if words[0].startswith(":") and words[0][1:] in mine:
+            lines.append(words[0])
+        elif words[0] == "-A" and len(words) > 1 and (
+                words[1] in mine or ("-j" in words and words[words.index("-j") + 1:][:1]
+                                     and words[words.index("-j") + 1] in mine)):
+            lines.append(line.strip())
+    return lines
+
+
+def _snapshot(objects):
+    """The normalized kernel listing of hanet's objects (empty: none of them exists)."""
+    out = []
+    tables = None
+    for obj in sorted(set(objects)):
+        kind, _, rest = obj.partition(":")
+        if kind == "nft":
+            if tables is None:
+                tables = _nft_tables()
+            family, name = rest.split(":", 1)
+            if (family, name) in tables:
+                text = _nft("-s", "list", "table", family, name)
+                out.append(f"## {obj}\n" + "\n".join(line.rstrip() for line in text.splitlines()))
+        elif kind == "iptables":
+            lines = _ipt_lines(rest, "nat") + _ipt_lines(rest, "filter")
+            if lines:
+                out.append(f"## {obj}\n" + "\n".join(lines))
+    return "\n".join(out)
+
+
+def _load_state(paths):
+    try:
+        with open(paths.state(STATE_FILE), encoding="utf-8") as fh:
+            return json.load(fh)
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _candidates(desired, state):
+    objs = set(state.get("objects", ()))
+    if desired is not None:
+        objs |= set(_objects(desired))
+        objs |= {f"nft:ip:{desired.table}", f"nft:bridge:{desired.table}"}
+        if desired.driver == "iptables" or state.get("driver") == "iptables":
+            objs.add(f"iptables:{desired.table}")
+    return objs
+
+
+def current(ruleset_desired: D.Ruleset, paths: Paths):
+    """What the kernel holds now for hanet: None when none of hanet's tables/chains
+    exists; the text hanet last applied when the kernel still holds exactly what that
+    apply left (same normalized listing, same bridge ports in port-list mode); otherwise
+    a text describing the live state (never equal to a rendered ruleset)."""
+    state = _load_state(paths)
+    snap = _snapshot(_candidates(ruleset_desired, state))
+    if not snap:
+        return None
+    if state and snap == state.get("snapshot"):
+        ports = state.get("ports")
+        if ports is None or _bridge_ports(sorted(ports)) == ports:
+            return state.get("text")
+    return "# hanet: the kernel differs from what hanet applied last\n" + snap + "\n"
+
+
+# --------------------------------------------------------------------------- apply
+
+def _nft_remove_script(objects):
+    lines = []
+    for obj in sorted(objects):
+        kind, _, rest = obj.partition(":")
+        if kind == "nft":
+            family, name = rest.split(":", 1)
+            lines += [f"table {family} {name}", f"delete table {family} {name}"]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def _ipt_remove_script(prefix):
+    blocks = []
+    for table, names in (("nat", NAT_CHAINS), ("filter", FILTER_CHAINS)):
+        save = _ipt_save(table)
+        mine = [f"{prefix}-{n}" for n in names]
+        lines = _ipt_lines(prefix, table, save)
+        jumps = [ln for ln in lines if ln.startswith("-A ") and ln.split()[1] not in mine]
+        chains = [ln[1:] for ln in lines if ln.startswith(":")]
+        if not (jumps or chains):
+            continue
+        body = ["-D " + ln[3:] for ln in jumps]
+        body += [f"-F {c}" for c in chains] + [f"-X {c}" for c in chains]
+        blocks.append(f"*{table}\n" + "\n".join(body) + "\nCOMMIT\n")
+    return "".join(blocks)
+
+
+def _ipt_apply_script(rs, text):
+    """The rendered restore input with the deletion of every existing jump to hanet's
+    chains added before the new ones: one transaction, exactly one jump afterwards."""
+    out, table = [], None
+    pending = []
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+            pending = ["-D " + ln[3:] for ln in _ipt_lines(rs.table, table)
+                       if ln.startswith("-A ") and ln.split()[1] in (NAT_CHAINS + FILTER_CHAINS)]
+        elif pending and (line.startswith("-A ") or line.startswith("-I ") or line == "COMMIT"):
+            out += pending
+            pending = []
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def _remove(objects):
+    done = []
+    script = _nft_remove_script(objects)
+    if script:
+        _nft("-f", "-", stdin=script)
+        done += [o for o in sorted(objects) if o.startswith("nft:")]
+    for obj in sorted(objects):
+        if obj.startswith("iptables:") and shutil.which("iptables-restore"):
+            script = _ipt_remove_script(obj.split(":", 1)[1])
+            if script:
+                _run(["iptables-restore", "--noflush"], script)
+                done.append(obj)
+    return done
+
+
+def _present(objects):
+    snap = _snapshot(objects)
+    return {line[3:] for line in snap.splitlines() if line.startswith("## ")}
+
+
+def apply(changes, paths: Paths, managed):
+    """Carry out ``plan``'s changes; returns one line per thing done."""
+    done = []
+    for change in changes:
+        if change.facet != FACET:
+            continue
+        state = _load_state(paths)
+        recorded = managed.get(FACET) | set(state.get("objects", ()))
+        if change.action == "remove":
+            table = change.detail.get("table", change.target)
+            objs = recorded | {f"nft:ip:{table}", f"nft:bridge:{table}", f"iptables:{table}"}
+            removed = _remove(_present(objs))
+            managed.set(FACET, [])
+            try:
+                os.unlink(paths.state(STATE_FILE))
+            except FileNotFoundError:
+                pass
+            done.append(f"ruleset: removed {', '.join(removed) or 'nothing'}")
+        elif change.action == "replace":
+            rs = _from_plain(change.detail["ruleset"])
+            text = render(rs)
+            new = set(_objects(rs))
+            ports = None
+            if rs.guards and not bridge_meta_supported():
+                ports = _bridge_ports(sorted({g.bridge for g in rs.guards}))
+            parts = _parts(rs, ports)
+            if parts["iptables"]:
+                _run(["iptables-restore", "--noflush"], _ipt_apply_script(rs, parts["iptables"]))
+            if parts["nft"]:
+                _nft("-f", "-", stdin=parts["nft"])
+            # Stale objects: a renamed table, the other driver's rules, a part no longer needed.
+            stale = _present(_candidates(rs, state) | recorded) - new
+            removed = _remove(stale)
+            paths.ensure()
+            snap = _snapshot(new)
+            write_atomic(paths.state(STATE_FILE), json.dumps({
+                "driver": rs.driver, "table": rs.table, "digest": digest(text),
+                "objects": sorted(new), "ports": ports, "snapshot": snap, "text": text,
+            }, indent=1, sort_keys=True) + "\n", mode=0o600)
+            managed.set(FACET, new)
+            msg = f"ruleset: applied {', '.join(sorted(new))} ({rs.driver}, digest {digest(text)})"
+            if removed:
+                msg += f"; removed {', '.join(removed)}"
+            if ports is not None:
+                msg += "; kernel lacks meta ibrname: guarding the VM ports present now"
+            done.append(msg)
+        else:
+            raise ValueError(f"ruleset: unknown action {change.action!r}")
+    return done
+
+
+def handle(paths: Paths):
+    """The ruleset's handle for ``hanet.status``: what hanet applied (driver, table names,
+    digest) and whether the kernel still holds exactly that."""
+    state = _load_state(paths)
+    if not state:
+        return {"driver": None, "tables": [], "digest": None, "in_place": None}
+    try:
+        in_place = _snapshot(state.get("objects", ())) == state.get("snapshot")
+    except (OSError, RuntimeError):
+        in_place = None
+    return {"driver": state.get("driver"), "tables": state.get("objects", []),
+            "digest": state.get("digest"), "in_place": in_place,
+            "port_list_mode": state.get("ports") is not None}

@@ -1,0 +1,454 @@
+"""The ruleset applier: rendering (both drivers), and apply/current/plan against the real
+kernel in a network namespace each test creates (never the root namespace's ruleset)."""
+import contextlib
+import ctypes
+import dataclasses
+import os
+import random
+import shutil
+import subprocess
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from _hanet import ruleset as R
+from _hanet.common import Managed, Paths
+from _hanet.desired import FloatingIp, Metadata, PortGuard, Ruleset, Snat
+
+MAC1, MAC2 = "fa:16:3e:00:00:01", "fa:16:3e:00:00:02"
+
+
+def sample(driver="nftables", metadata_host="127.0.0.1", table="hanet"):
+    return Ruleset(
+        driver=driver, table=table,
+        snat=(
+            Snat(network="private", cidr="192.168.0.0/24", source="203.0.113.11",
+                 out_interface="eth0", exempt=("10.0.0.0/8", "192.168.0.0/24"),
+                 force=("198.51.100.0/24",)),
+            Snat(network="red", cidr="172.16.100.0/24", source=None, out_interface="eth0",
+                 exempt=("172.16.100.0/24",), force=("198.51.100.0/24",),
+                 **({"all_destinations": False} if "all_destinations" in
+                    Snat.__dataclass_fields__ else {})),
+        ),
+        metadata=Metadata(bridges=("br100",), host=metadata_host, port=8775,
+                          local_service=metadata_host == "127.0.0.1"),
+        forward_bridges=("br100",), service_bridges=("br100", "br101"),
+        guards=(
+            PortGuard(bridge="br100", trusted_ports=("eth1",),
+                      pairs=((MAC1, "192.168.0.10"), (MAC2, "192.168.0.11")), dhcp_isolated=True),
+            PortGuard(bridge="br101", trusted_ports=("vlan101",), pairs=(), dhcp_isolated=False),
+        ),
+        floating=(FloatingIp(address="203.0.113.50", fixed_ip="192.168.0.10", instance="web1",
+                             network="private", public_interface="eth0"),),
+    )
+
+
+def empty(driver="nftables"):
+    return Ruleset(driver=driver, table="hanet")
+
+
+def chain(text, name):
+    """The rules of the first chain ``name`` in an nft script."""
+    body = text.split(f"\tchain {name} {{\n", 1)[1].split("\n\t}\n", 1)[0]
+    return [ln.strip() for ln in body.splitlines() if ln.strip() and " hook " not in ln]
+
+
+def postrouting(text):
+    return chain(text, "postrouting")
+
+
+# --------------------------------------------------------------------------- rendering
+
+def test_nft_snat_exempt_force_and_order():
+    rules = postrouting(R.render(sample()))
+    assert rules == [
+        'ip saddr 192.168.0.10 oifname "eth0" snat to 203.0.113.50',
+        "ip saddr 192.168.0.0/24 ip daddr 192.168.0.10 ct status dnat masquerade",
+        'ip saddr 172.16.100.0/24 ip daddr 198.51.100.0/24 oifname "eth0" masquerade',
+        'ip saddr 192.168.0.0/24 ip daddr 198.51.100.0/24 oifname "eth0" snat to 203.0.113.11',
+        "ip saddr 192.168.0.0/24 ip daddr { 10.0.0.0/8, 192.168.0.0/24 } accept",
+        'ip saddr 192.168.0.0/24 oifname "eth0" snat to 203.0.113.11',
+    ]
+
+
+@pytest.mark.skipif("all_destinations" not in Snat.__dataclass_fields__,
+                    reason="Snat.all_destinations not in the model yet")
+def test_hardware_gateway_snat_only_force():
+    rs = Ruleset(driver="nftables", table="hanet", snat=(
+        Snat(network="red", cidr="172.16.100.0/24", source="203.0.113.11", out_interface="eth0",
+             exempt=("172.16.100.0/24",), force=("198.51.100.0/24", "198.51.100.0/25"),
+             all_destinations=False),))
+    assert postrouting(R.render(rs)) == [
+        'ip saddr 172.16.100.0/24 ip daddr 198.51.100.0/24 oifname "eth0" snat to 203.0.113.11']
+    ipt = R.render(dataclasses.replace(rs, driver="iptables"))
+    assert ("-A hanet-POSTROUTING -s 172.16.100.0/24 -d 198.51.100.0/24 -o eth0 "
+            "-j SNAT --to-source 203.0.113.11") in ipt
+    assert "-j RETURN" not in ipt
+
+
+def test_overlapping_exempt_ranges_are_collapsed():
+    rs = Ruleset(driver="nftables", table="hanet", snat=(
+        Snat(network="n", cidr="10.1.0.0/24", source=None, out_interface="eth0",
+             exempt=("10.0.0.0/8", "10.1.0.0/24", "10.1.0.5/32")),))
+    assert "ip saddr 10.1.0.0/24 ip daddr 10.0.0.0/8 accept" in R.render(rs)
+
+
+def test_nft_metadata_redirect_and_dnat():
+    text = R.render(sample())
+    assert 'iifname { "br100" } ip daddr 169.254.169.254 tcp dport 80 redirect to :8775' in text
+    assert 'iifname { "br100" } tcp dport 8775 accept' in text
+    text = R.render(sample(metadata_host="10.0.0.5"))
+    assert "tcp dport 80 dnat to 10.0.0.5:8775" in text and "redirect" not in text
+
+
+def test_nft_forward_and_service_bridges():
+    text = R.render(sample())
+    assert "ct state established,related accept" in text
+    assert 'iifname { "br100" } accept' in text and 'oifname { "br100" } accept' in text
+    assert 'iifname { "br100", "br101" } udp dport 67 accept' in text
+    assert 'iifname { "br100", "br101" } meta l4proto { tcp, udp } th dport 53 accept' in text
+    # hanet's ip filter chains never drop: accept-only, policy accept
+    ip_table = text.split("table bridge hanet {")[0]
+    assert " drop" not in ip_table and "policy drop" not in text
+
+
+def test_nft_port_guard():
+    text = R.render(sample())
+    assert "type ether_addr . ipv4_addr" in text
+    assert f"elements = {{ {MAC1} . 192.168.0.10, {MAC2} . 192.168.0.11 }}" in text
+    assert f"{MAC1} . {MAC1} . 192.168.0.10" in text  # ARP: sender MAC == frame source
+    assert 'meta ibrname "br100" iifname != { "eth1" } jump br100_vm' in text
+    assert chain(text, "br100_vm") == [
+        "ether type ip udp sport 67 counter drop",
+        "ether type ip ip saddr 0.0.0.0 udp sport 68 udp dport 67 ether saddr @br100_macs return",
+        "ether type ip ether saddr . ip saddr @br100_pairs return",
+        "ether type arp ether saddr . arp saddr ether . arp saddr ip @br100_arp return",
+        "counter drop",
+    ]
+    # dhcp isolation only for br100 (br101's guard is not isolated)
+    assert 'iifname { "eth1" } ether type ip udp dport 67-68 drop' in text
+    assert 'oifname { "eth1" } ether type ip udp dport 67-68 drop' in text
+    assert "vlan101\" } ether type ip udp dport" not in text
+
+
+def test_port_list_mode_names_vm_ports():
+    nft = R._parts(sample(), {"br100": ["eth1", "tap1", "tap0"], "br101": ["vlan101"]})["nft"]
+    assert 'iifname { "tap0", "tap1" } jump br100_vm' in nft
+    assert "jump br101_vm" not in nft and "ibrname" not in nft
+
+
+def test_iptables_driver():
+    text = R.render(sample(driver="iptables"))
+    restore, nft = text.split("# --- nft -f\n")
+    for chain, builtin in (("hanet-PREROUTING", "PREROUTING"), ("hanet-OUTPUT", "OUTPUT"),
+                           ("hanet-POSTROUTING", "POSTROUTING"), ("hanet-FORWARD", "FORWARD"),
+                           ("hanet-INPUT", "INPUT")):
+        assert f":{chain} - [0:0]" in restore
+        assert restore.count(f"-j {chain}\n") == 1 and f"-I {builtin} 1 -j {chain}" in restore
+    assert ("-A hanet-PREROUTING -i br100 -d 169.254.169.254/32 -p tcp -m tcp --dport 80 "
+            "-j REDIRECT --to-ports 8775") in restore
+    assert "-A hanet-POSTROUTING -s 192.168.0.0/24 -d 10.0.0.0/8 -j RETURN" in restore
+    assert "-A hanet-POSTROUTING -s 192.168.0.0/24 -o eth0 -j SNAT --to-source 203.0.113.11" in restore
+    assert "-A hanet-PREROUTING -d 203.0.113.50/32 -j DNAT --to-destination 192.168.0.10" in restore
+    assert "-A hanet-OUTPUT -d 203.0.113.50/32 -j DNAT --to-destination 192.168.0.10" in restore
+    assert "-A hanet-FORWARD -i br100 -j ACCEPT" in restore
+    assert "table ip " not in nft and "table bridge hanet {" in nft  # anti-spoofing stays in nft
+
+
+def test_floating_ip():
+    text = R.render(sample())
+    pre = chain(text, "prerouting")
+    out = chain(text, "output")
+    assert "ip daddr 203.0.113.50 dnat to 192.168.0.10" in pre and \
+        "ip daddr 203.0.113.50 dnat to 192.168.0.10" in out
+    rules = postrouting(text)
+    assert rules.index('ip saddr 192.168.0.10 oifname "eth0" snat to 203.0.113.50') < \
+        rules.index('ip saddr 192.168.0.0/24 oifname "eth0" snat to 203.0.113.11')
+
+
+def test_empty_and_plan_pure():
+    assert R.render(empty()) == "" and R.render(empty("iptables")) == ""
+    assert R.plan(empty(), None) == []
+    [ch] = R.plan(empty(), "something")
+    assert (ch.facet, ch.action) == ("ruleset", "remove")
+    [ch] = R.plan(sample(), None)
+    assert (ch.facet, ch.action, ch.target) == ("ruleset", "replace", "hanet")
+    assert R.plan(sample(), R.render(sample())) == []
+    assert R.plan(sample(driver="iptables"), R.render(sample())) != []
+    # the change's detail round-trips to the same model
+    assert R._from_plain(ch.detail["ruleset"]) == sample()
+
+
+def test_unknown_driver_rejected():
+    with pytest.raises(ValueError):
+        R.render(dataclasses.replace(sample(), driver="pf"))
+
+
+# ---- hypothesis: any valid model renders, deterministically, independent of order
+
+ifname = st.from_regex(r"[a-z][a-z0-9._-]{0,14}", fullmatch=True)
+octet = st.integers(0, 255)
+
+
+@st.composite
+def rulesets(draw):
+    n = draw(st.integers(0, 3))
+    bridges = draw(st.lists(ifname, min_size=n, max_size=n, unique=True))
+    uplinks = draw(st.lists(ifname.filter(lambda x: x not in bridges), min_size=n, max_size=n,
+                            unique=True))
+    snat, guards, floating = [], [], []
+    used_ips = set()
+    for i, (br, up) in enumerate(zip(bridges, uplinks)):
+        cidr = f"10.{i}.{draw(octet)}.0/24"
+        base = cidr.rsplit(".", 1)[0]
+        exempt = tuple(draw(st.lists(st.sampled_from(
+            [cidr, "10.0.0.0/8", "172.16.0.0/12", f"{base}.5/32"]), max_size=3)))
+        force = tuple(draw(st.lists(st.sampled_from(["198.51.100.0/24", "198.51.0.0/16"]),
+                                    max_size=2)))
+        extra = {"all_destinations": draw(st.booleans())} \
+            if "all_destinations" in Snat.__dataclass_fields__ else {}
+        if draw(st.booleans()):
+            snat.append(Snat(network=f"n{i}", cidr=cidr, source=draw(st.none() | st.just("203.0.113.11")),
+                             out_interface=draw(st.sampled_from(["eth0", ""])), exempt=exempt,
+                             force=force, **extra))
+        hosts = draw(st.lists(st.integers(2, 254), max_size=4, unique=True))
+        pairs = tuple((":".join(f"{draw(octet):02x}" for _ in range(6)), f"{base}.{h}") for h in hosts)
+        guards.append(PortGuard(bridge=br, trusted_ports=tuple(draw(st.lists(st.just(up), max_size=1))),
+                                pairs=pairs, dhcp_isolated=draw(st.booleans())))
+        for _, ip in pairs[:1]:
+            addr = f"203.0.113.{50 + i}"
+            if addr not in used_ips:
+                used_ips.add(addr)
+                floating.append(FloatingIp(address=addr, fixed_ip=ip, instance=f"i{i}",
+                                           network=f"n{i}", public_interface="eth0"))
+    md = None
+    if bridges and draw(st.booleans()):
+        md = Metadata(bridges=tuple(bridges[:draw(st.integers(0, len(bridges)))]),
+                      host=draw(st.sampled_from(["127.0.0.1", "10.99.0.1"])), port=8775,
+                      local_service=True)
+    return Ruleset(driver=draw(st.sampled_from(["nftables", "iptables"])), table="hanet",
+                   snat=tuple(snat), metadata=md,
+                   forward_bridges=tuple(draw(st.lists(st.sampled_from(bridges), unique=True))
+                                         if bridges else ()),
+                   service_bridges=tuple(draw(st.lists(st.sampled_from(bridges), unique=True))
+                                         if bridges else ()),
+                   guards=tuple(guards) if draw(st.booleans()) else (),
+                   floating=tuple(floating) if draw(st.booleans()) else ())
+
+
+def _shuffled(rs, seed):
+    rnd = random.Random(seed)
+
+    def sh(t):
+        t = list(t)
+        rnd.shuffle(t)
+        return tuple(t)
+
+    return dataclasses.replace(
+        rs, snat=sh(rs.snat), floating=sh(rs.floating), forward_bridges=sh(rs.forward_bridges),
+        service_bridges=sh(rs.service_bridges),
+        guards=sh(dataclasses.replace(g, pairs=sh(g.pairs)) for g in rs.guards))
+
+
+@settings(max_examples=200, deadline=None)
+@given(rulesets(), st.integers())
+def test_render_never_crashes_and_is_deterministic(rs, seed):
+    text = R.render(rs)
+    assert text == R.render(rs) == R.render(_shuffled(rs, seed))
+    assert (text == "") == R.is_empty(rs)
+    assert R.plan(rs, text or None) == []
+
+
+# --------------------------------------------------------------------------- netns
+
+libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+
+
+def _sh(*args, check=True, **kw):
+    return subprocess.run(args, check=check, capture_output=True, text=True, **kw)
+
+
+@contextlib.contextmanager
+def inside(ns):
+    """Run this thread (and the commands it starts) in network namespace ``ns``."""
+    with open("/proc/self/ns/net") as home, open(f"/run/netns/{ns}") as target:
+        if libc.setns(target.fileno(), CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns")
+        try:
+            yield
+        finally:
+            if libc.setns(home.fileno(), CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back")
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft"),
+                                reason="needs root and nft (network namespaces)")
+
+
+@pytest.fixture
+def netns():
+    name = f"hr-{os.getpid()}-{random.randrange(16**6):06x}"
+    _sh("ip", "netns", "add", name)
+    try:
+        yield name
+    finally:
+        _sh("ip", "netns", "del", name, check=False)
+
+
+@pytest.fixture
+def env(netns, tmp_path):
+    paths = Paths(root_dir=str(tmp_path))
+    paths.ensure()
+
+    def nx(*args, check=True):
+        return _sh("ip", "netns", "exec", netns, *args, check=check).stdout
+
+    with inside(netns):
+        yield paths, nx
+
+
+def run(rs, paths):
+    changes = R.plan(rs, R.current(rs, paths))
+    return changes, R.apply(changes, paths, Managed(paths))
+
+
+FOREIGN = "table inet other {\n\tchain c {\n\t\ttype filter hook forward priority 0; policy accept;\n" \
+          "\t\tip saddr 1.2.3.4 counter drop\n\t}\n}\n"
+
+
+@needs_root
+def test_netns_apply_idempotent_foreign_untouched_tamper_remove(env):
+    paths, nx = env
+    _sh("nft", "-f", "-", input=FOREIGN)
+    foreign = nx("nft", "list", "table", "inet", "other")
+    changes, done = run(sample(), paths)
+    assert [c.action for c in changes] == ["replace"] and done
+    ruleset = nx("nft", "list", "ruleset")
+    assert "table ip hanet" in ruleset and "table bridge hanet" in ruleset
+    assert nx("nft", "list", "table", "inet", "other") == foreign
+    assert R.current(sample(), paths) == R.render(sample())
+    assert R.plan(sample(), R.current(sample(), paths)) == []
+    h = R.handle(paths)
+    assert h["in_place"] is True and h["tables"] == ["nft:bridge:hanet", "nft:ip:hanet"] and h["digest"]
+
+    # tamper: delete one rule of hanet's -> current differs -> plan replaces it back
+    listing = nx("nft", "-a", "list", "chain", "ip", "hanet", "postrouting")
+    handle = [ln.split("# handle ")[1] for ln in listing.splitlines() if "masquerade" in ln][0]
+    nx("nft", "delete", "rule", "ip", "hanet", "postrouting", "handle", handle.strip())
+    assert R.plan(sample(), R.current(sample(), paths)) != []
+    assert R.handle(paths)["in_place"] is False
+    run(sample(), paths)
+    assert R.plan(sample(), R.current(sample(), paths)) == []
+
+    # someone deletes hanet's whole table -> differs too
+    nx("nft", "delete", "table", "bridge", "hanet")
+    assert [c.action for c in R.plan(sample(), R.current(sample(), paths))] == ["replace"]
+    run(sample(), paths)
+
+    # remove: nothing of hanet's is left, the foreign table is as it was
+    changes, _ = run(empty(), paths)
+    assert [c.action for c in changes] == ["remove"]
+    ruleset = nx("nft", "list", "ruleset")
+    assert "hanet" not in ruleset
+    assert nx("nft", "list", "table", "inet", "other") == foreign
+    assert R.current(empty(), paths) is None and R.plan(empty(), None) == []
+    assert not os.path.exists(paths.state("ruleset.json"))
+    assert Managed(paths).get("ruleset") == set()
+
+
+def ipt_jumps(nx):
+    save = nx("iptables-save")
+    return [ln for ln in save.splitlines() if ln.startswith("-A ") and "-j hanet-" in ln
+            and not ln.startswith("-A hanet-")]
+
+
+@needs_root
+@pytest.mark.skipif(not shutil.which("iptables-restore"), reason="needs iptables")
+def test_netns_iptables_driver_no_duplicates_and_switching(env):
+    paths, nx = env
+    _sh("nft", "-f", "-", input=FOREIGN)
+    rs = sample(driver="iptables")
+    run(rs, paths)
+    assert sorted(ipt_jumps(nx)) == sorted(
+        f"-A {b} -j hanet-{b}" for b in ("PREROUTING", "OUTPUT", "POSTROUTING", "FORWARD", "INPUT"))
+    assert R.plan(rs, R.current(rs, paths)) == []
+    # apply again (forced), and with a changed model: still exactly one jump each
+    R.apply(R.plan(rs, None), paths, Managed(paths))
+    rs2 = dataclasses.replace(rs, floating=())
+    run(rs2, paths)
+    assert len(ipt_jumps(nx)) == 5
+    assert "203.0.113.50" not in nx("iptables-save")
+    assert R.plan(rs2, R.current(rs2, paths)) == []
+    # tamper with a hanet chain
+    nx("iptables", "-t", "nat", "-D", "hanet-POSTROUTING", "1")
+    assert R.plan(rs2, R.current(rs2, paths)) != []
+    run(rs2, paths)
+    assert R.plan(rs2, R.current(rs2, paths)) == []
+
+    # switch to nftables: the iptables chains and jumps are gone
+    run(sample(), paths)
+    assert ipt_jumps(nx) == [] and "hanet-" not in nx("iptables-save")
+    assert "table ip hanet" in nx("nft", "list", "ruleset")
+    assert R.plan(sample(), R.current(sample(), paths)) == []
+    # and back to iptables: the nft ip table is gone, the bridge table stays
+    run(rs, paths)
+    ruleset = nx("nft", "list", "tables")
+    assert "table ip hanet" not in ruleset and "table bridge hanet" in ruleset
+    assert len(ipt_jumps(nx)) == 5
+    # remove everything
+    run(empty("iptables"), paths)
+    assert "hanet" not in nx("iptables-save") and "hanet" not in nx("nft", "list", "ruleset")
+    assert "table inet other" in nx("nft", "list", "ruleset")
+
+
+@needs_root
+def test_netns_table_rename_removes_old_table(env):
+    paths, nx = env
+    run(sample(), paths)
+    renamed = sample(table="hanet2")
+    run(renamed, paths)
+    tables = nx("nft", "list", "tables")
+    assert "hanet2" in tables and "table ip hanet\n" not in tables + "\n"
+    assert R.plan(renamed, R.current(renamed, paths)) == []
+
+
+@needs_root
+def test_netns_port_list_mode_follows_new_ports(env, monkeypatch):
+    paths, nx = env
+    nx("ip", "link", "add", "br100", "type", "bridge")
+    nx("ip", "link", "add", "tap0", "type", "veth", "peer", "name", "tap0p")
+    nx("ip", "link", "set", "tap0", "master", "br100")
+    monkeypatch.setattr(R, "bridge_meta_supported", lambda: False)
+    run(sample(), paths)
+    assert 'iifname "tap0" jump br100_vm' in nx("nft", "list", "table", "bridge", "hanet")
+    assert R.handle(paths)["port_list_mode"] is True
+    assert R.plan(sample(), R.current(sample(), paths)) == []
+    nx("ip", "link", "add", "tap1", "type", "veth", "peer", "name", "tap1p")
+    nx("ip", "link", "set", "tap1", "master", "br100")
+    assert R.plan(sample(), R.current(sample(), paths)) != []
+    run(sample(), paths)
+    assert 'iifname { "tap0", "tap1" } jump br100_vm' in nx("nft", "list", "table", "bridge", "hanet")
+
+
+@needs_root
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(rs=rulesets())
+def test_rendered_scripts_load_in_the_kernel(rs):
+    """What render produces is accepted by nft / iptables-restore (checked in a netns)."""
+    name = f"hr-{os.getpid()}-{random.randrange(16**6):06x}"
+    _sh("ip", "netns", "add", name)
+    try:
+        with inside(name):
+            ports = {g.bridge: ["tapx"] for g in rs.guards}
+            if R.bridge_meta_supported():
+                ports = None
+            parts = R._parts(rs, ports)
+            if parts["nft"]:
+                _sh("nft", "-f", "-", input=parts["nft"])
+                _sh("nft", "-f", "-", input=parts["nft"])  # re-apply over itself
+            if parts["iptables"] and shutil.which("iptables-restore"):
+                _sh("iptables-restore", "--noflush", input=parts["iptables"])
+    finally:
+        _sh("ip", "netns", "del", name, check=False)
