@@ -1,0 +1,209 @@
+"""Peer liveness by ARP: a probe thread that asks each peer's addresses "who has?"
+every ``interval`` seconds on raw packet sockets, and reports transitions.
+
+ARP needs no responder on the peer (its kernel answers for its own addresses), tests
+the very L2 path that VM traffic takes, and costs one frame per address per period.
+
+A peer is **down** after ``misses`` consecutive periods in which none of its
+addresses answered, and **up** again only after ``rise`` consecutive periods in which
+one did (hysteresis). The first verdict about a peer (from unknown) is reported with
+``initial=True`` so that a caller restarting the prober (a beacon refresh) can compare
+it with what it knew and fire nothing when nothing changed.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import select
+import socket
+import struct
+import threading
+import time
+
+log = logging.getLogger(__name__)
+
+ETH_P_ARP = 0x0806
+SIOCGIFHWADDR = 0x8927
+BROADCAST = b"\xff" * 6
+UNKNOWN, UP, DOWN = "unknown", "up", "down"
+
+
+def _hwaddr(sock, ifname):
+    req = struct.pack("256s", ifname.encode()[:15])
+    return fcntl.ioctl(sock.fileno(), SIOCGIFHWADDR, req)[18:24]
+
+
+def _own_ip(ifname):
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        if not idx:
+            return None
+        for a in ipr.get_addr(family=2, index=idx[0]):
+            return a.get_attr("IFA_ADDRESS")
+    return None
+
+
+def arp_request(src_mac, src_ip, dst_ip):
+    """An Ethernet broadcast ARP request frame (bytes)."""
+    eth = BROADCAST + src_mac + struct.pack("!H", ETH_P_ARP)
+    arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + src_mac + socket.inet_aton(src_ip or "0.0.0.0") \
+        + b"\x00" * 6 + socket.inet_aton(dst_ip)
+    return eth + arp
+
+
+def parse_arp_reply(frame):
+    """The sender IP of an ARP reply frame, or None."""
+    if len(frame) < 42 or frame[12:14] != b"\x08\x06":
+        return None
+    htype, ptype, hlen, plen, op = struct.unpack("!HHBBH", frame[14:22])
+    if op != 2 or ptype != 0x0800 or hlen != 6 or plen != 4:
+        return None
+    return socket.inet_ntoa(frame[28:32])
+
+
+class Peer:
+    def __init__(self, name, targets):
+        self.name = name
+        self.targets = tuple(targets)  # ((ifname, ip), ...)
+        self.state = UNKNOWN
+        self.misses = 0
+        self.successes = 0
+        self.answered = False
+        self.last_seen = None
+
+
+class Prober:
+    """``peers``: {name: [(ifname, ip), ...]}; ``on_change(peer, state, detected_at,
+    initial)`` is called from the probe thread on every transition."""
+
+    def __init__(self, peers, on_change, interval=0.1, misses=3, rise=3):
+        self.peers = {name: Peer(name, t) for name, t in sorted(peers.items()) if t}
+        self.on_change = on_change
+        self.interval = float(interval)
+        self.misses = int(misses)
+        self.rise = int(rise)
+        self._stop = threading.Event()
+        self._thread = None
+        self._socks = {}  # ifname -> (sock, mac, ip)
+        self._by_ip = {}  # (ifname, ip) -> Peer
+
+    # -- lifecycle -----------------------------------------------------------------
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name="hanet-liveness", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout=2.0):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for sock, _, _ in self._socks.values():
+            sock.close()
+        self._socks.clear()
+
+    @property
+    def alive(self):
+        return self._thread is not None and self._thread.is_alive()
+
+    def view(self):
+        return {p.name: {"state": p.state, "last_seen": p.last_seen,
+                         "targets": [f"{i}:{a}" for i, a in p.targets]} for p in self.peers.values()}
+
+    # -- probing -------------------------------------------------------------------
+    def _sock(self, ifname):
+        if ifname in self._socks:
+            return self._socks[ifname]
+        try:
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
+            sock.bind((ifname, ETH_P_ARP))
+            sock.setblocking(False)
+            entry = (sock, _hwaddr(sock, ifname), _own_ip(ifname))
+        except OSError as err:  # the interface is missing or down: a miss, not a crash
+            log.debug("hanet liveness: cannot probe on %s: %s", ifname, err)
+            return None
+        self._socks[ifname] = entry
+        return entry
+
+    def _send_round(self):
+        for peer in self.peers.values():
+            peer.answered = False
+            for ifname, ip in peer.targets:
+                entry = self._sock(ifname)
+                if entry is None:
+                    continue
+                sock, mac, own = entry
+                self._by_ip[(ifname, ip)] = peer
+                try:
+                    sock.send(arp_request(mac, own, ip))
+                except OSError as err:
+                    log.debug("hanet liveness: send on %s failed: %s", ifname, err)
+                    self._drop(ifname)
+
+    def _drop(self, ifname):
+        entry = self._socks.pop(ifname, None)
+        if entry:
+            entry[0].close()
+
+    def _collect(self, until):
+        while not self._stop.is_set():
+            left = until - time.monotonic()
+            if left <= 0:
+                return
+            socks = {e[0]: name for name, e in self._socks.items()}
+            if not socks:
+                self._stop.wait(left)
+                return
+            ready, _, _ = select.select(list(socks), [], [], left)
+            for sock in ready:
+                ifname = socks[sock]
+                try:
+                    while True:
+                        frame = sock.recv(128)
+                        ip = parse_arp_reply(frame)
+                        peer = self._by_ip.get((ifname, ip)) if ip else None
+                        if peer is not None:
+                            peer.answered = True
+                            peer.last_seen = time.time()
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    self._drop(ifname)
+
+    def _judge(self):
+        now = time.time()
+        for peer in self.peers.values():
+            if peer.answered:
+                peer.successes += 1
+                peer.misses = 0
+            else:
+                peer.misses += 1
+                peer.successes = 0
+            new = None
+            if peer.state != DOWN and peer.misses >= self.misses:
+                new = DOWN
+            elif peer.state == DOWN and peer.successes >= self.rise:
+                new = UP
+            elif peer.state == UNKNOWN and peer.successes >= 1:
+                new = UP
+            if new is not None:
+                initial = peer.state == UNKNOWN
+                peer.state = new
+                try:
+                    self.on_change(peer.name, new, now, initial)
+                except Exception:  # a failing callback must not stop the probes
+                    log.exception("hanet liveness: transition callback failed")
+
+    def _run(self):
+        next_round = time.monotonic()
+        while not self._stop.is_set():
+            self._send_round()
+            next_round += self.interval
+            now = time.monotonic()
+            if next_round < now:  # we fell behind (a stalled process): do not burst
+                next_round = now + self.interval
+            self._collect(next_round)
+            if not self._stop.is_set():
+                self._judge()
+

@@ -1,0 +1,77 @@
+"""The ARP prober against a real peer namespace: down after `misses` silent periods,
+up only after `rise` answered ones, a transition reported once."""
+import os
+import subprocess
+import threading
+import time
+import uuid
+
+import pytest
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+
+
+def sh(*args):
+    subprocess.run(args, check=True, capture_output=True)
+
+
+@pytest.fixture
+def pair():
+    tag = uuid.uuid4().hex[:6]
+    a, b = f"hlv-{tag}-a", f"hlv-{tag}-b"
+    sh("ip", "netns", "add", a)
+    sh("ip", "netns", "add", b)
+    try:
+        sh("ip", "-n", a, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", b)
+        sh("ip", "-n", a, "addr", "add", "10.77.0.1/24", "dev", "eth0")
+        sh("ip", "-n", b, "addr", "add", "10.77.0.2/24", "dev", "eth0")
+        for ns in (a, b):
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        yield a, b
+    finally:
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_prober_sees_a_peer_go_down_and_come_back(pair):
+    a, b = pair
+    from pyroute2 import netns
+
+    from _hanet.liveness import DOWN, UP, Prober
+
+    events = []
+    cond = threading.Condition()
+
+    def on_change(peer, state, at, initial):
+        with cond:
+            events.append((peer, state, initial, time.monotonic()))
+            cond.notify_all()
+
+    def wait_for(n, timeout=5):
+        with cond:
+            assert cond.wait_for(lambda: len(events) >= n, timeout), events
+
+    netns.pushns(a)
+    try:
+        prober = Prober({"b": [("eth0", "10.77.0.2")]}, on_change, interval=0.05, misses=3, rise=4).start()
+    finally:
+        netns.popns()
+    try:
+        wait_for(1)
+        assert events[0][:3] == ("b", UP, True)
+        t0 = time.monotonic()
+        sh("ip", "-n", b, "link", "set", "eth0", "down")
+        wait_for(2)
+        assert events[1][:3] == ("b", DOWN, False)
+        # three missed periods of 50 ms, plus at most one period of phase
+        assert events[1][3] - t0 < 1.0
+        sh("ip", "-n", b, "link", "set", "eth0", "up")
+        wait_for(3)
+        assert events[2][:3] == ("b", UP, False)
+        time.sleep(0.3)
+        assert len(events) == 3, "one report per transition"
+        assert prober.view()["b"]["state"] == UP
+    finally:
+        prober.stop()
+    assert not prober.alive
