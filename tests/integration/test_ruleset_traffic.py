@@ -49,9 +49,9 @@ def sh(*args, check=True, **kw):
     return subprocess.run(args, check=check, capture_output=True, text=True, **kw)
 
 
-def ruleset():
+def ruleset(driver="nftables"):
     return Ruleset(
-        driver="nftables", table="hanet",
+        driver=driver, table="hanet",
         snat=(Snat(network="private", cidr="192.168.0.0/24", source="203.0.113.11",
                    out_interface="eth0", exempt=("192.168.0.0/24",)),),
         metadata=Metadata(bridges=("br100",), host="127.0.0.1", port=8775, local_service=True),
@@ -206,7 +206,12 @@ tx(Ether(src='{MAC1}', dst='ff:ff:ff:ff:ff:ff')/ARP(op=1, hwsrc='{MAC1}', psrc='
 """
 
 
-def test_snat_antispoofing_and_metadata(topo):
+DRIVERS = pytest.mark.parametrize("driver", ["nftables", pytest.param("iptables", marks=pytest.mark.skipif(
+    not shutil.which("iptables-restore"), reason="needs iptables"))])
+
+
+@DRIVERS
+def test_snat_antispoofing_and_metadata(topo, driver):
     # Without hanet's ruleset: the upstream cannot answer the VM (no route back), the
     # metadata address leads nowhere, and every forgery reaches vm2 (the checks below see it).
     assert topo.curl("vm1", "http://203.0.113.1:8080/") == ""
@@ -222,7 +227,7 @@ def test_snat_antispoofing_and_metadata(topo):
     assert MAC1 in topo.neigh("vm2", "192.168.0.3")  # poisoned: the check can see it
     topo.x("vm2", "ip", "neigh", "flush", "dev", "eth0")
 
-    topo.apply(ruleset())
+    topo.apply(ruleset(driver))
 
     # (a) the upstream sees routing_source_ip as the VM connection's source
     assert topo.curl("vm1", "http://203.0.113.1:8080/") == "upstream 203.0.113.11"
@@ -286,3 +291,31 @@ def test_dhcp_does_not_cross_the_uplink(topo):
     assert "0.0.0.0.68 > 255.255.255.255.67" in out["br100"]  # the host's dnsmasq would see it
     assert "192.168.0.10.4000 > 255.255.255.255.9999" in out["eth1"]  # broadcasts do cross
     assert ".67" not in out["eth1"] and ".68" not in out["eth1"], out["eth1"]
+
+
+@DRIVERS
+def test_floating_ip_dnat_snat_and_hairpin(topo, driver):
+    from _hanet.desired import FloatingIp
+    import dataclasses
+    rs = dataclasses.replace(ruleset(driver), floating=(FloatingIp(
+        address="203.0.113.50", fixed_ip="192.168.0.10", instance="vm1", network="private",
+        public_interface="eth0"),))
+    topo.x("host", "ip", "addr", "add", "203.0.113.50/32", "dev", "eth0")  # the floating facet's job
+    server = topo.tmp / "echo_server.py"
+    topo.spawn("vm1", PY, str(server), "0.0.0.0", "8080", "vm1",
+               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        if topo.curl("vm1", "http://127.0.0.1:8080/"):
+            break
+        time.sleep(0.1)
+    topo.apply(rs)
+    # the world reaches the instance at its floating IP, and sees it from there
+    assert topo.x("up", "curl", "-s", "-m", "5", "http://203.0.113.50:8080/").stdout.strip() \
+        == "vm1 203.0.113.1"
+    assert topo.curl("vm1", "http://203.0.113.1:8080/") == "upstream 203.0.113.50"
+    # vm2 (no floating IP) still leaves with routing_source_ip
+    assert topo.curl("vm2", "http://203.0.113.1:8080/") == "upstream 203.0.113.11"
+    # hairpin: a VM on the same host reaches the floating IP (answer comes back through the host)
+    assert topo.curl("vm2", "http://203.0.113.50:8080/") == "vm1 192.168.0.3"
+    # the host itself reaches it too (output DNAT)
+    assert topo.x("host", "curl", "-s", "-m", "5", "http://203.0.113.50:8080/").stdout.startswith("vm1 ")
