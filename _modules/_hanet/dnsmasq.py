@@ -30,8 +30,16 @@ Tags, chosen so that nova's ``dnsmasq_config_file`` recipes behave as they did:
 - the network's router is handed out by an *untagged* ``--dhcp-option``, dnsmasq's
   weakest rule, so a router the conf_file gives (tagged or not) wins, as it won over
   nova's default (dnsmasq's own address); ``router`` None: an empty router option;
-- a NIC with ``default_route`` False is tagged ``<label>-nogw`` in the hosts file and
-  the opts file gives that tag an empty router option (a host's tag outranks them all).
+- a NIC with ``default_route`` False is tagged ``<label>-nogw`` by its MAC
+  (``--dhcp-mac=set:<label>-nogw,<mac>``) and the opts file gives that tag an empty
+  router option (a client's own tag outranks them all).
+
+Why not nova's way (``set:<tag>`` in the hosts file): dnsmasq 2.90 (Debian 12) crashes
+(SIGSEGV, free() of a bad pointer) on SIGHUP when a host whose hosts-file line carries a
+``set:`` tag holds a lease: the reload after any instance change would kill it. The
+``--dhcp-mac`` lines are on the command line instead, so the set of no-default-route
+NICs is part of the options digest: changing it restarts dnsmasq (the lease file is
+kept, so no lease is lost), while every other instance change is a SIGHUP.
 
 ``--dhcp-authoritative`` is *not* passed, as with nova: in multi_host every compute host
 runs a dnsmasq for the same subnet, each knowing only its own instances. An authoritative
@@ -114,6 +122,8 @@ def argv(spec: Dnsmasq, paths) -> list:
     # the network's router (or none), untagged: the weakest rule, so that a router given
     # for the network in the user's conf_file wins, as it did over nova's default
     cmd.append(f"--dhcp-option=option:router,{spec.router}" if spec.router else "--dhcp-option=option:router")
+    for mac in nogw_macs(spec):
+        cmd.append(f"--dhcp-mac=set:{no_router_tag(spec.network)},{mac}")
     if spec.mtu:
         # option 26, forced (sent even when not asked for), like nova's recipe line
         # dhcp-option-force=26,<mtu>
@@ -129,16 +139,17 @@ def argv(spec: Dnsmasq, paths) -> list:
 def hostsfile(spec: Dnsmasq) -> str:
     """The ``--dhcp-hostsfile``: ``mac,hostname,ip`` (nova's order), sorted by MAC.
 
-    A NIC that must get no router (``default_route`` False) carries the tag
-    ``<label>-nogw``: ``mac,set:<label>-nogw,hostname,ip``.
+    No ``set:`` tags here (see the module doc): the no-default-route NICs are tagged by
+    ``--dhcp-mac`` in ``argv``.
     """
-    lines = []
-    for host in sorted(spec.hosts, key=lambda h: (h.mac.lower(), h.ip)):
-        if host.default_route:
-            lines.append(f"{host.mac.lower()},{host.hostname},{host.ip}")
-        else:
-            lines.append(f"{host.mac.lower()},set:{no_router_tag(spec.network)},{host.hostname},{host.ip}")
+    lines = [f"{h.mac.lower()},{h.hostname},{h.ip}"
+             for h in sorted(spec.hosts, key=lambda h: (h.mac.lower(), h.ip))]
     return "".join(line + "\n" for line in lines)
+
+
+def nogw_macs(spec: Dnsmasq) -> list:
+    """The MACs of the NICs that get no router (``default_route`` False), sorted."""
+    return sorted({h.mac.lower() for h in spec.hosts if not h.default_route})
 
 
 def optsfile(spec: Dnsmasq) -> str:
@@ -147,14 +158,16 @@ def optsfile(spec: Dnsmasq) -> str:
 
     A host's tag ranks above the range's tag and above untagged options in dnsmasq, so
     this wins over the network's router and over a router the user's conf_file gives
-    for the network. The line is always there, so only the hosts file follows the hosts.
+    for the network. The line is always there, whatever the hosts.
     """
     return f"tag:{no_router_tag(spec.network)},option:router\n"
 
 
 def options_digest(spec: Dnsmasq) -> str:
-    """A digest of everything that needs a restart when it changes (not the hosts)."""
+    """A digest of everything that needs a restart when it changes: ``options_key``
+    plus the no-default-route MACs (they are on the command line)."""
     data = _plain(dataclasses.asdict(spec.options_key()))
+    data["nogw_macs"] = nogw_macs(spec)
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -233,6 +246,19 @@ def process_matches(pid, needle):
     except (FileNotFoundError, ProcessLookupError, IndexError, OSError):
         return False
     return needle.encode() in args
+
+
+def process_gone(pid):
+    """True once ``pid`` has finished exiting (no such process, or a zombie).
+
+    Not the same as ``not process_matches``: an exiting process loses its command line
+    (its memory) before it closes its files, so its sockets may still be bound then.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError, IndexError, OSError):
+        return True
 
 
 def _labels(paths, managed):
@@ -361,6 +387,10 @@ def _prune_leases(spec, paths):
 def _stop_pid(pid, needle, timeout=STOP_TIMEOUT):
     """Terminate our process ``pid`` (only when its command line has ``needle``)."""
     if not process_matches(pid, needle):
+        # dead, or still exiting (its command line is gone before its sockets are)
+        deadline = time.monotonic() + 2
+        while pid and time.monotonic() < deadline and not process_gone(pid) and not _cmdline(pid):
+            time.sleep(0.02)
         return False
     try:
         os.kill(pid, signal.SIGTERM)
@@ -368,17 +398,26 @@ def _stop_pid(pid, needle, timeout=STOP_TIMEOUT):
         return False
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not process_matches(pid, needle):
+        if process_gone(pid):
             return True
-        time.sleep(0.05)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        time.sleep(0.02)
+    if process_matches(pid, needle):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     deadline = time.monotonic() + 2
-    while time.monotonic() < deadline and process_matches(pid, needle):
-        time.sleep(0.05)
+    while time.monotonic() < deadline and not process_gone(pid):
+        time.sleep(0.02)
     return True
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read()
+    except OSError:
+        return b""
 
 
 def _stop(label, paths):
@@ -401,8 +440,14 @@ def _start(spec, paths):
     except FileNotFoundError:
         pass
     cmd = argv(spec, paths)
-    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=START_TIMEOUT, check=False)
+    deadline = time.monotonic() + START_TIMEOUT / 2
+    while True:
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=START_TIMEOUT, check=False)
+        # a dnsmasq that is still exiting may hold the address a moment longer
+        if proc.returncode == 0 or "in use" not in proc.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     if proc.returncode != 0:
         raise RuntimeError(f"dnsmasq for {spec.network} failed to start "
                            f"(exit {proc.returncode}): {proc.stdout.strip()}")

@@ -97,9 +97,12 @@ def test_hostsfile_sorted_nova_order():
         "fa:16:3e:00:00:02,web2.novalocal,192.168.0.11\n")
 
 
-def test_hostsfile_no_default_route_tag():
-    assert dnsmasq.hostsfile(spec(hosts=(H3,))) == \
-        "fa:16:3e:00:00:03,set:private-nogw,web3.novalocal,192.168.0.12\n"
+def test_no_default_route_tagged_by_mac_not_in_hostsfile():
+    # dnsmasq 2.90 segfaults on SIGHUP with set: tags in the hosts file
+    assert dnsmasq.hostsfile(spec(hosts=(H3,))) == "fa:16:3e:00:00:03,web3.novalocal,192.168.0.12\n"
+    argv = dnsmasq.argv(spec(hosts=(H1, H3)), PATHS)
+    assert "--dhcp-mac=set:private-nogw,fa:16:3e:00:00:03" in argv
+    assert not any(a.startswith("--dhcp-mac") for a in dnsmasq.argv(spec(hosts=(H1,)), PATHS))
 
 
 def test_hostsfile_empty():
@@ -120,8 +123,9 @@ def test_parse_hosts_and_leases():
     assert dnsmasq.parse_leases(leases) == [("fa:16:3e:00:00:01", "192.168.0.10")]
 
 
-def test_options_digest_ignores_hosts():
+def test_options_digest_ignores_hosts_but_not_nogw():
     assert dnsmasq.options_digest(spec(hosts=(H1,))) == dnsmasq.options_digest(spec(hosts=(H1, H2)))
+    assert dnsmasq.options_digest(spec(hosts=(H1,))) != dnsmasq.options_digest(spec(hosts=(H1, H3)))
     assert dnsmasq.options_digest(spec()) != dnsmasq.options_digest(spec(lease_time=60))
 
 
@@ -165,6 +169,11 @@ def test_plan_restart_when_options_change():
     changes = dnsmasq.plan((spec(lease_time=120, hosts=(H1, H2)),), simulate((spec(),)))
     assert actions(changes) == [("restart", "private")]
     assert changes[0].detail["reason"] == "options changed"
+
+
+def test_plan_restart_when_no_default_route_set_changes():
+    changes = dnsmasq.plan((spec(hosts=(H1, H3)),), simulate((spec(),)))
+    assert actions(changes) == [("restart", "private")]
 
 
 def test_plan_restart_when_dead():

@@ -1,0 +1,346 @@
+"""Real dnsmasq and the real metadata service, started by hanet's appliers, serving real
+DHCP clients (dhclient, udhcpc) in network namespaces.
+
+Topology, per test (names unique per run: ``hd<pid><rand>``):
+
+    host ns:  br100 192.168.0.3/24  <- veth -> vm1 ns: eth0 (fa:16:3e:00:00:01)
+                                    <- veth -> vm2 ns: eth0 (fa:16:3e:00:00:02)
+                                    <- veth -> vm3 ns: eth0 (fa:16:3e:00:00:99, not in the pillar)
+
+``apply`` runs with the test's thread inside the host ns (setns), as the minion would,
+so dnsmasq and the metadata service inherit it. Every namespace is deleted and every
+process started is killed by the fixtures, also when a test fails.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from _hanet import dnsmasq
+from _hanet.common import Managed, Paths
+from _hanet.desired import DhcpHost, Dnsmasq, InstanceRecord
+
+pytestmark = [pytest.mark.lab]
+
+HOST_IP = "192.168.0.3"
+MAC1, IP1 = "fa:16:3e:00:00:01", "192.168.0.10"
+MAC2, IP2 = "fa:16:3e:00:00:02", "192.168.0.11"
+MAC3, IP3 = "fa:16:3e:00:00:99", "192.168.0.50"
+CLONE_NEWNET = 0x40000000
+
+
+def _need(*tools):
+    missing = [t for t in tools if not shutil.which(t)]
+    if os.geteuid() != 0:
+        pytest.skip("needs root (network namespaces)")
+    if missing:
+        pytest.skip(f"missing {', '.join(missing)}")
+
+
+def sh(*args, check=True, timeout=30, **kw):
+    return subprocess.run(list(args), check=check, timeout=timeout, capture_output=True, text=True, **kw)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@contextlib.contextmanager
+def in_netns(name):
+    """Run the calling thread (and what it spawns) inside network namespace ``name``."""
+    back = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if _libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns")
+        yield
+    finally:
+        if _libc.setns(back, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns back")
+        os.close(target)
+        os.close(back)
+
+
+class Lab:
+    """The namespaces of one test, and the processes started in them."""
+
+    def __init__(self, tmp_path):
+        self.prefix = f"hd{os.getpid()}{random.randrange(16 ** 4):04x}"
+        self.tmp = tmp_path
+        self.host = f"{self.prefix}h"
+        self.vms = {}
+        self.paths = Paths(root_dir=str(tmp_path / "root"))
+        self.paths.ensure()
+        self.pidfiles = []
+
+    def ns(self, name):
+        return f"{self.prefix}{name}"
+
+    def up(self):
+        sh("ip", "netns", "add", self.host)
+        self.nsx(self.host, "ip", "link", "set", "lo", "up")
+        self.nsx(self.host, "ip", "link", "add", "br100", "type", "bridge", "stp_state", "0", "forward_delay", "0")
+        self.nsx(self.host, "ip", "addr", "add", f"{HOST_IP}/24", "dev", "br100")
+        self.nsx(self.host, "ip", "link", "set", "br100", "up")
+        return self
+
+    def add_vm(self, name, mac):
+        ns = self.ns(name)
+        sh("ip", "netns", "add", ns)
+        self.vms[name] = ns
+        sh("ip", "link", "add", f"t{name}", "netns", self.host, "type", "veth",
+           "peer", "name", "eth0", "netns", ns, "address", mac)
+        self.nsx(self.host, "ip", "link", "set", f"t{name}", "master", "br100", "up")
+        self.nsx(ns, "ip", "link", "set", "lo", "up")
+        self.nsx(ns, "ip", "link", "set", "eth0", "up")
+        return ns
+
+    def nsx(self, ns, *args, check=True, timeout=30):
+        return sh("ip", "netns", "exec", ns, *args, check=check, timeout=timeout)
+
+    def down(self):
+        # every process in our namespaces (dnsmasq, dhclient, the metadata service, ...)
+        for ns in [self.host, *self.vms.values()]:
+            out = sh("ip", "netns", "pids", ns, check=False).stdout.split()
+            for pid in out:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+        for ns in [*self.vms.values(), self.host]:
+            sh("ip", "netns", "del", ns, check=False)
+
+    # ------------------------------------------------------------------ DHCP clients
+
+    def udhcpc(self, vm, tries=3):
+        """Run udhcpc once in ``vm``; return its ``bound`` environment or None."""
+        out = self.tmp / f"udhcpc-{vm}.env"
+        if out.exists():
+            out.unlink()
+        script = self.tmp / f"udhcpc-{vm}.sh"
+        script.write_text(f'#!/bin/sh\n[ "$1" = bound ] && env > {out}\nexit 0\n')
+        script.chmod(0o755)
+        proc = self.nsx(self.vms[vm], "udhcpc", "-i", "eth0", "-n", "-q", "-f", "-t", str(tries),
+                        "-T", "1", "-A", "1", "-O", "mtu", "-s", str(script), check=False, timeout=60)
+        if proc.returncode != 0 or not out.exists():
+            return None
+        return _env(out.read_text())
+
+    def dhclient(self, vm, timeout=10):
+        """Run dhclient once in ``vm`` (it daemonizes once bound); return the BOUND env."""
+        d = self.tmp / f"dhclient-{vm}"
+        d.mkdir(exist_ok=True)
+        out = d / "bound.env"
+        if out.exists():
+            out.unlink()
+        script = d / "script.sh"
+        script.write_text(f'#!/bin/sh\ncase "$reason" in BOUND|REBOOT|RENEW|REBIND) env > {out};; esac\nexit 0\n')
+        script.chmod(0o755)
+        conf = d / "dhclient.conf"
+        conf.write_text(f"timeout {timeout};\nretry 1;\n"
+                        "request subnet-mask, broadcast-address, routers, domain-name, host-name, interface-mtu;\n")
+        pidfile = d / "dhclient.pid"
+        self.pidfiles.append(pidfile)
+        proc = self.nsx(self.vms[vm], "dhclient", "-1", "-4", "-cf", str(conf), "-sf", str(script),
+                        "-lf", str(d / "dhclient.leases"), "-pf", str(pidfile), "eth0",
+                        check=False, timeout=timeout + 30)
+        self.kill_pidfile(pidfile)
+        if proc.returncode != 0 or not out.exists():
+            return None
+        return _env(out.read_text())
+
+    def kill_pidfile(self, pidfile):
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+            os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
+
+
+def _env(text):
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        out[key] = value
+    return out
+
+
+@pytest.fixture
+def lab(tmp_path):
+    _need("ip", "dnsmasq", "dhcp_release", "dhclient", "udhcpc")
+    lab = Lab(tmp_path)
+    try:
+        lab.up()
+        yield lab
+    finally:
+        lab.down()
+
+
+def spec(hosts=(), **kw):
+    values = dict(network="private", bridge="br100", listen_address=HOST_IP, range_start="192.168.0.2",
+                  netmask="255.255.255.0", lease_time=3600, lease_max=256, domain="novalocal",
+                  router=HOST_IP, hosts=tuple(hosts))
+    values.update(kw)
+    return Dnsmasq(**values)
+
+
+H1 = DhcpHost(mac=MAC1, hostname="web1.novalocal", ip=IP1)
+H2 = DhcpHost(mac=MAC2, hostname="web2.novalocal", ip=IP2)
+
+
+def converge(lab, desired):
+    """plan + apply inside the host namespace, like the minion does; return the changes."""
+    managed = Managed(lab.paths)
+    with in_netns(lab.host):
+        changes = dnsmasq.plan(tuple(desired), dnsmasq.current(lab.paths, managed))
+        dnsmasq.apply(changes, lab.paths, managed)
+    return changes
+
+
+def leases(lab):
+    path = dnsmasq.files("private", lab.paths)["leases"]
+    with open(path, encoding="utf-8") as fh:
+        return dnsmasq.parse_leases(fh.read())
+
+
+def wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+# --------------------------------------------------------------------------- DHCP
+
+
+def test_dhcp_lifecycle(lab):
+    lab.add_vm("1", MAC1)
+    lab.add_vm("2", MAC2)
+    lab.add_vm("3", MAC3)
+
+    # start: vm1 gets its pillar address and the host as router, with both clients
+    assert [c.action for c in converge(lab, [spec([H1])])] == ["start"]
+    status = dnsmasq.status(lab.paths)["private"]
+    assert status["running"] and status["hosts"] == 1
+    pid = status["pid"]
+    got = lab.udhcpc("1")
+    assert got and got["ip"] == IP1 and got["router"] == HOST_IP
+    got = lab.dhclient("1")
+    assert got and got["new_ip_address"] == IP1 and got["new_routers"] == HOST_IP
+    assert got["new_host_name"] == "web1"
+    assert (MAC1, IP1) in leases(lab)
+
+    # a MAC that is not in the hosts file gets nothing
+    assert lab.udhcpc("3") is None
+    assert all(mac != MAC3 for mac, _ in leases(lab))
+
+    # converged: no change
+    assert converge(lab, [spec([H1])]) == []
+
+    # adding an instance: SIGHUP, same pid, vm1's lease kept, vm2 gets its address
+    assert [c.action for c in converge(lab, [spec([H1, H2])])] == ["reload"]
+    assert dnsmasq.status(lab.paths)["private"]["pid"] == pid
+    assert (MAC1, IP1) in leases(lab)
+    got = lab.udhcpc("2")
+    assert got and got["ip"] == IP2 and got["router"] == HOST_IP
+    assert (MAC1, IP1) in leases(lab) and (MAC2, IP2) in leases(lab)
+    assert dnsmasq.status(lab.paths)["private"]["leases"] == 2
+
+    # vm2 becomes use_single_default_gateway's second NIC: no router. The no-router
+    # MACs are on dnsmasq's command line, so this restarts; the leases survive.
+    h2 = DhcpHost(mac=MAC2, hostname="web2.novalocal", ip=IP2, default_route=False)
+    assert [c.action for c in converge(lab, [spec([H1, h2])])] == ["restart"]
+    pid = dnsmasq.status(lab.paths)["private"]["pid"]
+    assert (MAC1, IP1) in leases(lab) and (MAC2, IP2) in leases(lab)
+    got = lab.udhcpc("2")
+    assert got and got["ip"] == IP2 and "router" not in got
+    got = lab.dhclient("2")
+    assert got and got["new_ip_address"] == IP2 and "new_routers" not in got
+    got = lab.udhcpc("1")
+    assert got and got["ip"] == IP1 and got["router"] == HOST_IP
+
+    # removing an instance: dhcp_release, its lease leaves the lease file; same pid
+    changes = converge(lab, [spec([h2])])
+    assert [c.action for c in changes] == ["release", "reload"]
+    assert wait_for(lambda: (MAC1, IP1) not in leases(lab))
+    assert (MAC2, IP2) in leases(lab)
+    assert dnsmasq.status(lab.paths)["private"]["pid"] == pid
+    assert lab.udhcpc("1") is None  # and it no longer gets one
+
+    # an option change restarts (new pid); the kept lease survives the restart
+    assert [c.action for c in converge(lab, [spec([h2], lease_time=600)])] == ["restart"]
+    new_pid = dnsmasq.status(lab.paths)["private"]["pid"]
+    assert new_pid != pid and not dnsmasq.process_matches(pid, "dnsmasq")
+    assert (MAC2, IP2) in leases(lab)
+    got = lab.udhcpc("2")
+    assert got and got["ip"] == IP2 and got["lease"] == "600"
+
+    # a killed dnsmasq is restarted
+    os.kill(new_pid, signal.SIGKILL)
+    assert wait_for(lambda: not dnsmasq.current(lab.paths, Managed(lab.paths))["private"]["alive"])
+    assert [c.action for c in converge(lab, [spec([h2], lease_time=600)])] == ["restart"]
+    assert dnsmasq.status(lab.paths)["private"]["running"]
+
+    # stop: process and files gone
+    last = dnsmasq.status(lab.paths)["private"]["pid"]
+    assert [c.action for c in converge(lab, [])] == ["stop"]
+    assert not dnsmasq.process_matches(last, "dnsmasq")
+    assert not any(os.path.exists(p) for p in dnsmasq.files("private", lab.paths).values())
+    assert dnsmasq.status(lab.paths) == {}
+    assert Managed(lab.paths).get("dnsmasq") == set()
+    assert converge(lab, []) == []
+
+
+def test_conf_file_router_recipe(lab, tmp_path):
+    """nova's hardware-gateway recipe in dnsmasq_config_file wins over the router hanet
+    hands out, for the quoted (Essex) and the bare tag alike; a no-default-route NIC
+    still gets no router; the MTU goes out as option 26."""
+    lab.add_vm("1", MAC1)
+    lab.add_vm("2", MAC2)
+    h2 = DhcpHost(mac=MAC2, hostname="web2.novalocal", ip=IP2, default_route=False)
+    conf = tmp_path / "nova-dnsmasq.conf"
+    for line in ("dhcp-option=tag:'private',option:router,192.168.0.1",
+                 "dhcp-option=tag:private,option:router,192.168.0.1"):
+        conf.write_text(line + "\n")
+        converge(lab, [spec([H1, h2], conf_file=str(conf), mtu=1400)])
+        got = lab.udhcpc("1")
+        assert got and got["ip"] == IP1 and got["router"] == "192.168.0.1", line
+        assert got["mtu"] == "1400"
+        got = lab.udhcpc("2")
+        assert got and got["ip"] == IP2 and "router" not in got, line
+        assert [c.action for c in converge(lab, [])] == ["stop"]
+    # router None: no router at all
+    converge(lab, [spec([H1], router=None)])
+    got = lab.udhcpc("1")
+    assert got and got["ip"] == IP1 and "router" not in got
+
+
+def test_two_networks_one_host(lab):
+    """Two dnsmasqs side by side (bind-interfaces), each serving only its own bridge."""
+    lab.add_vm("1", MAC1)
+    lab.nsx(lab.host, "ip", "link", "add", "br101", "type", "bridge")
+    lab.nsx(lab.host, "ip", "addr", "add", "172.16.100.3/24", "dev", "br101")
+    lab.nsx(lab.host, "ip", "link", "set", "br101", "up")
+    ns = lab.ns("r")
+    sh("ip", "netns", "add", ns)
+    lab.vms["r"] = ns
+    sh("ip", "link", "add", "tr", "netns", lab.host, "type", "veth", "peer", "name", "eth0", "netns", ns,
+       "address", MAC2)
+    lab.nsx(lab.host, "ip", "link", "set", "tr", "master", "br101", "up")
+    lab.nsx(ns, "ip", "link", "set", "eth0", "up")
+    red = spec([DhcpHost(mac=MAC2, hostname="db1.novalocal", ip="172.16.100.20")], network="red",
+               bridge="br101", listen_address="172.16.100.3", range_start="172.16.100.2",
+               router="172.16.100.1")
+    assert sorted(c.action for c in converge(lab, [spec([H1]), red])) == ["start", "start"]
+    got = lab.udhcpc("r")
+    assert got and got["ip"] == "172.16.100.20" and got["router"] == "172.16.100.1"
+    got = lab.udhcpc("1")
+    assert got and got["ip"] == IP1 and got["router"] == HOST_IP
+    assert [(c.action, c.target) for c in converge(lab, [red])] == [("stop", "private")]
+    assert lab.udhcpc("r")["ip"] == "172.16.100.20"
