@@ -123,6 +123,7 @@ class FloatingIp:
     instance: str
     network: str
     public_interface: str
+    cidr: str = ""  # the fixed network's range (hairpin: VMs on it reach the floating IP)
 
 
 @dataclass(frozen=True)
@@ -261,7 +262,8 @@ def compute(cfg, host, owners=None):
                 if f.fixed_ip == nic.ip:
                     floating.append(FloatingIp(address=f.address, fixed_ip=f.fixed_ip,
                                                instance=inst.name, network=label,
-                                               public_interface=me.public_interface))
+                                               public_interface=me.public_interface,
+                                               cidr=net.cidr))
 
     metadata = None
     if meta_bridges or (served_instances and cfg.metadata_host == "127.0.0.1"):

@@ -115,7 +115,7 @@ def _ident(name, used):
 
 
 def _all_destinations(snat):
-    return getattr(snat, "all_destinations", True)
+    return snat.all_destinations
 
 
 def is_empty(ruleset: D.Ruleset) -> bool:
@@ -138,8 +138,7 @@ def _sorted_floating(rs):
 
 def _hairpin_sources(rs, fip):
     """Who may reach a floating IP on the same bridge as its instance: its network."""
-    cidrs = [s.cidr for s in rs.snat if s.network == fip.network]
-    return _nets(cidrs + [f"{fip.fixed_ip}/32"])
+    return _nets([c for c in (fip.cidr, f"{fip.fixed_ip}/32") if c])
 
 
 # --------------------------------------------------------------------------- nftables

@@ -299,7 +299,7 @@ def test_floating_ip_dnat_snat_and_hairpin(topo, driver):
     import dataclasses
     rs = dataclasses.replace(ruleset(driver), floating=(FloatingIp(
         address="203.0.113.50", fixed_ip="192.168.0.10", instance="vm1", network="private",
-        public_interface="eth0"),))
+        public_interface="eth0", cidr="192.168.0.0/24"),))
     topo.x("host", "ip", "addr", "add", "203.0.113.50/32", "dev", "eth0")  # the floating facet's job
     server = topo.tmp / "echo_server.py"
     topo.spawn("vm1", PY, str(server), "0.0.0.0", "8080", "vm1",

@@ -40,7 +40,7 @@ def sample(driver="nftables", metadata_host="127.0.0.1", table="hanet"):
             PortGuard(bridge="br101", trusted_ports=("vlan101",), pairs=(), dhcp_isolated=False),
         ),
         floating=(FloatingIp(address="203.0.113.50", fixed_ip="192.168.0.10", instance="web1",
-                             network="private", public_interface="eth0"),),
+                             network="private", public_interface="eth0", cidr="192.168.0.0/24"),),
     )
 
 
