@@ -26,9 +26,9 @@ import urllib.request
 
 import pytest
 
-from _hanet import dnsmasq
+from _hanet import dnsmasq, metadata
 from _hanet.common import Managed, Paths
-from _hanet.desired import DhcpHost, Dnsmasq, InstanceRecord
+from _hanet.desired import DhcpHost, Dnsmasq, InstanceRecord, Metadata
 
 pytestmark = [pytest.mark.lab]
 
@@ -344,3 +344,60 @@ def test_two_networks_one_host(lab):
     assert got and got["ip"] == IP1 and got["router"] == HOST_IP
     assert [(c.action, c.target) for c in converge(lab, [red])] == [("stop", "private")]
     assert lab.udhcpc("r")["ip"] == "172.16.100.20"
+
+
+# --------------------------------------------------------------------------- metadata
+
+WEB1 = InstanceRecord(name="web1", uuid="11111111-1111-1111-1111-111111111111", hostname="web1.novalocal",
+                      ips=(IP1,), public_keys=(("k", "ssh-ed25519 AAAA web1"),), user_data="#!/bin/sh\n")
+WEB2 = InstanceRecord(name="web2", uuid="22222222-2222-2222-2222-222222222222", hostname="web2.novalocal",
+                      ips=(IP2,))
+
+
+def curl(lab, vm, url):
+    proc = lab.nsx(lab.vms[vm], "curl", "-s", "-m", "5", "-o", "-", "-w", "\n%{http_code}", url, check=False)
+    body, _, code = proc.stdout.rpartition("\n")
+    return int(code or 0), body
+
+
+def test_metadata_by_source_ip(lab):
+    _need("curl")
+    for name, mac, ip in (("1", MAC1, IP1), ("2", MAC2, IP2), ("3", MAC3, IP3)):
+        lab.add_vm(name, mac)
+        lab.nsx(lab.vms[name], "ip", "addr", "add", f"{ip}/24", "dev", "eth0")
+    port = 8775
+    meta = Metadata(bridges=("br100",), host="127.0.0.1", port=port, local_service=True)
+    managed = Managed(lab.paths)
+    with in_netns(lab.host):
+        changes = metadata.plan(meta, metadata.current(lab.paths, managed), [WEB1, WEB2])
+        assert [c.action for c in changes] == ["records", "start"]
+        metadata.apply(changes, lab.paths, managed)
+    pid = metadata.status(lab.paths)["pid"]
+    assert pid and metadata.status(lab.paths)["running"]
+
+    base = f"http://{HOST_IP}:{port}"
+    code, body = curl(lab, "1", f"{base}/openstack/latest/meta_data.json")
+    assert code == 200 and json.loads(body)["uuid"] == WEB1.uuid
+    code, body = curl(lab, "2", f"{base}/openstack/latest/meta_data.json")
+    assert code == 200 and json.loads(body)["uuid"] == WEB2.uuid
+    assert curl(lab, "3", f"{base}/openstack/latest/meta_data.json")[0] == 404
+    assert curl(lab, "1", f"{base}/latest/meta-data/local-ipv4") == (200, IP1)
+    assert curl(lab, "1", f"{base}/latest/meta-data/public-keys/0/openssh-key") == (200, "ssh-ed25519 AAAA web1")
+    assert curl(lab, "1", f"{base}/latest/user-data") == (200, "#!/bin/sh\n")
+    assert curl(lab, "2", f"{base}/latest/user-data")[0] == 404
+
+    # a new record reaches the running service without a restart
+    web3 = InstanceRecord(name="web3", uuid="33333333-3333-3333-3333-333333333333",
+                          hostname="web3.novalocal", ips=(IP3,))
+    with in_netns(lab.host):
+        changes = metadata.plan(meta, metadata.current(lab.paths, managed), [WEB1, WEB2, web3])
+        assert [c.action for c in changes] == ["records"]
+        metadata.apply(changes, lab.paths, managed)
+    code, body = curl(lab, "3", f"{base}/openstack/latest/meta_data.json")
+    assert code == 200 and json.loads(body)["uuid"] == web3.uuid
+    assert metadata.status(lab.paths)["pid"] == pid
+
+    with in_netns(lab.host):
+        metadata.apply(metadata.plan(None, metadata.current(lab.paths, managed)), lab.paths, managed)
+    assert not metadata.status(lab.paths)
+    assert curl(lab, "1", f"{base}/openstack/latest/meta_data.json")[0] == 0

@@ -1,0 +1,161 @@
+"""Metadata service: rendering per source IP, the planner, and a real server on loopback."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from _hanet import metadata
+from _hanet.common import Managed, Paths
+from _hanet.desired import InstanceRecord, Metadata
+
+WEB1 = InstanceRecord(name="web1", uuid="11111111-2222-3333-4444-555555555555", hostname="web1.novalocal",
+                      ips=("192.168.0.10", "10.20.0.10"), public_keys=(("mykey", "ssh-ed25519 AAAA web1"),),
+                      user_data="#cloud-config\n")
+DB1 = InstanceRecord(name="db1", uuid="99999999-8888-7777-6666-555555555555", hostname="db1.novalocal",
+                     ips=("127.0.0.1",))
+META = Metadata(bridges=("br100",), host="127.0.0.1", port=8775, local_service=True)
+
+
+def rec(r):
+    return json.loads(metadata.records_text([r]))["records"][0]
+
+
+def test_openstack_meta_data():
+    status, ctype, body = metadata.render(rec(WEB1), "192.168.0.10", "/openstack/latest/meta_data.json")
+    assert status == 200 and ctype == "application/json"
+    data = json.loads(body)
+    assert data["uuid"] == WEB1.uuid and data["name"] == "web1" and data["hostname"] == "web1.novalocal"
+    assert data["public_keys"] == {"mykey": "ssh-ed25519 AAAA web1"}
+    assert data["availability_zone"] == "nova"
+    assert metadata.render(rec(WEB1), "x", "/openstack/2012-08-10/meta_data.json")[2] == body
+
+
+def test_openstack_listing_and_user_data():
+    assert metadata.render(rec(WEB1), "x", "/openstack/")[2] == "latest\n"
+    assert metadata.render(rec(WEB1), "x", "/openstack/latest/")[2] == "meta_data.json\nuser_data\n"
+    assert metadata.render(rec(WEB1), "x", "/openstack/latest/user_data")[2] == "#cloud-config\n"
+    assert metadata.render(rec(DB1), "x", "/openstack/latest/user_data")[0] == 404
+    assert metadata.render(rec(DB1), "x", "/openstack/latest/")[2] == "meta_data.json\n"
+
+
+def test_ec2():
+    r = rec(WEB1)
+    assert metadata.render(r, "192.168.0.10", "/latest/meta-data/instance-id")[2] == "i-11111111"
+    assert metadata.render(r, "192.168.0.10", "/latest/meta-data/hostname")[2] == "web1.novalocal"
+    assert metadata.render(r, "192.168.0.10", "/latest/meta-data/local-ipv4")[2] == "192.168.0.10"
+    assert metadata.render(r, "10.20.0.10", "/2009-04-04/meta-data/local-ipv4")[2] == "10.20.0.10"
+    assert metadata.render(r, "x", "/latest/meta-data/public-keys/")[2] == "0=mykey\n"
+    assert metadata.render(r, "x", "/latest/meta-data/public-keys/0/openssh-key")[2] == "ssh-ed25519 AAAA web1"
+    assert metadata.render(r, "x", "/latest/meta-data/public-keys/1/openssh-key")[0] == 404
+    assert metadata.render(r, "x", "/latest/user-data")[2] == "#cloud-config\n"
+    listing = metadata.render(r, "x", "/latest/meta-data/")[2].split()
+    assert {"instance-id", "hostname", "local-ipv4", "public-keys/"} <= set(listing)
+    assert "public-keys/" not in metadata.render(rec(DB1), "x", "/latest/meta-data/")[2]
+    for bad in ("/latest/meta-data/nope", "/nope", "/openstack/nope/x", "/latest/../../etc/passwd"):
+        assert metadata.render(r, "x", bad)[0] == 404
+
+
+def test_records_round_trip(tmp_path):
+    paths = Paths(root_dir=str(tmp_path))
+    assert metadata.write_records([WEB1, DB1], paths) is True
+    assert metadata.write_records([DB1, WEB1], paths) is False
+    by_ip = metadata.load_records(metadata.files(paths)["records"])
+    assert by_ip["10.20.0.10"]["name"] == "web1" and by_ip["127.0.0.1"]["name"] == "db1"
+    assert metadata.load_records(str(tmp_path / "missing")) == {}
+
+
+def sim(records, port=8775):
+    return {"pid": 1, "alive": True, "port": port, "bind": "0.0.0.0", "records_text": metadata.records_text(records)}
+
+
+def test_plan():
+    assert [c.action for c in metadata.plan(META, {}, [WEB1])] == ["records", "start"]
+    assert metadata.plan(META, sim([WEB1]), [WEB1]) == []
+    assert [c.action for c in metadata.plan(META, sim([WEB1]), [WEB1, DB1])] == ["records"]
+    port = metadata.plan(Metadata(bridges=(), host="127.0.0.1", port=9000, local_service=True), sim([WEB1]), [WEB1])
+    assert [(c.action, c.detail["reason"]) for c in port] == [("restart", "port changed")]
+    dead = dict(sim([WEB1]), alive=False)
+    assert [c.action for c in metadata.plan(META, dead, [WEB1])] == ["restart"]
+    assert [c.action for c in metadata.plan(None, sim([WEB1]))] == ["stop"]
+    remote = Metadata(bridges=("br100",), host="10.0.0.5", port=8775, local_service=False)
+    assert [c.action for c in metadata.plan(remote, sim([WEB1]))] == ["stop"]
+    assert metadata.plan(None, {}) == []
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(port, path):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@pytest.fixture
+def service(tmp_path):
+    paths = Paths(root_dir=str(tmp_path))
+    managed = Managed(paths)
+    started = []
+    yield paths, managed, started
+    pid_path = metadata.files(paths)["pid"]
+    metadata.apply([metadata.Change("metadata", "stop", "metadata")], paths, managed)
+    for pid in started:  # whatever is left, by the pids we started
+        if metadata._alive(pid, pid_path):
+            os.kill(pid, 9)
+
+
+def test_service_lifecycle(service):
+    paths, managed, started = service
+    port = _free_port()
+    meta = Metadata(bridges=(), host="127.0.0.1", port=port, local_service=True)
+    # DB1 is "at" 127.0.0.1, the source address of these requests
+    changes = metadata.plan(meta, metadata.current(paths, managed), [DB1])
+    metadata.apply(changes, paths, managed)
+    cur = metadata.current(paths, managed)
+    started.append(cur["pid"])
+    assert cur["alive"] and cur["port"] == port
+    assert metadata.plan(meta, cur, [DB1]) == []
+    status, body = _get(port, "/openstack/latest/meta_data.json")
+    assert status == 200 and json.loads(body)["uuid"] == DB1.uuid
+    # garbage on the socket does not kill it
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"\x00\xff garbage\r\n\r\n")
+        s.recv(1024)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.close()
+    assert _get(port, "/latest/meta-data/instance-id") == (200, "i-99999999")
+    # record change: file rewritten, no restart, picked up
+    changes = metadata.plan(meta, metadata.current(paths, managed), [WEB1])
+    assert [c.action for c in changes] == ["records"]
+    time.sleep(0.01)
+    metadata.apply(changes, paths, managed)
+    assert _get(port, "/openstack/latest/meta_data.json")[0] == 404
+    assert metadata.current(paths, managed)["pid"] == cur["pid"]
+    assert metadata.status(paths, managed) == {"pid": cur["pid"], "running": True, "port": port, "instances": 1}
+    # port change: restart
+    port2 = _free_port()
+    meta2 = Metadata(bridges=(), host="127.0.0.1", port=port2, local_service=True)
+    changes = metadata.plan(meta2, metadata.current(paths, managed), [DB1])
+    assert [c.action for c in changes] == ["records", "restart"]
+    metadata.apply(changes, paths, managed)
+    cur2 = metadata.current(paths, managed)
+    started.append(cur2["pid"])
+    assert cur2["pid"] != cur["pid"] and not metadata._alive(cur["pid"], metadata.files(paths)["pid"])
+    assert _get(port2, "/latest/meta-data/hostname") == (200, "db1.novalocal")
+    # stop: process and files gone
+    metadata.apply(metadata.plan(None, metadata.current(paths, managed)), paths, managed)
+    assert not metadata._alive(cur2["pid"], metadata.files(paths)["pid"])
+    assert not any(os.path.exists(p) for p in metadata.files(paths).values())
+    assert metadata.current(paths, Managed(paths)) == {}
+    assert metadata.status(paths) == {}
