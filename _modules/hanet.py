@@ -152,7 +152,7 @@ def _facet(facet, state, paths, managed):
         return changes, lambda: dnsmasq.apply(changes, paths, managed)
     if facet == "metadata":
         cur = metadata.current(paths, managed)
-        changes = metadata.plan(state.metadata, state.instances, cur)
+        changes = metadata.plan(state.metadata, cur, state.instances)
         return changes, lambda: metadata.apply(changes, paths, managed)
     raise ValueError(f"unknown facet {facet!r}; one of {', '.join(FACETS)}")
 
