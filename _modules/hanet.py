@@ -14,6 +14,7 @@ CLI examples::
     salt compute1 hanet.status
     salt compute1 hanet.garp 192.168.0.3 br100 3
 """
+import importlib
 import logging
 import os
 import sys
@@ -26,10 +27,17 @@ __virtualname__ = "hanet"
 # the ruleset before the daemons start answering.
 FACETS = ("links", "sysctls", "ruleset", "floating", "dnsmasq", "metadata")
 
-# _hanet lives beside this file (both are synced into extmods/modules).
-_here = os.path.dirname(os.path.abspath(__file__))
-if _here not in sys.path:
-    sys.path.insert(0, _here)
+# _hanet lives beside this file (both are synced into extmods/modules). Salt's loader
+# takes its own directories off sys.path again after loading a module, so the path is
+# ensured at call time.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _h(name):
+    """The ``_hanet.<name>`` library module."""
+    if _HERE not in sys.path:
+        sys.path.append(_HERE)
+    return importlib.import_module(f"_hanet.{name}")
 
 
 def __virtual__():
@@ -46,16 +54,13 @@ class PillarInvalid(Exception):
 
 
 def _lib():
-    import _hanet.desired
-    import _hanet.model
-
-    return _hanet
+    _h("desired")
+    _h("model")
+    return sys.modules["_hanet"]
 
 
 def _paths():
-    from _hanet.common import Paths
-
-    return Paths(root_dir=__opts__.get("root_dir", "/"))
+    return _h("common").Paths(root_dir=__opts__.get("root_dir", "/"))
 
 
 def _config(pillar=None):
@@ -128,7 +133,8 @@ def desired(pillar=None):
 
 def _facet(facet, state, paths, managed):
     """(plan, runner) for one facet: ``plan`` lists the changes, ``runner()`` makes them."""
-    from _hanet import dnsmasq, floating, links as links_, metadata, ruleset, sysctls
+    dnsmasq, floating, links_, metadata, ruleset, sysctls = (
+        _h(n) for n in ("dnsmasq", "floating", "links", "metadata", "ruleset", "sysctls"))
 
     if facet == "links":
         cur = links_.current(state.bridges, managed.get("links"))
@@ -165,7 +171,7 @@ def plan(facet=None, pillar=None):
         salt compute1 hanet.plan
         salt compute1 hanet.plan dnsmasq
     """
-    from _hanet.common import Managed
+    Managed = _h("common").Managed
 
     state = _desired(pillar)
     paths = _paths()
@@ -186,7 +192,7 @@ def apply_facet(facet, pillar=None, test=False):
 
         salt compute1 hanet.apply_facet links
     """
-    from _hanet.common import Managed
+    Managed = _h("common").Managed
 
     state = _desired(pillar)
     paths = _paths()
@@ -208,7 +214,7 @@ def garp(ip, interface=None, count=None):
         salt compute1 hanet.garp 192.168.0.3
         salt compute1 hanet.garp 203.0.113.50 eth0 5
     """
-    from _hanet import arp
+    arp = _h("arp")
 
     if count is None:
         count = (__pillar__.get("hanet") or {}).get("send_arp_for_ha_count", 3)  # noqa: F821
@@ -226,7 +232,7 @@ def status():
     """
     from pyroute2 import IPRoute
 
-    from _hanet import dnsmasq, ruleset
+    dnsmasq, ruleset = _h("dnsmasq"), _h("ruleset")
 
     paths = _paths()
     out = {"host": __opts__["id"], "networks": {}, "floating_ips": [], "problems": []}

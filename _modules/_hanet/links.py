@@ -634,9 +634,10 @@ def _do(ipr, change, made):
             done.append(f"stp {d.get('stp_state', 0)}, forward delay {d.get('forward_delay', 0)}")
         if d.get("address_of"):
             mac = ipr.get_links(_need(ipr, d["address_of"]))[0].get_attr("IFLA_ADDRESS")
-            if msg.get_attr("IFLA_ADDRESS") != mac:
-                ipr.link("set", index=index, address=mac)
-                done.append(f"MAC {mac} (of {d['address_of']})")
+            # set it even when it is equal already: an explicitly set bridge MAC is
+            # what keeps the kernel from changing it when a lower-MAC port joins
+            ipr.link("set", index=index, address=mac)
+            done.append(f"MAC {mac} (of {d['address_of']}) pinned")
         if d.get("state") == "up" and not _up(msg):
             ipr.link("set", index=index, state="up")
             done.append("up")
