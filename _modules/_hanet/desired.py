@@ -165,6 +165,8 @@ class HostState:
     roles: tuple = ()  # (network, role): serving | standby | member
     instances: tuple = ()  # InstanceRecord for the instances this host serves (metadata service)
     garp_count: int = 0  # gratuitous ARPs per address (re)bound here; 0: send_arp_for_ha is off
+    liveness: tuple = ()  # (peer, ((ifname, ip), ...)): network hosts this host watches
+    probe: tuple = (100, 3)  # (probe_interval_ms, probe_misses)
 
     def to_dict(self):
         return _plain(dataclasses.asdict(self))
@@ -196,6 +198,7 @@ def compute(cfg, host, owners=None):
         return HostState(host=host, ruleset=Ruleset(driver=cfg.firewall_driver, table="hanet"))
 
     bridges, dnsmasqs, snat, guards, floating, roles = [], [], [], [], [], []
+    nat_floating = []  # floating IPs whose NAT this host holds (serving or hot standby)
     forward, service, meta_bridges, served_instances = [], [], [], {}
     domain = cfg.dhcp_domain
     for label in sorted(cfg.networks):
@@ -226,8 +229,13 @@ def compute(cfg, host, owners=None):
         guards.append(PortGuard(bridge=net.bridge, trusted_ports=(uplink,) if uplink else (),
                                 pairs=tuple(sorted((n.mac, n.ip) for _, n in local)),
                                 dhcp_isolated=net.multi_host))
-        if role != SERVING:
+        if role == MEMBER:
             continue
+        # A standby is hot: it holds the network's rules (SNAT, forward, metadata, the
+        # floating IPs' NAT) and the metadata records already, so that a takeover only
+        # binds addresses and starts dnsmasq. Rules for addresses it does not hold match
+        # nothing.
+        serving = role == SERVING
 
         served = local if net.multi_host else \
             [(i, n) for i in cfg.instances.values() for n in i.nics if n.network == label]
@@ -235,17 +243,18 @@ def compute(cfg, host, owners=None):
             served_instances[inst.name] = inst
         listen = own.address if net.multi_host else net.gateway
         router = net.gateway if net.hardware else listen
-        dnsmasqs.append(Dnsmasq(
-            network=label, bridge=net.bridge, listen_address=listen,
-            range_start=net.dhcp_start, netmask=net.netmask, lease_time=cfg.dhcp_lease_time,
-            lease_max=net.net.size, domain=domain, router=router,
-            dns_servers=net.dns_servers or cfg.dns_servers, conf_file=cfg.dnsmasq_config_file,
-            mtu=net.mtu if net.mtu != 1500 else None,
-            hosts=tuple(sorted(
-                DhcpHost(mac=n.mac, hostname=f"{i.hostname}.{domain}", ip=n.ip,
-                         default_route=not (cfg.use_single_default_gateway and n.index != 0))
-                for i, n in served)),
-        ))
+        if serving:
+            dnsmasqs.append(Dnsmasq(
+                network=label, bridge=net.bridge, listen_address=listen,
+                range_start=net.dhcp_start, netmask=net.netmask, lease_time=cfg.dhcp_lease_time,
+                lease_max=net.net.size, domain=domain, router=router,
+                dns_servers=net.dns_servers or cfg.dns_servers, conf_file=cfg.dnsmasq_config_file,
+                mtu=net.mtu if net.mtu != 1500 else None,
+                hosts=tuple(sorted(
+                    DhcpHost(mac=n.mac, hostname=f"{i.hostname}.{domain}", ip=n.ip,
+                             default_route=not (cfg.use_single_default_gateway and n.index != 0))
+                    for i, n in served)),
+            ))
         service.append(net.bridge)
         exempt = list(cfg.dmz_cidr) + [net.cidr]
         if cfg.metadata_host != "127.0.0.1":
@@ -260,10 +269,12 @@ def compute(cfg, host, owners=None):
         for inst, nic in served:
             for f in inst.floating_ips:
                 if f.fixed_ip == nic.ip:
-                    floating.append(FloatingIp(address=f.address, fixed_ip=f.fixed_ip,
-                                               instance=inst.name, network=label,
-                                               public_interface=me.public_interface,
-                                               cidr=net.cidr))
+                    fip = FloatingIp(address=f.address, fixed_ip=f.fixed_ip, instance=inst.name,
+                                     network=label, public_interface=me.public_interface,
+                                     cidr=net.cidr)
+                    nat_floating.append(fip)
+                    if serving:
+                        floating.append(fip)
 
     metadata = None
     if meta_bridges or (served_instances and cfg.metadata_host == "127.0.0.1"):
@@ -272,8 +283,21 @@ def compute(cfg, host, owners=None):
     floating = tuple(sorted(floating, key=lambda f: f.address))
     ruleset = Ruleset(driver=cfg.firewall_driver, table="hanet", snat=tuple(snat), metadata=metadata,
                       forward_bridges=tuple(forward), service_bridges=tuple(service),
-                      guards=tuple(guards), floating=floating)
+                      guards=tuple(guards),
+                      floating=tuple(sorted(nat_floating, key=lambda f: f.address)))
     sysctls = (("net.ipv4.ip_forward", "1"),) if (forward or floating or snat) else ()
+    watch = {}
+    for label, role in roles:
+        net = cfg.networks[label]
+        if net.multi_host:
+            continue
+        for peer in net.network_hosts:
+            if peer == host:
+                continue
+            targets = watch.setdefault(peer, set())
+            targets.add((net.bridge, cfg.hosts[peer].networks[label].address))
+            if cfg.hosts[peer].routing_source_ip:
+                targets.add((me.public_interface, cfg.hosts[peer].routing_source_ip))
     records = tuple(
         InstanceRecord(name=i.name, uuid=i.uuid, hostname=f"{i.hostname}.{domain}",
                        ips=tuple(n.ip for n in i.nics), public_keys=i.public_keys,
@@ -282,7 +306,9 @@ def compute(cfg, host, owners=None):
     return HostState(host=host, bridges=tuple(bridges), sysctls=sysctls, ruleset=ruleset,
                      dnsmasqs=tuple(dnsmasqs), metadata=metadata, floating_ips=floating,
                      roles=tuple(roles), instances=records,
-                     garp_count=cfg.send_arp_for_ha_count if cfg.send_arp_for_ha else 0)
+                     garp_count=cfg.send_arp_for_ha_count if cfg.send_arp_for_ha else 0,
+                     liveness=tuple((p, tuple(sorted(t))) for p, t in sorted(watch.items())),
+                     probe=(cfg.ha.probe_interval_ms, cfg.ha.probe_misses))
 
 
 def _segment(net):

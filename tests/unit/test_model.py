@@ -224,6 +224,13 @@ def test_network_host_holds_gateway_and_standby_does_not():
     assert a.dnsmasqs[0].listen_address == "10.20.0.1" and a.dnsmasqs[0].router == "10.20.0.1"
     assert [h.mac for h in a.dnsmasqs[0].hosts] == ["fa:16:3e:00:01:01"]  # web1 on compute1
     assert b.dnsmasqs == () and dict(b.roles) == {"shared": "standby"}
+    # a hot standby already holds the network's rules, but no address and no dnsmasq
+    assert b.ruleset.snat[0].source == "203.0.113.22" and b.ruleset.forward_bridges == ("br200",)
+    # each watches the other on the VM network and the public side; compute1 watches both
+    assert dict(b.liveness) == {"net1": (("br200", "10.20.0.2"), ("eth0", "203.0.113.21"))}
+    assert dict(desired.compute(cfg, "compute1").liveness) == {
+        "net1": (("br200", "10.20.0.2"), ("eth0", "203.0.113.21")),
+        "net2": (("br200", "10.20.0.3"), ("eth0", "203.0.113.22"))}
     # after a failover the record says net2 holds it
     a2, b2 = desired.compute(cfg, "net1", {"shared": "net2"}), desired.compute(cfg, "net2", {"shared": "net2"})
     assert a2.bridges[0].addresses == ("10.20.0.2/24",) and dict(a2.roles) == {"shared": "standby"}
