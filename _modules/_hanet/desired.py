@@ -251,9 +251,9 @@ def compute(cfg, host, owners=None):
                 dns_servers=net.dns_servers or cfg.dns_servers, conf_file=cfg.dnsmasq_config_file,
                 mtu=net.mtu if net.mtu != 1500 else None,
                 hosts=tuple(sorted(
-                    DhcpHost(mac=n.mac, hostname=f"{i.hostname}.{domain}", ip=n.ip,
-                             default_route=not (cfg.use_single_default_gateway and n.index != 0))
-                    for i, n in served)),
+                    (DhcpHost(mac=n.mac, hostname=f"{i.hostname}.{domain}", ip=n.ip,
+                              default_route=not (cfg.use_single_default_gateway and n.index != 0))
+                     for i, n in served), key=lambda h: (h.mac, h.ip))),
             ))
         service.append(net.bridge)
         exempt = list(cfg.dmz_cidr) + [net.cidr]
