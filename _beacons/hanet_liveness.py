@@ -96,11 +96,25 @@ def _save(prober):
     os.replace(tmp, path)
 
 
+def canonical(data):
+    """The signed part of an event (the hanet runner verifies exactly this)."""
+    return json.dumps({k: data.get(k) for k in ("observer", "peer", "state", "detected_at", "nonce")},
+                      sort_keys=True, separators=(",", ":"))
+
+
 def _fire(opts, peer, state, detected_at, targets):
+    """Fire one transition now, signed with this minion's own key, so that the master
+    can tell it from an event another minion forged."""
+    import base64
+    import uuid
+
+    import salt.crypt
     import salt.utils.event
 
     data = {"peer": peer, "state": state, "detected_at": detected_at, "observer": opts["id"],
-            "targets": targets, "id": opts["id"]}
+            "targets": targets, "id": opts["id"], "nonce": uuid.uuid4().hex}
+    key = os.path.join(opts["pki_dir"], "minion.pem")
+    data["sig"] = base64.b64encode(salt.crypt.sign_message(key, canonical(data).encode())).decode()
     tag = f"salt/beacon/{opts['id']}/{__virtualname__}/{peer}/{state}"
     with salt.utils.event.MinionEvent(opts, listen=False) as evt:
         evt.fire_event({"beacons": [{"tag": tag, "data": data, "beacon_name": __virtualname__}]},

@@ -25,7 +25,13 @@ __virtualname__ = "hanet"
 
 # The order in which facets are applied: links before the addresses dnsmasq binds,
 # the ruleset before the daemons start answering.
-FACETS = ("links", "sysctls", "ruleset", "floating", "dnsmasq", "metadata")
+FACETS = ("links", "sysctls", "ruleset", "floating", "dnsmasq", "metadata", "liveness", "startup")
+STARTUP_CONF = """# Written by hanet (salt://hanet): at start-up this minion applies the hanet state, which
+# consults the master's failover record before it binds any address it may no longer own.
+startup_states: sls
+sls_list:
+  - hanet
+"""
 
 # _hanet lives beside this file (both are synced into extmods/modules). Salt's loader
 # takes its own directories off sys.path again after loading a module, so the path is
@@ -74,15 +80,45 @@ def _config(pillar=None):
         raise PillarInvalid(err.render()) from err
 
 
-def _owners():
-    """Who holds each network-host network now: the failover record, when there is one."""
+def _read_json(path):
     import json
 
     try:
-        with open(_paths().state("owners.json"), encoding="utf-8") as fh:
+        with open(path, encoding="utf-8") as fh:
             return json.load(fh)
     except (FileNotFoundError, ValueError):
-        return {}
+        return None
+
+
+def _records():
+    """The failover record, {network: {owner, epoch}}: the master's (pillar
+    ``hanet_owners``, from hanet's ext_pillar) and this host's own copy (written by
+    takeover/relinquish); per network the higher epoch wins, so a host that was down
+    while its network moved learns so from the master before it binds anything."""
+    pill = __pillar__.get("hanet_owners") or {}  # noqa: F821
+    local = _read_json(_paths().state("owners.json")) or {}
+    out = {}
+    for net in set(pill) | set(local):
+        cands = [r for r in (pill.get(net), local.get(net))
+                 if isinstance(r, dict) and isinstance(r.get("owner"), str)]
+        if cands:
+            out[net] = max(cands, key=lambda r: r.get("epoch", 0))
+    return out
+
+
+def _owners():
+    """Who holds each network-host network now, by the failover record."""
+    return {net: r["owner"] for net, r in _records().items()}
+
+
+def _write_record(network, owner, epoch):
+    import json
+
+    common = _h("common")
+    paths = _paths()
+    rec = _read_json(paths.state("owners.json")) or {}
+    rec[network] = {"owner": owner, "epoch": int(epoch)}
+    common.write_atomic(paths.state("owners.json"), json.dumps(rec, sort_keys=True) + "\n")
 
 
 def _desired(pillar=None):
@@ -160,7 +196,75 @@ def _facet(facet, state, paths, managed):
         cur = metadata.current(paths, managed)
         changes = metadata.plan(state.metadata, cur, state.instances)
         return changes, lambda: metadata.apply(changes, paths, managed)
+    if facet == "liveness":
+        return _liveness_plan(state)
+    if facet == "startup":
+        return _startup_plan(state)
     raise ValueError(f"unknown facet {facet!r}; one of {', '.join(FACETS)}")
+
+
+def _beacon_config(state):
+    """The hanet_liveness beacon's configuration for this host, or None."""
+    if not state.liveness:
+        return None
+    return [
+        {"peers": {peer: [list(t) for t in targets] for peer, targets in state.liveness}},
+        {"interval_ms": state.probe[0]},
+        {"misses": state.probe[1]},
+        {"rise": max(3, state.probe[1])},
+    ]
+
+
+def _liveness_plan(state):
+    Change = _h("common").Change
+    want = _beacon_config(state)
+    have = (__salt__["beacons.list"](return_yaml=False, include_pillar=False) or {}).get(  # noqa: F821
+        "hanet_liveness")
+    if want == have:
+        return [], None
+    if want is None:
+        changes = [Change("liveness", "remove", "hanet_liveness beacon")]
+    else:
+        peers = ", ".join(p for p, _ in state.liveness)
+        changes = [Change("liveness", "configure" if have is None else "update",
+                          f"hanet_liveness beacon watching {peers}")]
+
+    def run():
+        if want is None:
+            res = __salt__["beacons.delete"]("hanet_liveness")  # noqa: F821
+        elif have is None:
+            res = __salt__["beacons.add"]("hanet_liveness", want)  # noqa: F821
+        else:
+            res = __salt__["beacons.modify"]("hanet_liveness", want)  # noqa: F821
+        if not res.get("result"):
+            raise RuntimeError(f"beacon: {res.get('comment')}")
+        saved = __salt__["beacons.save"]()  # noqa: F821
+        if not saved.get("result"):
+            raise RuntimeError(f"beacon save: {saved.get('comment')}")
+        return [str(c) for c in changes]
+
+    return changes, run
+
+
+def _startup_plan(state):
+    Change = _h("common").Change
+    path = os.path.join(os.path.dirname(__opts__["conf_file"]), "minion.d", "hanet.conf")  # noqa: F821
+    want = STARTUP_CONF if state.bridges or state.liveness else None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            have = fh.read()
+    except FileNotFoundError:
+        have = None
+    if want == have:
+        return [], None
+    if want is None:
+        return [Change("startup", "remove", path)], lambda: os.unlink(path) or [f"removed {path}"]
+
+    def run():
+        _h("common").write_atomic(path, want)
+        return [f"wrote {path}: apply hanet at start-up"]
+
+    return [Change("startup", "write", path)], run
 
 
 def plan(facet=None, pillar=None):
@@ -290,3 +394,98 @@ def _peers(paths):
             return json.load(fh)
     except (FileNotFoundError, ValueError):
         return {}
+
+
+# --------------------------------------------------------------------------- failover
+
+
+def _fire(tag, data):
+    __salt__["event.fire_master"](data, tag)  # noqa: F821
+
+
+def _apply_now(facets, state, paths, managed, garp=0):
+    done = {}
+    for facet in facets:
+        changes, run = _facet(facet, state, paths, managed)
+        if facet == "floating":  # takeover announces every moved address itself
+            fl = _h("floating")
+            run = (lambda ch=changes: fl.apply(ch, managed, garp)) if changes else None
+        if changes and run:
+            done[facet] = run() or [str(c) for c in changes]
+    return done
+
+
+def takeover(network, epoch, previous=None, detected_at=None, planned=False):
+    """Become the holder of network-host network ``network`` (called by the hanet
+    runner after a confirmed failure, or for a planned move): record the new owner,
+    probe the gateway address (duplicate address detection; skipped when planned, as
+    the old owner still holds it until the new one has announced it), bind the gateway
+    and the network's floating IPs, announce every moved address with gratuitous ARP on
+    both sides, start dnsmasq with the same host entries, and fire
+    ``hanet/failover/<network>/complete`` (or ``/failed`` with a reason).
+
+    CLI example::
+
+        salt net2 hanet.takeover shared 7 previous=net1
+    """
+    import time
+
+    t0 = time.time()
+    me = __opts__["id"]  # noqa: F821
+    tag = f"hanet/failover/{network}"
+    base = {"network": network, "from": previous, "to": me, "epoch": int(epoch),
+            "detected_at": detected_at, "planned": bool(planned)}
+    try:
+        cfg = _config()
+        net = cfg.networks.get(network)
+        if net is None or net.multi_host or me not in net.network_hosts:
+            raise ValueError(f"{me} is not a network host of {network!r}")
+        if not planned:
+            holder = _h("arp").probe(net.gateway, net.bridge, timeout=0.05, tries=1)
+            if holder:
+                raise RuntimeError(f"gateway {net.gateway} is still answered by {holder} "
+                                   f"on {net.bridge}: not binding it (duplicate address)")
+        _write_record(network, me, epoch)
+        paths = _paths()
+        managed = _h("common").Managed(paths)
+        state = _lib().desired.compute(cfg, me, _owners())
+        done = _apply_now(("links", "floating"), state, paths, managed)
+        bound_at = time.time()
+        moved = [(net.gateway, net.bridge)] + [
+            (f.address, f.public_interface) for f in state.floating_ips if f.network == network]
+        _h("arp").garp_many(moved, max(state.garp_count, 3))
+        done.update(_apply_now(("dnsmasq", "metadata"), state, paths, managed))
+    except Exception as err:  # report, then let the caller see it too
+        _fire(f"{tag}/failed", dict(base, reason=str(err), failed_at=time.time()))
+        raise
+    data = dict(base, completed_at=time.time(), addresses=[ip for ip, _ in moved],
+                timings={"bound_s": round(bound_at - t0, 4), "total_s": round(time.time() - t0, 4)},
+                changes=done)
+    _fire(f"{tag}/complete", data)
+    return data
+
+
+def relinquish(network, epoch, owner):
+    """Give up network ``network`` to ``owner`` (the runner's record at ``epoch``):
+    unbind the gateway and the network's floating IPs and stop its dnsmasq; keep the
+    hot-standby rules.
+
+    CLI example::
+
+        salt net1 hanet.relinquish shared 8 net2
+    """
+    _write_record(network, owner, epoch)
+    paths = _paths()
+    managed = _h("common").Managed(paths)
+    state = _desired()
+    return _apply_now(("links", "floating", "dnsmasq", "metadata"), state, paths, managed)
+
+
+def owners():
+    """The failover record as this host sees it: {network: {owner, epoch}}.
+
+    CLI example::
+
+        salt '*' hanet.owners
+    """
+    return _records()

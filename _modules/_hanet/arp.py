@@ -79,3 +79,22 @@ def probe(ip, interface, timeout=0.2, tries=2):
             if reply.haslayer(ARP) and reply[ARP].psrc == ip and reply[ARP].hwsrc != mac:
                 return reply[ARP].hwsrc
     return None
+
+
+def garp_many(pairs, count=3, interval=0.02):
+    """Announce several addresses at once: ``pairs`` is [(ip, interface)]. Each round
+    sends every address's frames, so the first announcement of every address goes out
+    before any repeat. Returns the number of frames sent."""
+    from scapy.sendrecv import sendp
+
+    by_iface = {}
+    for ip, iface in pairs:
+        by_iface.setdefault(iface, []).extend(garp_frames(ip, mac_of(iface)))
+    sent = 0
+    for i in range(int(count)):
+        for iface, frames in by_iface.items():
+            sendp(frames, iface=iface, verbose=False)
+            sent += len(frames)
+        if i + 1 < count:
+            time.sleep(interval)
+    return sent
