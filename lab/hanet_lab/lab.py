@@ -503,6 +503,8 @@ class Lab:
         reactor = os.path.join(self.checkout, "reactor", "failover.sls")
         if os.path.exists(reactor):
             mopts["reactor"] = [{"salt/beacon/*/hanet_liveness/*": [reactor]}]
+        if os.path.exists(os.path.join(self.checkout, "_pillar", "hanet_owners.py")):
+            mopts["ext_pillar"] = [{"hanet_owners": {}}]  # the failover record, as pillar
         mopts.update(m.opts)
         with open(os.path.join(self.master_conf_dir, "master"), "w") as f:
             yaml.safe_dump(mopts, f, default_flow_style=False)
@@ -572,10 +574,16 @@ class Lab:
         self._start_gateway()
         missing = set(hosts)
         deadline = time.monotonic() + self.start_timeout
+        last_error = None
         while missing:
             if time.monotonic() > deadline:
-                raise LabError(f"minions not answering test.ping: {sorted(missing)}")
-            got = self.salt(sorted(missing), "test.ping", tgt_type="list", timeout=3)
+                raise LabError(f"minions not answering test.ping: {sorted(missing)} ({last_error})")
+            try:
+                got = self.salt(sorted(missing), "test.ping", tgt_type="list", timeout=5)
+            except LabError as e:  # the master's request server is not answering yet (busy machine)
+                last_error = str(e).splitlines()[0]
+                time.sleep(0.5)
+                continue
             missing -= {k for k, v in got.items() if v is True}
         self.timings["minions_ping"] = round(time.monotonic() - t0, 3)
         self.progress(f"salt: {len(hosts)} minions answer test.ping "
@@ -876,11 +884,26 @@ exit 0
                         "  domain-name-servers, domain-search, host-name, interface-mtu,\n"
                         "  rfc3442-classless-static-routes;\n")
             pidf = os.path.join(d, f"dhclient-{ifname}.pid")
-            argv = ["dhclient", "-1", "-v", "-cf", conf, "-sf", script, "-pf", pidf,
+            # In the foreground (-d): no race with a daemonizing child; stopped once the
+            # script has recorded the lease (unless keep=True: then `down` stops it).
+            argv = ["dhclient", "-d", "-1", "-v", "-cf", conf, "-sf", script, "-pf", pidf,
                     "-lf", os.path.join(d, f"dhclient-{ifname}.leases"), ifname]
-            cp = self.exec(vm, argv, timeout=timeout + 15)
-            if not keep:
-                self._stop_pidfile(vm, pidf)
+            logf = os.path.join(d, f"dhclient-{ifname}.log")
+            with open(logf, "w") as log_out:
+                proc = self.popen(vm, argv, name=f"dhclient-{vm}-{ifname}", stdout=log_out,
+                                  stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + timeout + 5
+            while time.monotonic() < deadline and not os.path.exists(out) and proc.poll() is None:
+                time.sleep(0.05)
+            if not keep or not os.path.exists(out):
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            with open(logf) as f:
+                cp = subprocess.CompletedProcess(argv, proc.returncode, f.read(), "")
         else:
             udhcpc = shutil.which("udhcpc")
             base = [udhcpc] if udhcpc else ["busybox", "udhcpc"]
@@ -912,18 +935,6 @@ exit 0
         return {"client": client, "ifname": ifname, "address": addr, "prefixlen": plen,
                 "router": routers[0] if routers else None, "routers": routers, "dns": dns,
                 "domain": domain, "mtu": int(mtu) if mtu else None, "server": server, "raw": raw}
-
-    def _stop_pidfile(self, node: str, pidfile: str):
-        try:
-            with open(pidfile) as f:
-                pid = int(f.read().strip())
-        except (OSError, ValueError):
-            return
-        if nslib.pid_netns(pid) == nslib.ns_inode(self.ns(node)):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
     # -- description ------------------------------------------------------------------------------
     def describe(self) -> str:

@@ -103,7 +103,7 @@ def namespaces_of(prefix: str) -> list[str]:
     return [ns for ns in nslib.ns_list() if ns.startswith(prefix + "-")]
 
 
-def destroy(prefix: str, reap=None, grace: float = 2.0) -> dict:
+def destroy(prefix: str, reap=None, grace: float = 1.0) -> dict:
     """Remove everything lab ``prefix`` made: processes in its namespaces (and any whose
     command line names its run dir), the namespaces, the run dir, the state file.
     Works from the state file or, without one, from the names alone. Idempotent."""
