@@ -11,6 +11,7 @@
     dhcp [--prefix P] VM [--client dhclient|udhcpc]  run a DHCP client once in a VM
     topology [--hosts N]                           print the default topology as YAML
     demo [--hosts N]                               a guided tour, then tear down
+    measure [--runs N] [--hosts N]                 time up/down, measure daemon PSS
 """
 from __future__ import annotations
 
@@ -209,6 +210,13 @@ def cmd_demo(args) -> int:
     return run_demo(hosts=args.hosts, pause=args.pause)
 
 
+def cmd_measure(args) -> int:
+    from .measure import measure
+
+    measure(runs=args.runs, hosts=args.hosts)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="hanet_lab", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -289,6 +297,11 @@ def main(argv=None) -> int:
     sp.add_argument("--hosts", type=int, default=4)
     sp.add_argument("--pause", action="store_true", help="wait for Enter between sections")
     sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("measure", help="time up/down and measure daemon memory (PSS)")
+    sp.add_argument("--runs", type=int, default=3)
+    sp.add_argument("--hosts", type=int, default=4)
+    sp.set_defaults(func=cmd_measure)
 
     args = p.parse_args(argv)
     if os.geteuid() != 0 and args.command not in ("topology",):
