@@ -363,9 +363,11 @@ def _index(ipr, name):
     return found[0] if found else None
 
 
-def _addresses(ipr, index):
+def _addresses(ipr, index, dump=None):
+    """``index``'s addresses; ``dump``: the result of ``ipr.get_addr()`` when the caller
+    already has it (one dump per ``current``, not one per bridge)."""
     v4, v6 = [], []
-    for msg in ipr.get_addr():
+    for msg in (ipr.get_addr() if dump is None else dump):
         if msg["index"] != index:
             continue
         addr = msg.get_attr("IFA_ADDRESS")
@@ -379,9 +381,9 @@ def _addresses(ipr, index):
     return v4 + v6
 
 
-def _remotes(ipr, index, group=None):
+def _remotes(ipr, index, group=None, dump=None):
     out = []
-    for msg in ipr.fdb("dump"):
+    for msg in (ipr.fdb("dump") if dump is None else dump()):
         if msg["ifindex"] != index or msg.get_attr("NDA_LLADDR") != ZERO_MAC:
             continue
         dst = msg.get_attr("NDA_DST")
@@ -390,7 +392,7 @@ def _remotes(ipr, index, group=None):
     return out
 
 
-def _read_segment(ipr, msg, links, desired_seg=None):
+def _read_segment(ipr, msg, links, desired_seg=None, fdb=None):
     kind = _kind(msg)
     data = _info_data(msg)
     name = msg.get_attr("IFLA_IFNAME")
@@ -405,7 +407,7 @@ def _read_segment(ipr, msg, links, desired_seg=None):
                        vlan_id=data.get_attr("IFLA_VLAN_ID") if data else None, mtu=mtu)
     if kind == "vxlan":
         group = (data.get_attr("IFLA_VXLAN_GROUP") or data.get_attr("IFLA_VXLAN_GROUP6")) if data else None
-        remotes = _remotes(ipr, msg["index"], group)
+        remotes = _remotes(ipr, msg["index"], group, fdb)
         if desired_seg is not None:  # report them in the desired order when they match
             order = list(desired_seg.remotes)
             remotes.sort(key=lambda r: (order.index(r) if r in order else len(order), r))
@@ -439,6 +441,16 @@ def current(bridges_of_interest=(), managed_names=(), ipr=None):
     with _ipr(ipr) as ipr:
         links = _links(ipr)
         by_name = {m.get_attr("IFLA_IFNAME"): m for m in links.values()}
+        # one address dump and (when a VXLAN is read) one FDB dump for all bridges: the
+        # FDB holds every learned MAC, so a dump per bridge grows as bridges x VMs
+        addr_dump = list(ipr.get_addr())
+        fdb_dump = []
+
+        def fdb():
+            if not fdb_dump:
+                fdb_dump.append(list(ipr.fdb("dump")))
+            return fdb_dump[0]
+
         interest = set(names)
         for d in desired.values():
             interest.update(n for n in (d.uplink, d.segment and d.segment.name,
@@ -469,7 +481,7 @@ def current(bridges_of_interest=(), managed_names=(), ipr=None):
             up_msg = by_name.get(d.uplink if d is not None and d.uplink else uplink)
             segment = None
             if uplink is not None and _kind(by_name[uplink]) in SEGMENT_KINDS:
-                segment = _read_segment(ipr, by_name[uplink], links, d.segment if d else None)
+                segment = _read_segment(ipr, by_name[uplink], links, d.segment if d else None, fdb)
             parent_mtu = None
             if d is not None and d.segment is not None and d.segment.parent in by_name:
                 parent_mtu = by_name[d.segment.parent].get_attr("IFLA_MTU")
@@ -480,7 +492,7 @@ def current(bridges_of_interest=(), managed_names=(), ipr=None):
                 uplink=uplink,
                 segment=segment,
                 mtu=msg.get_attr("IFLA_MTU"),
-                addresses=tuple(_addresses(ipr, msg["index"])),
+                addresses=tuple(_addresses(ipr, msg["index"], addr_dump)),
                 up=_up(msg),
                 stp_state=data.get_attr("IFLA_BR_STP_STATE") if data else 0,
                 forward_delay=data.get_attr("IFLA_BR_FORWARD_DELAY") if data else 0,
