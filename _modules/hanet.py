@@ -69,15 +69,54 @@ def _paths():
     return _h("common").Paths(root_dir=__opts__.get("root_dir", "/"))
 
 
+def _pillar_key(pillar):
+    """An exact fingerprint of a pillar value (pickle keeps key types and True vs 1 apart),
+    or None when it cannot be taken (then nothing is cached)."""
+    import hashlib
+    import pickle
+
+    try:
+        return hashlib.sha256(pickle.dumps(pillar, protocol=4)).hexdigest()
+    except Exception:  # noqa: BLE001  unpicklable: just do not cache
+        return None
+
+
+def _cached(name, key, make):
+    """``make()``, remembered in ``__context__`` under ``name`` for ``key`` (one entry).
+
+    A state run calls hanet once per facet, each time with the same pillar; loading and
+    validating a pillar of 1,000 instances costs 0.15 s or more, so it is done once per
+    run. ``__context__`` lives as long as the run's loader; the key is the content, so a
+    changed pillar or failover record is never served stale."""
+    if key is None:
+        return make()
+    slot = __context__.get(name)  # noqa: F821
+    if slot is not None and slot[0] == key:
+        value = slot[1]
+    else:
+        try:
+            value = make()
+        except Exception as err:  # noqa: BLE001  an invalid pillar stays invalid: cache that too
+            value = err
+        __context__[name] = (key, value)  # noqa: F821
+    if isinstance(value, Exception):
+        raise value
+    return value
+
+
 def _config(pillar=None):
     """The validated model of ``pillar`` (default: this minion's ``hanet`` pillar)."""
     lib = _lib()
     if pillar is None:
         pillar = __pillar__.get("hanet", {})  # noqa: F821
-    try:
-        return lib.model.load(pillar)
-    except lib.model.PillarError as err:
-        raise PillarInvalid(err.render()) from err
+
+    def load():
+        try:
+            return lib.model.load(pillar)
+        except lib.model.PillarError as err:
+            raise PillarInvalid(err.render()) from err
+
+    return _cached("hanet.config", _pillar_key(pillar), load)
 
 
 def _read_json(path):
@@ -122,7 +161,13 @@ def _write_record(network, owner, epoch):
 
 
 def _desired(pillar=None):
-    return _lib().desired.compute(_config(pillar), __opts__["id"], _owners())
+    cfg = _config(pillar)
+    owners = _owners()
+    # cfg itself in the key: the same object compares by identity (fast), and holding it
+    # keeps a new Config from ever being mistaken for it
+    key = (cfg, __opts__["id"], tuple(sorted(owners.items())))  # noqa: F821
+    return _cached("hanet.desired", key,
+                   lambda: _lib().desired.compute(cfg, __opts__["id"], owners))  # noqa: F821
 
 
 def links():
@@ -148,9 +193,12 @@ def validate(pillar=None):
     """
     lib = _lib()
     try:
-        lib.model.load(__pillar__.get("hanet", {}) if pillar is None else pillar)  # noqa: F821
-    except lib.model.PillarError as err:
-        return {"valid": False, "problems": [f"{p}: {m}" for p, m in err.problems]}
+        _config(pillar)  # cached: the facets that follow in a state run reuse it
+    except PillarInvalid as err:
+        cause = err.__cause__
+        if isinstance(cause, lib.model.PillarError):
+            return {"valid": False, "problems": [f"{p}: {m}" for p, m in cause.problems]}
+        raise
     return {"valid": True}
 
 
