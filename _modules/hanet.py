@@ -39,11 +39,34 @@ sls_list:
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def _lib_stamp():
+    d = os.path.join(_HERE, "_hanet")
+    try:
+        return max(os.path.getmtime(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".py"))
+    except (OSError, ValueError):
+        return None
+
+
 def _h(name):
-    """The ``_hanet.<name>`` library module."""
+    """The ``_hanet.<name>`` library module. The minion's main process preloads the
+    library for fast failover and every job is forked from there, so after a
+    ``saltutil.sync_all`` changed any of its files the whole library is imported afresh
+    (all of it at once: its modules share dataclasses)."""
     if _HERE not in sys.path:
         sys.path.append(_HERE)
-    return importlib.import_module(f"_hanet.{name}")
+    pkg = sys.modules.get("_hanet")
+    stamp = _lib_stamp()
+    if pkg is not None and getattr(pkg, "_hanet_stamp", stamp) != stamp:
+        for key in [k for k in sys.modules if k == "_hanet" or k.startswith("_hanet.")]:
+            del sys.modules[key]
+    mod = importlib.import_module(f"_hanet.{name}")
+    sys.modules["_hanet"]._hanet_stamp = stamp  # pylint: disable=protected-access
+    return mod
+    seen = getattr(mod, "_hanet_mtime", None)
+    if seen is not None and seen != mtime:
+        mod = importlib.reload(mod)
+    mod._hanet_mtime = mtime  # pylint: disable=protected-access
+    return mod
 
 
 def __virtual__():

@@ -119,8 +119,22 @@ def _grains(minion_id):
         return {}
 
 
-def _config(minion_id):
-    """hanet's validated model from ``minion_id``'s pillar, compiled now by the master."""
+_CACHE = {}  # minion id -> (compiled at, (config, pillar)); lives as long as the reactor
+CACHE_S = 30.0
+
+
+def _config(minion_id, fresh=False):
+    """hanet's validated model from ``minion_id``'s pillar, compiled by the master (kept
+    for ``CACHE_S``, so that a failover does not wait for a pillar compile)."""
+    hit = _CACHE.get(minion_id)
+    if hit and not fresh and time.monotonic() - hit[0] < CACHE_S:
+        return hit[1]
+    out = _compile(minion_id)
+    _CACHE[minion_id] = (time.monotonic(), out)
+    return out
+
+
+def _compile(minion_id):
     import sys
 
     import salt.pillar
@@ -183,7 +197,7 @@ def _checksum(b):
     return ~s & 0xFFFF
 
 
-def icmp_alive(addresses, timeout=0.25, tries=3):
+def icmp_alive(addresses, timeout=0.08, tries=2):
     """True when any of ``addresses`` answers an ICMP echo from the master."""
     if not addresses:
         return False
@@ -233,6 +247,27 @@ def _vouching_addresses(suspect, cfg):
 
 
 # --------------------------------------------------------------------------- liveness
+
+
+def prime(tag=None, data=None):  # pylint: disable=unused-argument
+    """Warm the failover path (imports, the pillar of the minion that just started), so
+    that the first failover after a start does not pay for them. ``reactor/prime.sls``
+    calls it for ``salt/minion/*/start``.
+
+    CLI example::
+
+        salt-run hanet.prime
+    """
+    import salt.crypt  # noqa: F401  pylint: disable=unused-import
+
+    mid = (data or {}).get("id") if isinstance(data, dict) else None
+    try:
+        _config(mid or _any_minion(), fresh=True)
+    except Exception as err:  # pylint: disable=broad-except
+        return {"result": False, "reason": str(err)}
+    icmp_alive(["127.0.0.1"], timeout=0.01, tries=1)
+    _local()
+    return {"result": True}
 
 
 def _reject(network, reason, tag, data):
@@ -355,7 +390,7 @@ def evacuate(minion, tgt_pillar_from=None):
 
         salt-run hanet.evacuate net1
     """
-    cfg, _ = _config(tgt_pillar_from or minion)
+    cfg, _ = _config(tgt_pillar_from or minion, fresh=True)
     record = _read_record()
     out = []
     for label, net in sorted(cfg.networks.items()):
@@ -376,7 +411,7 @@ def failback(network, to=None):
 
         salt-run hanet.failback shared
     """
-    cfg, _ = _config(to or _any_minion())
+    cfg, _ = _config(to or _any_minion(), fresh=True)
     net = cfg.networks.get(network)
     if net is None or net.multi_host:
         raise ValueError(f"{network!r} is not a network with network_hosts")
@@ -395,7 +430,7 @@ def status(timeout=10):
     got = {k: v for k, v in got.items() if isinstance(v, dict)}
     if not got:
         return {"error": "no minion answered hanet.status"}
-    cfg, _ = _config(sorted(got)[0])
+    cfg, _ = _config(sorted(got)[0], fresh=True)
     record = _read_record()
     nets = {}
     for label, net in sorted(cfg.networks.items()):

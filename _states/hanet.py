@@ -175,3 +175,30 @@ def metadata(name, pillar_key="hanet"):
           hanet.metadata: []
     """
     return _facet(name, "metadata", pillar_key)
+
+
+def liveness(name, pillar_key="hanet"):
+    """The ``hanet_liveness`` beacon, configured from the pillar: on every host that
+    stands by for, or uses, a network host, it watches those network hosts (their own
+    addresses on the VM network and their public addresses) every
+    ``ha:probe_interval_ms``. Removed where there is nothing to watch.
+
+    .. code-block:: yaml
+
+        hanet-liveness:
+          hanet.liveness: []
+    """
+    return _facet(name, "liveness", pillar_key)
+
+
+def startup(name, pillar_key="hanet"):
+    """Start-up behaviour: a ``minion.d/hanet.conf`` that makes the minion apply the
+    hanet state when it starts, so that a host that was down consults the master's
+    failover record before binding any gateway address (it comes back as the standby).
+
+    .. code-block:: yaml
+
+        hanet-startup:
+          hanet.startup: []
+    """
+    return _facet(name, "startup", pillar_key)

@@ -503,6 +503,9 @@ class Lab:
         reactor = os.path.join(self.checkout, "reactor", "failover.sls")
         if os.path.exists(reactor):
             mopts["reactor"] = [{"salt/beacon/*/hanet_liveness/*": [reactor]}]
+            prime = os.path.join(self.checkout, "reactor", "prime.sls")
+            if os.path.exists(prime):
+                mopts["reactor"].append({"salt/minion/*/start": [prime]})
         if os.path.exists(os.path.join(self.checkout, "_pillar", "hanet_owners.py")):
             mopts["ext_pillar"] = [{"hanet_owners": {}}]  # the failover record, as pillar
         mopts.update(m.opts)

@@ -33,3 +33,13 @@ hanet-floating:
   hanet.floating_ips:
     - require:
       - hanet: hanet-ruleset
+
+hanet-liveness:
+  hanet.liveness:
+    - require:
+      - hanet: hanet-dnsmasq
+
+hanet-startup:
+  hanet.startup:
+    - require:
+      - hanet: hanet-pillar
