@@ -244,8 +244,9 @@ def _facet(facet, state, paths, managed):
         _h(n) for n in ("dnsmasq", "floating", "links", "metadata", "ruleset", "sysctls"))
 
     if facet == "links":
-        cur = links_.current(state.bridges, managed.get("links"))
-        changes = links_.plan(state.bridges, cur, managed.get("links"))
+        bridges = links_.drop_local_remotes(state.bridges, links_.local_addresses())
+        cur = links_.current(bridges, managed.get("links"))
+        changes = links_.plan(bridges, cur, managed.get("links"))
         return changes, lambda: links_.apply(changes, managed)
     if facet == "sysctls":
         cur = sysctls.current([k for k, _ in state.sysctls])

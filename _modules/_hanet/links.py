@@ -508,6 +508,29 @@ def current(bridges_of_interest=(), managed_names=(), ipr=None):
     return Snapshot(result, present)
 
 
+def local_addresses(ipr=None):
+    """This host's own IPv4 addresses (every link of this network namespace)."""
+    with _ipr(ipr) as ipr:
+        return {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)}
+
+
+def drop_local_remotes(bridges, local):
+    """``bridges`` with every VXLAN segment's ``remotes`` minus ``local`` (this host's own
+    addresses). A pillar lists every VTEP of a segment, this host included; a head-end
+    replication entry pointing at the host itself loops its own floods back into its
+    bridge, which then learns its local VMs' MACs on the VXLAN port and stops
+    delivering to them. Pure."""
+    local = set(local)
+    out = []
+    for br in bridges:
+        seg = br.segment
+        if seg is not None and seg.kind == "vxlan" and local & set(seg.remotes):
+            seg = dataclasses.replace(seg, remotes=tuple(r for r in seg.remotes if r not in local))
+            br = dataclasses.replace(br, segment=seg)
+        out.append(br)
+    return tuple(out)
+
+
 def link_exists(name, ipr=None):
     """True if a link called ``name`` exists in this network namespace."""
     with _ipr(ipr) as ipr:

@@ -914,3 +914,17 @@ def test_e2e_vlan(ipr, managed):
     assert replan((d,), managed) == []
     converge((), managed)
     assert link(ipr, "vlan101") is None and link(ipr, "eth2") is not None
+
+
+def test_drop_local_remotes_skips_this_hosts_own_vtep():
+    from _hanet.desired import Bridge, Segment
+    from _hanet.links import drop_local_remotes
+
+    seg = Segment(kind="vxlan", name="vx5100", parent="eth2", vni=5100,
+                  remotes=("198.51.100.11", "198.51.100.12", "198.51.100.31"))
+    br = Bridge(name="br101", network="red", uplink="vx5100", segment=seg)
+    flat = Bridge(name="br100", network="private", uplink="eth1")
+    got = drop_local_remotes((br, flat), {"198.51.100.11", "203.0.113.11"})
+    assert got[0].segment.remotes == ("198.51.100.12", "198.51.100.31")
+    assert got[1] == flat
+    assert drop_local_remotes((br,), {"10.0.0.1"}) == (br,)
