@@ -70,11 +70,19 @@ FILTER_CHAINS = ("FORWARD", "INPUT")
 
 # --------------------------------------------------------------------------- helpers
 
-def _jinja():
-    import jinja2
+_TEMPLATES = {}
 
-    return jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                              autoescape=False)
+
+def _template(source):
+    """The compiled jinja2 template of ``source``, compiled once per process."""
+    tpl = _TEMPLATES.get(source)
+    if tpl is None:
+        import jinja2
+
+        env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                                 autoescape=False)
+        tpl = _TEMPLATES[source] = env.from_string(source)
+    return tpl
 
 
 def _q(name):
@@ -243,7 +251,7 @@ def _nft_bridge_table(rs, ports=None):
 
 
 def _nft_script(tables):
-    return _jinja().from_string(T.NFT).render(tables=tables).strip("\n") + "\n"
+    return _template(T.NFT).render(tables=tables).strip("\n") + "\n"
 
 
 # --------------------------------------------------------------------------- iptables
@@ -310,7 +318,7 @@ def _ipt_tables(rs):
 
 
 def _ipt_script(rs):
-    return _jinja().from_string(T.IPTABLES).render(tables=_ipt_tables(rs)).strip("\n") + "\n"
+    return _template(T.IPTABLES).render(tables=_ipt_tables(rs)).strip("\n") + "\n"
 
 
 # --------------------------------------------------------------------------- render
@@ -604,8 +612,20 @@ def _remove(objects):
 
 
 def _present(objects):
-    snap = _snapshot(objects)
-    return {line[3:] for line in snap.splitlines() if line.startswith("## ")}
+    """Which of ``objects`` exist: one ``nft list tables`` for the nft ones (a full
+    listing of a table with 1,000 set elements is not needed to know it is there)."""
+    out = set()
+    tables = None
+    for obj in set(objects):
+        kind, _, rest = obj.partition(":")
+        if kind == "nft":
+            if tables is None:
+                tables = _nft_tables()
+            if tuple(rest.split(":", 1)) in tables:
+                out.add(obj)
+        elif kind == "iptables" and (_ipt_lines(rest, "nat") or _ipt_lines(rest, "filter")):
+            out.add(obj)
+    return out
 
 
 def apply(changes, paths: Paths, managed):
