@@ -1,6 +1,12 @@
 """``hanet_lab demo``: a guided tour for a newcomer. Builds a lab, shows what is where,
 asks every minion (through the real master) what it sees, shows hanet's desired state
-per host when hanet.desired is available, then tears everything down."""
+per host, applies the highstate, plugs the VMs and shows each one getting its lease,
+reaching upstream through its host's NAT and reading its metadata, applies again (no
+changes), then tears everything down (also on Ctrl-C or a failure).
+
+One function per section, each taking the ``Tour``; ``SECTIONS`` is the running order.
+To add a section, write ``def my_section(t: Tour)`` (start it with ``t.section(...)``,
+end it with ``t.wait()``) and put it in ``SECTIONS``."""
 from __future__ import annotations
 
 import json
@@ -30,6 +36,36 @@ def _short_error(value) -> str:
     return lines[-1][:200] if lines else text[:200]
 
 
+def _addr_list(addrs) -> str:
+    out = []
+    for a in addrs or []:
+        if isinstance(a, dict):
+            a = a.get("cidr") or a.get("address") or _one_line(a)
+        elif isinstance(a, (list, tuple)):
+            a = "/".join(str(x) for x in a)
+        out.append(str(a))
+    return ", ".join(out) or "no address"
+
+
+def _print_desired_summary(d: dict) -> None:
+    """A newcomer's view of hanet.desired; raises KeyError/TypeError when the shape differs."""
+    for b in d["bridges"]:
+        print(f"    bridge   {b['name']:<6} network {b['network']:<8} uplink {b['uplink'] or '-':<5} "
+              f"{_addr_list(b.get('addresses'))}")
+    for m in d.get("dnsmasqs") or []:
+        print(f"    dnsmasq  {m['network']:<8} on {m['bridge']}, listening on {m['listen_address']}")
+    rs = d.get("ruleset") or {}
+    for n in rs.get("snat") or []:
+        print(f"    SNAT     {n['cidr']} -> {n['source']} (out {n.get('out_interface')})")
+    for f in d.get("floating_ips") or []:
+        print(f"    floating {f['address']} -> {f['fixed_ip']} ({f.get('instance')})")
+    roles = ", ".join(f"{net} {role}" for net, role in d.get("roles") or [])
+    if roles:
+        print(f"    roles    {roles}")
+    here = ", ".join(i.get("name", "?") for i in d.get("instances") or [])
+    print(f"    VMs here {here or '-'}")
+
+
 def _print_desired(host: str, d) -> None:
     print(f"--- {host}")
     if not isinstance(d, dict):
@@ -38,6 +74,11 @@ def _print_desired(host: str, d) -> None:
     if "error" in d:
         print("    pillar error: " + _short_error(d["error"]))
         return
+    try:
+        _print_desired_summary(d)
+        return
+    except (KeyError, TypeError, ValueError, AttributeError):
+        pass  # the shape changed: show it generically
     for key, value in d.items():
         if isinstance(value, (list, tuple)):
             print(f"    {key}: {len(value)} item(s)")
@@ -60,13 +101,298 @@ def _one_line(v) -> str:
     return s if len(s) <= 100 else s[:97] + "..."
 
 
-def run_demo(hosts: int = 4, pause: bool = False) -> int:
-    hosts = max(hosts, 3)
+class DemoFailed(Exception):
+    """Something the tour shows did not happen; the message says what."""
 
-    def wait():
-        if pause:
+
+class Tour:
+    """What the sections share: the lab, its topology, the pillar, what earlier sections found."""
+
+    def __init__(self, lab: Lab, topo, pause: bool = False):
+        self.lab, self.topo, self.pause = lab, topo, pause
+        self.pillar = lab_pillar(topo)
+        self.n = 1  # section 1 (what this is) is printed before the lab exists
+        self.leases = {}  # vm -> lab.dhcp() result
+
+    def section(self, title: str, text: str = "") -> None:
+        self.n += 1
+        section(self.n, title, text)
+
+    def wait(self) -> None:
+        if self.pause:
             input("\n[Enter] to continue ")
 
+    # pillar lookups the sections explain their findings with
+    def instance(self, vm: str) -> dict:
+        return self.pillar["hanet"]["instances"][vm]
+
+    def network(self, label: str) -> dict:
+        return self.pillar["hanet"]["networks"][label]
+
+    def host_address(self, host: str, label: str):
+        return ((self.pillar["hanet"]["hosts"].get(host) or {}).get("networks", {}).get(label) or {}).get("address")
+
+
+def show_topology(t: Tour) -> None:
+    t.section("The topology", """
+        Each line below is one network namespace. Hosts are named like the minion ids
+        in hanet's example pillar; their interfaces (mgmt0, eth0..eth4) are veths whose
+        other end sits in a bridge of the switch namespace, one bridge per segment.""")
+    print(t.lab.describe())
+    print()
+    tm = t.lab.timings
+    print(f"Up in {tm['up']:.1f} s (network {tm['network']:.1f} s, minions answering "
+          f"{tm.get('minions_ping', 0):.1f} s, saltutil.sync_all done {tm.get('sync_all', 0):.1f} s).")
+    t.wait()
+
+
+def show_minions(t: Tour) -> None:
+    t.section("Every minion is a whole host", """
+        The master (in its own namespace) runs hanet.links on every minion. Each minion
+        runs inside its host's namespace, so it sees that host's links only: not the
+        other hosts', not the switch's bridges, not this machine's real interfaces.""")
+    print("$ salt '*' hanet.links")
+    links = t.lab.salt("*", "hanet.links")
+    for host in sorted(links):
+        print(f"  {host:<10} {' '.join(links[host]) if isinstance(links[host], list) else links[host]}")
+    missing = sorted(set(t.topo.hosts) - set(links))
+    if missing:
+        print(f"  (no answer from {missing})")
+    t.wait()
+
+
+def show_router(t: Tour) -> None:
+    t.section("The upstream router", """
+        The router sits on the public segment (203.0.113.1) and runs a tiny web server;
+        GET /whoami answers the source address it saw, which is how tests check SNAT.""")
+    lab = t.lab
+    ok = lab.ping("compute1", ROUTER)
+    print(f"  compute1 pings {ROUTER}: {'yes' if ok else 'NO'}")
+    try:
+        print(f"  compute1: GET http://{ROUTER}/whoami -> {lab.http_get('compute1', f'http://{ROUTER}/whoami').strip()}")
+    except LabError as e:
+        print(f"  GET failed: {e}")
+    arp = lab.arp_cache("router")
+    for ip, n in sorted(arp.items()):
+        print(f"  router's ARP cache: {ip} is at {n['mac']} ({n['state']}, {n['ifname']})")
+    t.wait()
+
+
+def show_desired(t: Tour) -> None:
+    t.section("What hanet wants on each host", """
+        The lab now serves a pillar that matches its own interface names (the contract's
+        example pillar, with a flat hardware-gateway network instead of VLANs, which this
+        kernel lacks). hanet.desired computes, from the pillar alone, what each host
+        should hold; nothing is changed on the hosts yet.""")
+    lab, pillar = t.lab, t.pillar
+    funcs = lab.functions("hanet")
+    print(f"  hanet functions on the minions: {', '.join(funcs) or 'none'}")
+    if "hanet.desired" not in funcs:
+        raise DemoFailed("the minions have no hanet.desired: saltutil.sync_all did not bring hanet over")
+    nets = pillar["hanet"]["networks"]
+    print("  networks in the lab pillar:")
+    for name, n in nets.items():
+        who = ("every host that lists it (multi_host)" if n.get("multi_host")
+               else f"network hosts {n.get('network_hosts')}")
+        print(f"    {name:<8} {n['cidr']:<16} {n['bridge']} on {n['bridge_interface']}, "
+              f"gateway {n['gateway']} ({n.get('gateway_mode', 'host')}), served by {who}")
+    print("  instances: " + ", ".join(
+        f"{i} on {v['host']}" for i, v in pillar["hanet"]["instances"].items()))
+    lab.set_pillar(pillar)
+    print()
+    print("$ salt '*' hanet.desired")
+    desired = lab.salt("*", "hanet.desired", timeout=60)
+    for host in sorted(t.topo.hosts):
+        _print_desired(host, desired.get(host, "no answer"))
+    print()
+    print(textwrap.fill(
+        "Roles: 'serving' = this host is the network's gateway and DHCP server; "
+        "'standby' = it takes over when the serving host fails; 'member' = it only "
+        "carries the bridge for its own VMs.", WIDTH))
+    t.wait()
+
+
+def _highstate(t: Tour) -> tuple[dict, float]:
+    """``salt '*' state.apply`` (the highstate: salt://top.sls gives every minion ``hanet``):
+    ({host: {state id: ret}}, seconds). Raises DemoFailed when a host fails or is silent."""
+    t0 = time.monotonic()
+    res = t.lab.salt("*", "state.apply", timeout=240)
+    took = time.monotonic() - t0
+    problems = []
+    for host in sorted(t.topo.hosts):
+        ret = res.get(host)
+        if not isinstance(ret, dict):
+            problems.append(f"{host}: {_short_error(ret if ret is not None else 'no answer')}")
+            continue
+        for st in ret.values():
+            if not st.get("result"):
+                problems.append(f"{host} {st.get('__id__')}: {_short_error(st.get('comment', ''))}")
+    if problems:
+        raise DemoFailed("state.apply failed:\n  " + "\n  ".join(problems))
+    return res, took
+
+
+def _changes(ret: dict) -> list:
+    """[(state id, [change lines])] of one host's state.apply return, in run order."""
+    out = []
+    for st in sorted(ret.values(), key=lambda s: s.get("__run_num__", 0)):
+        lines = []
+        for v in (st.get("changes") or {}).values():
+            lines += v if isinstance(v, list) else [_one_line(v)]
+        if lines:
+            out.append((st["__id__"], lines))
+    return out
+
+
+def apply_highstate(t: Tour) -> None:
+    t.section("Apply the highstate", """
+        Now the real thing: the master runs the highstate on every minion. Its top file
+        gives every host the 'hanet' SLS, whose states (links, sysctls, ruleset, dnsmasq,
+        metadata, ...) each compare the host with the pillar and change only the
+        difference. Below, per host, what each state changed.""")
+    print("$ salt '*' state.apply")
+    res, took = _highstate(t)
+    for host in sorted(t.topo.hosts):
+        ret = res[host]
+        changed = _changes(ret)
+        secs = sum(st.get("duration", 0) for st in ret.values()) / 1000
+        print(f"  {host}: {len(ret)} states, {len(changed)} made changes ({secs:.1f} s of state work)")
+        for sid, lines in changed:
+            more = f" (+{len(lines) - 3} more)" if len(lines) > 3 else ""
+            print(f"    {sid.replace('hanet-', ''):<9} " + "; ".join(lines[:3])[:WIDTH * 2] + more)
+    print(f"  ({took:.1f} s for the whole cluster, hosts in parallel)")
+    t.wait()
+
+
+CLIENTS = ("dhclient", "udhcpc")  # alternated over the VMs: both clients must work
+
+
+def vm_leases(t: Tour) -> None:
+    t.section("VMs boot and get their leases", """
+        Each VM's NIC is now plugged into its bridge on its host (a veth, the lab's
+        'tap'), and a real DHCP client runs in the VM: ISC dhclient or busybox udhcpc,
+        alternately. The answer comes from the dnsmasq of the host that serves the
+        network; its router option is that host's own address on a multi_host network
+        (each host is its VMs' gateway), the moving gateway address on a network-host
+        network, and the hardware router's address on a hardware-gateway network.""")
+    lab = t.lab
+    for i, (vm, spec) in enumerate(sorted(t.topo.vms.items())):
+        if vm not in t.pillar["hanet"]["instances"]:
+            continue
+        client = CLIENTS[i % len(CLIENTS)]
+        lab.plug_vm(vm)
+        nic = t.instance(vm)["nics"][0]
+        net = t.network(nic["network"])
+        if net.get("gateway_mode") == "hardware":
+            want, why = net["gateway"], "the hardware router"
+        elif net.get("multi_host"):
+            want, why = t.host_address(spec.host, nic["network"]), f"{spec.host}'s own address (multi_host)"
+        else:
+            want, why = net["gateway"], f"the gateway held by {net['network_hosts'][0]}"
+        lease = lab.dhcp(vm, client)
+        t.leases[vm] = lease
+        ok = lease["address"] == nic["ip"] and lease["router"] == want
+        print(f"  {vm:<5} on {spec.host}/{spec.bridge}  {client:<8}  {lease['address']}/{lease['prefixlen']}"
+              f"  router {lease['router']}  from {lease.get('server')}")
+        print(f"        {'ok' if ok else 'UNEXPECTED'}: the pillar's address {nic['ip']}, router = {why}")
+        if not ok:
+            raise DemoFailed(f"{vm} got {lease['address']} router {lease['router']}; "
+                             f"expected {nic['ip']} router {want}")
+    t.wait()
+
+
+def vm_upstream(t: Tour) -> None:
+    t.section("VMs reach the outside world", """
+        Each VM asks the upstream router http://203.0.113.1/whoami, which answers with the
+        source address it saw. VMs on hanet-gatewayed networks leave through their host's
+        SNAT: the router sees that host's routing_source_ip, or the VM's floating IP when
+        it has one. On the hardware-gateway network the router itself is the VMs'
+        gateway, so it sees the VM's own address.""")
+    lab, hosts = t.lab, t.pillar["hanet"]["hosts"]
+    for vm in t.leases:
+        inst = t.instance(vm)
+        nic = inst["nics"][0]
+        net = t.network(nic["network"])
+        serving = t.topo.vms[vm].host if net.get("multi_host") else net["network_hosts"][0]
+        fips = [f if isinstance(f, str) else f["address"] for f in inst.get("floating_ips", [])
+                if isinstance(f, str) or f.get("fixed_ip") == nic["ip"]]
+        if net.get("gateway_mode") == "hardware":
+            want, why = nic["ip"], "its own address (the router is its gateway)"
+        elif fips:
+            want, why = fips[0], "its floating IP"
+        else:
+            want, why = hosts[serving]["routing_source_ip"], f"{serving}'s routing_source_ip"
+        try:
+            seen = lab.http_get(vm, f"http://{ROUTER}/whoami").strip()
+        except LabError as e:
+            raise DemoFailed(f"{vm} cannot reach the router: {_short_error(str(e))}") from e
+        print(f"  {vm:<5} GET http://{ROUTER}/whoami -> router saw {seen:<15} "
+              f"{'ok' if seen == want else 'UNEXPECTED'}: {why}")
+        if seen != want:
+            raise DemoFailed(f"the router saw {vm} as {seen}, expected {want} ({why})")
+    t.wait()
+
+
+def vm_metadata(t: Tour) -> None:
+    t.section("VMs read their metadata", """
+        http://169.254.169.254/ is redirected by each host's ruleset to hanet's metadata
+        service on that host, which finds the VM by its source address and answers with
+        its own data only (EC2 and OpenStack paths). A hardware-gateway network's VMs
+        need the hardware router to forward 169.254.169.254 to a host; the lab's router
+        does not, so those are skipped.""")
+    lab = t.lab
+    ec2 = "http://169.254.169.254/latest/meta-data"
+    for vm in t.leases:
+        nic = t.instance(vm)["nics"][0]
+        if t.network(nic["network"]).get("gateway_mode") == "hardware":
+            print(f"  {vm:<5} (hardware-gateway network: skipped)")
+            continue
+        try:
+            hostname = lab.http_get(vm, f"{ec2}/hostname").strip()
+            iid = lab.http_get(vm, f"{ec2}/instance-id").strip()
+            local = lab.http_get(vm, f"{ec2}/local-ipv4").strip()
+        except LabError as e:
+            raise DemoFailed(f"{vm} got no metadata: {_short_error(str(e))}") from e
+        ok = hostname.split(".")[0] == vm and local == nic["ip"]
+        print(f"  {vm:<5} hostname {hostname:<16} instance-id {iid:<12} local-ipv4 {local:<14} "
+              f"{'ok' if ok else 'UNEXPECTED'}")
+        if not ok:
+            raise DemoFailed(f"{vm} was served someone else's metadata: {hostname} {local}")
+    t.wait()
+
+
+def second_highstate(t: Tour) -> None:
+    t.section("Apply again: nothing to do", """
+        The same highstate once more. Every state finds the host already as the pillar
+        says, so nothing changes: no rule replaced, no dnsmasq restarted, no lease lost.
+        (Change the pillar and apply again, and only the difference would be made.)""")
+    print("$ salt '*' state.apply")
+    res, took = _highstate(t)
+    for host in sorted(t.topo.hosts):
+        changed = _changes(res[host])
+        print(f"  {host}: {len(res[host])} states, "
+              + ("no changes" if not changed else f"CHANGED: {changed}"))
+        if changed:
+            raise DemoFailed(f"the second apply changed {host}: {changed}")
+    print(f"  ({took:.1f} s)")
+    t.wait()
+
+
+def teardown_note(t: Tour) -> None:
+    t.section("Tear down", """
+        Leaving the 'with Lab(...)' block kills every process living in the lab's
+        namespaces (salt, dnsmasq, DHCP clients, web servers), deletes the namespaces
+        and the run directory. The same happens on an exception, on SIGINT/SIGTERM,
+        and 'hanet_lab down --stale' sweeps what a SIGKILLed run left.""")
+
+
+ROUTER = "203.0.113.1"
+SECTIONS = (show_topology, show_minions, show_router, show_desired, apply_highstate,
+            vm_leases, vm_upstream, vm_metadata, second_highstate, teardown_note)
+
+
+def run_demo(hosts: int = 4, pause: bool = False) -> int:
+    hosts = max(hosts, 3)
     t0 = time.monotonic()
     section(1, "What this is", """
         hanet turns Salt minions into nova-network style hosts: bridges, dnsmasq DHCP,
@@ -79,81 +405,20 @@ def run_demo(hosts: int = 4, pause: bool = False) -> int:
     topo = default_topology(hosts=hosts)
     lab = Lab(topo, progress=lambda m: print(f"  .. {m}", flush=True))
     print(f"Building lab {lab.prefix} ({hosts} hosts + master + router + {len(topo.vms)} VMs)...")
+    rc = 0
     try:
-        with lab:
-            section(2, "The topology", """
-                Each line below is one network namespace. Hosts are named like the minion ids
-                in hanet's example pillar; their interfaces (mgmt0, eth0..eth4) are veths whose
-                other end sits in a bridge of the switch namespace, one bridge per segment.""")
-            print(lab.describe())
-            print()
-            t = lab.timings
-            print(f"Up in {t['up']:.1f} s (network {t['network']:.1f} s, minions answering "
-                  f"{t.get('minions_ping', 0):.1f} s, saltutil.sync_all done {t.get('sync_all', 0):.1f} s).")
-            wait()
-
-            section(3, "Every minion is a whole host", """
-                The master (in its own namespace) runs hanet.links on every minion. Each minion
-                runs inside its host's namespace, so it sees that host's links only: not the
-                other hosts', not the switch's bridges, not this machine's real interfaces.""")
-            print("$ salt '*' hanet.links")
-            links = lab.salt("*", "hanet.links")
-            for host in sorted(links):
-                print(f"  {host:<10} {' '.join(links[host]) if isinstance(links[host], list) else links[host]}")
-            missing = sorted(set(topo.hosts) - set(links))
-            if missing:
-                print(f"  (no answer from {missing})")
-            wait()
-
-            section(4, "The upstream router", """
-                The router sits on the public segment (203.0.113.1) and runs a tiny web server;
-                GET /whoami answers the source address it saw, which is how tests check SNAT.""")
-            ok = lab.ping("compute1", "203.0.113.1")
-            print(f"  compute1 pings 203.0.113.1: {'yes' if ok else 'NO'}")
-            try:
-                print(f"  compute1: GET http://203.0.113.1/whoami -> {lab.http_get('compute1', 'http://203.0.113.1/whoami').strip()}")
-            except LabError as e:
-                print(f"  GET failed: {e}")
-            arp = lab.arp_cache("router")
-            for ip, n in sorted(arp.items()):
-                print(f"  router's ARP cache: {ip} is at {n['mac']} ({n['state']}, {n['ifname']})")
-            wait()
-
-            section(5, "What hanet wants on each host", """
-                The lab now serves a pillar that matches its own interface names (the contract's
-                example pillar, with a flat hardware-gateway network instead of VLANs, which this
-                kernel lacks). hanet.desired computes, from the pillar alone, what each host
-                should hold; nothing is changed on the hosts yet.""")
-            funcs = lab.functions("hanet")
-            print(f"  hanet functions on the minions: {', '.join(funcs) or 'none'}")
-            if "hanet.desired" not in funcs:
-                print("  hanet.desired is not there yet: skipping this section.")
-            else:
-                pillar = lab_pillar(topo)
-                nets = pillar["hanet"]["networks"]
-                print("  networks in the lab pillar:")
-                for name, n in nets.items():
-                    who = ("every host that lists it (multi_host)" if n.get("multi_host")
-                           else f"network hosts {n.get('network_hosts')}")
-                    print(f"    {name:<8} {n['cidr']:<16} {n['bridge']} on {n['bridge_interface']}, "
-                          f"gateway {n['gateway']} ({n.get('gateway_mode', 'host')}), served by {who}")
-                print("  instances: " + ", ".join(
-                    f"{i} on {v['host']}" for i, v in pillar["hanet"]["instances"].items()))
-                lab.set_pillar(pillar)
-                print()
-                print("$ salt '*' hanet.desired")
-                desired = lab.salt("*", "hanet.desired", timeout=60)
-                for host in sorted(topo.hosts):
-                    _print_desired(host, desired.get(host, "no answer"))
-            wait()
-
-            section(6, "Tear down", """
-                Leaving the 'with Lab(...)' block kills every process living in the lab's
-                namespaces (salt, dnsmasq, DHCP clients, web servers), deletes the namespaces
-                and the run directory. The same happens on an exception, on SIGINT/SIGTERM,
-                and 'hanet_lab down --stale' sweeps what a SIGKILLed run left.""")
+        with lab:  # down() on leaving: normally, on an exception, on Ctrl-C
+            tour = Tour(lab, topo, pause)
+            for step in SECTIONS:
+                step(tour)
+    except DemoFailed as e:
+        print(f"\nDEMO FAILED: {e}")
+        rc = 1
+    except KeyboardInterrupt:
+        print("\ninterrupted")
+        rc = 130
     finally:
         if "down" in lab.timings:
             print(f"  lab {lab.prefix} removed in {lab.timings['down']:.1f} s; "
                   f"whole demo {time.monotonic() - t0:.1f} s")
-    return 0
+    return rc

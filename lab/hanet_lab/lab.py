@@ -26,7 +26,6 @@ import subprocess
 import sys
 import threading
 import time
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -94,7 +93,7 @@ def _pss_kib(pid: int) -> Optional[int]:
 
 # --- cleanup on exit and on signals --------------------------------------------------------
 
-_LIVE: "weakref.WeakSet[Lab]" = weakref.WeakSet()
+_LIVE: "set[Lab]" = set()  # strong refs: a lab nobody holds any more is still cleaned at exit
 _HANDLERS_INSTALLED = False
 _PREV_HANDLERS: dict = {}
 
@@ -505,7 +504,7 @@ class Lab:
             mopts["reactor"] = [{"salt/beacon/*/hanet_liveness/*": [reactor]}]
             prime = os.path.join(self.checkout, "reactor", "prime.sls")
             if os.path.exists(prime):
-                mopts["reactor"].append({"salt/minion/*/start": [prime]})
+                mopts["reactor"] += [{"salt/minion/*/start": [prime]}, {"hanet/prime": [prime]}]
         if os.path.exists(os.path.join(self.checkout, "_pillar", "hanet_owners.py")):
             mopts["ext_pillar"] = [{"hanet_owners": {}}]  # the failover record, as pillar
         mopts.update(m.opts)
@@ -706,7 +705,8 @@ class Lab:
         if isinstance(argv, str):
             argv = ["sh", "-c", argv]
         return subprocess.run(["ip", "netns", "exec", self.ns(node)] + list(argv), capture_output=True,
-                              text=True, timeout=timeout, check=check, input=input, env=env)
+                              text=True, errors="replace", timeout=timeout, check=check, input=input,
+                              env=env)
 
     def popen(self, node: str, argv: Sequence[str], name: Optional[str] = None, **kw) -> subprocess.Popen:
         """Start a long-running process in a node's namespace (killed by ``down``)."""
