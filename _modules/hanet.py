@@ -502,18 +502,25 @@ def takeover(network, epoch, previous=None, detected_at=None, planned=False):
     """
     import time
 
-    t0 = time.time()
+    marks = [("start", time.time())]
+
+    def mark(what):
+        marks.append((what, time.time()))
+
     me = __opts__["id"]  # noqa: F821
     tag = f"hanet/failover/{network}"
     base = {"network": network, "from": previous, "to": me, "epoch": int(epoch),
             "detected_at": detected_at, "planned": bool(planned)}
+    moved = []
     try:
         cfg = _config()
         net = cfg.networks.get(network)
         if net is None or net.multi_host or me not in net.network_hosts:
             raise ValueError(f"{me} is not a network host of {network!r}")
+        mark("config")
         if not planned:
             holder = _h("arp").probe(net.gateway, net.bridge, timeout=0.05, tries=1)
+            mark("dad")
             if holder:
                 raise RuntimeError(f"gateway {net.gateway} is still answered by {holder} "
                                    f"on {net.bridge}: not binding it (duplicate address)")
@@ -521,17 +528,21 @@ def takeover(network, epoch, previous=None, detected_at=None, planned=False):
         paths = _paths()
         managed = _h("common").Managed(paths)
         state = _lib().desired.compute(cfg, me, _owners())
+        mark("desired")
         done = _apply_now(("links", "floating"), state, paths, managed)
-        bound_at = time.time()
+        mark("bound")
         moved = [(net.gateway, net.bridge)] + [
             (f.address, f.public_interface) for f in state.floating_ips if f.network == network]
         _h("arp").garp_many(moved, max(state.garp_count, 3))
+        mark("announced")
         done.update(_apply_now(("dnsmasq", "metadata"), state, paths, managed))
+        mark("dhcp")
     except Exception as err:  # report, then let the caller see it too
         _fire(f"{tag}/failed", dict(base, reason=str(err), failed_at=time.time()))
         raise
+    t0 = marks[0][1]
     data = dict(base, completed_at=time.time(), addresses=[ip for ip, _ in moved],
-                timings={"bound_s": round(bound_at - t0, 4), "total_s": round(time.time() - t0, 4)},
+                timings={f"{what}_s": round(at - t0, 4) for what, at in marks[1:]},
                 changes=done)
     _fire(f"{tag}/complete", data)
     return data

@@ -120,7 +120,7 @@ def _grains(minion_id):
 
 
 _CACHE = {}  # minion id -> (compiled at, (config, pillar)); lives as long as the reactor
-CACHE_S = 30.0
+CACHE_S = 600.0  # a highstate primes it afresh (reactor/prime.sls)
 
 
 def _config(minion_id, fresh=False):
@@ -252,7 +252,9 @@ def _vouching_addresses(suspect, cfg):
 def prime(tag=None, data=None):  # pylint: disable=unused-argument
     """Warm the failover path (imports, the pillar of the minion that just started), so
     that the first failover after a start does not pay for them. ``reactor/prime.sls``
-    calls it for ``salt/minion/*/start``.
+    calls it for ``salt/minion/*/start`` and for ``hanet/prime`` (which every hanet
+    highstate fires when it ends), in the reactor's own process: that is the process a
+    failover runs in, and the one whose first rendering is slow.
 
     CLI example::
 

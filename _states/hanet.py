@@ -188,7 +188,12 @@ def liveness(name, pillar_key="hanet"):
         hanet-liveness:
           hanet.liveness: []
     """
-    return _facet(name, "liveness", pillar_key)
+    ret = _facet(name, "liveness", pillar_key)
+    if ret["result"] and not __opts__.get("test"):  # noqa: F821
+        # Warm the master's failover path (its reactor and the hanet runner) with the
+        # pillar this highstate applied: see reactor/prime.sls.
+        __salt__["event.fire_master"]({"id": __opts__["id"]}, "hanet/prime")  # noqa: F821
+    return ret
 
 
 def startup(name, pillar_key="hanet"):
