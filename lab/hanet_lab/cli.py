@@ -118,11 +118,17 @@ def _status() -> list[dict]:
 
 
 def _short(cl: str) -> str:
+    """A process's short name: the program (or the script/module a python runs)."""
     words = cl.split()
-    for w in words:
+    for i, w in enumerate(words):
         base = os.path.basename(w)
-        if not base.startswith("python") and base not in ("ip", "sh", "env"):
-            return base
+        if w == "-m" and i + 1 < len(words):
+            return words[i + 1]
+        if w == "-c":
+            return "python -c"
+        if w.startswith("-") or base.startswith("python") or base in ("ip", "sh", "env"):
+            continue
+        return base
     return os.path.basename(words[0]) if words else "?"
 
 
