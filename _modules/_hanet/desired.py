@@ -261,7 +261,10 @@ def compute(cfg, host, owners=None):
             exempt.append(f"{cfg.metadata_host}/32")
         if not net.hardware:
             forward.append(net.bridge)
-            meta_bridges.append(net.bridge)
+        # Hardware gateway too: the router routes 169.254.169.254 to the host serving the VM
+        # (docs/segmentation.md), which REDIRECTs it here. A router that DNATs it to the
+        # host's address instead breaks: the host answers the VM directly, on the shared L2.
+        meta_bridges.append(net.bridge)
         if not net.hardware or cfg.force_snat_range:
             snat.append(Snat(network=label, cidr=net.cidr, source=me.routing_source_ip,
                              out_interface=me.public_interface, exempt=tuple(exempt),

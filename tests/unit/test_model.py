@@ -214,6 +214,8 @@ def test_multi_host_compute_host_serves_its_own_instances():
     assert [f.address for f in st_.floating_ips] == ["203.0.113.50"]
     assert dict(st_.roles) == {"private": "serving", "red": "serving", "shared": "member"}
     assert st_.ruleset.forward_bridges == ("br100",)  # not the hardware-gateway bridge
+    # metadata: the hardware router routes 169.254.169.254 to the host, which REDIRECTs it
+    assert st_.ruleset.metadata.bridges == ("br100", "br101")
 
 
 def test_network_host_holds_gateway_and_standby_does_not():
