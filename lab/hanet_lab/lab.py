@@ -280,6 +280,7 @@ class Lab:
         self._gateway: Optional[_Gateway] = None
         self._gw_lock = threading.Lock()
         self._owner = True  # we tear it down at exit
+        self._attached = False  # a handle on a lab some other process (or `up`) owns
         self._is_up = False
         self._down_lock = threading.RLock()
         self.ports: dict[str, dict[str, str]] = {}  # node -> ifname -> switch port name
@@ -338,6 +339,7 @@ class Lab:
     def detach(self) -> None:
         """Leave the lab running after this process exits (``hanet_lab up``); ``down`` later."""
         self._owner = False
+        self._attached = False  # the state must say: detached
         _LIVE.discard(self)
         if self._gateway is not None:
             self._gateway.close()
@@ -364,6 +366,7 @@ class Lab:
         lab.plugged = st.get("plugged", {})
         lab.rundir = st["rundir"]
         lab._owner = False
+        lab._attached = True
         lab._is_up = True
         return lab
 
@@ -394,6 +397,10 @@ class Lab:
         old = state.read_state(self.prefix)
         if old and "created" in old:
             data["created"] = old["created"]
+        if old and self._attached:
+            # an attached handle (another process) must not take over or drop the ownership
+            for key in ("owner_pid", "owner_start", "owner_cmdline"):
+                data[key] = old.get(key)
         state.write_state(self.prefix, data)
 
     # -- network ------------------------------------------------------------------------------

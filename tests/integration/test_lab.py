@@ -109,6 +109,16 @@ def test_salt_call_inside_a_host(lab):
     assert lab.salt_call("compute2", "hanet.links", local=True) == lab.links("compute2")
 
 
+def test_an_attached_handle_does_not_take_the_lab_over(lab):
+    before = state.read_state(lab.prefix)
+    other = Lab.attach(lab.prefix)
+    assert other.salt("compute1", "test.ping") == {"compute1": True}
+    other.unplug_vm("db1")  # writes the state file
+    after = state.read_state(lab.prefix)
+    assert (after["owner_pid"], after["owner_start"]) == (before["owner_pid"], before["owner_start"]) == (
+        os.getpid(), nslib.pid_start_time(os.getpid()))
+
+
 # --- the router -------------------------------------------------------------------------------
 
 
