@@ -2,10 +2,12 @@
 
 A probe thread (``_hanet.liveness.Prober``) asks each peer's addresses every
 ``interval_ms``; a peer is down after ``misses`` silent periods and up again after
-``rise`` answered ones. Transitions are fired **at once** from the probe thread,
-through the minion's own beacon return path (the ``__beacons_return`` event that the
-minion forwards to the master), rather than waiting for Salt's once-a-second beacon
-poll. They arrive on the master as::
+``rise`` answered ones. Transitions are fired **at once** from the probe thread, in
+the very load a minion sends its beacon events in (``_minion_event``), on the minion's
+authenticated request channel to the master, rather than waiting for Salt's
+once-a-second beacon poll (falling back to the minion's own beacon return path, the
+``__beacons_return`` event, if the master cannot be reached directly). Each is signed
+with the minion's key. They arrive on the master as::
 
     salt/beacon/<observer>/hanet_liveness/<peer>/down   {peer, state, detected_at, ...}
     salt/beacon/<observer>/hanet_liveness/<peer>/up
@@ -116,9 +118,21 @@ def _fire(opts, peer, state, detected_at, targets):
     key = os.path.join(opts["pki_dir"], "minion.pem")
     data["sig"] = base64.b64encode(salt.crypt.sign_message(key, canonical(data).encode())).decode()
     tag = f"salt/beacon/{opts['id']}/{__virtualname__}/{peer}/{state}"
+    event = {"tag": tag, "data": data, "beacon_name": __virtualname__}
+    try:
+        # Straight to the master on the minion's authenticated request channel: the
+        # same ``_minion_event`` load the minion sends for its beacons, without waiting
+        # for the once-a-second beacon poll or the minion's event loop.
+        import salt.channel.client
+
+        with salt.channel.client.ReqChannel.factory(opts) as channel:
+            channel.send({"id": opts["id"], "cmd": "_minion_event", "events": [event],
+                          "pretag": None}, tries=2, timeout=3)
+        return
+    except Exception as err:  # pylint: disable=broad-except
+        log.warning("hanet_liveness: direct send failed (%s); using the minion's event bus", err)
     with salt.utils.event.MinionEvent(opts, listen=False) as evt:
-        evt.fire_event({"beacons": [{"tag": tag, "data": data, "beacon_name": __virtualname__}]},
-                       "__beacons_return")
+        evt.fire_event({"beacons": [event]}, "__beacons_return")
 
 
 def _warm():

@@ -141,8 +141,10 @@ def _compile(minion_id):
 
     pillar = salt.pillar.get_pillar(__opts__, _grains(minion_id), minion_id,  # noqa: F821
                                     saltenv="base").compile_pillar()
-    lib = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "modules")
-    for cand in (lib, os.path.join(__opts__["extension_modules"], "modules")):  # noqa: F821
+    here = os.path.dirname(os.path.abspath(__file__))
+    # _hanet: beside the checkout's _runners (runner_dirs), or synced with the modules
+    for cand in (os.path.join(here, "..", "_modules"), os.path.join(here, "..", "modules"),
+                 os.path.join(__opts__["extension_modules"], "modules")):  # noqa: F821
         if os.path.isdir(os.path.join(cand, "_hanet")) and cand not in sys.path:
             sys.path.append(cand)
     from _hanet import model

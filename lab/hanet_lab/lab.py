@@ -513,7 +513,11 @@ class Lab:
             if os.path.exists(prime):
                 mopts["reactor"] += [{"salt/minion/*/start": [prime]}, {"hanet/prime": [prime]}]
         if os.path.exists(os.path.join(self.checkout, "_pillar", "hanet_owners.py")):
-            mopts["ext_pillar"] = [{"hanet_owners": {}}]  # the failover record, as pillar
+            # the failover record, as pillar; loaded from the checkout at master start
+            # (a master loads a synced ext_pillar module only after a restart)
+            mopts["ext_pillar"] = [{"hanet_owners": {}}]
+            mopts["pillar_dirs"] = [os.path.join(self.checkout, "_pillar")]
+            mopts["runner_dirs"] = [os.path.join(self.checkout, "_runners")]
         mopts.update(m.opts)
         with open(os.path.join(self.master_conf_dir, "master"), "w") as f:
             yaml.safe_dump(mopts, f, default_flow_style=False)
