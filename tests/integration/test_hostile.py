@@ -110,7 +110,8 @@ class Sniffers:
         argv = ["tcpdump", "-i", iface, "-n", "-e", "-l", "-A"] + (["-vv"] if verbose else []) + [filt]
         fh = open(path, "w")
         p = self.lab.popen(node, argv, stdout=fh, stderr=subprocess.PIPE, text=True)
-        p.stderr.readline()  # "listening on ..."
+        while "listening on" not in (p.stderr.readline() or "listening on"):
+            pass  # the capture is open once tcpdump says so (after "verbose output suppressed")
         self.procs[name] = (p, fh, path)
 
     def stop(self):
@@ -192,9 +193,12 @@ def test_without_guards_every_attack_lands(lab, hostile):
 
         assert lab.dhcp("web1", "udhcpc")["address"] == WEB1_IP
         assert lab.ping("web1", GW1) and lab.arp_cache("web1")[GW1]["mac"] == gw_mac
-        time.sleep(1.1)  # past the neighbour locktime, so that an ARP update would be taken
-        scapy(lab, "evil", garp_code(GW1))
-        time.sleep(0.3)
+        for _ in range(3):  # under load the first try may land within the locktime
+            time.sleep(1.1)  # past the neighbour locktime, so that an ARP update would be taken
+            scapy(lab, "evil", garp_code(GW1))
+            time.sleep(0.3)
+            if lab.arp_cache("web1")[GW1]["mac"] == EVIL_MAC:
+                break
         assert lab.arp_cache("web1")[GW1]["mac"] == EVIL_MAC  # poisoned: the check can see it
     lab.exec("web1", "ip neigh flush dev eth0")
     lab.dhcp("web1", "udhcpc")
@@ -340,13 +344,14 @@ def test_gratuitous_arp_for_the_gateway_changes_no_arp_cache(lab, guarded):
     db1_gw = lab.arp_cache("db1")[GW2]["mac"]
     assert lab.arp_cache("web1")[GW1]["mac"] == gw_mac
     assert lab.arp_cache("compute1")[WEB1_IP]["mac"] == WEB1_MAC
-    time.sleep(1.1)  # past the neighbour locktime: an unguarded update would be taken
     unicast = (f"tx(Ether(src='{EVIL_MAC}', dst='{WEB1_MAC}')/ARP(op=2, hwsrc='{EVIL_MAC}', "
                f"psrc='{GW1}', hwdst='{WEB1_MAC}', pdst='{WEB1_IP}'))\n")
     with sniffing(lab, web1=("web1", "eth0", "arp"), db1=("db1", "eth0", "arp"),
                   tap=("compute1", "tap-evil", "arp")) as s:
-        scapy(lab, "evil", garp_code(GW1) + garp_code(GW2) + garp_code(WEB1_IP) + unicast
-              + garp_code(GW1, FORGED_MAC))
+        for _ in range(3):  # as often as the control needs at most
+            time.sleep(1.1)  # past the neighbour locktime: an unguarded update would be taken
+            scapy(lab, "evil", garp_code(GW1) + garp_code(GW2) + garp_code(WEB1_IP) + unicast
+                  + garp_code(GW1, FORGED_MAC))
     time.sleep(0.3)
     assert f"{GW1} is-at {EVIL_MAC}" in s.text["tap"]  # sent
     for vm in ("web1", "db1"):

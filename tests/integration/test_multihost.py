@@ -83,7 +83,8 @@ def sniff(lab, node, iface, filt, verbose=False):
     argv = ["tcpdump", "-i", iface, "-n", "-e", "-l"] + (["-vv"] if verbose else []) + [filt]
     with open(out, "w") as fh:
         p = lab.popen(node, argv, stdout=fh, stderr=subprocess.PIPE, text=True)
-        p.stderr.readline()  # "listening on ..." once the capture is open
+        while "listening on" not in (p.stderr.readline() or "listening on"):
+            pass  # the capture is open once tcpdump says so (after "verbose output suppressed")
         lines = []
         try:
             yield lines
