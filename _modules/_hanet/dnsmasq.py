@@ -54,6 +54,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 
@@ -303,9 +304,17 @@ def current(paths, managed=None) -> dict:
             "argv_digest": record.get("argv_digest"),
             "hosts_text": _read(f["hosts"]) or "",
             "bridge": record.get("bridge"),
+            "listen_address": _listen_address(record.get("argv") or ()),
             "leases": [list(lease) for lease in parse_leases(_read(f["leases"]))],
         }
     return out
+
+
+def _listen_address(argv):
+    for arg in argv:
+        if arg.startswith("--listen-address="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 # --------------------------------------------------------------------------- plan
@@ -340,7 +349,8 @@ def plan(desired, current) -> list:
                 if new_hosts.get(mac) == ip:
                     continue
                 releases.append(Change(FACET, "release", f"{label}/{ip}/{mac}", {
-                    "network": label, "bridge": bridge, "ip": ip, "mac": mac, "pid": cur.get("pid")}))
+                    "network": label, "bridge": bridge, "ip": ip, "mac": mac, "pid": cur.get("pid"),
+                    "server": cur.get("listen_address") or spec.listen_address}))
         if not cur.get("alive") or cur.get("argv_digest") != options_digest(spec):
             reason = "dead" if not cur.get("alive") else "options changed"
             changes.extend(releases)
@@ -467,6 +477,34 @@ def _start(spec, paths):
     return pid
 
 
+def release_packet(server, ip, mac):
+    """A DHCPRELEASE for lease ``ip``/``mac`` with server identifier ``server`` (what
+    dhcp_release sends)."""
+    import struct
+
+    chaddr = bytes.fromhex(mac.replace(":", "").replace("-", ""))
+    head = struct.pack("!BBBBIHH4s4s4s4s16s64s128sI", 1, 1, len(chaddr), 0, 0, 0, 0,
+                       socket.inet_aton(ip), bytes(4), bytes(4), bytes(4), chaddr.ljust(16, b"\0"),
+                       bytes(64), bytes(128), 0x63825363)
+    packet = head + bytes([53, 1, 7, 54, 4]) + socket.inet_aton(server) + bytes([255])
+    return packet.ljust(300, b"\0")  # BOOTP's minimum size
+
+
+def send_release(bridge, server, ip, mac):
+    """Tell the dnsmasq listening on ``server`` (on ``bridge``) to drop a lease, as
+    ``dhcp_release`` does (a UDP packet bound to the bridge, to server:67), but with the
+    server identifier dnsmasq answers with. dhcp_release puts the bridge's *first* address
+    in the same subnet there; on a network host that is the host's own address, not the
+    gateway dnsmasq listens on, and dnsmasq ignores a release whose server identifier is
+    not its own, so the lease stayed and every apply tried again."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, bridge.encode())
+        sock.sendto(release_packet(server, ip, mac), (server, 67))
+    finally:
+        sock.close()
+
+
 def _wait_released(paths, label, mac, ip, timeout=RELEASE_TIMEOUT):
     path = files(label, paths)["leases"]
     deadline = time.monotonic() + timeout
@@ -510,12 +548,20 @@ def apply(changes, paths, managed) -> list:
                 done.append(f"reloaded dnsmasq {spec.network} hosts: SIGHUP pid {pid}")
         elif change.action == "release":
             d = change.detail
-            proc = subprocess.run([DHCP_RELEASE, d["bridge"], d["ip"], d["mac"]],
-                                  stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                  timeout=10, check=False)
-            if proc.returncode != 0:
-                done.append(f"dhcp_release {d['bridge']} {d['ip']} {d['mac']} failed: "
-                            f"{(proc.stderr or proc.stdout).strip()}")
+            error = None
+            if d.get("server"):
+                try:
+                    send_release(d["bridge"], d["server"], d["ip"], d["mac"])
+                except OSError as err:
+                    error = str(err)
+            else:
+                proc = subprocess.run([DHCP_RELEASE, d["bridge"], d["ip"], d["mac"]],
+                                      stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                      timeout=10, check=False)
+                if proc.returncode != 0:
+                    error = (proc.stderr or proc.stdout).strip()
+            if error:
+                done.append(f"dhcp_release {d['bridge']} {d['ip']} {d['mac']} failed: {error}")
             elif _wait_released(paths, d["network"], d["mac"], d["ip"]):
                 done.append(f"released lease {d['ip']} {d['mac']} on {d['bridge']}")
             else:

@@ -194,7 +194,18 @@ def test_plan_release_removed_host_with_lease():
     changes = dnsmasq.plan((spec(hosts=(H1,)),), cur)
     assert actions(changes) == [("release", "private/192.168.0.11/fa:16:3e:00:00:02"), ("reload", "private")]
     assert changes[0].detail == {"network": "private", "bridge": "br100", "ip": "192.168.0.11",
-                                 "mac": "fa:16:3e:00:00:02", "pid": 100}
+                                 "mac": "fa:16:3e:00:00:02", "pid": 100, "server": "192.168.0.3"}
+
+
+def test_release_packet_names_the_listen_address_as_server():
+    import socket
+
+    pkt = dnsmasq.release_packet("10.20.0.1", "10.20.0.20", "fa:16:3e:00:20:02")
+    assert len(pkt) == 300 and pkt[0] == 1 and pkt[2] == 6
+    assert pkt[12:16] == socket.inet_aton("10.20.0.20")  # ciaddr
+    assert pkt[28:34] == bytes.fromhex("fa163e002002")  # chaddr
+    assert pkt[236:240] == bytes.fromhex("63825363")
+    assert pkt[240:250] == bytes([53, 1, 7, 54, 4]) + socket.inet_aton("10.20.0.1") + bytes([255])
 
 
 def test_plan_no_release_without_lease():
