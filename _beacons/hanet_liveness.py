@@ -123,11 +123,9 @@ def _fire(opts, peer, state, detected_at, targets):
         # Straight to the master on the minion's authenticated request channel: the
         # same ``_minion_event`` load the minion sends for its beacons, without waiting
         # for the once-a-second beacon poll or the minion's event loop.
-        import salt.channel.client
+        from _hanet import events
 
-        with salt.channel.client.ReqChannel.factory(opts) as channel:
-            channel.send({"id": opts["id"], "cmd": "_minion_event", "events": [event],
-                          "pretag": None}, tries=2, timeout=3)
+        events.send(opts, tag, data, timeout=3)
         return
     except Exception as err:  # pylint: disable=broad-except
         log.warning("hanet_liveness: direct send failed (%s); using the minion's event bus", err)

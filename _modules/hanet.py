@@ -472,7 +472,7 @@ def _peers(paths):
 
 
 def _fire(tag, data):
-    __salt__["event.fire_master"](data, tag)  # noqa: F821
+    _h("events").send(__opts__, tag, data)  # noqa: F821
 
 
 def _apply_now(facets, state, paths, managed, garp=0):

@@ -1,0 +1,295 @@
+"""Automatic failover of a network-host network, in the lab, with real parts only:
+
+    net1, net2   network hosts of `shared` (10.20.0.0/24, gateway 10.20.0.1, br200)
+    compute1     app1 10.20.0.10 on br200 (floating IP 203.0.113.60); watches net1/net2
+    router       203.0.113.1 upstream
+
+A host loses power (links down, every process SIGKILLed); the liveness beacons of its
+peers report it; the reactor hands the event to the hanet runner, which checks it,
+asks for a second opinion, records the new owner and has the standby take over the
+gateway, DHCP, NAT and the floating IP. The tests assert what an operator checks:
+traffic in both directions comes back, leases survive, the returning host stays
+standby and never answers for the moved addresses, a broken link on the standby or a
+forged event moves nothing, a planned evacuation loses no probe. Timing targets live in
+bench/failover.py, not here.
+"""
+import base64
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+pytestmark = pytest.mark.lab
+
+NET = "shared"
+GATEWAY = "10.20.0.1"
+FLOATING = "203.0.113.60"
+ROUTER = "203.0.113.1"
+APP1_IP = "10.20.0.10"
+
+
+@pytest.fixture(scope="module")
+def lab_topology():
+    from hanet_lab import default_topology
+
+    return default_topology(hosts=4)
+
+
+@pytest.fixture(scope="module")
+def cluster(lab):
+    from hanet_lab.pillar import lab_pillar
+
+    pillar = lab_pillar(lab.topology)
+    pillar["hanet"]["instances"]["app1"]["floating_ips"] = [FLOATING]
+    lab.set_pillar(pillar)
+    res = lab.salt("*", "state.apply", ["hanet"], timeout=300)
+    failed = [(h, s["comment"]) for h, r in res.items() for s in r.values() if not s["result"]]
+    assert not failed, failed
+    lab.plug_vm("app1")
+    lab.salt("compute1", "state.apply", ["hanet"], timeout=300)
+    lease = lab.dhcp("app1", client="udhcpc")
+    assert (lease["address"], lease["server"]) == (APP1_IP, GATEWAY)
+    time.sleep(2)  # the beacons' first verdicts (peers up)
+    return lab
+
+
+def _beacon_module():
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "_beacons", "hanet_liveness.py")
+    spec = importlib.util.spec_from_file_location("hanet_liveness_for_tests", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def signed(lab, signer, observer, peer, state, detected_at=None, nonce=None):
+    """A liveness event's data as ``signer``'s minion would sign it."""
+    import salt.crypt
+
+    data = {"peer": peer, "state": state, "observer": observer, "id": observer,
+            "detected_at": time.time() if detected_at is None else detected_at,
+            "nonce": nonce or os.urandom(8).hex(), "targets": []}
+    key = os.path.join(lab.minion_root(signer), "etc", "salt", "pki", "minion", "minion.pem")
+    msg = _beacon_module().canonical(data).encode()
+    data["sig"] = base64.b64encode(salt.crypt.sign_message(key, msg)).decode()
+    return data
+
+
+def fire_beacon_event(lab, sender, tag, data):
+    """Send an event the way a beacon does (the minion's beacon return path)."""
+    got = lab.salt(sender, "event.fire", [{"beacons": [{"tag": tag, "data": data,
+                                                        "beacon_name": "hanet_liveness"}]},
+                                          "__beacons_return"])
+    assert got.get(sender) is True, got
+
+
+def owner(lab):
+    return lab.salt_run("hanet.status")["networks"][NET]
+
+
+def powered(lab, host):
+    out = subprocess.run(["ip", "-n", lab.ns(host), "-o", "link", "show", "mgmt0"],
+                         capture_output=True, text=True).stdout
+    return "state UP" in out
+
+
+def holders(lab, address):
+    """Powered hosts whose namespace holds ``address`` (a host without power keeps its
+    kernel state in the lab, with every link down)."""
+    out = []
+    for host in ("net1", "net2"):
+        if powered(lab, host) and any(a.split("/")[0] == address for a in lab.addresses(host)):
+            out.append(host)
+    return out
+
+
+def wait_owner(lab, expect, timeout=20):
+    deadline = time.monotonic() + timeout
+    while True:
+        st = owner(lab)
+        if st.get("owner") == expect and st.get("agree"):
+            return st
+        if time.monotonic() > deadline:
+            raise AssertionError(f"owner never became {expect}: {st}")
+        time.sleep(0.5)
+
+
+def test_power_loss_moves_gateway_dhcp_nat_and_floating_ip(cluster):
+    from hanet_lab import chaos
+
+    lab = cluster
+    assert holders(lab, GATEWAY) == ["net1"] and holders(lab, FLOATING) == ["net1"]
+    with lab.events() as ev:
+        vm = chaos.Pinger(lab, "app1", ROUTER).start()
+        up = chaos.Pinger(lab, "router", FLOATING).start()
+        try:
+            time.sleep(1)
+            t0 = chaos.power_off(lab, "net1")
+            done = ev.wait(f"hanet/failover/{NET}/complete", timeout=20)
+            time.sleep(1.5)
+        finally:
+            vm.stop()
+            up.stop()
+    assert done, "no hanet/failover/shared/complete event"
+    data = done["data"]
+    assert (data["network"], data["from"], data["to"]) == (NET, "net1", "net2")
+    assert set(data["addresses"]) == {GATEWAY, FLOATING}
+    assert t0 < data["detected_at"] < data["completed_at"]
+    assert {"dad_s", "bound_s", "announced_s", "dhcp_s"} <= set(data["timings"])
+    # both directions came back: replies after the power loss, on the new owner
+    for pinger in (vm, up):
+        after = [t for t, _ in pinger.replies() if t > data["completed_at"]]
+        assert after, f"{pinger.node} -> {pinger.target}: no reply after the failover"
+    assert holders(lab, GATEWAY) == ["net2"] and holders(lab, FLOATING) == ["net2"]
+    # NAT moved too: the router now sees net2's routing_source_ip... for app1 it is the floating IP
+    assert lab.http_get("app1", f"http://{ROUTER}/whoami").strip() == FLOATING
+    # the VM renews from the new owner and keeps its address
+    lease = lab.dhcp("app1", client="dhclient")
+    assert (lease["address"], lease["server"], lease["router"]) == (APP1_IP, GATEWAY, GATEWAY)
+    leases = lab.exec("net2", ["sh", "-c", f"cat {lab.minion_root('net2')}/var/lib/hanet/dnsmasq/{NET}.leases"])
+    assert APP1_IP in leases.stdout
+    st = wait_owner(lab, "net2")
+    assert st["unreachable"] == ["net1"] and st["epoch"] >= 1
+
+
+def _arp_capture(lab, node, ifname, path):
+    return subprocess.Popen(["ip", "netns", "exec", lab.ns(node), "tcpdump", "-l", "-n", "-e", "-i",
+                             ifname, "arp"], stdout=open(path, "w"), stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def _answerers(path, address):
+    """MACs that claimed ``address`` in a tcpdump -e capture (replies and announcements)."""
+    macs = set()
+    with open(path) as fh:
+        for line in fh:
+            m = re.search(rf"^\S+ (\S+) > \S+,.*(Reply {re.escape(address)} is-at (\S+)|"
+                          rf"Request who-has {re.escape(address)} tell {re.escape(address)},)", line)
+            if m:
+                macs.add(m.group(3).rstrip(",") if m.group(3) else m.group(1))
+    return macs
+
+
+def test_returning_host_stays_standby_and_never_answers_for_moved_addresses(cluster, tmp_path):
+    from hanet_lab import chaos
+
+    lab = cluster
+    net2_br = lab.mac("net2", "br200")
+    net2_pub = lab.mac("net2", "eth0")
+    # every ARP on both segments, seen from the switch (a promiscuous bridge sees all frames)
+    caps = {"shared": (tmp_path / "shared.txt", GATEWAY), "public": (tmp_path / "public.txt", FLOATING)}
+    procs = [_arp_capture(lab, "switch", seg if seg != "shared" else "seg-shared", str(path))
+             for seg, (path, _) in caps.items()]
+    askers = [lab.popen("app1", ["arping", "-i", "0.05", "-c", "400", "-I", "eth0", GATEWAY]),
+              lab.popen("router", ["arping", "-i", "0.05", "-c", "400", "-I", "eth0", FLOATING])]
+    try:
+        time.sleep(1)
+        chaos.power_on(lab, "net1")  # boots; its start-up highstate consults the record
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            st = lab.salt("net1", "hanet.status", timeout=10).get("net1")
+            if isinstance(st, dict) and st.get("networks", {}).get(NET, {}).get("role") == "standby" \
+                    and st["networks"][NET].get("present"):
+                break
+            time.sleep(1)
+        else:
+            pytest.fail(f"net1 never came back as standby: {st}")
+        time.sleep(3)
+    finally:
+        for p in askers + procs:
+            p.terminate()
+        for p in askers + procs:
+            p.wait(5)
+    assert holders(lab, GATEWAY) == ["net2"] and holders(lab, FLOATING) == ["net2"]
+    assert _answerers(caps["shared"][0], GATEWAY) == {net2_br}
+    assert _answerers(caps["public"][0], FLOATING) == {net2_pub}
+    st = wait_owner(lab, "net2")
+    assert st["standby"] == ["net1"] and st["gateway_on"] == ["net2"]
+    # its beacon watches net2 again (the beacon config and start-up file survived the reboot)
+    assert lab.salt("net1", "beacons.list", kwarg={"return_yaml": False})["net1"].get("hanet_liveness")
+
+
+def test_standby_with_a_broken_link_does_not_steal_the_network(cluster):
+    from hanet_lab import chaos
+
+    lab = cluster
+    with lab.events() as ev:
+        chaos.cut(lab, "net1", ["eth3", "eth0"])  # net1 loses both paths to net2
+        try:
+            down = ev.wait("salt/beacon/net1/hanet_liveness/net2/down", timeout=15)
+            rejected = ev.wait(f"hanet/failover/{NET}/rejected", timeout=15)
+        finally:
+            chaos.mend(lab, "net1", ["eth3", "eth0"])
+    assert down, "net1's beacon never reported net2 down"
+    assert rejected and "answers the master" in rejected["data"]["reason"], rejected
+    time.sleep(1)
+    assert holders(lab, GATEWAY) == ["net2"]
+    assert wait_owner(lab, "net2")["agree"]
+
+
+@pytest.mark.parametrize("case", ["wrong-observer", "impersonation", "no-network", "unsigned",
+                                  "malformed", "stale", "replay"])
+def test_forged_events_move_nothing(cluster, case):
+    lab = cluster
+    before = owner(lab)
+    assert before["owner"] == "net2"
+    tag = "salt/beacon/{}/hanet_liveness/{}/down"
+    if case == "wrong-observer":  # compute2 carries no `shared`: not a peer of net2 for it
+        sender, t, data, why = "compute2", tag.format("compute2", "net2"), \
+            signed(lab, "compute2", "compute2", "net2", "down"), "watches no network that net2 holds"
+    elif case == "impersonation":  # compute2 claims to be net1, signs with its own key
+        sender, t, data, why = "compute2", tag.format("net1", "net2"), \
+            signed(lab, "compute2", "net1", "net2", "down"), "bad signature"
+    elif case == "no-network":  # net1 reports a host that holds no network
+        sender, t, data, why = "net1", tag.format("net1", "compute1"), \
+            signed(lab, "net1", "net1", "compute1", "down"), "watches no network that compute1 holds"
+    elif case == "unsigned":
+        data = signed(lab, "net1", "net1", "net2", "down")
+        del data["sig"]
+        sender, t, why = "net1", tag.format("net1", "net2"), "unsigned"
+    elif case == "malformed":
+        sender, t, data, why = "net1", tag.format("net1", "net2"), \
+            {"peer": "net2", "state": "down", "observer": "net1"}, "malformed data"
+    elif case == "stale":
+        sender, t, data, why = "net1", tag.format("net1", "net2"), \
+            signed(lab, "net1", "net1", "net2", "down", detected_at=time.time() - 3600), "stale event"
+    else:  # replay: the same signed event twice; the first is judged (net2 answers), the second refused
+        data = signed(lab, "net1", "net1", "net2", "down")
+        sender, t, why = "net1", tag.format("net1", "net2"), "replayed event"
+        with lab.events() as ev:
+            fire_beacon_event(lab, sender, t, data)
+            first = ev.wait("hanet/failover/*/rejected", timeout=15)
+        assert first and "answers the master" in first["data"]["reason"], first
+    with lab.events() as ev:
+        fire_beacon_event(lab, sender, t, data)
+        rejected = ev.wait("hanet/failover/*/rejected", timeout=15)
+    assert rejected and why in rejected["data"]["reason"], (case, rejected)
+    after = owner(lab)
+    assert (after["owner"], after["epoch"]) == (before["owner"], before["epoch"])
+    assert holders(lab, GATEWAY) == ["net2"]
+
+
+def test_planned_evacuation_loses_no_probe(cluster):
+    from hanet_lab import chaos
+
+    lab = cluster
+    vm = chaos.Pinger(lab, "app1", ROUTER).start()
+    up = chaos.Pinger(lab, "router", FLOATING).start()
+    try:
+        time.sleep(1)
+        res = lab.salt_run("hanet.evacuate", ["net2"], timeout=120)
+        time.sleep(1)
+    finally:
+        vm.stop()
+        up.stop()
+    assert [(m["network"], m["to"], m["moved"]) for m in res] == [(NET, "net1", True)], res
+    for pinger in (vm, up):
+        gap, _, lost = pinger.outage()
+        assert lost == 0, f"{pinger.node} -> {pinger.target}: {lost} probes lost (longest gap {gap:.3f} s)"
+        assert len(pinger.replies()) > 100
+    assert holders(lab, GATEWAY) == ["net1"] and holders(lab, FLOATING) == ["net1"]
+    st = wait_owner(lab, "net1")
+    assert st["standby"] == ["net2"]
