@@ -47,13 +47,21 @@ def power_off(lab, host):
     the time (epoch) it happened."""
     node = _host(lab, host)
     at = time.time()
+    # Freeze first: with power gone nothing on the host runs while its links go down
+    # one by one (a live VRRP daemon would see its link drop and hand over at once with
+    # a priority-0 advert, which a host that lost power never sends).
+    procs = [pid for plist in lab.processes(host).values() for pid, _ in plist]
+    for pid in procs:
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except OSError:
+            pass
     cut(lab, host, list(node.links))
-    for _, plist in lab.processes(host).items():
-        for pid, _ in plist:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+    for pid in procs + [pid for plist in lab.processes(host).values() for pid, _ in plist]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
     deadline = time.monotonic() + 5
     while any(lab.processes(host).values()) and time.monotonic() < deadline:
         time.sleep(0.05)
