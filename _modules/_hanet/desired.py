@@ -108,12 +108,19 @@ class PortGuard:
     uplink / segment link) must come from a (mac, ip) pair in ``pairs``; DHCP server
     replies from VM ports are dropped; ARP replies/announcements must claim the sender's
     own IP. ``dhcp_isolated``: DHCP does not cross the trusted ports (multi_host).
+
+    Each pair is bound to its own port: a frame entering through a VM port must carry
+    that port's NIC's (mac, ip). ``ports`` names the port of the NICs whose pillar says
+    ``port:``; the others are found at apply time by libvirt's rule (the host-side tap
+    carries the guest MAC with the first octet ``fe``, ``fa`` when the guest's is ``fe``).
+    A VM port that is no NIC's may send nothing.
     """
 
     bridge: str
     trusted_ports: tuple
     pairs: tuple  # ((mac, ip), ...)
     dhcp_isolated: bool
+    ports: tuple = ()  # ((mac, port), ...): the pillar's ``port`` of a NIC, where given
 
 
 @dataclass(frozen=True)
@@ -228,7 +235,9 @@ def compute(cfg, host, owners=None):
                  if n.network == label and i.host == host]
         guards.append(PortGuard(bridge=net.bridge, trusted_ports=(uplink,) if uplink else (),
                                 pairs=tuple(sorted((n.mac, n.ip) for _, n in local)),
-                                dhcp_isolated=net.multi_host))
+                                dhcp_isolated=net.multi_host,
+                                ports=tuple(sorted((n.mac, n.port) for _, n in local
+                                                   if getattr(n, "port", None)))))
         if role == MEMBER:
             continue
         # A standby is hot: it holds the network's rules (SNAT, forward, metadata, the

@@ -42,7 +42,7 @@ HOST_KEYS = {"public_interface", "routing_source_ip", "networks"}
 HOST_NET_KEYS = {"address"}
 INSTANCE_KEYS = {"host", "nics", "floating_ips", "uuid", "hostname", "public_keys", "user_data",
                  "availability_zone"}
-NIC_KEYS = {"network", "mac", "ip"}
+NIC_KEYS = {"network", "mac", "ip", "port"}
 FLOAT_KEYS = {"address", "fixed_ip"}
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
@@ -126,6 +126,7 @@ class Nic:
     network: str
     mac: str
     ip: str
+    port: Optional[str] = None  # the host-side interface (tap) of this NIC; None: libvirt's MAC rule
 
 
 @dataclass(frozen=True)
@@ -528,6 +529,7 @@ def _instances(c, raw, networks, hosts):
     """Valid instances, plus every valid NIC and floating IP (also of instances that are
     broken elsewhere) as (instance, item) pairs, so that the cross checks see them all."""
     out, all_nics, all_fips = {}, [], []
+    ports_seen = {}  # (host, port) -> pillar path: a tap is one NIC's
     for name, spec in sorted(raw.items()):
         path = f"{ROOT}:instances:{name}"
         spec = c.mapping(spec, path, required=True)
@@ -549,6 +551,14 @@ def _instances(c, raw, networks, hosts):
             label = c.str(nic.get("network"), f"{npath}:network", what="a network label")
             mac = c.mac(nic.get("mac"), f"{npath}:mac")
             ip = c.ip(nic.get("ip"), f"{npath}:ip")
+            port = c.str(nic.get("port"), f"{npath}:port", IFNAME_RE,
+                         "an interface name (1-15 chars)") if "port" in nic else None
+            if port is not None:
+                if (host, port) in ports_seen:
+                    c.add(f"{npath}:port", f"port {port} on host {host} is already "
+                                           f"{ports_seen[(host, port)]}")
+                else:
+                    ports_seen[(host, port)] = f"{npath}:port"
             all_nics.append((name, i, mac, ip, host, label))
             if label and label not in networks:
                 c.unknown("networks", label, f"{npath}:network", "network")
@@ -570,7 +580,7 @@ def _instances(c, raw, networks, hosts):
                                           f"instance but has no address on it "
                                           f"(add {ROOT}:hosts:{host}:networks:{label}:address)")
             if mac and ip:
-                nics.append(Nic(index=i, network=label, mac=mac, ip=ip))
+                nics.append(Nic(index=i, network=label, mac=mac, ip=ip, port=port))
         fips = []
         for i, f in enumerate(c.list(spec.get("floating_ips"), f"{path}:floating_ips")):
             fpath = f"{path}:floating_ips:{i}"

@@ -34,7 +34,18 @@ that is not trusted, matched with ``meta ibrname`` (kernel CONFIG_NFT_BRIDGE_MET
 kernel without it the applier falls back to naming the bridge's current VM ports
 (``iifname { ... }``); ``current`` then reports a difference as soon as a bridge's ports
 change, so the next apply guards a newly plugged port (it is unguarded until then).
-``render`` always gives the canonical ``meta ibrname`` form.
+
+Port binding: each (MAC, IP) pair is allowed only from its own port, one set lookup keyed
+``ifname . ether_addr . ipv4_addr`` per bridge (the same for ARP and DHCP), so the cost per
+frame does not grow with the number of instances. A NIC's port is the pillar's ``port``
+where given, else the bridge port whose MAC is the guest MAC with the first octet ``fe``
+(``fa`` when the guest's is ``fe``): libvirt's rule for the tap of a guest NIC. The applier
+reads the bridges' ports and their MACs at apply time (pyroute2) and records them;
+``current`` reports a difference when they change, so the next apply binds a newly plugged
+NIC (until then its frames are dropped, like those of any port that is no NIC's).
+
+``render`` gives the canonical form: ``meta ibrname`` scoping and only the bindings the
+pillar names (what an apply makes when no MAC-found port is plugged).
 
 State: after an apply, the normalized kernel listing of hanet's objects (``nft -s list
 table``, hanet's lines of ``iptables-save``) is stored in ``<state_dir>/ruleset.json`` with
@@ -108,6 +119,30 @@ def _nft_set(items):
 
 def _mac(mac):
     return str(mac).lower()
+
+
+def tap_mac(mac):
+    """The MAC libvirt gives the host-side tap of a guest NIC with MAC ``mac``."""
+    mac = _mac(mac)
+    return ("fa" if mac[:2] == "fe" else "fe") + mac[2:]
+
+
+def _bindings(g, port_macs=None):
+    """Sorted (port, mac, ip) of guard ``g``: the pillar's ports, and (``port_macs``:
+    {port: MAC} of the bridge's ports now) the ports found by libvirt's MAC rule."""
+    named = {_mac(m): p for m, p in g.ports}
+    by_mac = {}
+    for port, pmac in (port_macs or {}).items():
+        if port not in g.trusted_ports and pmac:
+            by_mac.setdefault(_mac(pmac), []).append(port)
+    out = set()
+    for m, ip in g.pairs:
+        m = _mac(m)
+        if m in named:
+            out.add((named[m], m, str(ip)))
+        else:
+            out.update((p, m, str(ip)) for p in by_mac.get(tap_mac(m), ()))
+    return sorted(out)
 
 
 def _ident(name, used):
@@ -203,20 +238,24 @@ def _nft_ip_table(rs):
                 chains=[c for c in chains if c["rules"]])
 
 
-def _nft_bridge_table(rs, ports=None):
-    """``ports``: None to scope each guard with ``meta ibrname``; else {bridge: [VM ports]}."""
+def _nft_bridge_table(rs, ports=None, port_macs=None):
+    """``ports``: None to scope each guard with ``meta ibrname``; else {bridge: [VM ports]}.
+    ``port_macs``: {bridge: {port: MAC}} of the ports now (None: only the pillar's ports)."""
     sets, chains, pre, fwd, inp, out = [], [], [], [], [], []
     used = set()
     for g in sorted(rs.guards, key=lambda g: g.bridge):
         ident = _ident(g.bridge, used)
-        pairs = sorted({(_mac(m), str(ip)) for m, ip in g.pairs})
-        macs = sorted({m for m, _ in pairs})
-        arp = sorted({f"{m} . {m} . {ip}" for m, ip in pairs} | {f"{m} . {m} . 0.0.0.0" for m in macs})
+        bound = _bindings(g, (port_macs or {}).get(g.bridge))
+        macs = sorted({(p, m) for p, m, _ in bound})
+        arp = sorted({f"{_q(p)} . {m} . {m} . {ip}" for p, m, ip in bound}
+                     | {f"{_q(p)} . {m} . {m} . 0.0.0.0" for p, m in macs})
         sets += [
-            dict(name=f"{ident}_pairs", type="ether_addr . ipv4_addr",
-                 elements=[f"{m} . {ip}" for m, ip in pairs]),
-            dict(name=f"{ident}_arp", type="ether_addr . ether_addr . ipv4_addr", elements=arp),
-            dict(name=f"{ident}_macs", type="ether_addr", elements=macs),
+            dict(name=f"{ident}_pairs", type="ifname . ether_addr . ipv4_addr",
+                 elements=[f"{_q(p)} . {m} . {ip}" for p, m, ip in bound]),
+            dict(name=f"{ident}_arp", type="ifname . ether_addr . ether_addr . ipv4_addr",
+                 elements=arp),
+            dict(name=f"{ident}_macs", type="ifname . ether_addr",
+                 elements=[f"{_q(p)} . {m}" for p, m in macs]),
         ]
         vm = f"{ident}_vm"
         if ports is None:
@@ -228,9 +267,10 @@ def _nft_bridge_table(rs, ports=None):
                 pre.append(f"iifname {_names(vm_ports)} jump {vm}")
         chains.append(dict(name=vm, hook=None, rules=[
             "ether type ip udp sport 67 counter drop",
-            f"ether type ip ip saddr 0.0.0.0 udp sport 68 udp dport 67 ether saddr @{ident}_macs return",
-            f"ether type ip ether saddr . ip saddr @{ident}_pairs return",
-            f"ether type arp ether saddr . arp saddr ether . arp saddr ip @{ident}_arp return",
+            "ether type ip ip saddr 0.0.0.0 udp sport 68 udp dport 67"
+            f" iifname . ether saddr @{ident}_macs return",
+            f"ether type ip iifname . ether saddr . ip saddr @{ident}_pairs return",
+            f"ether type arp iifname . ether saddr . arp saddr ether . arp saddr ip @{ident}_arp return",
             "counter drop",
         ]))
         if g.dhcp_isolated and g.trusted_ports:
@@ -333,8 +373,9 @@ def _objects(rs):
     return sorted(objs)
 
 
-def _parts(rs, ports=None):
-    """{'iptables': restore input or '', 'nft': nft script or ''} for the ruleset."""
+def _parts(rs, ports=None, port_macs=None):
+    """{'iptables': restore input or '', 'nft': nft script or ''} for the ruleset
+    (``ports``, ``port_macs``: see :func:`_nft_bridge_table`)."""
     if rs.driver not in ("nftables", "iptables"):
         raise ValueError(f"unknown firewall_driver {rs.driver!r} (nftables | iptables)")
     if is_empty(rs):
@@ -347,7 +388,7 @@ def _parts(rs, ports=None):
         else:
             tables.append(_nft_ip_table(rs))
     if rs.guards:
-        tables.append(_nft_bridge_table(rs, ports))
+        tables.append(_nft_bridge_table(rs, ports, port_macs))
     return {"iptables": ipt, "nft": _nft_script(tables) if tables else ""}
 
 
@@ -405,7 +446,9 @@ def _from_plain(d):
         service_bridges=tuple(d.get("service_bridges", ())),
         guards=tuple(D.PortGuard(bridge=g["bridge"], trusted_ports=tuple(g["trusted_ports"]),
                                  pairs=tuple(tuple(p) for p in g["pairs"]),
-                                 dhcp_isolated=g["dhcp_isolated"]) for g in d.get("guards", ())),
+                                 dhcp_isolated=g["dhcp_isolated"],
+                                 ports=tuple(tuple(p) for p in g.get("ports", ())))
+                      for g in d.get("guards", ())),
         floating=tuple(D.FloatingIp(**f) for f in d.get("floating", ())),
     )
 
@@ -451,19 +494,25 @@ def bridge_meta_supported():
     return _BRIDGE_META[key]
 
 
-def _bridge_ports(bridges):
-    """{bridge: sorted port names} for the bridges that exist (pyroute2, this netns)."""
+def _bridge_port_macs(bridges):
+    """{bridge: {port: MAC}} for ``bridges`` (empty for one that does not exist), read
+    with one link dump (pyroute2, this netns)."""
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
         links = ipr.get_links()
     names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in links}
-    ports = {b: [] for b in bridges}
+    ports = {b: {} for b in bridges}
     for link in links:
         master = names.get(link.get_attr("IFLA_MASTER"))
         if master in ports:
-            ports[master].append(link.get_attr("IFLA_IFNAME"))
-    return {b: sorted(p) for b, p in ports.items()}
+            ports[master][link.get_attr("IFLA_IFNAME")] = _mac(link.get_attr("IFLA_ADDRESS") or "")
+    return {b: dict(sorted(p.items())) for b, p in ports.items()}
+
+
+def _bridge_ports(bridges):
+    """{bridge: sorted port names} for the bridges that exist (pyroute2, this netns)."""
+    return {b: sorted(p) for b, p in _bridge_port_macs(bridges).items()}
 
 
 def _nft_tables():
@@ -545,8 +594,11 @@ def current(ruleset_desired: D.Ruleset, paths: Paths):
     if not snap:
         return None
     if state and snap == state.get("snapshot"):
-        ports = state.get("ports")
-        if ports is None or _bridge_ports(sorted(ports)) == ports:
+        ports, port_macs = state.get("ports"), state.get("port_macs")
+        bridges = sorted(set(ports or ()) | set(port_macs or ()))
+        now = _bridge_port_macs(bridges) if bridges else {}
+        if (ports is None or {b: sorted(now[b]) for b in ports} == ports) and \
+                (port_macs is None or {b: now[b] for b in port_macs} == port_macs):
             return state.get("text")
     return "# hanet: the kernel differs from what hanet applied last\n" + snap + "\n"
 
@@ -650,10 +702,12 @@ def apply(changes, paths: Paths, managed):
             rs = _from_plain(change.detail["ruleset"])
             text = render(rs)
             new = set(_objects(rs))
-            ports = None
-            if rs.guards and not bridge_meta_supported():
-                ports = _bridge_ports(sorted({g.bridge for g in rs.guards}))
-            parts = _parts(rs, ports)
+            ports = port_macs = None
+            if rs.guards:
+                port_macs = _bridge_port_macs(sorted({g.bridge for g in rs.guards}))
+                if not bridge_meta_supported():
+                    ports = {b: sorted(p) for b, p in port_macs.items()}
+            parts = _parts(rs, ports, port_macs)
             if parts["iptables"]:
                 _run(["iptables-restore", "--noflush"], _ipt_apply_script(rs, parts["iptables"]))
             if parts["nft"]:
@@ -665,7 +719,8 @@ def apply(changes, paths: Paths, managed):
             snap = _snapshot(new)
             write_atomic(paths.state(STATE_FILE), json.dumps({
                 "driver": rs.driver, "table": rs.table, "digest": digest(text),
-                "objects": sorted(new), "ports": ports, "snapshot": snap, "text": text,
+                "objects": sorted(new), "ports": ports, "port_macs": port_macs,
+                "snapshot": snap, "text": text,
             }, indent=1, sort_keys=True) + "\n", mode=0o600)
             managed.set(FACET, new)
             msg = f"ruleset: applied {', '.join(sorted(new))} ({rs.driver}, digest {digest(text)})"

@@ -259,3 +259,39 @@ def test_desired_state_is_deterministic_and_plain():
     assert desired.compute(cfg, "compute2") == desired.compute(model.load(copy.deepcopy(example())), "compute2")
     import json
     json.dumps(desired.compute(cfg, "compute2").to_dict())
+
+
+def test_nic_port_names_the_tap_and_reaches_the_guard():
+    p = example()
+    p["instances"]["web1"]["nics"][0]["port"] = "tap-web1"
+    cfg = model.load(p)
+    assert cfg.instances["web1"].nics[0].port == "tap-web1"
+    assert cfg.instances["web1"].nics[1].port is None  # not given: libvirt's MAC rule
+    guard = {g.bridge: g for g in desired.compute(cfg, "compute1").ruleset.guards}["br100"]
+    assert guard.ports == (("fa:16:3e:00:00:01", "tap-web1"),)
+    assert guard.pairs == (("fa:16:3e:00:00:01", "192.168.0.10"),)
+
+
+@pytest.mark.parametrize("port, text", [
+    ("a-very-long-tap-name", "interface name"),
+    ("tap web1", "interface name"),
+    ("", "interface name"),
+    (7, "interface name"),
+])
+def test_bad_nic_port_is_named_by_its_path(port, text):
+    p = example()
+    p["instances"]["web1"]["nics"][0]["port"] = port
+    got = problems(p)
+    assert any(pp == "hanet:instances:web1:nics:0:port" and text in m for pp, m in got), got
+
+
+def test_one_port_is_one_nics():
+    p = example()
+    p["instances"]["web1"]["nics"][0]["port"] = "vnet0"
+    p["instances"]["web1"]["nics"][1]["port"] = "vnet0"  # same host compute1
+    got = problems(p)
+    assert any(pp == "hanet:instances:web1:nics:1:port" and "already hanet:instances:web1:nics:0:port"
+               in m for pp, m in got), got
+    p["instances"]["web1"]["nics"][1]["port"] = "vnet1"
+    p["instances"]["db1"]["nics"][0]["port"] = "vnet0"  # another host: fine
+    model.load(p)

@@ -3,6 +3,7 @@ kernel in a network namespace each test creates (never the root namespace's rule
 import contextlib
 import ctypes
 import dataclasses
+import json
 import os
 import random
 import shutil
@@ -113,23 +114,88 @@ def test_nft_forward_and_service_bridges():
     assert " drop" not in ip_table and "policy drop" not in text
 
 
+TAP1, TAP2 = "fe:16:3e:00:00:01", "fe:16:3e:00:00:02"  # libvirt's taps of MAC1, MAC2
+
+
+def elements(text, name):
+    """The elements of set ``name`` in an nft script ([] when it has none)."""
+    body = text.split(f"\tset {name} {{\n", 1)[1].split("\n\t}\n", 1)[0]
+    if "elements = { " not in body:
+        return []
+    return body.split("elements = { ", 1)[1].rsplit(" }", 1)[0].split(", ")
+
+
+def set_type(text, name):
+    return text.split(f"\tset {name} {{\n", 1)[1].split("\n", 1)[0].strip()
+
+
 def test_nft_port_guard():
     text = R.render(sample())
-    assert "type ether_addr . ipv4_addr" in text
-    assert f"elements = {{ {MAC1} . 192.168.0.10, {MAC2} . 192.168.0.11 }}" in text
-    assert f"{MAC1} . {MAC1} . 192.168.0.10" in text  # ARP: sender MAC == frame source
+    assert set_type(text, "br100_pairs") == "type ifname . ether_addr . ipv4_addr"
+    assert set_type(text, "br100_arp") == "type ifname . ether_addr . ether_addr . ipv4_addr"
+    assert set_type(text, "br100_macs") == "type ifname . ether_addr"
+    # render has no kernel view: only the pillar's ports are bound (none in sample())
+    assert elements(text, "br100_pairs") == elements(text, "br100_arp") == [] == \
+        elements(text, "br100_macs")
     assert 'meta ibrname "br100" iifname != { "eth1" } jump br100_vm' in text
     assert chain(text, "br100_vm") == [
         "ether type ip udp sport 67 counter drop",
-        "ether type ip ip saddr 0.0.0.0 udp sport 68 udp dport 67 ether saddr @br100_macs return",
-        "ether type ip ether saddr . ip saddr @br100_pairs return",
-        "ether type arp ether saddr . arp saddr ether . arp saddr ip @br100_arp return",
+        "ether type ip ip saddr 0.0.0.0 udp sport 68 udp dport 67"
+        " iifname . ether saddr @br100_macs return",
+        "ether type ip iifname . ether saddr . ip saddr @br100_pairs return",
+        "ether type arp iifname . ether saddr . arp saddr ether . arp saddr ip @br100_arp return",
         "counter drop",
     ]
     # dhcp isolation only for br100 (br101's guard is not isolated)
     assert 'iifname { "eth1" } ether type ip udp dport 67-68 drop' in text
     assert 'oifname { "eth1" } ether type ip udp dport 67-68 drop' in text
     assert "vlan101\" } ether type ip udp dport" not in text
+
+
+def test_tap_mac_is_libvirts_rule():
+    assert R.tap_mac(MAC1) == TAP1
+    assert R.tap_mac("FA:16:3E:00:00:01") == TAP1
+    assert R.tap_mac("fe:00:00:00:00:07") == "fa:00:00:00:00:07"  # libvirt: fe guest -> fa tap
+
+
+def test_each_pair_bound_to_its_own_port():
+    """The MAC rule finds each NIC's tap; a port that is no NIC's (tapx) and the uplink get
+    nothing, so a VM can send only its own (MAC, IP), from its own port."""
+    port_macs = {"br100": {"eth1": MAC1, "tap-a": TAP1, "tap-b": TAP2, "tapx": "fe:00:00:00:00:99"},
+                 "br101": {"vlan101": "02:00:00:00:00:01"}}
+    for ports in (None, {b: sorted(p) for b, p in port_macs.items()}):
+        text = R._parts(sample(), ports, port_macs)["nft"]
+        assert elements(text, "br100_pairs") == [
+            f'"tap-a" . {MAC1} . 192.168.0.10', f'"tap-b" . {MAC2} . 192.168.0.11']
+        assert elements(text, "br100_arp") == [
+            f'"tap-a" . {MAC1} . {MAC1} . 0.0.0.0', f'"tap-a" . {MAC1} . {MAC1} . 192.168.0.10',
+            f'"tap-b" . {MAC2} . {MAC2} . 0.0.0.0', f'"tap-b" . {MAC2} . {MAC2} . 192.168.0.11']
+        assert elements(text, "br100_macs") == [f'"tap-a" . {MAC1}', f'"tap-b" . {MAC2}']
+        assert "tapx" not in text.split("chain prerouting")[0]  # no element names it
+        assert elements(text, "br101_pairs") == []
+    nft = R._parts(sample(), {b: sorted(p) for b, p in port_macs.items()}, port_macs)["nft"]
+    assert 'iifname { "tap-a", "tap-b", "tapx" } jump br100_vm' in nft  # tapx: guarded, all dropped
+
+
+def test_pillar_port_binds_without_the_mac_rule():
+    g = sample().guards[0]
+    rs = dataclasses.replace(sample(), guards=(
+        dataclasses.replace(g, ports=((MAC2, "vnet7"),)),) + sample().guards[1:])
+    # render: the pillar's port is bound already (no kernel view needed) ...
+    assert elements(R.render(rs), "br100_pairs") == [f'"vnet7" . {MAC2} . 192.168.0.11']
+    # ... and it wins over a port that carries the MAC rule's MAC
+    text = R._parts(rs, None, {"br100": {"tap-a": TAP1, "tap-b": TAP2}})["nft"]
+    assert elements(text, "br100_pairs") == [
+        f'"tap-a" . {MAC1} . 192.168.0.10', f'"vnet7" . {MAC2} . 192.168.0.11']
+    assert R._from_plain(R.plan(rs, None)[0].detail["ruleset"]) == rs
+
+
+def test_iptables_driver_binds_ports_the_same():
+    port_macs = {"br100": {"tap-a": TAP1}, "br101": {}}
+    nft = R._parts(sample(), None, port_macs)["nft"]
+    ipt = R._parts(sample(driver="iptables"), None, port_macs)["nft"]
+    bridge = "table bridge hanet {" + nft.split("table bridge hanet {", 1)[1]
+    assert bridge in ipt and f'"tap-a" . {MAC1} . 192.168.0.10' in ipt  # the same bridge table
 
 
 def test_port_list_mode_names_vm_ports():
@@ -214,8 +280,9 @@ def rulesets(draw):
                              force=force, **extra))
         hosts = draw(st.lists(st.integers(2, 254), max_size=4, unique=True))
         pairs = tuple((":".join(f"{draw(octet):02x}" for _ in range(6)), f"{base}.{h}") for h in hosts)
+        named = tuple((m, f"vnet{i}{j}") for j, (m, _) in enumerate(pairs) if draw(st.booleans()))
         guards.append(PortGuard(bridge=br, trusted_ports=tuple(draw(st.lists(st.just(up), max_size=1))),
-                                pairs=pairs, dhcp_isolated=draw(st.booleans())))
+                                pairs=pairs, dhcp_isolated=draw(st.booleans()), ports=named))
         for _, ip in pairs[:1]:
             addr = f"203.0.113.{50 + i}"
             if addr not in used_ips:
@@ -441,10 +508,12 @@ def test_rendered_scripts_load_in_the_kernel(rs):
     _sh("ip", "netns", "add", name)
     try:
         with inside(name):
-            ports = {g.bridge: ["tapx"] for g in rs.guards}
+            port_macs = {g.bridge: {f"tap{j}": R.tap_mac(m) for j, (m, _) in enumerate(g.pairs)}
+                         for g in rs.guards}
+            ports = {b: sorted(p) + ["tapx"] for b, p in port_macs.items()}
             if R.bridge_meta_supported():
                 ports = None
-            parts = R._parts(rs, ports)
+            parts = R._parts(rs, ports, port_macs)
             if parts["nft"]:
                 _sh("nft", "-f", "-", input=parts["nft"])
                 _sh("nft", "-f", "-", input=parts["nft"])  # re-apply over itself
@@ -452,3 +521,34 @@ def test_rendered_scripts_load_in_the_kernel(rs):
                 _sh("iptables-restore", "--noflush", input=parts["iptables"])
     finally:
         _sh("ip", "netns", "del", name, check=False)
+
+
+@needs_root
+def test_netns_binding_follows_plugged_nics(env, monkeypatch):
+    """A NIC is bound to the port carrying its tap MAC once an apply sees it; plugging a
+    NIC (a port with a NIC's tap MAC) makes ``current`` differ, also with meta ibrname."""
+    paths, nx = env
+    nx("ip", "link", "add", "br100", "type", "bridge")
+    nx("ip", "link", "add", "tap-a", "address", TAP1, "type", "veth", "peer", "name", "tap-ap")
+    nx("ip", "link", "set", "tap-a", "master", "br100")
+    monkeypatch.setattr(R, "bridge_meta_supported", lambda: False)
+    run(sample(), paths)
+    listing = nx("nft", "list", "set", "bridge", "hanet", "br100_pairs")
+    assert f'"tap-a" . {MAC1} . 192.168.0.10' in listing and MAC2 not in listing
+    assert R.plan(sample(), R.current(sample(), paths)) == []
+    nx("ip", "link", "add", "tap-b", "address", TAP2, "type", "veth", "peer", "name", "tap-bp")
+    nx("ip", "link", "set", "tap-b", "master", "br100")
+    assert R.plan(sample(), R.current(sample(), paths)) != []
+    run(sample(), paths)
+    listing = nx("nft", "list", "set", "bridge", "hanet", "br100_pairs")
+    assert f'"tap-b" . {MAC2} . 192.168.0.11' in listing
+    # a port's MAC changing counts too (the meta ibrname path records port MACs as well)
+    state = json.loads(open(paths.state("ruleset.json")).read())
+    assert state["port_macs"]["br100"] == {"tap-a": TAP1, "tap-b": TAP2}
+    nx("ip", "link", "set", "tap-b", "address", "fe:00:00:00:00:99")
+    assert R.plan(sample(), R.current(sample(), paths)) != []
+    monkeypatch.setattr(R, "bridge_meta_supported", lambda: True)
+    state["ports"] = None  # as an apply on a meta ibrname kernel records it
+    with open(paths.state("ruleset.json"), "w") as fh:
+        json.dump(state, fh)
+    assert R.plan(sample(), R.current(sample(), paths)) != []
