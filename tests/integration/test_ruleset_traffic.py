@@ -1,7 +1,8 @@
 """The ruleset with real traffic, in a namespace topology this test builds itself:
 
-    vm1 (192.168.0.10, fa:16:3e:00:00:01) --tap1--+
+    vm1 (192.168.0.10, fa:16:3e:00:00:01) --tap1--+   (tap1 has libvirt's MAC fe:16:3e:00:00:01)
     vm2 (192.168.0.11, fa:16:3e:00:00:02) --tap2--+ br100 192.168.0.3/24  [host]
+                                                      (tap2: random MAC, named by the guard)
                                 eth1 (veth to eth1p) --+   (the trusted uplink)
     host eth0 203.0.113.11/24 ------------------------ up eth0 203.0.113.1/24 (HTTP server)
 
@@ -58,7 +59,7 @@ def ruleset(driver="nftables"):
         forward_bridges=("br100",), service_bridges=("br100",),
         guards=(PortGuard(bridge="br100", trusted_ports=("eth1",),
                           pairs=((MAC1, "192.168.0.10"), (MAC2, "192.168.0.11")),
-                          dhcp_isolated=True),),
+                          dhcp_isolated=True, ports=((MAC2, "tap2"),)),),
     )
 
 
@@ -105,6 +106,8 @@ class Topo:
             vm = self.ns[f"vm{i}"]
             self.x("host", "ip", "link", "add", f"tap{i}", "type", "veth", "peer", "name", "eth0",
                    "netns", vm)
+            if i == 1:  # vm1's port is found by libvirt's MAC rule, vm2's is named
+                self.x("host", "ip", "link", "set", "tap1", "address", "fe" + MAC1[2:])
             self.x("host", "ip", "link", "set", f"tap{i}", "master", "br100")
             self.x("host", "ip", "link", "set", f"tap{i}", "up")
             self.x(f"vm{i}", "ip", "link", "set", "eth0", "address", mac)
@@ -195,6 +198,7 @@ SEND_ALL = f"""
 tx(Ether(src='{MAC1}', dst='{MAC2}')/IP(src='192.168.0.10', dst='192.168.0.11')/UDP(sport=4000, dport=9999)/'LEGIT-PAYLOAD')
 tx(Ether(src='{MAC1}', dst='{MAC2}')/IP(src='192.168.0.99', dst='192.168.0.11')/UDP(sport=4000, dport=9999)/'FORGED-IP')
 tx(Ether(src='{FORGED_MAC}', dst='{MAC2}')/IP(src='192.168.0.10', dst='192.168.0.11')/UDP(sport=4000, dport=9999)/'FORGED-MAC')
+tx(Ether(src='{MAC2}', dst='ff:ff:ff:ff:ff:ff')/IP(src='192.168.0.11', dst='192.168.0.255')/UDP(sport=4000, dport=9999)/'IMPERSONATED')
 tx(Ether(src='{MAC1}', dst='ff:ff:ff:ff:ff:ff')/IP(src='192.168.0.10', dst='255.255.255.255')
    /UDP(sport=67, dport=68)/BOOTP(op=2, yiaddr='192.168.0.11', chaddr=bytes.fromhex('{MAC2.replace(':', '')}'))
    /DHCP(options=[('message-type', 'offer'), ('server_id', '192.168.0.10'), ('router', '192.168.0.10'), 'end']))
@@ -219,6 +223,7 @@ def test_snat_antispoofing_and_metadata(topo, driver):
         topo.scapy("vm1", SEND_ALL)
     text = "\n".join(seen)
     assert "LEGIT-PAYLOAD" in text and "FORGED-IP" in text and "FORGED-MAC" in text
+    assert "IMPERSONATED" in text  # vm1 as vm2 (vm2's own MAC and IP)
     assert ".67 > 255.255.255.255.68" in text
     topo.x("vm2", "ping", "-c1", "-W2", "192.168.0.3")
     time.sleep(1.1)  # past the neighbour locktime, so an ARP update would be taken
@@ -239,6 +244,7 @@ def test_snat_antispoofing_and_metadata(topo, driver):
     text = "\n".join(seen)
     assert "LEGIT-PAYLOAD" in text  # ... while legitimate traffic passes
     assert "FORGED-IP" not in text and "FORGED-MAC" not in text and FORGED_MAC not in text
+    assert "IMPERSONATED" not in text  # vm2's (MAC, IP) is good only from vm2's port
     assert ".67 > 255.255.255.255.68" not in text and "BOOTP" not in text
     # ... nor the host (the frames die entering the bridge)
     # ... and a gratuitous ARP claiming the gateway address changes nobody's ARP cache
