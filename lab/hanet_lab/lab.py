@@ -794,8 +794,8 @@ class Lab:
         return self.topology.vms[vm].tap(nic)
 
     def plug_vm(self, name: str, host: Optional[str] = None) -> list[str]:
-        """Boot a VM's NICs: a veth per NIC (VM side: its ifname + MAC; host side: its tap)
-        with the tap enslaved to the NIC's bridge inside the host namespace. ``host``
+        """Boot a VM's NICs: a veth per NIC (VM side: its ifname + MAC; host side: its tap,
+        with libvirt's tap MAC) with the tap enslaved to the NIC's bridge inside the host namespace. ``host``
         overrides the VM's host (e.g. after a migration). Returns the tap names."""
         vm = self.topology.vms[name]
         host = host or vm.host
@@ -810,8 +810,11 @@ class Lab:
         taps = []
         for i, nic in enumerate(vm.nics):
             tap = vm.tap(i)
-            nslib.add_veth(vns, nic.ifname, hns, tap, mac=nic.mac, mtu=nic.mtu, peer_master=nic.bridge,
-                           peer_alias=f"{name}:{nic.ifname}")
+            # the host side carries libvirt's tap MAC (guest MAC, first octet fe; fa for an
+            # fe guest): hanet binds each NIC's (MAC, IP) to the port carrying it
+            tap_mac = ("fa" if nic.mac.lower()[:2] == "fe" else "fe") + nic.mac.lower()[2:]
+            nslib.add_veth(vns, nic.ifname, hns, tap, mac=nic.mac, peer_mac=tap_mac, mtu=nic.mtu,
+                           peer_master=nic.bridge, peer_alias=f"{name}:{nic.ifname}")
             taps.append(tap)
         self.plugged[name] = {"host": host, "taps": taps}
         if self._is_up:
