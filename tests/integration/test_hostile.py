@@ -62,8 +62,9 @@ def hostile(lab):
     from hanet_lab.pillar import lab_pillar
 
     p = lab_pillar(lab.topology)
-    p["hanet"]["instances"]["evil"] = {
-        "host": "compute1", "nics": [{"network": "private", "mac": EVIL_MAC, "ip": EVIL_IP}]}
+    p["hanet"]["instances"]["evil"] = {  # evil's port named in the pillar; the others' by MAC
+        "host": "compute1", "nics": [{"network": "private", "mac": EVIL_MAC, "ip": EVIL_IP,
+                                      "port": "tap-evil"}]}
     lab.set_pillar(p)
     state_apply(lab)
     for vm in ("web1", "db1", "evil"):
@@ -185,6 +186,8 @@ def test_without_guards_every_attack_lands(lab, hostile):
         assert "FORGED-IP-TO-DB1" in seen["db1"] and "FORGED-MAC-TO-DB1" in seen["db1"]
         assert "FORGED-IP-TO-ROUTER" in seen["router"] or "FOREIGN-IP-TO-ROUTER" in seen["router"]
         assert "FORGED-IP-TO-HOST" in seen["host"]
+        seen = impersonation(lab, gw_mac)
+        assert "IMPERSONATED-TO-DB1" in seen["db1"] and "IMPERSONATED-TO-ROUTER" in seen["router"]
 
         with rogue_dhcp_server(lab):
             with sniffing(lab, web1=("web1", "eth0", "udp port 67 or udp port 68", True)) as s:
@@ -222,20 +225,25 @@ def test_forged_source_ip_and_mac_reach_nobody(lab, guarded):
         assert FORGED_MAC not in seen[name], (name, seen[name])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "hanet's guard allows any (MAC, IP) pair of the bridge's local instances on every VM "
-    "port of that bridge: a VM can take over another local VM's whole identity. Binding "
-    "a pair to its port needs hanet to know which port is whose (not in the pillar yet)."))
-def test_impersonating_another_local_vm_is_blocked(lab, guarded):
+def impersonation(lab, gw_mac):
     """evil sends with web1's MAC *and* IP (both valid, both web1's) to db1 and upstream."""
     code = (udp(WEB1_MAC, DB1_MAC, WEB1_IP, DB1_IP, "IMPERSONATED-TO-DB1")
-            + udp(WEB1_MAC, guarded["gw_mac"], WEB1_IP, ROUTER, "IMPERSONATED-TO-ROUTER"))
+            + udp(WEB1_MAC, gw_mac, WEB1_IP, ROUTER, "IMPERSONATED-TO-ROUTER"))
     with sniffing(lab, db1=("db1", "eth0", "udp port 9999"),
                   router=("router", "eth0", "udp port 9999"),
                   tap=("compute1", "tap-evil", "udp port 9999")) as s:
         scapy(lab, "evil", code)
-    assert "IMPERSONATED-TO-DB1" in s.text["tap"]
-    assert "IMPERSONATED" not in s.text["db1"] + s.text["router"]
+    return s.text
+
+
+def test_impersonating_another_local_vm_is_blocked(lab, guarded):
+    """Each NIC's (MAC, IP) is good only from its own port: web1's port found by libvirt's
+    tap MAC rule, evil's named in the pillar (nics:0:port)."""
+    seen = impersonation(lab, guarded["gw_mac"])
+    assert "IMPERSONATED-TO-DB1" in seen["tap"]
+    assert "IMPERSONATED" not in seen["db1"] + seen["router"]
+    # web1 itself still sends with its own (MAC, IP) from its own port
+    assert lab.ping("web1", DB1_IP) and lab.ping("web1", GW1)
 
 
 def test_evil_legitimate_service_works(lab, guarded):
