@@ -44,8 +44,9 @@ reads the bridges' ports and their MACs at apply time (pyroute2) and records the
 ``current`` reports a difference when they change, so the next apply binds a newly plugged
 NIC (until then its frames are dropped, like those of any port that is no NIC's).
 
-``render`` gives the canonical form: ``meta ibrname`` scoping and only the bindings the
-pillar names (what an apply makes when no MAC-found port is plugged).
+``render`` gives the canonical form: ``meta ibrname`` scoping, the bindings the pillar
+names, and (as comments) the pairs to bind by the MAC rule, so any change of the model
+changes the text.
 
 State: after an apply, the normalized kernel listing of hanet's objects (``nft -s list
 table``, hanet's lines of ``iptables-save``) is stored in ``<state_dir>/ruleset.json`` with
@@ -241,11 +242,15 @@ def _nft_ip_table(rs):
 def _nft_bridge_table(rs, ports=None, port_macs=None):
     """``ports``: None to scope each guard with ``meta ibrname``; else {bridge: [VM ports]}.
     ``port_macs``: {bridge: {port: MAC}} of the ports now (None: only the pillar's ports)."""
-    sets, chains, pre, fwd, inp, out = [], [], [], [], [], []
+    sets, chains, pre, fwd, inp, out, notes = [], [], [], [], [], [], []
     used = set()
     for g in sorted(rs.guards, key=lambda g: g.bridge):
         ident = _ident(g.bridge, used)
         bound = _bindings(g, (port_macs or {}).get(g.bridge))
+        if port_macs is None:  # render: the pairs the applier binds by libvirt's MAC rule
+            named = {_mac(m) for m, _ in g.ports}
+            notes += sorted(f"{g.bridge}: {_mac(m)} . {ip} from the port with MAC {tap_mac(m)}"
+                            for m, ip in g.pairs if _mac(m) not in named)
         macs = sorted({(p, m) for p, m, _ in bound})
         arp = sorted({f"{_q(p)} . {m} . {m} . {ip}" for p, m, ip in bound}
                      | {f"{_q(p)} . {m} . {m} . 0.0.0.0" for p, m in macs})
@@ -285,7 +290,7 @@ def _nft_bridge_table(rs, ports=None, port_macs=None):
         dict(name="input", type="filter", hook="input", priority=-200, rules=inp),
         dict(name="output", type="filter", hook="output", priority=-200, rules=out),
     ]
-    return dict(family="bridge", name=rs.table, sets=sets,
+    return dict(family="bridge", name=rs.table, sets=sets, notes=notes,
                 comment="hanet: VM port anti-spoofing; replaced as a whole by hanet",
                 chains=[c for c in base if c["rules"]] + chains)
 

@@ -15,6 +15,9 @@ delete table {{ t.family }} {{ t.name }}
 {%- for t in tables %}
 table {{ t.family }} {{ t.name }} {
 	comment "{{ t.comment }}"
+{%- for n in t.get("notes", ()) %}
+	# {{ n }}
+{%- endfor %}
 {%- for s in t.sets %}
 	set {{ s.name }} {
 		type {{ s.type }}

@@ -190,6 +190,18 @@ def test_pillar_port_binds_without_the_mac_rule():
     assert R._from_plain(R.plan(rs, None)[0].detail["ruleset"]) == rs
 
 
+def test_render_changes_with_every_pair():
+    """Pairs bound by the MAC rule are not in render's sets (no kernel view), yet adding or
+    changing one must change the text, or plan would see nothing to do."""
+    g = sample().guards[0]
+    for pairs in (g.pairs + (("fa:16:3e:00:00:03", "192.168.0.12"),), g.pairs[:1],
+                  ((MAC1, "192.168.0.10"), (MAC2, "192.168.0.12"))):
+        rs = dataclasses.replace(sample(), guards=(dataclasses.replace(g, pairs=pairs),)
+                                 + sample().guards[1:])
+        assert R.render(rs) != R.render(sample())
+        assert R.plan(rs, R.render(sample())) != []
+
+
 def test_iptables_driver_binds_ports_the_same():
     port_macs = {"br100": {"tap-a": TAP1}, "br101": {}}
     nft = R._parts(sample(), None, port_macs)["nft"]
