@@ -95,7 +95,8 @@ def apply(changes, managed, garp_count=0, ipr=None):
         managed.set(FACET, names)
         if own:
             ipr.close()
-    for ch in bound:
-        if garp_count:
-            arp.garp(ch.target, ch.detail["interface"], garp_count)
+    if garp_count and bound:
+        # every address's first announcement before any repeat, in one send per round:
+        # one arp.garp() per address (3 rounds, 20 ms apart) took 78 s for 1,000 addresses
+        arp.garp_many([(ch.target, ch.detail["interface"]) for ch in bound], garp_count)
     return done
