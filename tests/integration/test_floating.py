@@ -98,7 +98,7 @@ def has_address(lab, host, ip, ifname="eth0"):
 
 
 def ruleset_text(lab, host):
-    return lab.exec(host, ["nft", "list", "ruleset"], check=True).stdout
+    return lab.exec(host, ["nft", "-s", "list", "ruleset"], check=True).stdout  # -s: no counters
 
 
 def conntrack_lines(lab, host, ip):
@@ -220,12 +220,12 @@ def test_evacuation_moves_the_floating_ip(lab, applied):
     assert any(FIP_WEB1 in c for c in res["compute2"]["floating"]), res
 
     # at once, before the router sends anything: its ARP entry follows the GARP
-    assert router_mac_for(lab, FIP_WEB1) == new_mac
+    assert router_mac_for(lab, FIP_WEB1) == new_mac, (lab.arp_cache("router").get(FIP_WEB1), old_mac, new_mac)
     # the old host keeps nothing for it
     assert not has_address(lab, "compute1", FIP_WEB1)
     assert FIP_WEB1 not in ruleset_text(lab, "compute1")
     assert VM_IP["web1"] not in ruleset_text(lab, "compute1")
-    assert conntrack_lines(lab, "compute1", FIP_WEB1) == []
+    assert conntrack_lines(lab, "compute1", FIP_WEB1) == [], res["compute1"]
     assert has_address(lab, "compute2", FIP_WEB1)
 
     lease = lab.dhcp("web1", client="dhclient")
