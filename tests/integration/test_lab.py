@@ -227,7 +227,12 @@ with lab:
     lab.popen("compute1", ["sleep", "3333"])
     names = list(lab.namespaces.values())
     from hanet_lab import nslib
-    pids = nslib.pids_in({nslib.ns_inode(n) for n in names})
+    deadline = time.monotonic() + 20
+    while True:  # `ip netns exec` enters the namespace a moment after it starts
+        pids = nslib.pids_in({nslib.ns_inode(n) for n in names})
+        if any("sleep 3333" in nslib.cmdline(pid) for pid in pids) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     print(json.dumps({"prefix": lab.prefix, "pids": pids}), flush=True)
     if mode == "exception":
         raise RuntimeError("test crash")
