@@ -214,6 +214,17 @@ def parse_leases(text):
     return out
 
 
+def lease_client_id(text, mac, ip):
+    """The client identifier dnsmasq recorded with a lease (hex bytes), or None. A client
+    that sent one (udhcpc does; dhclient does not by default) holds a lease that dnsmasq
+    releases only for a DHCPRELEASE carrying the same identifier."""
+    for line in (text or "").splitlines():
+        parts = line.split()
+        if len(parts) >= 5 and parts[1].lower() == mac.lower() and parts[2] == ip:
+            return None if parts[4] == "*" else parts[4]
+    return None
+
+
 # --------------------------------------------------------------------------- current
 
 
@@ -477,20 +488,24 @@ def _start(spec, paths):
     return pid
 
 
-def release_packet(server, ip, mac):
-    """A DHCPRELEASE for lease ``ip``/``mac`` with server identifier ``server`` (what
-    dhcp_release sends)."""
+def release_packet(server, ip, mac, client_id=None):
+    """A DHCPRELEASE for lease ``ip``/``mac`` with server identifier ``server`` and, when
+    the lease has one, its client identifier (what dhcp_release sends)."""
     import struct
 
     chaddr = bytes.fromhex(mac.replace(":", "").replace("-", ""))
     head = struct.pack("!BBBBIHH4s4s4s4s16s64s128sI", 1, 1, len(chaddr), 0, 0, 0, 0,
                        socket.inet_aton(ip), bytes(4), bytes(4), bytes(4), chaddr.ljust(16, b"\0"),
                        bytes(64), bytes(128), 0x63825363)
-    packet = head + bytes([53, 1, 7, 54, 4]) + socket.inet_aton(server) + bytes([255])
+    options = bytes([53, 1, 7, 54, 4]) + socket.inet_aton(server)
+    if client_id:
+        clid = bytes.fromhex(client_id.replace(":", ""))
+        options += bytes([61, len(clid)]) + clid
+    packet = head + options + bytes([255])
     return packet.ljust(300, b"\0")  # BOOTP's minimum size
 
 
-def send_release(bridge, server, ip, mac):
+def send_release(bridge, server, ip, mac, client_id=None):
     """Tell the dnsmasq listening on ``server`` (on ``bridge``) to drop a lease, as
     ``dhcp_release`` does (a UDP packet bound to the bridge, to server:67), but with the
     server identifier dnsmasq answers with. dhcp_release puts the bridge's *first* address
@@ -500,7 +515,7 @@ def send_release(bridge, server, ip, mac):
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, bridge.encode())
-        sock.sendto(release_packet(server, ip, mac), (server, 67))
+        sock.sendto(release_packet(server, ip, mac, client_id), (server, 67))
     finally:
         sock.close()
 
@@ -551,7 +566,8 @@ def apply(changes, paths, managed) -> list:
             error = None
             if d.get("server"):
                 try:
-                    send_release(d["bridge"], d["server"], d["ip"], d["mac"])
+                    clid = lease_client_id(_read(files(d["network"], paths)["leases"]), d["mac"], d["ip"])
+                    send_release(d["bridge"], d["server"], d["ip"], d["mac"], clid)
                 except OSError as err:
                     error = str(err)
             else:

@@ -324,3 +324,18 @@ def test_apply_stop_without_process_removes_files(tmp_path):
     assert not any(os.path.exists(p) for p in f.values())
     assert managed.get("dnsmasq") == set()
     assert dnsmasq.current(paths, Managed(paths)) == {}
+
+
+def test_release_carries_the_leases_client_id():
+    """A lease taken with a client identifier (udhcpc sends one) is released only by a
+    DHCPRELEASE that carries it: dnsmasq ignores one without."""
+    from _hanet.dnsmasq import lease_client_id, release_packet
+
+    leases = ("1795800000 fa:16:3e:00:00:03 192.168.0.12 web2 01:fa:16:3e:00:00:03\n"
+              "1795800000 fa:16:3e:00:00:01 192.168.0.10 web1 *\n")
+    assert lease_client_id(leases, "FA:16:3E:00:00:03", "192.168.0.12") == "01:fa:16:3e:00:00:03"
+    assert lease_client_id(leases, "fa:16:3e:00:00:01", "192.168.0.10") is None
+    with_id = release_packet("192.168.0.3", "192.168.0.12", "fa:16:3e:00:00:03", "01:fa:16:3e:00:00:03")
+    without = release_packet("192.168.0.3", "192.168.0.12", "fa:16:3e:00:00:03")
+    assert bytes([61, 7, 1, 0xfa, 0x16, 0x3e, 0, 0, 3]) in with_id
+    assert bytes([61]) + bytes([7]) not in without
