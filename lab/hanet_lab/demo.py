@@ -355,6 +355,40 @@ def vm_upstream(t: Tour) -> None:
     t.wait()
 
 
+def floating_from_upstream(t: Tour) -> None:
+    t.section("A floating IP reached from upstream", """
+        A VM with a floating IP runs a tiny web server; the upstream router asks the
+        floating IP. Its host holds the address as a /32 on its public interface (the
+        router's ARP cache shows that host's MAC) and DNATs it to the VM, which sees
+        the router's own address as the client.""")
+    import os
+    import sys
+
+    lab = t.lab
+    vm = next((v for v in t.leases if t.instance(v).get("floating_ips")), None)
+    if vm is None:
+        print("  (no VM with a floating IP in this lab)")
+        return
+    f = t.instance(vm)["floating_ips"][0]
+    fip = f if isinstance(f, str) else f["address"]
+    lab.popen(vm, [sys.executable, os.path.join(os.path.dirname(__file__), "httpd.py"), vm, "80",
+                   os.path.join(lab.rundir, f"http-{vm}.log")], name=f"httpd-{vm}")
+    seen = None
+    for _ in range(20):  # the web server needs a moment to listen
+        cp = lab.exec("router", ["curl", "-sS", "--max-time", "2", f"http://{fip}/whoami"])
+        if cp.returncode == 0:
+            seen = cp.stdout.strip()
+            break
+        time.sleep(0.2)
+    host = t.topo.vms[vm].host
+    arp = (lab.arp_cache("router").get(fip) or {}).get("mac")
+    print(f"  router: GET http://{fip}/whoami -> {vm} saw the client as {seen}")
+    print(f"  router's ARP cache: {fip} is at {arp} ({host} eth0 is {lab.mac(host, 'eth0')})")
+    if seen != ROUTER:
+        raise DemoFailed(f"the router did not reach {vm} through its floating IP {fip}")
+    t.wait()
+
+
 def vm_metadata(t: Tour) -> None:
     t.section("VMs read their metadata", """
         http://169.254.169.254/ is redirected by each host's ruleset to hanet's metadata
@@ -411,7 +445,8 @@ def teardown_note(t: Tour) -> None:
 
 ROUTER = "203.0.113.1"
 SECTIONS = (show_topology, show_minions, show_router, show_desired, apply_highstate,
-            plug_vms, vm_leases, vm_upstream, vm_metadata, second_highstate, teardown_note)
+            plug_vms, vm_leases, vm_upstream, floating_from_upstream, vm_metadata, second_highstate,
+            teardown_note)
 
 
 def run_demo(hosts: int = 4, pause: bool = False) -> int:
