@@ -232,7 +232,7 @@ class _Checker:
 
     def int(self, value, path, lo, hi):
         if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, str) and value.strip().isdigit():
+            if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
                 value = int(value.strip())
             else:
                 self.add(path, f"must be an integer in {lo}..{hi}, not {value!r}")

@@ -295,3 +295,10 @@ def test_one_port_is_one_nics():
     p["instances"]["web1"]["nics"][1]["port"] = "vnet1"
     p["instances"]["db1"]["nics"][0]["port"] = "vnet0"  # another host: fine
     model.load(p)
+
+
+def test_unicode_digits_are_not_integers():
+    """'¹'.isdigit() is True but int('¹') fails: found by hypothesis."""
+    p = example()
+    p["send_arp_for_ha_count"] = "\u00b9"
+    assert problems(p) == [("hanet:send_arp_for_ha_count", "must be an integer in 0..100, not '\u00b9'")]
