@@ -21,6 +21,7 @@ import sys
 import time
 
 import pytest
+from hanet_checks import changes_of, state_apply as _state_apply
 
 pytestmark = pytest.mark.lab
 
@@ -66,26 +67,7 @@ def make_pillar(web1_host="compute1", web2_floating=()):
 
 
 def state_apply(lab, tgt=HOSTS, test=False, highstate=False, timeout=240):
-    """`state.apply hanet` (or `state.highstate`) on ``tgt``: {minion: {state id: ret}}.
-    Every minion answers and no state fails."""
-    fun, arg = ("state.highstate", []) if highstate else ("state.apply", ["hanet"])
-    res = lab.salt(tgt, fun, arg, kwarg={"test": True} if test else None, timeout=timeout)
-    assert set(res) == set(tgt), f"no answer from {set(tgt) - set(res)}"
-    for minion, ret in res.items():
-        assert isinstance(ret, dict), f"{minion}: {ret}"
-        bad = {k: v["comment"] for k, v in ret.items() if v["result"] is False}
-        assert not bad, f"{minion}: {bad}"
-    return res
-
-
-def changes_of(res):
-    """{minion: {facet: [change, ...]}} for the states that changed (or would)."""
-    out = {}
-    for minion, ret in res.items():
-        for v in ret.values():
-            for facet, ch in (v["changes"] or {}).items():
-                out.setdefault(minion, {})[facet] = ch
-    return out
+    return _state_apply(lab, tgt, test=test, timeout=timeout, highstate=highstate)
 
 
 def get(lab, node, url, timeout=3):

@@ -12,6 +12,7 @@ first NIC gets a router, so the VM ends with one default route; without it both 
 their network's router.
 """
 import pytest
+from hanet_checks import changes_of, state_apply as _state_apply
 
 pytestmark = pytest.mark.lab
 
@@ -59,22 +60,7 @@ def make_pillar(single=None, nics=2):
 
 
 def state_apply(lab, tgt=HOSTS, test=False, timeout=240):
-    res = lab.salt(tgt, "state.apply", ["hanet"], kwarg={"test": True} if test else None, timeout=timeout)
-    assert set(res) == set(tgt), f"no answer from {set(tgt) - set(res)}"
-    for minion, ret in res.items():
-        assert isinstance(ret, dict), f"{minion}: {ret}"
-        bad = {k: v["comment"] for k, v in ret.items() if v["result"] is False}
-        assert not bad, f"{minion}: {bad}"
-    return res
-
-
-def changes_of(res):
-    out = {}
-    for minion, ret in res.items():
-        for v in ret.values():
-            for facet, ch in (v["changes"] or {}).items():
-                out.setdefault(minion, {})[facet] = ch
-    return out
+    return _state_apply(lab, tgt, test=test, timeout=timeout)
 
 
 def dnsmasq_pids(lab):
