@@ -65,3 +65,32 @@ def lab(request, lab_topology):
         yield Lab.attach(prefix)
         return
     yield request.getfixturevalue("lab_factory")(lab_topology)
+
+
+@pytest.fixture
+def ns_pair():
+    """Two network namespaces joined by a veth (eth0 in each: 10.9.0.1/24 and
+    10.9.0.2/24), removed afterwards whatever happens."""
+    import subprocess
+    import uuid
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+
+    def sh(*args):
+        subprocess.run(args, check=True, capture_output=True)
+
+    tag = uuid.uuid4().hex[:6]
+    a, b = f"hnp-{tag}-a", f"hnp-{tag}-b"
+    sh("ip", "netns", "add", a)
+    sh("ip", "netns", "add", b)
+    try:
+        sh("ip", "-n", a, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", b)
+        for ns, addr in ((a, "10.9.0.1/24"), (b, "10.9.0.2/24")):
+            sh("ip", "-n", ns, "addr", "add", addr, "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        yield a, b
+    finally:
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)

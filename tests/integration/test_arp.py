@@ -3,7 +3,6 @@ namespaces: the peer's ARP cache follows a GARP, and a probe finds who holds an 
 import os
 import subprocess
 import time
-import uuid
 
 import pytest
 
@@ -14,30 +13,12 @@ def sh(*args):
     return subprocess.run(args, check=True, capture_output=True, text=True).stdout
 
 
-@pytest.fixture
-def pair():
-    tag = uuid.uuid4().hex[:6]
-    a, b = f"hat-{tag}-a", f"hat-{tag}-b"
-    sh("ip", "netns", "add", a)
-    sh("ip", "netns", "add", b)
-    try:
-        sh("ip", "-n", a, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", b)
-        sh("ip", "-n", a, "addr", "add", "10.9.0.1/24", "dev", "eth0")
-        sh("ip", "-n", b, "addr", "add", "10.9.0.2/24", "dev", "eth0")
-        for ns in (a, b):
-            sh("ip", "-n", ns, "link", "set", "eth0", "up")
-        yield a, b
-    finally:
-        for ns in (a, b):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-
-def test_probe_finds_the_holder_and_nobody_for_a_free_address(pair):
+def test_probe_finds_the_holder_and_nobody_for_a_free_address(ns_pair):
     from pyroute2 import netns
 
     from _hanet import arp
 
-    a, b = pair
+    a, b = ns_pair
     b_mac = sh("ip", "-n", b, "-o", "link", "show", "eth0").split("link/ether ")[1].split()[0]
     netns.pushns(a)
     try:
@@ -47,12 +28,12 @@ def test_probe_finds_the_holder_and_nobody_for_a_free_address(pair):
         netns.popns()
 
 
-def test_garp_moves_the_peers_arp_entry(pair):
+def test_garp_moves_the_peers_arp_entry(ns_pair):
     from pyroute2 import netns
 
     from _hanet import arp
 
-    a, b = pair
+    a, b = ns_pair
     # b believes 10.9.0.50 is at some other MAC
     sh("ip", "-n", b, "neigh", "replace", "10.9.0.50", "lladdr", "02:00:00:00:00:99", "dev", "eth0",
        "nud", "stale")

@@ -4,7 +4,6 @@ import os
 import subprocess
 import threading
 import time
-import uuid
 
 import pytest
 
@@ -15,27 +14,8 @@ def sh(*args):
     subprocess.run(args, check=True, capture_output=True)
 
 
-@pytest.fixture
-def pair():
-    tag = uuid.uuid4().hex[:6]
-    a, b = f"hlv-{tag}-a", f"hlv-{tag}-b"
-    sh("ip", "netns", "add", a)
-    sh("ip", "netns", "add", b)
-    try:
-        sh("ip", "-n", a, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", b)
-        sh("ip", "-n", a, "addr", "add", "10.77.0.1/24", "dev", "eth0")
-        sh("ip", "-n", b, "addr", "add", "10.77.0.2/24", "dev", "eth0")
-        for ns in (a, b):
-            sh("ip", "-n", ns, "link", "set", "eth0", "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        yield a, b
-    finally:
-        for ns in (a, b):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-
-def test_prober_sees_a_peer_go_down_and_come_back(pair):
-    a, b = pair
+def test_prober_sees_a_peer_go_down_and_come_back(ns_pair):
+    a, b = ns_pair
     from pyroute2 import netns
 
     from _hanet.liveness import DOWN, UP, Prober
@@ -54,7 +34,7 @@ def test_prober_sees_a_peer_go_down_and_come_back(pair):
 
     netns.pushns(a)
     try:
-        prober = Prober({"b": [("eth0", "10.77.0.2")]}, on_change, interval=0.05, misses=3, rise=4).start()
+        prober = Prober({"b": [("eth0", "10.9.0.2")]}, on_change, interval=0.05, misses=3, rise=4).start()
     finally:
         netns.popns()
     try:
