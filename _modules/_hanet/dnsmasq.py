@@ -59,7 +59,7 @@ import subprocess
 import time
 
 from .common import Change, write_atomic
-from .desired import DhcpHost, Dnsmasq
+from .desired import DhcpHost, Dnsmasq, _plain
 
 FACET = "dnsmasq"
 DNSMASQ = "dnsmasq"
@@ -184,14 +184,6 @@ def spec_from_dict(data) -> Dnsmasq:
     data["hosts"] = tuple(h if isinstance(h, DhcpHost) else DhcpHost(**h) for h in data.get("hosts", ()))
     data["dns_servers"] = tuple(data.get("dns_servers", ()))
     return Dnsmasq(**data)
-
-
-def _plain(value):
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def parse_hosts(text):
