@@ -2,12 +2,11 @@
 
 A probe thread (``_hanet.liveness.Prober``) asks each peer's addresses every
 ``interval_ms``; a peer is down after ``misses`` silent periods and up again after
-``rise`` answered ones. Transitions are fired **at once** from the probe thread, in
-the very load a minion sends its beacon events in (``_minion_event``), on the minion's
-authenticated request channel to the master, rather than waiting for Salt's
-once-a-second beacon poll (falling back to the minion's own beacon return path, the
-``__beacons_return`` event, if the master cannot be reached directly). Each is signed
-with the minion's key. They arrive on the master as::
+``rise`` answered ones. Transitions are fired **at once** by a sender thread, signed
+with the minion's key, as a beacon return on the minion's event bus
+(``__beacons_return``), which the minion's running process sends to the master on its
+own authenticated channel straight away, rather than at Salt's once-a-second beacon
+poll. They arrive on the master as::
 
     salt/beacon/<observer>/hanet_liveness/<peer>/down   {peer, state, detected_at, ...}
     salt/beacon/<observer>/hanet_liveness/<peer>/up
@@ -15,6 +14,11 @@ with the minion's key. They arrive on the master as::
 Only transitions are fired. The last known state of each peer is kept under the
 minion's root_dir, so that a beacon refresh (which closes and restarts the beacon)
 fires nothing unless a peer really changed meanwhile.
+
+On a network host (``orders: true``) the beacon also listens for the master's
+``hanet.takeover`` orders and binds at once (``OrderListener``); on a standby
+(``standby_for``) it probes the gateway it would take over as soon as it reports that
+peer down, while the master decides.
 
 hanet's ``hanet.liveness`` state configures this beacon from the pillar; by hand:
 
@@ -27,11 +31,15 @@ hanet's ``hanet.liveness`` state configures this beacon from the pillar; by hand
         - interval_ms: 100
         - misses: 3
         - rise: 5
+        - orders: true
+        - standby_for:
+            net1: [[br200, 10.20.0.1]]
 """
 import json
 import logging
 import os
 import sys
+import threading
 import time
 
 log = logging.getLogger(__name__)
@@ -71,6 +79,13 @@ def validate(config):
         if not isinstance(targets, list) or not all(
                 isinstance(t, (list, tuple)) and len(t) == 2 for t in targets):
             return False, f"hanet_liveness: peers:{name} must be a list of [interface, ip]"
+    if "orders" in cfg and not isinstance(cfg["orders"], bool):
+        return False, "hanet_liveness: orders must be true or false"
+    standby_for = cfg.get("standby_for", {})
+    if not isinstance(standby_for, dict) or not all(
+            isinstance(t, list) and all(isinstance(x, (list, tuple)) and len(x) == 2 for x in t)
+            for t in standby_for.values()):
+        return False, "hanet_liveness: standby_for must map a peer to [[bridge, gateway], ...]"
     for key in ("interval_ms", "misses", "rise"):
         if key in cfg and (not isinstance(cfg[key], int) or cfg[key] < 1):
             return False, f"hanet_liveness: {key} must be a positive integer"
@@ -92,7 +107,7 @@ def _load_known():
 def _save(prober):
     path = _state_file()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}"
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}"  # the probe thread writes it too
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump({"observer": __opts__["id"], "written_at": time.time(), "peers": prober.view()}, fh)  # noqa: F821
     os.replace(tmp, path)
@@ -104,33 +119,236 @@ def canonical(data):
                       sort_keys=True, separators=(",", ":"))
 
 
-def _fire(opts, peer, state, detected_at, targets):
-    """Fire one transition now, signed with this minion's own key, so that the master
-    can tell it from an event another minion forged."""
-    import base64
-    import uuid
+class Sender:
+    """Delivers transitions to the master from a thread of its own, so that the probe
+    thread never waits. Each is signed with the minion's private key, loaded once
+    (loading it costs about 45 ms, signing about 2), and handed to the minion's running
+    process on its local event bus as a beacon return (``__beacons_return``), which
+    that process sends to the master at once on its own authenticated request
+    channel: no wait for the once-a-second beacon poll, and no Salt channel or
+    authentication of our own in this thread (a forked job must never inherit a lock
+    that one of our threads holds half-way through Salt's set-up)."""
 
-    import salt.crypt
-    import salt.utils.event
+    def __init__(self, opts, standby_for=None):
+        import queue
+        import threading
 
-    data = {"peer": peer, "state": state, "detected_at": detected_at, "observer": opts["id"],
-            "targets": targets, "id": opts["id"], "nonce": uuid.uuid4().hex}
-    key = os.path.join(opts["pki_dir"], "minion.pem")
-    data["sig"] = base64.b64encode(salt.crypt.sign_message(key, canonical(data).encode())).decode()
-    tag = f"salt/beacon/{opts['id']}/{__virtualname__}/{peer}/{state}"
-    event = {"tag": tag, "data": data, "beacon_name": __virtualname__}
-    try:
-        # Straight to the master on the minion's authenticated request channel: the
-        # same ``_minion_event`` load the minion sends for its beacons, without waiting
-        # for the once-a-second beacon poll or the minion's event loop.
-        from _hanet import events
+        self.opts = opts
+        # {peer: [(bridge, gateway)]}: probed right after that peer is reported down
+        self.standby_for = standby_for or {}
+        self.prechecked = {}  # gateway -> [probed at, holder MAC or None]
+        self._queue = queue.Queue()
+        self._key = None
+        self._bus = None
+        self._thread = threading.Thread(target=self._run, name="hanet-liveness-send", daemon=True)
+        self._thread.start()
 
-        events.send(opts, tag, data, timeout=3)
-        return
-    except Exception as err:  # pylint: disable=broad-except
-        log.warning("hanet_liveness: direct send failed (%s); using the minion's event bus", err)
-    with salt.utils.event.MinionEvent(opts, listen=False) as evt:
-        evt.fire_event({"beacons": [event]}, "__beacons_return")
+    def submit(self, peer, state, detected_at, targets):
+        self._queue.put((peer, state, detected_at, targets))
+
+    def stop(self, timeout=2.0):
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def warm(self):
+        self._queue.put("warm")
+
+    def _sign(self, data):
+        import base64
+
+        import salt.crypt
+
+        if self._key is None:
+            self._key = salt.crypt.PrivateKey.from_file(os.path.join(self.opts["pki_dir"], "minion.pem"))
+        return base64.b64encode(self._key.sign(canonical(data).encode())).decode()
+
+    def _send(self, tag, data):
+        import salt.utils.event
+
+        event = {"tag": tag, "data": data, "beacon_name": __virtualname__}
+        for attempt in (1, 2):
+            if self._bus is None:
+                self._bus = salt.utils.event.MinionEvent(self.opts, listen=False)
+            try:
+                if self._bus.fire_event({"beacons": [event]}, "__beacons_return", timeout=3000):
+                    return
+                raise RuntimeError("the minion's event bus did not take it")
+            except Exception:  # pylint: disable=broad-except
+                self._close_bus()
+                if attempt == 2:
+                    raise
+
+    def _close_bus(self):
+        if self._bus is not None:
+            try:
+                self._bus.destroy()
+            except Exception:  # pylint: disable=broad-except
+                pass
+            self._bus = None
+
+    def _run(self):
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    return
+                if item == "warm":
+                    try:
+                        self._sign({})
+                    except Exception as err:  # pylint: disable=broad-except
+                        log.debug("hanet_liveness: could not load the minion key: %s", err)
+                    continue
+                try:
+                    self._fire(*item)
+                except Exception:  # pylint: disable=broad-except
+                    log.exception("hanet_liveness: could not report %s", item[:2])
+                if item[1] == "down":
+                    self._precheck(item[0])
+        finally:
+            self._close_bus()
+
+    def _precheck(self, peer):
+        """Duplicate address detection for what this host would take over from ``peer``,
+        done while the master decides (the takeover uses a clear result for a second)."""
+        from _hanet import arp
+
+        for bridge, gateway in self.standby_for.get(peer, ()):
+            try:
+                holder = arp.probe(gateway, bridge, timeout=0.03, tries=1)
+            except OSError as err:
+                log.debug("hanet_liveness: cannot probe %s on %s: %s", gateway, bridge, err)
+                continue
+            self.prechecked[gateway] = [time.time(), holder]
+
+    def _fire(self, peer, state, detected_at, targets):
+        """One transition, signed with this minion's own key, so that the master can
+        tell it from an event another minion forged."""
+        import uuid
+
+        opts = self.opts
+        data = {"peer": peer, "state": state, "detected_at": detected_at, "observer": opts["id"],
+                "targets": targets, "id": opts["id"], "nonce": uuid.uuid4().hex}
+        data["sig"] = self._sign(data)
+        self._send(f"salt/beacon/{opts['id']}/{__virtualname__}/{peer}/{state}", data)
+
+
+class OrderListener:
+    """On a network host: hears the master's ``hanet.takeover`` orders for this minion
+    on a subscription of its own to the master's publisher (Salt's publish channel,
+    signed in with the minion's own key: the same encrypted, master-signed
+    publications its job loop receives), and runs ``hanet.takeover(..., warm=True)`` in
+    the minion's running process at once. The minion still forks the job as usual;
+    the job finds the addresses bound and does the rest (DHCP, metadata, the
+    ``complete`` event). Forking that job costs 50-170 ms on the failover path; this
+    does not.
+
+    The subscription runs on an event loop of its own in a thread, with a sign-in of
+    its own: a channel that shared the minion's would share its message counter, and
+    the minion would then drop every publication this one decrypted first. What Salt
+    sets up lazily (its key cache, the minion key) is set up here, in the minion's
+    main thread, before the thread starts: a job forked while another thread is half
+    way through that set-up would inherit its lock, held, and hang."""
+
+    def __init__(self, opts, salt_funcs, prechecked=None):
+        import asyncio
+        import threading
+
+        import salt.crypt
+
+        self.opts = opts
+        self.salt = salt_funcs
+        self.prechecked = prechecked if prechecked is not None else {}
+        self._channel = None
+        self._seen = []
+        self._loop = asyncio.new_event_loop()
+        salt.crypt.AsyncAuth(opts, io_loop=self._loop).get_keys()
+        self._thread = threading.Thread(target=self._run, name="hanet-liveness-orders", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def minion_signed_in(opts):
+        """Whether the minion has signed in to its master (beacons run once before)."""
+        import asyncio
+
+        import salt.crypt
+
+        if not opts.get("master_uri"):
+            return False
+        try:
+            return salt.crypt.AsyncAuth(opts, io_loop=asyncio.get_running_loop()).authenticated
+        except Exception:  # pylint: disable=broad-except
+            return False
+
+    def _run(self):
+        import asyncio
+
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._connect())
+            self._loop.run_forever()
+        except Exception as err:  # pylint: disable=broad-except
+            log.warning("hanet_liveness: not listening for takeover orders (%s); "
+                        "takeover jobs alone will do", err)
+        finally:
+            if self._channel is not None:
+                try:
+                    self._channel.close()
+                except Exception:  # pylint: disable=broad-except
+                    pass
+            self._loop.close()
+
+    async def _connect(self):
+        import salt.channel.client
+
+        self._channel = salt.channel.client.AsyncPubChannel.factory(self.opts, io_loop=self._loop)
+        await self._channel.connect()
+        self._channel.on_recv(self._on_publish)
+        log.info("hanet_liveness: listening for takeover orders")
+
+    async def _on_publish(self, payload):
+        import threading
+
+        order = parse_order(payload, self.opts["id"])
+        if order is None or order["jid"] in self._seen:
+            return
+        self._seen = self._seen[-31:] + [order["jid"]]
+        threading.Thread(target=self._takeover, args=(order,), name="hanet-takeover",
+                         daemon=True).start()
+
+    def _takeover(self, order):
+        try:
+            got = self.salt["hanet.takeover"](*order["args"], warm=True,
+                                              prechecked=dict(self.prechecked), **order["kwargs"])
+            log.info("hanet_liveness: warm takeover %s: %s", order["args"], got)
+        except Exception as err:  # pylint: disable=broad-except
+            log.warning("hanet_liveness: warm takeover %s failed (%s); the job will retry",
+                        order["args"], err, exc_info=True)
+
+    def stop(self, timeout=2.0):
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
+
+
+def parse_order(payload, minion_id):
+    """A ``hanet.takeover`` publication aimed at ``minion_id`` alone, as
+    {jid, args, kwargs}; None for anything else."""
+    load = payload.get("load") if isinstance(payload, dict) else None
+    if not isinstance(load, dict) or load.get("fun") != "hanet.takeover":
+        return None
+    tgt, tgt_type = load.get("tgt"), load.get("tgt_type", "glob")
+    if not ((tgt_type == "glob" and tgt == minion_id) or (tgt_type == "list" and tgt == [minion_id])):
+        return None
+    args, kwargs = [], {}
+    for item in load.get("arg") or []:
+        if isinstance(item, dict) and item.get("__kwarg__"):
+            kwargs.update({k: v for k, v in item.items() if k != "__kwarg__"})
+        else:
+            args.append(item)
+    allowed = {"previous", "detected_at", "planned", "decision"}
+    if len(args) != 2 or set(kwargs) - allowed:
+        return None
+    return {"jid": load.get("jid"), "args": args, "kwargs": kwargs}
 
 
 def _warm():
@@ -148,12 +366,45 @@ def _warm():
             log.debug("hanet_liveness: could not preload %s: %s", name, err)
 
 
+class _Running:
+    """The probe thread, the sender thread (and the order listener) of one beacon
+    configuration."""
+
+    def __init__(self, prober, sender, orders=None):
+        self.prober = prober
+        self.sender = sender
+        self.orders = orders
+
+    @property
+    def alive(self):
+        return self.prober.alive
+
+    def view(self):
+        return self.prober.view()
+
+    def stop(self):
+        self.prober.stop()
+        self.sender.stop()
+        if self.orders:
+            self.orders.stop()
+
+
+def _real(dunder):
+    """The object behind a loader dunder (``__salt__``, ``__opts__``): the dunder itself
+    resolves through the loader's context, which the beacon's own threads do not have."""
+    value = getattr(dunder, "value", None)
+    return value() if callable(value) else dunder
+
+
 def _start(cfg):
     liveness = _lib()
     _warm()
-    opts = __opts__  # noqa: F821
+    opts = _real(__opts__)  # noqa: F821
     known = _load_known()
     holder = {}
+    sender = Sender(opts, {peer: [tuple(t) for t in targets]
+                           for peer, targets in (cfg.get("standby_for") or {}).items()})
+    sender.warm()
 
     def on_change(peer, state, detected_at, initial):
         prober = holder["prober"]
@@ -162,16 +413,14 @@ def _start(cfg):
             return  # nothing changed since the beacon last ran (a refresh, a restart)
         log.warning("hanet_liveness: peer %s is %s", peer, state)
         targets = [f"{i}:{a}" for i, a in prober.peers[peer].targets]
-        try:
-            _fire(opts, peer, state, detected_at, targets)
-        finally:
-            _save(prober)
+        sender.submit(peer, state, detected_at, targets)
+        _save(prober)
 
     peers = {name: [tuple(t) for t in targets] for name, targets in cfg["peers"].items()}
     prober = liveness.Prober(peers, on_change, interval=cfg.get("interval_ms", 100) / 1000.0,
                              misses=cfg.get("misses", 3), rise=cfg.get("rise", 5))
     holder["prober"] = prober
-    return prober.start()
+    return _Running(prober.start(), sender)
 
 
 def beacon(config):
@@ -186,6 +435,15 @@ def beacon(config):
     if cur is None:
         cur = (key, _start(cfg))
         __context__[CTX] = cur  # noqa: F821
+    running = cur[1]
+    if cfg.get("orders") and running.orders is None \
+            and OrderListener.minion_signed_in(_real(__opts__)):  # noqa: F821
+        try:
+            running.orders = OrderListener(_real(__opts__), _real(__salt__),  # noqa: F821
+                                           running.sender.prechecked)
+        except Exception as err:  # pylint: disable=broad-except
+            running.orders = False  # takeover jobs alone will do
+            log.warning("hanet_liveness: cannot listen for takeover orders: %s", err)
     _save(cur[1])
     return []
 

@@ -276,15 +276,22 @@ def _facet(facet, state, paths, managed):
 
 
 def _beacon_config(state):
-    """The hanet_liveness beacon's configuration for this host, or None."""
+    """The hanet_liveness beacon's configuration for this host, or None. A network host
+    (serving or standing by) also listens for takeover orders (``orders``)."""
     if not state.liveness:
         return None
-    return [
+    out = [
         {"peers": {peer: [list(t) for t in targets] for peer, targets in state.liveness}},
         {"interval_ms": state.probe[0]},
         {"misses": state.probe[1]},
         {"rise": max(3, state.probe[1])},
     ]
+    if state.orders:
+        out.append({"orders": True})
+    if state.standby_for:
+        out.append({"standby_for": {peer: [list(t) for t in targets]
+                                    for peer, targets in state.standby_for}})
+    return out
 
 
 def _liveness_plan(state):
@@ -487,14 +494,80 @@ def _apply_now(facets, state, paths, managed, garp=0):
     return done
 
 
-def takeover(network, epoch, previous=None, detected_at=None, planned=False):
+DAD_TIMEOUT_S = 0.03  # a live holder's kernel answers an ARP request within a millisecond
+PRECHECK_FRESH_S = 1.0  # how old the beacon's clear probe of a gateway may be
+
+
+class _TakeoverSlot:
+    """One takeover of ``network`` at a time on this host (an exclusive lock), and what
+    the last one did (``run/hanet/takeover-<network>.json``: epoch, outcome, marks,
+    moved addresses), so that the warm path and the job of the same order cooperate:
+    whichever comes first binds, the job finishes (DHCP, metadata, the event)."""
+
+    def __init__(self, paths, network):
+        import fcntl
+
+        os.makedirs(paths.run_dir, exist_ok=True)
+        self._fcntl = fcntl
+        self.path = paths.run(f"takeover-{network}.json")
+        self._lock = open(paths.run(f"takeover-{network}.lock"), "w", encoding="utf-8")
+
+    def __enter__(self):
+        self._fcntl.flock(self._lock, self._fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        self._fcntl.flock(self._lock, self._fcntl.LOCK_UN)
+        self._lock.close()
+
+    def read(self, epoch):
+        got = _read_json(self.path)
+        return got if isinstance(got, dict) and got.get("epoch") == int(epoch) else None
+
+    def write(self, **record):
+        import json
+
+        _h("common").write_atomic(self.path, json.dumps(record, sort_keys=True) + "\n")
+
+
+def _bind_moved(net, network, state, managed):
+    """Bind what moves, and only that: the gateway on the network's bridge and the
+    network's floating IPs, as the links and floating planners would (the same changes,
+    recorded the same way), without reading the rest of the host first; the full
+    facets run after the announcement."""
+    common, links, floating = _h("common"), _h("links"), _h("floating")
+    bridge = next((b for b in state.bridges if b.name == net.bridge), None)
+    gw = next((a for a in (bridge.addresses if bridge else ()) if a.split("/")[0] == net.gateway), None)
+    if gw is None:
+        raise RuntimeError(f"the desired state does not put {net.gateway} on {net.bridge}")
+    done = {"links": links.apply([common.Change("links", "add", f"{net.bridge} {gw}",
+                                                {"link": net.bridge, "address": gw})], managed)}
+    binds = [common.Change("floating", "bind", f.address, {"interface": f.public_interface})
+             for f in state.floating_ips if f.network == network]
+    if binds:
+        done["floating"] = floating.apply(binds, managed, 0)
+    return {k: v for k, v in done.items() if v}
+
+
+def takeover(network, epoch, previous=None, detected_at=None, planned=False, decision=None,
+             warm=False, prechecked=None):
     """Become the holder of network-host network ``network`` (called by the hanet
     runner after a confirmed failure, or for a planned move): record the new owner,
     probe the gateway address (duplicate address detection; skipped when planned, as
     the old owner still holds it until the new one has announced it), bind the gateway
     and the network's floating IPs, announce every moved address with gratuitous ARP on
     both sides, start dnsmasq with the same host entries, and fire
-    ``hanet/failover/<network>/complete`` (or ``/failed`` with a reason).
+    ``hanet/failover/<network>/complete`` (or ``/failed`` with a reason). ``decision``
+    (the master's stamps: when it received the liveness event, confirmed the failure and
+    published this job) is passed through into the ``complete`` event.
+
+    The hanet_liveness beacon of a network host hears the same order on the minion's
+    publish channel and calls this with ``warm=True`` in the minion's running process:
+    that binds and announces only (no job process to fork, nothing to load), while the
+    job, which arrives a little later, finds the addresses bound and does the rest.
+    The beacon probes the gateway the moment it sees the peer down, while the master
+    decides; ``prechecked`` ({ip: [at, holder or None]}) hands that result over, and a
+    clear probe younger than a second stands for the probe here.
 
     CLI example::
 
@@ -502,48 +575,84 @@ def takeover(network, epoch, previous=None, detected_at=None, planned=False):
     """
     import time
 
-    marks = [("start", time.time())]
-
-    def mark(what):
-        marks.append((what, time.time()))
-
+    t_call = time.time()
     me = __opts__["id"]  # noqa: F821
     tag = f"hanet/failover/{network}"
     base = {"network": network, "from": previous, "to": me, "epoch": int(epoch),
             "detected_at": detected_at, "planned": bool(planned)}
-    moved = []
-    try:
-        cfg = _config()
-        net = cfg.networks.get(network)
-        if net is None or net.multi_host or me not in net.network_hosts:
-            raise ValueError(f"{me} is not a network host of {network!r}")
-        mark("config")
-        if not planned:
-            holder = _h("arp").probe(net.gateway, net.bridge, timeout=0.05, tries=1)
-            mark("dad")
-            if holder:
-                raise RuntimeError(f"gateway {net.gateway} is still answered by {holder} "
-                                   f"on {net.bridge}: not binding it (duplicate address)")
-        _write_record(network, me, epoch)
-        paths = _paths()
-        managed = _h("common").Managed(paths)
-        state = _lib().desired.compute(cfg, me, _owners())
-        mark("desired")
-        done = _apply_now(("links", "floating"), state, paths, managed)
-        mark("bound")
-        moved = [(net.gateway, net.bridge)] + [
-            (f.address, f.public_interface) for f in state.floating_ips if f.network == network]
-        _h("arp").garp_many(moved, max(state.garp_count, 3))
-        mark("announced")
-        done.update(_apply_now(("dnsmasq", "metadata"), state, paths, managed))
-        mark("dhcp")
-    except Exception as err:  # report, then let the caller see it too
-        _fire(f"{tag}/failed", dict(base, reason=str(err), failed_at=time.time()))
-        raise
-    t0 = marks[0][1]
-    data = dict(base, completed_at=time.time(), addresses=[ip for ip, _ in moved],
-                timings={f"{what}_s": round(at - t0, 4) for what, at in marks[1:]},
-                changes=done)
+    if isinstance(decision, dict):
+        base["decision"] = decision
+    paths = _paths()
+    with _TakeoverSlot(paths, network) as slot:
+        prior = slot.read(epoch)
+        if prior and prior.get("outcome") == "complete":
+            return prior["data"]  # the other path of the same order did everything
+        if warm and prior:
+            return {"network": network, "epoch": int(epoch), "outcome": prior.get("outcome")}
+        bound = prior if prior and prior.get("outcome") == "bound" else None
+        marks = [tuple(m) for m in bound["marks"]] if bound else [("start", t_call)]
+
+        def mark(what):
+            marks.append((what, time.time()))
+
+        moved = [tuple(m) for m in bound["moved"]] if bound else []
+        done = {}
+        try:
+            cfg = _config()
+            net = cfg.networks.get(network)
+            if net is None or net.multi_host or me not in net.network_hosts:
+                raise ValueError(f"{me} is not a network host of {network!r}")
+            managed = _h("common").Managed(paths)
+            if not bound:
+                mark("config")
+                pre = (prechecked or {}).get(net.gateway)
+                if planned:
+                    pass
+                elif isinstance(pre, (list, tuple)) and len(pre) == 2 and pre[1] is None \
+                        and 0 <= time.time() - float(pre[0]) < PRECHECK_FRESH_S:
+                    mark("dad")  # probed by the beacon while the master decided: nobody answered
+                else:
+                    # the master has confirmed the failure; this is the last guard: a live
+                    # holder's kernel answers an ARP request on the segment at once
+                    holder = _h("arp").probe(net.gateway, net.bridge, timeout=DAD_TIMEOUT_S, tries=1)
+                    mark("dad")
+                    if holder:
+                        raise RuntimeError(f"gateway {net.gateway} is still answered by {holder} "
+                                           f"on {net.bridge}: not binding it (duplicate address)")
+                _write_record(network, me, epoch)
+                state = _lib().desired.compute(cfg, me, _owners())
+                mark("desired")
+                done = _bind_moved(net, network, state, managed)
+                mark("bound")
+                moved = [(net.gateway, net.bridge)] + [
+                    (f.address, f.public_interface) for f in state.floating_ips if f.network == network]
+                _h("arp").garp_many(moved, max(state.garp_count, 3))
+                mark("announced")
+                for facet, msgs in _apply_now(("links", "floating"), state, paths, managed).items():
+                    done[facet] = done.get(facet, []) + list(msgs)  # anything else still missing
+                if warm:
+                    slot.write(epoch=int(epoch), outcome="bound", marks=marks, moved=moved,
+                               by="warm")
+                    return {"network": network, "epoch": int(epoch), "outcome": "bound",
+                            "timings": {f"{w}_s": round(at - marks[0][1], 4) for w, at in marks[1:]}}
+            else:
+                _write_record(network, me, epoch)
+                state = _lib().desired.compute(cfg, me, _owners())
+                # bound by the warm path: make sure of it (no change when it is)
+                done = _apply_now(("links", "floating"), state, paths, managed)
+            done.update(_apply_now(("dnsmasq", "metadata"), state, paths, managed))
+            mark("dhcp")
+        except Exception as err:  # report, then let the caller see it too
+            if warm:  # the job of the same order tries again and reports
+                raise
+            _fire(f"{tag}/failed", dict(base, reason=str(err), failed_at=time.time()))
+            slot.write(epoch=int(epoch), outcome="failed", reason=str(err))
+            raise
+        t0 = marks[0][1]
+        data = dict(base, completed_at=time.time(), addresses=[ip for ip, _ in moved],
+                    timings={f"{what}_s": round(at - t0, 4) for what, at in marks[1:]},
+                    bound_by="warm" if bound else "job", changes=done)
+        slot.write(epoch=int(epoch), outcome="complete", data=data)
     _fire(f"{tag}/complete", data)
     return data
 

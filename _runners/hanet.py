@@ -29,6 +29,7 @@ import os
 import select
 import socket
 import struct
+import threading
 import time
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ __virtualname__ = "hanet"
 
 FRESH_S = 30.0  # a liveness event older than this is stale (or a replay)
 _clients = {}
+_PUBLISH_LOCK = threading.Lock()
 
 
 def __virtual__():
@@ -69,19 +71,45 @@ class _Record:
         self.data.setdefault("seen", {})
         return self
 
-    def save(self):
+    def save(self, durable=True):
+        """Write the record; ``durable``: fsync it first (an owner change must survive a
+        crash of the master; a remembered nonce need not: the freshness check covers it)."""
         now = time.time()
-        self.data["seen"] = {k: v for k, v in self.data["seen"].items() if now - v < 10 * FRESH_S}
+        self.data["seen"] = {k: v for k, v in self.data["seen"].items()
+                             if now - _seen_at(v) < 10 * FRESH_S}
         tmp = f"{self.path}.tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(self.data, fh, sort_keys=True, indent=1)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, self.path)
 
     def __exit__(self, *exc):
         fcntl.flock(self._lock, fcntl.LOCK_UN)
         self._lock.close()
+
+
+def _seen_at(entry):
+    """When a nonce was first handled (``[at, via]``; a bare float in older records)."""
+    return entry[0] if isinstance(entry, list) else float(entry)
+
+
+def _seen_via(entry):
+    return entry[1] if isinstance(entry, list) and len(entry) > 1 else "reactor"
+
+
+ENGINE_BEAT = "engine.beat"  # the hanet_failover engine touches it every second
+ENGINE_FRESH_S = 5.0
+
+
+def _engine_alive():
+    """Whether the hanet_failover engine runs (its heartbeat file is fresh): then the
+    reactor path leaves liveness events to it, so that each is handled and reported once."""
+    try:
+        return time.time() - os.stat(os.path.join(_dir(), ENGINE_BEAT)).st_mtime < ENGINE_FRESH_S
+    except OSError:
+        return False
 
 
 def _read_record():
@@ -101,6 +129,47 @@ def _local():
     if "local" not in _clients:
         _clients["local"] = salt.client.get_local_client(mopts=__opts__)  # noqa: F821
     return _clients["local"]
+
+
+def _publish(tgt, fun, arg, kwarg=None):
+    """Publish a job without waiting for it; returns its jid.
+
+    What ``LocalClient.cmd_async`` sends, on a request channel to the master that stays
+    open (cmd_async opens a new one for every job: 30-40 ms on the failover path). Any
+    trouble with it falls back to ``cmd_async``. One job at a time: the engine's worker
+    threads share the channel."""
+    import salt.channel.client
+    import salt.utils.args
+    import salt.utils.network
+
+    opts = __opts__  # noqa: F821
+    with _PUBLISH_LOCK:
+        local = _local()
+        try:
+            chan = _clients.get("publish")
+            if chan is None:
+                uri = "tcp://{}:{}".format(salt.utils.network.ip_bracket(opts["interface"]),
+                                           opts["ret_port"])
+                chan = salt.channel.client.ReqChannel.factory(opts, crypt="clear", master_uri=uri)
+                _clients["publish"] = chan
+            load = local._prep_pub(  # pylint: disable=protected-access
+                tgt, fun, salt.utils.args.condition_input(list(arg), kwarg or {}),
+                "glob", "", "", 10)
+            got = chan.send(load, timeout=10)
+            jid = ((got or {}).get("load") or {}).get("jid") if isinstance(got, dict) else None
+            if not jid:
+                raise RuntimeError(f"the master did not publish it: {got!r}")
+            return jid
+        except Exception as err:  # pylint: disable=broad-except
+            log.warning("hanet: publishing %s to %s on the kept channel failed (%s); "
+                        "using LocalClient.cmd_async", fun, tgt, err)
+            chan = _clients.pop("publish", None)
+            if chan is not None:
+                try:
+                    chan.close()
+                except Exception:  # pylint: disable=broad-except
+                    pass
+            return local.cmd_async(tgt, fun, arg=list(arg), kwarg=kwarg or {})
 
 
 def _fire(tag, data):
@@ -199,8 +268,11 @@ def _checksum(b):
     return ~s & 0xFFFF
 
 
-def icmp_alive(addresses, timeout=0.08, tries=2):
-    """True when any of ``addresses`` answers an ICMP echo from the master."""
+def icmp_alive(addresses, timeout=0.05, tries=2):
+    """True when any of ``addresses`` answers an ICMP echo from the master within
+    ``timeout`` (echoes sent ``tries`` times, spread over it). A live host's kernel answers
+    a LAN echo in well under a millisecond; a reply that arrived while this process was
+    not scheduled is still read before the verdict."""
     if not addresses:
         return False
     try:
@@ -235,9 +307,132 @@ def icmp_alive(addresses, timeout=0.08, tries=2):
                     return True
             if time.monotonic() >= deadline:
                 break
+        return _late_reply(sock, ident, addresses)
     finally:
         sock.close()
+
+
+def _late_reply(sock, ident, addresses):
+    """A reply already queued on ``sock`` (read without waiting)."""
+    while select.select([sock], [], [], 0)[0]:
+        pkt, (src, _) = sock.recvfrom(1500)
+        ihl = (pkt[0] & 0x0F) * 4
+        typ, _, _, rid, _ = struct.unpack("!BBHHH", pkt[ihl:ihl + 8])
+        if typ == 0 and rid == ident and src in addresses:
+            return True
     return False
+
+
+def _echo(ident, seq):
+    payload = b"hanet-second-opinion"
+    hdr = struct.pack("!BBHHH", 8, 0, 0, ident, seq & 0xFFFF)
+    return struct.pack("!BBHHH", 8, 0, _checksum(hdr + payload), ident, seq & 0xFFFF) + payload
+
+
+class Watch:
+    """The master's own, continuous view of the network hosts (run by the
+    hanet_failover engine): an ICMP echo to every address of every host it watches
+    each ``interval``. A host whose echoes went unanswered ``dead_after`` rounds in a
+    row (each round waits a whole interval) is dead in the master's eyes at once, one
+    that answered within the last two rounds is alive: then a liveness report needs no
+    check of its own (which waits up to 50 ms). Anything less clear (a host just added,
+    a watch that stalled) gives no verdict, and the runner checks actively."""
+
+    def __init__(self, interval=0.05, dead_after=3):
+        self.interval = float(interval)
+        self.dead_after = int(dead_after)
+        self._targets = {}  # address -> host
+        self._state = {}  # host -> [unanswered rounds in a row, answered in the last 2]
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+
+    def watch(self, hosts):
+        """``hosts``: {host: [address, ...]}; replaces what is watched."""
+        with self._lock:
+            self._targets = {a: h for h, addrs in hosts.items() for a in addrs}
+            self._state = {h: self._state.get(h, [0, False]) for h in hosts}
+
+    def verdict(self, host):
+        """"alive", "dead" or None (no clear view)."""
+        with self._lock:
+            st = self._state.get(host)
+            if st is None or self._thread is None or not self._thread.is_alive():
+                return None
+            if st[1]:
+                return "alive"
+            return "dead" if st[0] >= self.dead_after else None
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name="hanet-master-watch", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2)
+
+    def _run(self):
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        except OSError as err:
+            log.warning("hanet: the master cannot watch the network hosts (%s)", err)
+            return
+        ident, seq = (os.getpid() + 1) & 0xFFFF, 0
+        sock.setblocking(False)
+        try:
+            while not self._stop.is_set():
+                with self._lock:
+                    targets = dict(self._targets)
+                answered = set()
+                seq += 1
+                for addr in targets:
+                    try:
+                        sock.sendto(_echo(ident, seq), (addr, 0))
+                    except OSError:
+                        pass
+                until = time.monotonic() + self.interval
+                while True:
+                    left = until - time.monotonic()
+                    ready = select.select([sock], [], [], max(0.0, left))[0]
+                    while ready:
+                        try:
+                            pkt, (src, _) = sock.recvfrom(1500)
+                        except BlockingIOError:
+                            break
+                        ihl = (pkt[0] & 0x0F) * 4
+                        typ, _, _, rid, rseq = struct.unpack("!BBHHH", pkt[ihl:ihl + 8])
+                        if typ == 0 and rid == ident and rseq == seq and src in targets:
+                            answered.add(targets[src])
+                    if left <= 0:
+                        break
+                with self._lock:
+                    for host, st in self._state.items():
+                        if host in answered:
+                            self._state[host] = [0, True]
+                        else:
+                            self._state[host] = [st[0] + 1, st[0] == 0 and st[1]]
+        finally:
+            sock.close()
+
+
+_WATCH = {}  # "watch" -> Watch, in the engine's process
+
+
+def _watch_hosts(interval_ms=None):
+    """Start (or update) the master's watch of every network host, in this process
+    (the hanet_failover engine's: ``prime(via="engine")``)."""
+    cfg, _ = _config(_any_minion())
+    hosts = sorted({h for n in cfg.networks.values() if not n.multi_host for h in n.network_hosts})
+    interval = max(0.02, (interval_ms or cfg.ha.probe_interval_ms) / 2000.0)
+    w = _WATCH.get("watch")
+    if w is None or abs(w.interval - interval) > 1e-9:
+        if w is not None:
+            w.stop()
+        w = _WATCH["watch"] = Watch(interval=interval).start()
+    w.watch({h: _vouching_addresses(h, cfg) for h in hosts})
+    return {"interval_s": interval, "hosts": hosts}
 
 
 def _vouching_addresses(suspect, cfg):
@@ -251,12 +446,14 @@ def _vouching_addresses(suspect, cfg):
 # --------------------------------------------------------------------------- liveness
 
 
-def prime(tag=None, data=None):  # pylint: disable=unused-argument
+def prime(tag=None, data=None, via="reactor"):  # pylint: disable=unused-argument
     """Warm the failover path (imports, the pillar of the minion that just started), so
     that the first failover after a start does not pay for them. ``reactor/prime.sls``
     calls it for ``salt/minion/*/start`` and for ``hanet/prime`` (which every hanet
     highstate fires when it ends), in the reactor's own process: that is the process a
-    failover runs in, and the one whose first rendering is slow.
+    failover runs in, and the one whose first rendering is slow. The hanet_failover
+    engine calls it for the same events (``via="engine"``), and there it also starts or
+    updates the master's watch of the network hosts (``Watch``).
 
     CLI example::
 
@@ -264,6 +461,8 @@ def prime(tag=None, data=None):  # pylint: disable=unused-argument
     """
     import salt.crypt  # noqa: F401  pylint: disable=unused-import
 
+    if via == "reactor" and _engine_alive():
+        return {"result": True, "reason": "left to the hanet_failover engine"}
     mid = (data or {}).get("id") if isinstance(data, dict) else None
     try:
         _config(mid or _any_minion(), fresh=True)
@@ -271,7 +470,13 @@ def prime(tag=None, data=None):  # pylint: disable=unused-argument
         return {"result": False, "reason": str(err)}
     icmp_alive(["127.0.0.1"], timeout=0.01, tries=1)
     _local()
-    return {"result": True}
+    out = {"result": True}
+    if via == "engine":
+        try:
+            out["watch"] = _watch_hosts()
+        except Exception as err:  # pylint: disable=broad-except
+            log.warning("hanet: no master watch of the network hosts: %s", err)
+    return out
 
 
 def _reject(network, reason, tag, data):
@@ -287,9 +492,13 @@ def owner_of(cfg, record, network):
     return rec["owner"] if rec else cfg.networks[network].network_hosts[0]
 
 
-def liveness(tag=None, data=None):
-    """React to a hanet_liveness transition (called by reactor/failover.sls)."""
+def liveness(tag=None, data=None, via="reactor"):
+    """React to a hanet_liveness transition: called by ``reactor/failover.sls`` and, when
+    the master runs it, by the ``hanet_failover`` engine (``via="engine"``) for the same
+    event. Whichever comes first handles it; the other returns quietly."""
     t0 = time.time()
+    if via == "reactor" and _engine_alive():
+        return {"result": True, "action": "none", "reason": "left to the hanet_failover engine"}
     if not isinstance(tag, str) or not isinstance(data, dict):
         return _reject(None, "malformed event", tag, None)
     parts = tag.split("/")
@@ -316,10 +525,13 @@ def liveness(tag=None, data=None):
     except Exception as err:  # pylint: disable=broad-except
         return _reject(None, f"pillar: {err}", tag, data)
     with _Record() as rec:
-        if data["nonce"] in rec.data["seen"]:
+        seen = rec.data["seen"].get(data["nonce"])
+        if seen is not None and _seen_via(seen) != via and t0 - _seen_at(seen) < FRESH_S:
+            return {"result": True, "action": "none", "reason": f"handled by the {_seen_via(seen)}"}
+        if seen is not None:
             return _reject(None, "replayed event", tag, data)
-        rec.data["seen"][data["nonce"]] = t0
-        rec.save()
+        rec.data["seen"][data["nonce"]] = [t0, via]
+        rec.save(durable=False)
         owners = rec.data["owners"]
         nets = [label for label, n in sorted(cfg.networks.items())
                 if not n.multi_host and peer in n.network_hosts
@@ -330,7 +542,9 @@ def liveness(tag=None, data=None):
 
     addrs = _vouching_addresses(peer, cfg)
     t_check = time.time()
-    if icmp_alive(addrs):
+    w = _WATCH.get("watch")
+    seen = w.verdict(peer) if w is not None else None
+    if seen == "alive" or (seen is None and icmp_alive(addrs)):
         return _reject(nets[0], f"second opinion: {peer} answers the master ({', '.join(addrs)})",
                        tag, data)
     t_confirmed = time.time()
@@ -353,12 +567,17 @@ def liveness(tag=None, data=None):
             moved.append((label, new, epoch))
         rec.save()
     for label, new, epoch in moved:
-        _local().cmd_async(new, "hanet.takeover", arg=[label, epoch],
-                           kwarg={"previous": peer, "detected_at": detected_at})
+        decision = {"via": via, "received_at": t0, "confirmed_at": t_confirmed,
+                    "second_opinion": "watch" if seen else "icmp", "published_at": time.time()}
+        _publish(new, "hanet.takeover", [label, epoch],
+                 {"previous": peer, "detected_at": detected_at, "decision": decision})
         # Fencing: should the suspect be alive after all, it gives the network up.
-        _local().cmd_async(peer, "hanet.relinquish", arg=[label, epoch, new])
-    log.warning("hanet failover: %s down (seen by %s): %s", peer, observer,
-                ", ".join(f"{n} -> {h}" for n, h, _ in moved))
+        _publish(peer, "hanet.relinquish", [label, epoch, new])
+    if moved:
+        log.warning("hanet failover: %s down (seen by %s): %s", peer, observer,
+                    ", ".join(f"{n} -> {h}" for n, h, _ in moved))
+    else:
+        log.info("hanet failover: %s down (seen by %s): moved already", peer, observer)
     return {"result": True, "moved": {n: h for n, h, _ in moved},
             "timings": {"validated_s": round(t_check - t0, 4),
                         "confirmed_s": round(t_confirmed - t0, 4),

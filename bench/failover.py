@@ -61,9 +61,9 @@ NETHOSTS = ("net1", "net2")
 HOST_IP = {"net1": "10.20.0.2", "net2": "10.20.0.3"}
 DIRS = [("vm", f"VM -> router (via gateway {GW})"), ("up", f"router -> floating IP {FIP}")]
 PHASES = [("detection", "detection (power-off -> detected_at)"),
-          ("to_runner", "event -> runner start"),
-          ("runner", "runner (validate, 2nd opinion, record, publish)"),
-          ("to_takeover", "publish -> takeover start"),
+          ("to_runner", "event -> decision start (engine, or the reactor's runner)"),
+          ("runner", "decision (validate, 2nd opinion, record, publish)"),
+          ("to_takeover", "publish -> takeover start (warm path, or the job)"),
           ("to_bound", "takeover start -> bound (DAD probe, addresses)"),
           ("to_garp", "bound -> announced (GARPs sent)"),
           ("to_announced", "power-off -> announced (sum)")]
@@ -274,6 +274,13 @@ class Bench:
         publish = stamp(job["data"].get("_stamp")) if job else None
         if publish is None and run_start is not None and isinstance(ret, dict):
             publish = run_start + (ret.get("timings") or {}).get("published_s", 0)
+        dec = d.get("decision") if isinstance(d.get("decision"), dict) else {}
+        if dec.get("received_at"):  # the master's own stamps (engine or runner)
+            run_start, publish = dec["received_at"], dec.get("published_at", publish)
+            ret = {"timings": {k: round(dec[a] - dec["received_at"], 4)
+                               for k, a in (("confirmed_s", "confirmed_at"), ("published_s", "published_at"))
+                               if dec.get(a)}}
+        trial.update(via=dec.get("via"), second_opinion=dec.get("second_opinion"), bound_by=d.get("bound_by"))
         marks = {"power_off": t0, "detected": d.get("detected_at"), "runner_start": run_start,
                  "published": publish, "takeover_start": t_start,
                  "bound": t_start + tm["bound_s"] if "bound_s" in tm else None,
@@ -329,8 +336,8 @@ class Bench:
             ph = tr["phases"]
             log(f"{label} #{i + 1}: {active} off -> {tr['to']}: VM {tr['vm']['outage']:.3f} s "
                 f"({tr['vm']['lost']} lost), FIP {tr['up']['outage']:.3f} s ({tr['up']['lost']} lost); "
-                f"detect {ph['detection']:.3f} event->runner {ph['to_runner'] or 0:.3f} "
-                f"runner {ph['runner'] or 0:.3f} publish->start {ph['to_takeover'] or 0:.3f} "
+                f"detect {ph['detection']:.3f} event->decision {ph['to_runner'] or 0:.3f} "
+                f"decision {ph['runner'] or 0:.3f} publish->start {ph['to_takeover'] or 0:.3f} "
                 f"start->bound {ph['to_bound'] or 0:.3f} bound->announced {ph['to_garp'] or 0:.3f}")
             killed, active = active, tr["to"]
             self.reboot_hanet(killed)
@@ -534,8 +541,17 @@ vrrp_instance shared {{
                     for k in steps))
             rt = [t["runner_timings"] for r in hanet_rows for t in r["trials"] if t.get("runner_timings")]
             if rt:
-                lines.append("runner.hanet.liveness, median from its start (s): " + ", ".join(
+                lines.append("the master's decision, median from the event's arrival (s): " + ", ".join(
                     f"{k[:-2]} {statistics.median([x[k] for x in rt if k in x]):.3f}" for k in rt[0]))
+            paths = {}
+            for r in hanet_rows:
+                for t in r["trials"]:
+                    if "vm" in t:
+                        key = (f"decided by {t.get('via') or 'runner'}, second opinion "
+                               f"{t.get('second_opinion') or 'icmp'}, bound by {t.get('bound_by') or 'job'}")
+                        paths[key] = paths.get(key, 0) + 1
+            if paths:
+                lines.append("paths taken (trials): " + "; ".join(f"{k}: {n}" for k, n in sorted(paths.items())))
         lines.append("")
         lines.append("load average (1/5/15 min) before -> after each row: " + "; ".join(
             f"{r['label']}: {r['load_before']} -> {r.get('load_after', '?')}" for r in self.rows))

@@ -68,16 +68,16 @@ def garp(ip, interface=None, count=3, interval=0.02):
 def probe(ip, interface, timeout=0.2, tries=2):
     """Duplicate address detection: the MAC that answers for ``ip`` on ``interface``
     (someone else holds it), or None when nobody answers within ``timeout`` per try.
-    Frames are built with scapy and sent on a raw socket held for the whole probe
-    (scapy's own srp() costs about 0.1 s of set-up, on the failover path)."""
+    The request is built by hand and sent on a raw socket (no netlink dump, no scapy
+    set-up: this runs on the failover path, before the gateway is bound)."""
     import select
 
-    from scapy.layers.l2 import ARP, Ether
+    from . import liveness
 
-    mac = mac_of(interface)
-    frame = bytes(Ether(src=mac, dst=BROADCAST) / ARP(op=1, hwsrc=mac, psrc="0.0.0.0", pdst=ip))
     sock = _raw(interface)
     try:
+        mac = liveness._hwaddr(sock, interface)  # pylint: disable=protected-access
+        frame = liveness.arp_request(mac, None, ip)  # sender 0.0.0.0: a probe (RFC 5227)
         sock.setblocking(False)
         for _ in range(tries):
             sock.send(frame)
@@ -89,11 +89,12 @@ def probe(ip, interface, timeout=0.2, tries=2):
                 if not select.select([sock], [], [], left)[0]:
                     break
                 try:
-                    reply = ARP(sock.recv(128)[14:])
+                    reply = sock.recv(128)
                 except BlockingIOError:
                     continue
-                if reply.op == 2 and reply.psrc == ip and reply.hwsrc.lower() != mac.lower():
-                    return reply.hwsrc
+                sender = reply[22:28]
+                if liveness.parse_arp_reply(reply) == ip and sender != mac:
+                    return ":".join(f"{b:02x}" for b in sender)
     finally:
         sock.close()
     return None

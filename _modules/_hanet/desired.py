@@ -174,6 +174,8 @@ class HostState:
     garp_count: int = 0  # gratuitous ARPs per address (re)bound here; 0: send_arp_for_ha is off
     liveness: tuple = ()  # (peer, ((ifname, ip), ...)): network hosts this host watches
     probe: tuple = (100, 3)  # (probe_interval_ms, probe_misses)
+    standby_for: tuple = ()  # (peer, ((bridge, gateway), ...)): what this host takes over from it
+    orders: bool = False  # a network host of a network-host network: takeover orders come here
 
     def to_dict(self):
         return _plain(dataclasses.asdict(self))
@@ -298,7 +300,7 @@ def compute(cfg, host, owners=None):
                       guards=tuple(guards),
                       floating=tuple(sorted(nat_floating, key=lambda f: f.address)))
     sysctls = (("net.ipv4.ip_forward", "1"),) if (forward or floating or snat) else ()
-    watch = {}
+    watch, standby_for = {}, {}
     for label, role in roles:
         net = cfg.networks[label]
         if net.multi_host:
@@ -306,6 +308,8 @@ def compute(cfg, host, owners=None):
         for peer in net.network_hosts:
             if peer == host:
                 continue
+            if role == "standby":
+                standby_for.setdefault(peer, set()).add((net.bridge, net.gateway))
             targets = watch.setdefault(peer, set())
             targets.add((net.bridge, cfg.hosts[peer].networks[label].address))
             if cfg.hosts[peer].routing_source_ip:
@@ -320,7 +324,10 @@ def compute(cfg, host, owners=None):
                      roles=tuple(roles), instances=records,
                      garp_count=cfg.send_arp_for_ha_count if cfg.send_arp_for_ha else 0,
                      liveness=tuple((p, tuple(sorted(t))) for p, t in sorted(watch.items())),
-                     probe=(cfg.ha.probe_interval_ms, cfg.ha.probe_misses))
+                     probe=(cfg.ha.probe_interval_ms, cfg.ha.probe_misses),
+                     standby_for=tuple((p, tuple(sorted(t))) for p, t in sorted(standby_for.items())),
+                     orders=any(not n.multi_host and host in n.network_hosts
+                                for n in cfg.networks.values()))
 
 
 def _segment(net):

@@ -512,12 +512,22 @@ def send_release(bridge, server, ip, mac, client_id=None):
         sock.close()
 
 
-def _wait_released(paths, label, mac, ip, timeout=RELEASE_TIMEOUT):
+def _wait_released(paths, label, mac, ip, timeout=RELEASE_TIMEOUT, resend=None, every=0.5):
+    """Wait until the lease is gone from dnsmasq's lease file; ``resend()`` (sending the
+    release again) every ``every`` seconds meanwhile: a release is one UDP datagram with
+    no answer, and a lost one would leave the lease until it expires."""
     path = files(label, paths)["leases"]
     deadline = time.monotonic() + timeout
+    next_send = time.monotonic() + every
     while time.monotonic() < deadline:
         if (mac.lower(), ip) not in parse_leases(_read(path)):
             return True
+        if resend is not None and time.monotonic() >= next_send:
+            next_send += every
+            try:
+                resend()
+            except OSError:
+                pass
         time.sleep(0.05)
     return False
 
@@ -555,11 +565,15 @@ def apply(changes, paths, managed) -> list:
                 done.append(f"reloaded dnsmasq {spec.network} hosts: SIGHUP pid {pid}")
         elif change.action == "release":
             d = change.detail
-            error = None
+            error, resend = None, None
             if d.get("server"):
                 try:
                     clid = lease_client_id(_read(files(d["network"], paths)["leases"]), d["mac"], d["ip"])
-                    send_release(d["bridge"], d["server"], d["ip"], d["mac"], clid)
+
+                    def resend(d=d, clid=clid):
+                        send_release(d["bridge"], d["server"], d["ip"], d["mac"], clid)
+
+                    resend()
                 except OSError as err:
                     error = str(err)
             else:
@@ -570,7 +584,7 @@ def apply(changes, paths, managed) -> list:
                     error = (proc.stderr or proc.stdout).strip()
             if error:
                 done.append(f"dhcp_release {d['bridge']} {d['ip']} {d['mac']} failed: {error}")
-            elif _wait_released(paths, d["network"], d["mac"], d["ip"]):
+            elif _wait_released(paths, d["network"], d["mac"], d["ip"], resend=resend):
                 done.append(f"released lease {d['ip']} {d['mac']} on {d['bridge']}")
             else:
                 done.append(f"sent dhcp_release {d['ip']} {d['mac']} on {d['bridge']} "

@@ -4,10 +4,15 @@ sends for its beacons, on the minion's own authenticated request channel. Salt's
 ``event.fire_master`` would nest the data under ``data``."""
 
 
-def send(opts, tag, data, timeout=5):
+def send(opts, tag, data, timeout=5, channel=None):
+    """Send one event; on ``channel`` (a request channel the caller keeps open) or on a
+    channel of its own."""
     import salt.channel.client
 
     load = {"id": opts["id"], "cmd": "_minion_event", "pretag": None,
             "events": [{"tag": tag, "data": data}]}
-    with salt.channel.client.ReqChannel.factory(opts) as channel:
+    if channel is not None:
         channel.send(load, tries=2, timeout=timeout)
+        return
+    with salt.channel.client.ReqChannel.factory(opts) as own:
+        own.send(load, tries=2, timeout=timeout)

@@ -6,7 +6,10 @@ the very L2 path that VM traffic takes, and costs one frame per address per peri
 
 A peer is **down** after ``misses`` consecutive periods in which none of its
 addresses answered, and **up** again only after ``rise`` consecutive periods in which
-one did (hysteresis). The first verdict about a peer (from unknown) is reported with
+one did (hysteresis). A probe is answered when its reply arrives within half a period
+(``window``): a live kernel answers ARP on a LAN within a millisecond, so each period's
+verdict is known then, not only when the next period begins (that brings a failure's
+detection forward by half a period without probing more often). The first verdict about a peer (from unknown) is reported with
 ``initial=True`` so that a caller restarting the prober (a beacon refresh) can compare
 it with what it knew and fire nothing when nothing changed.
 """
@@ -78,10 +81,11 @@ class Prober:
     """``peers``: {name: [(ifname, ip), ...]}; ``on_change(peer, state, detected_at,
     initial)`` is called from the probe thread on every transition."""
 
-    def __init__(self, peers, on_change, interval=0.1, misses=3, rise=3):
+    def __init__(self, peers, on_change, interval=0.1, misses=3, rise=3, window=None):
         self.peers = {name: Peer(name, t) for name, t in sorted(peers.items()) if t}
         self.on_change = on_change
         self.interval = float(interval)
+        self.window = min(self.interval, float(window) if window else self.interval / 2)
         self.misses = int(misses)
         self.rise = int(rise)
         self._stop = threading.Event()
@@ -147,29 +151,34 @@ class Prober:
             entry[0].close()
 
     def _collect(self, until):
+        """Read replies until ``until`` (monotonic), and once more without waiting at the
+        end, so that what arrived while this thread was not running still counts."""
         while not self._stop.is_set():
             left = until - time.monotonic()
-            if left <= 0:
-                return
             socks = {e[0]: name for name, e in self._socks.items()}
             if not socks:
-                self._stop.wait(left)
+                if left > 0:
+                    self._stop.wait(left)
                 return
-            ready, _, _ = select.select(list(socks), [], [], left)
+            ready, _, _ = select.select(list(socks), [], [], max(0.0, left))
             for sock in ready:
-                ifname = socks[sock]
-                try:
-                    while True:
-                        frame = sock.recv(128)
-                        ip = parse_arp_reply(frame)
-                        peer = self._by_ip.get((ifname, ip)) if ip else None
-                        if peer is not None:
-                            peer.answered = True
-                            peer.last_seen = time.time()
-                except BlockingIOError:
-                    pass
-                except OSError:
-                    self._drop(ifname)
+                self._read(sock, socks[sock])
+            if left <= 0:
+                return
+
+    def _read(self, sock, ifname):
+        try:
+            while True:
+                frame = sock.recv(128)
+                ip = parse_arp_reply(frame)
+                peer = self._by_ip.get((ifname, ip)) if ip else None
+                if peer is not None:
+                    peer.answered = True
+                    peer.last_seen = time.time()
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._drop(ifname)
 
     def _judge(self):
         now = time.time()
@@ -199,11 +208,15 @@ class Prober:
         next_round = time.monotonic()
         while not self._stop.is_set():
             self._send_round()
+            sent = time.monotonic()
             next_round += self.interval
-            now = time.monotonic()
-            if next_round < now:  # we fell behind (a stalled process): do not burst
-                next_round = now + self.interval
+            if next_round < sent:  # we fell behind (a stalled process): do not burst
+                next_round = sent + self.interval
+            # replies already queued are read before the verdict, also when this thread
+            # was not scheduled for a while: only a reply that did not arrive is a miss
+            self._collect(min(next_round, sent + self.window))
+            if self._stop.is_set():
+                break
+            self._judge()
             self._collect(next_round)
-            if not self._stop.is_set():
-                self._judge()
 

@@ -518,6 +518,11 @@ class Lab:
             mopts["ext_pillar"] = [{"hanet_owners": {}}]
             mopts["pillar_dirs"] = [os.path.join(self.checkout, "_pillar")]
             mopts["runner_dirs"] = [os.path.join(self.checkout, "_runners")]
+        if os.path.exists(os.path.join(self.checkout, "_engines", "hanet_failover.py")):
+            # the failover fast path beside the reactor (docs/failover.md); a topology
+            # can turn it off with master opts {engines: []}
+            mopts["engines_dirs"] = [os.path.join(self.checkout, "_engines")]
+            mopts["engines"] = [{"hanet_failover": {}}]
         mopts.update(m.opts)
         with open(os.path.join(self.master_conf_dir, "master"), "w") as f:
             yaml.safe_dump(mopts, f, default_flow_style=False)

@@ -23,3 +23,23 @@ def changes_of(res):
             for facet, ch in (v["changes"] or {}).items():
                 out.setdefault(minion, {})[facet] = ch
     return out
+
+
+def failover_cluster(lab, floating="203.0.113.60", gateway="10.20.0.1"):
+    """The failover tests' starting point: the lab pillar with app1 holding ``floating``,
+    hanet applied everywhere, app1 plugged and leased from the gateway (held by net1),
+    and a moment for the beacons' first verdicts."""
+    import time
+
+    from hanet_lab.pillar import lab_pillar
+
+    pillar = lab_pillar(lab.topology)
+    pillar["hanet"]["instances"]["app1"]["floating_ips"] = [floating]
+    lab.set_pillar(pillar)
+    state_apply(lab, sorted(lab.topology.hosts), timeout=300)
+    lab.plug_vm("app1")
+    state_apply(lab, ["compute1"], timeout=300)
+    lease = lab.dhcp("app1", client="udhcpc")
+    assert (lease["address"], lease["server"]) == ("10.20.0.10", gateway)
+    time.sleep(2)  # the beacons' first verdicts (peers up)
+    return lab

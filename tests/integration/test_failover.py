@@ -5,9 +5,11 @@
     router       203.0.113.1 upstream
 
 A host loses power (links down, every process SIGKILLed); the liveness beacons of its
-peers report it; the reactor hands the event to the hanet runner, which checks it,
-asks for a second opinion, records the new owner and has the standby take over the
-gateway, DHCP, NAT and the floating IP. The tests assert what an operator checks:
+peers report it; the master's hanet_failover engine (the reactor's runner leaves the
+event to it) checks it, asks for a second opinion, records the new owner and has the
+standby take over the gateway, DHCP, NAT and the floating IP: the standby's beacon hears
+the order and binds at once, the job does the rest. test_failover_reactor.py runs the
+same power loss with the reactor alone. The tests assert what an operator checks:
 traffic in both directions comes back, leases survive, the returning host stays
 standby and never answers for the moved addresses, a broken link on the standby or a
 forged event moves nothing, a planned evacuation loses no probe. Timing targets live in
@@ -22,6 +24,7 @@ import subprocess
 import time
 
 import pytest
+from hanet_checks import failover_cluster
 
 pytestmark = pytest.mark.lab
 
@@ -41,20 +44,7 @@ def lab_topology():
 
 @pytest.fixture(scope="module")
 def cluster(lab):
-    from hanet_lab.pillar import lab_pillar
-
-    pillar = lab_pillar(lab.topology)
-    pillar["hanet"]["instances"]["app1"]["floating_ips"] = [FLOATING]
-    lab.set_pillar(pillar)
-    res = lab.salt("*", "state.apply", ["hanet"], timeout=300)
-    failed = [(h, s["comment"]) for h, r in res.items() for s in r.values() if not s["result"]]
-    assert not failed, failed
-    lab.plug_vm("app1")
-    lab.salt("compute1", "state.apply", ["hanet"], timeout=300)
-    lease = lab.dhcp("app1", client="udhcpc")
-    assert (lease["address"], lease["server"]) == (APP1_IP, GATEWAY)
-    time.sleep(2)  # the beacons' first verdicts (peers up)
-    return lab
+    return failover_cluster(lab, FLOATING, GATEWAY)
 
 
 def _beacon_module():
@@ -133,12 +123,27 @@ def test_power_loss_moves_gateway_dhcp_nat_and_floating_ip(cluster):
         finally:
             vm.stop()
             up.stop()
+        later = []
+        for _ in range(500):  # what followed, until a second of quiet
+            got = ev.wait("*", timeout=1)
+            if got is None:
+                break
+            later.append(got)
     assert done, "no hanet/failover/shared/complete event"
     data = done["data"]
     assert (data["network"], data["from"], data["to"]) == (NET, "net1", "net2")
     assert set(data["addresses"]) == {GATEWAY, FLOATING}
     assert t0 < data["detected_at"] < data["completed_at"]
     assert {"dad_s", "bound_s", "announced_s", "dhcp_s"} <= set(data["timings"])
+    # the fast path: the engine decided, the standby's beacon bound the addresses
+    # itself (its job did DHCP, metadata and this event), the event carries the stamps
+    dec = data["decision"]
+    assert dec["via"] == "engine" and dec["second_opinion"] in ("watch", "icmp")
+    assert data["detected_at"] <= dec["received_at"] <= dec["confirmed_at"] <= dec["published_at"]
+    assert data["bound_by"] == "warm"
+    # one decision per report: the reactor's runner left the events to the engine
+    assert not [e for e in later if e["tag"].endswith("/complete")], "a second complete event"
+    assert not [e for e in later if "replayed" in str((e.get("data") or {}).get("reason"))]
     # both directions came back: replies after the power loss, on the new owner
     for pinger in (vm, up):
         after = [t for t, _ in pinger.replies() if t > data["completed_at"]]

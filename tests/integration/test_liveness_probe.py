@@ -55,3 +55,47 @@ def test_prober_sees_a_peer_go_down_and_come_back(ns_pair):
     finally:
         prober.stop()
     assert not prober.alive
+
+
+def test_master_watch_vouches_for_a_live_host_and_gives_up_on_a_dead_one(ns_pair):
+    """The master's continuous ICMP watch (the engine's second opinion): alive while the
+    host answers, dead after `dead_after` silent rounds, alive again when it answers."""
+    import importlib.util
+
+    a, b = ns_pair
+    from pyroute2 import netns
+
+    spec = importlib.util.spec_from_file_location(
+        "hanet_runner_under_test", os.path.join(os.path.dirname(__file__), "..", "..", "_runners", "hanet.py"))
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+
+    def wait_verdict(watch, host, want, timeout=3):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if watch.verdict(host) == want:
+                return True
+            time.sleep(0.01)
+        return False
+
+    netns.pushns(a)
+    try:
+        watch = runner.Watch(interval=0.03, dead_after=3)
+        watch.watch({"b": ["10.9.0.2"], "nobody": ["10.9.0.77"]})
+        assert watch.verdict("b") is None, "no verdict before the watch runs"
+        watch.start()
+    finally:
+        netns.popns()
+    try:
+        assert wait_verdict(watch, "b", "alive")
+        assert wait_verdict(watch, "nobody", "dead"), "an address nobody holds never vouches"
+        sh("ip", "-n", b, "link", "set", "eth0", "down")
+        t0 = time.monotonic()
+        assert wait_verdict(watch, "b", "dead")
+        assert time.monotonic() - t0 >= 0.06, "dead only after several silent rounds"
+        sh("ip", "-n", b, "link", "set", "eth0", "up")
+        assert wait_verdict(watch, "b", "alive")
+        assert watch.verdict("unknown-host") is None
+    finally:
+        watch.stop()
+    assert watch.verdict("b") is None, "a stopped watch gives no verdict"

@@ -237,6 +237,11 @@ def test_network_host_holds_gateway_and_standby_does_not():
     a2, b2 = desired.compute(cfg, "net1", {"shared": "net2"}), desired.compute(cfg, "net2", {"shared": "net2"})
     assert a2.bridges[0].addresses == ("10.20.0.2/24",) and dict(a2.roles) == {"shared": "standby"}
     assert b2.bridges[0].addresses == ("10.20.0.3/24", "10.20.0.1/24") and b2.dnsmasqs
+    # what a standby probes (DAD) the moment its peer is reported down: the gateway it
+    # would take over; the serving host and a compute host probe nothing
+    assert dict(b.standby_for) == {"net1": (("br200", "10.20.0.1"),)}
+    assert a.standby_for == () and desired.compute(cfg, "compute1").standby_for == ()
+    assert dict(a2.standby_for) == {"net2": (("br200", "10.20.0.1"),)} and b2.standby_for == ()
 
 
 def test_single_default_gateway_marks_non_first_nics():

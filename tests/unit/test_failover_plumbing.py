@@ -1,0 +1,101 @@
+"""The pure parts of the failover fast path: which publications the beacon's order
+listener acts on, what the master's engine dispatches, and the beacon configuration a
+network host gets (it listens for orders; a standby also probes what it would take)."""
+import importlib.util
+import os
+
+import pytest
+
+from _hanet import desired, model
+
+HERE = os.path.dirname(__file__)
+
+
+def _load(rel, name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, "..", "..", rel))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+beacon = _load("_beacons/hanet_liveness.py", "hanet_liveness_under_test")
+engine = _load("_engines/hanet_failover.py", "hanet_failover_under_test")
+execmod = _load("_modules/hanet.py", "hanet_exec_under_test")
+
+
+def order(**load):
+    base = {"fun": "hanet.takeover", "tgt": "net2", "tgt_type": "glob", "jid": "1",
+            "arg": ["shared", 3, {"__kwarg__": True, "previous": "net1", "detected_at": 1.5}]}
+    base.update(load)
+    return {"enc": "aes", "load": base}
+
+
+def test_an_order_for_this_minion_is_parsed():
+    got = beacon.parse_order(order(), "net2")
+    assert got == {"jid": "1", "args": ["shared", 3],
+                   "kwargs": {"previous": "net1", "detected_at": 1.5}}
+    assert beacon.parse_order(order(tgt=["net2"], tgt_type="list"), "net2")["args"] == ["shared", 3]
+
+
+@pytest.mark.parametrize("load", [
+    {"tgt": "net1"},                          # another minion's order
+    {"tgt": "net*"},                          # a glob that merely matches: not ours alone
+    {"tgt": ["net2", "net1"], "tgt_type": "list"},
+    {"tgt_type": "compound"},
+    {"fun": "hanet.relinquish"},              # only takeovers are acted on early
+    {"fun": "state.apply"},
+    {"arg": ["shared"]},                      # missing the epoch
+    {"arg": ["shared", 3, {"__kwarg__": True, "warm": False}]},  # a keyword the path does not take
+])
+def test_anything_else_is_left_to_the_minion(load):
+    assert beacon.parse_order(order(**load), "net2") is None
+
+
+def test_garbage_is_ignored():
+    for payload in (None, "x", {}, {"load": "encrypted"}, {"load": {"fun": "hanet.takeover"}}):
+        assert beacon.parse_order(payload, "net2") is None
+
+
+class _Pool:
+    def __init__(self):
+        self.calls = []
+
+    def submit(self, fn, *args):
+        self.calls.append((fn, args))
+
+
+@pytest.mark.parametrize("tag,expect", [
+    ("salt/beacon/net2/hanet_liveness/net1/down", "liveness"),
+    ("salt/beacon/net2/hanet_liveness/net1/up", "liveness"),
+    ("hanet/prime", "prime"),
+    ("salt/minion/net1/start", "prime"),
+    ("salt/beacon/net2/diskusage/", None),
+    ("salt/job/123/new", None),
+])
+def test_the_engine_dispatches_liveness_and_prime_events_only(tag, expect):
+    runners = {"hanet.liveness": "L", "hanet.prime": "P"}
+    pool = _Pool()
+    assert engine.handle({"tag": tag, "data": {"x": 1}}, runners, pool) == expect
+    if expect is None:
+        assert pool.calls == []
+    else:
+        assert pool.calls == [(engine._call, ({"liveness": "L", "prime": "P"}[expect], tag, {"x": 1}))]
+
+
+def _example():
+    import yaml
+
+    with open(os.path.join(HERE, "..", "..", "pillar", "hanet.sls")) as fh:
+        return yaml.safe_load(fh)["hanet"]
+
+
+def test_network_hosts_listen_for_orders_and_a_standby_probes_its_gateway():
+    cfg = model.load(_example())
+    conf = {h: execmod._beacon_config(desired.compute(cfg, h)) for h in ("net1", "net2", "compute1")}
+    flat = {h: {k: v for item in c for k, v in item.items()} for h, c in conf.items()}
+    assert flat["net1"].get("orders") is True and "standby_for" not in flat["net1"]
+    assert flat["net2"]["orders"] is True
+    assert flat["net2"]["standby_for"] == {"net1": [["br200", "10.20.0.1"]]}
+    assert "orders" not in flat["compute1"] and "standby_for" not in flat["compute1"]
+    for c in conf.values():
+        assert beacon.validate(c) == (True, "valid")
