@@ -575,7 +575,7 @@ vrrp_instance shared {{
             ax.eventplot([xs], lineoffsets=y, linelengths=0.6, colors=color, linewidths=0.8)
             ax.text(-0.48, y + 0.36, f"{name}: outage {tr['vm' if key == 'vm_replies' else 'up']['outage']:.3f} s",
                     fontsize=8, color=color)
-        names = {"power_off": "power off", "detected": "detected_at (beacon)", "runner_start": "runner start",
+        names = {"power_off": "power off", "detected": "detected_at (beacon)", "runner_start": "decision start",
                  "published": "takeover published", "takeover_start": "takeover start", "bound": "bound",
                  "announced": "announced (GARP)", "completed": "complete (dnsmasq up)"}
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
