@@ -343,6 +343,7 @@ class Watch:
         self.dead_after = int(dead_after)
         self._targets = {}  # address -> host
         self._state = {}  # host -> [unanswered rounds in a row, answered in the last 2]
+        self._last_round = 0.0  # monotonic time the last round was judged
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = None
@@ -354,10 +355,13 @@ class Watch:
             self._state = {h: self._state.get(h, [0, False]) for h in hosts}
 
     def verdict(self, host):
-        """"alive", "dead" or None (no clear view)."""
+        """"alive", "dead" or None (no clear view: the host is not watched, or the watch
+        is not running or has not finished a round lately, so its view may be stale)."""
         with self._lock:
             st = self._state.get(host)
             if st is None or self._thread is None or not self._thread.is_alive():
+                return None
+            if time.monotonic() - self._last_round > 3 * self.interval + 0.05:
                 return None
             if st[1]:
                 return "alive"
@@ -413,6 +417,7 @@ class Watch:
                             self._state[host] = [0, True]
                         else:
                             self._state[host] = [st[0] + 1, st[0] == 0 and st[1]]
+                    self._last_round = time.monotonic()
         finally:
             sock.close()
 

@@ -21,6 +21,7 @@ def _load(rel, name):
 beacon = _load("_beacons/hanet_liveness.py", "hanet_liveness_under_test")
 engine = _load("_engines/hanet_failover.py", "hanet_failover_under_test")
 execmod = _load("_modules/hanet.py", "hanet_exec_under_test")
+runner = _load("_runners/hanet.py", "hanet_runner_under_test")
 
 
 def order(**load):
@@ -99,3 +100,27 @@ def test_network_hosts_listen_for_orders_and_a_standby_probes_its_gateway():
     assert "orders" not in flat["compute1"] and "standby_for" not in flat["compute1"]
     for c in conf.values():
         assert beacon.validate(c) == (True, "valid")
+
+
+def test_the_master_watch_gives_no_verdict_from_a_stale_view():
+    """Its thread runs, its last round said "alive", but that round is old (the watch
+    was not scheduled): no verdict, so the runner checks actively instead of trusting it."""
+    import threading
+    import time
+
+    w = runner.Watch(interval=0.05, dead_after=3)
+    w.watch({"b": ["192.0.2.99"]})
+    hold = threading.Event()
+    w._thread = threading.Thread(target=hold.wait)
+    w._thread.start()
+    try:
+        w._state["b"], w._last_round = [0, True], time.monotonic()
+        assert w.verdict("b") == "alive"
+        w._state["b"] = [5, False]
+        assert w.verdict("b") == "dead"
+        w._last_round -= 1.0
+        assert w.verdict("b") is None
+    finally:
+        hold.set()
+        w._thread.join()
+    assert w.verdict("b") is None, "no verdict once the watch stopped"
