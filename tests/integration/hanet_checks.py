@@ -2,12 +2,14 @@
 changes it reported."""
 
 
-def state_apply(lab, tgt, test=False, timeout=240, highstate=False):
-    """``state.apply hanet`` (or a highstate) on ``tgt`` (a list of minions) through the
-    master. Every minion answers and no state fails."""
+def state_apply(lab, tgt="*", test=False, timeout=240, highstate=False):
+    """``state.apply hanet`` (or a highstate) on ``tgt`` (a list of minions, one minion,
+    or "*": every host of the lab) through the master. Every minion answers and no state
+    fails."""
     fun, arg = ("state.highstate", []) if highstate else ("state.apply", ["hanet"])
     res = lab.salt(tgt, fun, arg, kwarg={"test": True} if test else None, timeout=timeout)
-    assert set(res) == set(tgt), f"no answer from {set(tgt) - set(res)}"
+    want = set(lab.topology.hosts) if tgt == "*" else {tgt} if isinstance(tgt, str) else set(tgt)
+    assert set(res) == want, f"no answer from {want - set(res)}"
     for minion, ret in res.items():
         assert isinstance(ret, dict), f"{minion}: {ret}"
         bad = {k: v["comment"] for k, v in ret.items() if v["result"] is False}

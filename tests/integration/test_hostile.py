@@ -22,6 +22,7 @@ import sys
 import time
 
 import pytest
+from hanet_checks import state_apply
 
 pytestmark = pytest.mark.lab
 
@@ -44,17 +45,6 @@ def lab_topology():
     t.vms["evil"] = VM(name="evil", host="compute1", nics=[Nic(bridge="br100", mac=EVIL_MAC)])
     t.validate()
     return t
-
-
-def state_apply(lab, tgt="*", timeout=240):
-    res = lab.salt(tgt, "state.apply", ["hanet"], timeout=timeout)
-    want = set(lab.topology.hosts) if tgt == "*" else {tgt} if isinstance(tgt, str) else set(tgt)
-    assert set(res) == want, f"no answer from {want - set(res)}"
-    for minion, ret in res.items():
-        assert isinstance(ret, dict), f"{minion}: {ret}"
-        bad = {k: v["comment"] for k, v in ret.items() if v["result"] is False}
-        assert not bad, f"{minion}: {bad}"
-    return res
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import subprocess
 import time
 
 import pytest
+from hanet_checks import state_apply
 
 pytestmark = pytest.mark.lab
 
@@ -37,19 +38,6 @@ def lab_topology():
     from hanet_lab import default_topology
 
     return default_topology(hosts=4)
-
-
-def state_apply(lab, tgt="*", test=False, timeout=240):
-    """`state.apply hanet` on ``tgt``; returns {minion: {state id: ret}}; every minion answers."""
-    kwarg = {"test": True} if test else None
-    res = lab.salt(tgt, "state.apply", ["hanet"], kwarg=kwarg, timeout=timeout)
-    want = set(lab.topology.hosts) if tgt == "*" else {tgt} if isinstance(tgt, str) else set(tgt)
-    assert set(res) == want, f"no answer from {want - set(res)}"
-    for minion, ret in res.items():
-        assert isinstance(ret, dict), f"{minion}: {ret}"
-        bad = {k: v["comment"] for k, v in ret.items() if v["result"] is False}
-        assert not bad, f"{minion}: {bad}"
-    return res
 
 
 def changes_of(res):
