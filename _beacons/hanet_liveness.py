@@ -214,7 +214,7 @@ class Sender:
 
         for bridge, gateway in self.standby_for.get(peer, ()):
             try:
-                holder = arp.probe(gateway, bridge, timeout=0.03, tries=1)
+                holder = arp.probe(gateway, bridge, timeout=arp.DAD_TIMEOUT_S, tries=1)
             except OSError as err:
                 log.debug("hanet_liveness: cannot probe %s on %s: %s", gateway, bridge, err)
                 continue

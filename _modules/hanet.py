@@ -494,7 +494,6 @@ def _apply_now(facets, state, paths, managed, garp=0):
     return done
 
 
-DAD_TIMEOUT_S = 0.03  # a live holder's kernel answers an ARP request within a millisecond
 PRECHECK_FRESH_S = 1.0  # how old the beacon's clear probe of a gateway may be
 
 
@@ -614,7 +613,8 @@ def takeover(network, epoch, previous=None, detected_at=None, planned=False, dec
                 else:
                     # the master has confirmed the failure; this is the last guard: a live
                     # holder's kernel answers an ARP request on the segment at once
-                    holder = _h("arp").probe(net.gateway, net.bridge, timeout=DAD_TIMEOUT_S, tries=1)
+                    arp = _h("arp")
+                    holder = arp.probe(net.gateway, net.bridge, timeout=arp.DAD_TIMEOUT_S, tries=1)
                     mark("dad")
                     if holder:
                         raise RuntimeError(f"gateway {net.gateway} is still answered by {holder} "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 BROADCAST = "ff:ff:ff:ff:ff:ff"
+DAD_TIMEOUT_S = 0.03  # a live holder's kernel answers an ARP request within a millisecond
 
 
 def link_of(ip):

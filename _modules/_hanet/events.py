@@ -4,15 +4,10 @@ sends for its beacons, on the minion's own authenticated request channel. Salt's
 ``event.fire_master`` would nest the data under ``data``."""
 
 
-def send(opts, tag, data, timeout=5, channel=None):
-    """Send one event; on ``channel`` (a request channel the caller keeps open) or on a
-    channel of its own."""
+def send(opts, tag, data, timeout=5):
     import salt.channel.client
 
     load = {"id": opts["id"], "cmd": "_minion_event", "pretag": None,
             "events": [{"tag": tag, "data": data}]}
-    if channel is not None:
+    with salt.channel.client.ReqChannel.factory(opts) as channel:
         channel.send(load, tries=2, timeout=timeout)
-        return
-    with salt.channel.client.ReqChannel.factory(opts) as own:
-        own.send(load, tries=2, timeout=timeout)
