@@ -3,7 +3,7 @@
 There is no init system to lean on: ``apply`` starts dnsmasq itself (dnsmasq daemonizes,
 so it outlives the Salt job that started it), and ``current`` finds it again through its
 pid file, checking that the pid really is *our* dnsmasq (its command line names that pid
-file) before trusting it.
+file) before trusting it (the plumbing, shared with the metadata service, is ``daemon``).
 
 Files, per network label (``Paths`` keeps them under the minion's root_dir):
 
@@ -58,7 +58,9 @@ import socket
 import subprocess
 import time
 
+from . import daemon
 from .common import Change, write_atomic
+from .daemon import process_matches  # dnsmasq.process_matches: the tests use it too
 from .desired import DhcpHost, Dnsmasq, _plain
 
 FACET = "dnsmasq"
@@ -228,43 +230,6 @@ def _read(path):
         return None
 
 
-def _read_pid(path):
-    text = _read(path)
-    try:
-        return int(text.strip()) if text else None
-    except ValueError:
-        return None
-
-
-def process_matches(pid, needle):
-    """True when ``pid`` is a live (not zombie) process whose command line has ``needle``."""
-    if not pid:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
-            stat = fh.read()
-        if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-            return False
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            args = fh.read().split(b"\0")
-    except (FileNotFoundError, ProcessLookupError, IndexError, OSError):
-        return False
-    return needle.encode() in args
-
-
-def process_gone(pid):
-    """True once ``pid`` has finished exiting (no such process, or a zombie).
-
-    Not the same as ``not process_matches``: an exiting process loses its command line
-    (its memory) before it closes its files, so its sockets may still be bound then.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (FileNotFoundError, ProcessLookupError, IndexError, OSError):
-        return True
-
-
 def _labels(paths, managed):
     labels = set(managed.get(FACET)) if managed is not None else set()
     try:
@@ -299,7 +264,7 @@ def current(paths, managed=None) -> dict:
                 record = json.loads(text)
             except ValueError:
                 record = {}
-        pid = _read_pid(f["pid"])
+        pid = daemon.read_pid(f["pid"])
         alive = process_matches(pid, f"--pid-file={f['pid']}")
         out[label] = {
             "pid": pid,
@@ -397,51 +362,9 @@ def _prune_leases(spec, paths):
     write_atomic(f["leases"], "".join(line + "\n" for line in lines))
 
 
-def _stop_pid(pid, needle, timeout=STOP_TIMEOUT):
-    """Terminate our process ``pid`` (only when its command line has ``needle``)."""
-    if not process_matches(pid, needle):
-        # dead, or still exiting (its command line is gone before its sockets are)
-        deadline = time.monotonic() + 2
-        while pid and time.monotonic() < deadline and not process_gone(pid) and not _cmdline(pid):
-            time.sleep(0.02)
-        return False
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process_gone(pid):
-            return True
-        time.sleep(0.02)
-    if process_matches(pid, needle):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 2
-    while time.monotonic() < deadline and not process_gone(pid):
-        time.sleep(0.02)
-    return True
-
-
-def _cmdline(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read()
-    except OSError:
-        return b""
-
-
 def _stop(label, paths):
     f = files(label, paths)
-    pid = _read_pid(f["pid"])
-    stopped = _stop_pid(pid, f"--pid-file={f['pid']}")
-    try:
-        os.unlink(f["pid"])
-    except FileNotFoundError:
-        pass
-    return pid if stopped else None
+    return daemon.stop(f["pid"], f"--pid-file={f['pid']}", STOP_TIMEOUT)
 
 
 def _start(spec, paths):
@@ -453,26 +376,16 @@ def _start(spec, paths):
     except FileNotFoundError:
         pass
     cmd = argv(spec, paths)
-    deadline = time.monotonic() + START_TIMEOUT / 2
-    while True:
-        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=START_TIMEOUT, check=False)
-        # a dnsmasq that is still exiting may hold the address a moment longer
-        if proc.returncode == 0 or "in use" not in proc.stdout or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    # a dnsmasq that is still exiting may hold the address a moment longer: retry "in use"
+    proc = daemon.launch(cmd, time.monotonic() + START_TIMEOUT / 2,
+                         retry_if=lambda proc: "in use" in proc.stdout,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         timeout=START_TIMEOUT)
     if proc.returncode != 0:
         raise RuntimeError(f"dnsmasq for {spec.network} failed to start "
                            f"(exit {proc.returncode}): {proc.stdout.strip()}")
-    needle = f"--pid-file={f['pid']}"
-    deadline = time.monotonic() + START_TIMEOUT
-    pid = None
-    while time.monotonic() < deadline:
-        pid = _read_pid(f["pid"])
-        if process_matches(pid, needle):
-            break
-        time.sleep(0.05)
-    else:
+    pid = daemon.wait_for_pid(f["pid"], f"--pid-file={f['pid']}", time.monotonic() + START_TIMEOUT)
+    if pid is None:
         raise RuntimeError(f"dnsmasq for {spec.network} did not come up within {START_TIMEOUT}s "
                            f"(see {f['log']})")
     record = {"argv_digest": options_digest(spec), "bridge": spec.bridge, "argv": cmd}
@@ -556,7 +469,7 @@ def apply(changes, paths, managed) -> list:
             spec = spec_from_dict(change.detail["spec"])
             f = files(spec.network, paths)
             _write_files(spec, paths)
-            pid = _read_pid(f["pid"])
+            pid = daemon.read_pid(f["pid"])
             if not process_matches(pid, f"--pid-file={f['pid']}"):
                 pid = _start(spec, paths)
                 done.append(f"started dnsmasq {spec.network} (was not running): pid {pid}")

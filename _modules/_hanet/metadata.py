@@ -34,12 +34,12 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from . import daemon
 from .common import Change, write_atomic
 
 FACET = "metadata"
@@ -295,9 +295,7 @@ def _read(path):
 
 
 def _alive(pid, pidfile):
-    from .dnsmasq import process_matches
-
-    return process_matches(pid, f"--pidfile={pidfile}")
+    return daemon.process_matches(pid, f"--pidfile={pidfile}")
 
 
 def current(paths, managed=None) -> dict:
@@ -312,10 +310,7 @@ def current(paths, managed=None) -> dict:
         info = json.loads(service) if service else {}
     except ValueError:
         info = {}
-    try:
-        pid = int(pid_text.strip()) if pid_text else None
-    except ValueError:
-        pid = None
+    pid = daemon.parse_pid(pid_text)
     return {"pid": pid, "alive": _alive(pid, f["pid"]), "port": info.get("port"),
             "bind": info.get("bind"), "records_text": _read(f["records"])}
 
@@ -346,19 +341,16 @@ def plan(desired, current, records=()) -> list:
 
 
 def _stop(paths):
-    from .dnsmasq import _stop_pid
-
     f = files(paths)
-    try:
-        pid = int((_read(f["pid"]) or "").strip())
-    except ValueError:
-        pid = None
-    stopped = _stop_pid(pid, f"--pidfile={f['pid']}", timeout=STOP_TIMEOUT) if pid else False
-    try:
-        os.unlink(f["pid"])
-    except FileNotFoundError:
-        pass
-    return pid if stopped else None
+    return daemon.stop(f["pid"], f"--pidfile={f['pid']}", STOP_TIMEOUT, errors=OSError)
+
+
+def _package_parent():
+    """The directory holding the ``_hanet`` package this module was loaded from. The
+    service runs as ``python -m _hanet.metadata`` with it first on PYTHONPATH, so it runs
+    the very library that started it, not some other copy on the interpreter's path."""
+    package_dir = os.path.dirname(os.path.abspath(__file__))  # .../_hanet
+    return os.path.dirname(package_dir)
 
 
 def _start(port, paths, bind=BIND):
@@ -372,31 +364,20 @@ def _start(port, paths, bind=BIND):
     except FileNotFoundError:
         pass
     env = dict(os.environ)
-    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([pkg_parent] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [_package_parent()] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     cmd = argv(port, paths, bind)
     deadline = time.monotonic() + START_TIMEOUT
     retry_until = time.monotonic() + START_TIMEOUT / 2
     with open(f["log"], "ab") as log:
-        while True:
-            # the child binds, forks the server into a new session and exits: 0 = listening
-            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-                                  cwd="/", start_new_session=True, timeout=START_TIMEOUT, check=False)
-            if proc.returncode == 0 or time.monotonic() > retry_until:
-                break
-            time.sleep(0.2)  # the previous server may hold the port a moment longer
+        # the child binds, forks the server into a new session and exits: 0 = listening;
+        # any failure is retried (the previous server may hold the port a moment longer)
+        proc = daemon.launch(cmd, retry_until, stdout=log, stderr=log, env=env, cwd="/",
+                             start_new_session=True, timeout=START_TIMEOUT)
     if proc.returncode != 0:
         raise RuntimeError(f"metadata service failed to start on port {port} (see {f['log']})")
-    pid = None
-    while time.monotonic() < deadline:
-        try:
-            pid = int((_read(f["pid"]) or "").strip())
-        except ValueError:
-            pid = None
-        if _alive(pid, f["pid"]):
-            break
-        time.sleep(0.05)
-    else:
+    pid = daemon.wait_for_pid(f["pid"], f"--pidfile={f['pid']}", deadline, errors=OSError)
+    if pid is None:
         raise RuntimeError(f"metadata service did not come up within {START_TIMEOUT}s (see {f['log']})")
     write_atomic(f["service"], json.dumps({"port": port, "bind": bind, "argv": cmd}, indent=1) + "\n")
     return pid

@@ -64,14 +64,9 @@ import re
 import shutil
 import subprocess
 
-try:  # a package when imported as _hanet, plain modules when loaded by Salt's loader
-    from . import desired as D
-    from . import ruleset_templates as T
-    from .common import Change, Paths, write_atomic
-except ImportError:  # pragma: no cover
-    import desired as D  # type: ignore
-    import ruleset_templates as T  # type: ignore
-    from common import Change, Paths, write_atomic  # type: ignore
+from . import desired as D
+from . import ruleset_templates as T
+from .common import Change, Paths, write_atomic
 
 FACET = "ruleset"
 METADATA_IP = "169.254.169.254"
