@@ -35,12 +35,20 @@ hanet's ``hanet.liveness`` state configures this beacon from the pillar; by hand
         - standby_for:
             net1: [[br200, 10.20.0.1]]
 """
+from __future__ import annotations
+
+import importlib
 import json
 import logging
 import os
 import sys
-import threading
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # Salt's loader injects these
+    __opts__: dict = {}
+    __salt__: dict = {}
+    __context__: dict = {}
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +60,18 @@ def __virtual__():
     return __virtualname__
 
 
-def _lib():
-    # _hanet ships in the synced execution modules directory.
-    extmods = os.path.join(__opts__["cachedir"], "extmods", "modules")  # noqa: F821
-    if extmods not in sys.path:
-        sys.path.insert(0, extmods)
-    from _hanet import liveness
-
-    return liveness
+def _lib(name):
+    """The ``_hanet.<name>`` library module, found where Salt modules find it: beside
+    the directory this module was loaded from (a checkout's ``_modules``, a minion's
+    synced ``extmods/modules``), or in ``<extension_modules>/modules``."""
+    up = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for cand in (os.path.join(up, "_modules"), os.path.join(up, "modules"),
+                 os.path.join(__opts__["extension_modules"], "modules")):
+        if os.path.isdir(os.path.join(cand, "_hanet")):
+            if cand not in sys.path:
+                sys.path.append(cand)
+            break
+    return importlib.import_module(f"_hanet.{name}")
 
 
 def _config(config):
@@ -92,48 +104,24 @@ def validate(config):
     return True, "valid"
 
 
-def _state_file():
-    return os.path.join(__opts__.get("root_dir", "/"), "run/hanet/liveness.json")  # noqa: F821
-
-
-def _load_known():
-    try:
-        with open(_state_file(), encoding="utf-8") as fh:
-            return {k: v.get("state") for k, v in json.load(fh).get("peers", {}).items()}
-    except (OSError, ValueError, AttributeError):
-        return {}
-
-
-def _save(prober):
-    path = _state_file()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}"  # the probe thread writes it too
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump({"observer": __opts__["id"], "written_at": time.time(), "peers": prober.view()}, fh)  # noqa: F821
-    os.replace(tmp, path)
-
-
-def canonical(data):
-    """The signed part of an event (the hanet runner verifies exactly this)."""
-    return json.dumps({k: data.get(k) for k in ("observer", "peer", "state", "detected_at", "nonce")},
-                      sort_keys=True, separators=(",", ":"))
-
-
 class Sender:
     """Delivers transitions to the master from a thread of its own, so that the probe
-    thread never waits. Each is signed with the minion's private key, loaded once
-    (loading it costs about 45 ms, signing about 2), and handed to the minion's running
-    process on its local event bus as a beacon return (``__beacons_return``), which
-    that process sends to the master at once on its own authenticated request
-    channel: no wait for the once-a-second beacon poll, and no Salt channel or
-    authentication of our own in this thread (a forked job must never inherit a lock
-    that one of our threads holds half-way through Salt's set-up)."""
+    thread never waits. Each is signed with the minion's private key, loaded once, and
+    handed to the minion's running process on its local event bus as a beacon return
+    (``__beacons_return``), which that process sends to the master at once on its own
+    authenticated request channel: no wait for the once-a-second beacon poll, and no
+    Salt channel or authentication of our own in this thread (a forked job must never
+    inherit a lock that one of our threads holds half-way through Salt's set-up).
 
-    def __init__(self, opts, standby_for=None):
+    ``lib``: the library modules it uses ({"failover", "arp"}), resolved by the caller
+    in the minion's main thread (loader dunders do not resolve in this thread)."""
+
+    def __init__(self, opts, lib, standby_for=None):
         import queue
         import threading
 
         self.opts = opts
+        self.failover, self.arp = lib["failover"], lib["arp"]
         # {peer: [(bridge, gateway)]}: probed right after that peer is reported down
         self.standby_for = standby_for or {}
         self.prechecked = {}  # gateway -> [probed at, holder MAC or None]
@@ -153,14 +141,12 @@ class Sender:
     def warm(self):
         self._queue.put("warm")
 
-    def _sign(self, data):
-        import base64
-
+    def _private_key(self):
         import salt.crypt
 
         if self._key is None:
             self._key = salt.crypt.PrivateKey.from_file(os.path.join(self.opts["pki_dir"], "minion.pem"))
-        return base64.b64encode(self._key.sign(canonical(data).encode())).decode()
+        return self._key
 
     def _send(self, tag, data):
         import salt.utils.event
@@ -173,7 +159,7 @@ class Sender:
                 if self._bus.fire_event({"beacons": [event]}, "__beacons_return", timeout=3000):
                     return
                 raise RuntimeError("the minion's event bus did not take it")
-            except Exception:  # pylint: disable=broad-except
+            except Exception:  # pylint: disable=broad-except  (any trouble: a new bus, once)
                 self._close_bus()
                 if attempt == 2:
                     raise
@@ -182,7 +168,7 @@ class Sender:
         if self._bus is not None:
             try:
                 self._bus.destroy()
-            except Exception:  # pylint: disable=broad-except
+            except Exception:  # pylint: disable=broad-except  (closing a broken bus)
                 pass
             self._bus = None
 
@@ -194,15 +180,15 @@ class Sender:
                     return
                 if item == "warm":
                     try:
-                        self._sign({})
-                    except Exception as err:  # pylint: disable=broad-except
+                        self._private_key()
+                    except (OSError, ValueError) as err:
                         log.debug("hanet_liveness: could not load the minion key: %s", err)
                     continue
                 try:
                     self._fire(*item)
-                except Exception:  # pylint: disable=broad-except
+                except Exception:  # pylint: disable=broad-except  (log it; keep sending)
                     log.exception("hanet_liveness: could not report %s", item[:2])
-                if item[1] == "down":
+                if item[1] == self.failover.DOWN:
                     self._precheck(item[0])
         finally:
             self._close_bus()
@@ -210,11 +196,9 @@ class Sender:
     def _precheck(self, peer):
         """Duplicate address detection for what this host would take over from ``peer``,
         done while the master decides (the takeover uses a clear result for a second)."""
-        from _hanet import arp
-
         for bridge, gateway in self.standby_for.get(peer, ()):
             try:
-                holder = arp.probe(gateway, bridge, timeout=arp.DAD_TIMEOUT_S, tries=1)
+                holder = self.arp.probe(gateway, bridge, timeout=self.arp.DAD_TIMEOUT_S, tries=1)
             except OSError as err:
                 log.debug("hanet_liveness: cannot probe %s on %s: %s", gateway, bridge, err)
                 continue
@@ -223,13 +207,9 @@ class Sender:
     def _fire(self, peer, state, detected_at, targets):
         """One transition, signed with this minion's own key, so that the master can
         tell it from an event another minion forged."""
-        import uuid
-
-        opts = self.opts
-        data = {"peer": peer, "state": state, "detected_at": detected_at, "observer": opts["id"],
-                "targets": targets, "id": opts["id"], "nonce": uuid.uuid4().hex}
-        data["sig"] = self._sign(data)
-        self._send(f"salt/beacon/{opts['id']}/{__virtualname__}/{peer}/{state}", data)
+        fo, me = self.failover, self.opts["id"]
+        data = fo.sign(self._private_key(), fo.report(me, peer, state, detected_at, targets))
+        self._send(fo.liveness_tag(me, peer, state), data)
 
 
 class OrderListener:
@@ -239,8 +219,8 @@ class OrderListener:
     publications its job loop receives), and runs ``hanet.takeover(..., warm=True)`` in
     the minion's running process at once. The minion still forks the job as usual;
     the job finds the addresses bound and does the rest (DHCP, metadata, the
-    ``complete`` event). Forking that job costs 50-170 ms on the failover path; this
-    does not.
+    ``complete`` event). Forking that job is one of the slow steps of the failover
+    path (docs/failover.md measures it); this does not fork.
 
     The subscription runs on an event loop of its own in a thread, with a sign-in of
     its own: a channel that shared the minion's would share its message counter, and
@@ -249,7 +229,7 @@ class OrderListener:
     main thread, before the thread starts: a job forked while another thread is half
     way through that set-up would inherit its lock, held, and hang."""
 
-    def __init__(self, opts, salt_funcs, prechecked=None):
+    def __init__(self, opts, salt_funcs, parse_order, prechecked=None):
         import asyncio
         import threading
 
@@ -257,6 +237,7 @@ class OrderListener:
 
         self.opts = opts
         self.salt = salt_funcs
+        self.parse_order = parse_order
         self.prechecked = prechecked if prechecked is not None else {}
         self._channel = None
         self._seen = []
@@ -308,7 +289,7 @@ class OrderListener:
     async def _on_publish(self, payload):
         import threading
 
-        order = parse_order(payload, self.opts["id"])
+        order = self.parse_order(payload, self.opts["id"])
         if order is None or order["jid"] in self._seen:
             return
         self._seen = self._seen[-31:] + [order["jid"]]
@@ -330,35 +311,14 @@ class OrderListener:
         self._thread.join(timeout)
 
 
-def parse_order(payload, minion_id):
-    """A ``hanet.takeover`` publication aimed at ``minion_id`` alone, as
-    {jid, args, kwargs}; None for anything else."""
-    load = payload.get("load") if isinstance(payload, dict) else None
-    if not isinstance(load, dict) or load.get("fun") != "hanet.takeover":
-        return None
-    tgt, tgt_type = load.get("tgt"), load.get("tgt_type", "glob")
-    if not ((tgt_type == "glob" and tgt == minion_id) or (tgt_type == "list" and tgt == [minion_id])):
-        return None
-    args, kwargs = [], {}
-    for item in load.get("arg") or []:
-        if isinstance(item, dict) and item.get("__kwarg__"):
-            kwargs.update({k: v for k, v in item.items() if k != "__kwarg__"})
-        else:
-            args.append(item)
-    allowed = {"previous", "detected_at", "planned", "decision"}
-    if len(args) != 2 or set(kwargs) - allowed:
-        return None
-    return {"jid": load.get("jid"), "args": args, "kwargs": kwargs}
-
-
 def _warm():
     """Import what a takeover needs in the minion's main process: Salt forks every job
-    from it, so ``hanet.takeover`` then starts with them loaded (scapy alone costs about
-    0.4 s to import)."""
+    from it, so ``hanet.takeover`` then starts with them loaded (scapy is slow to import)."""
     import importlib
 
     for name in ("_hanet.model", "_hanet.desired", "_hanet.common", "_hanet.links",
                  "_hanet.floating", "_hanet.dnsmasq", "_hanet.metadata", "_hanet.arp",
+                 "_hanet.host", "_hanet.failover", "_hanet.takeover",
                  "scapy.layers.l2", "scapy.sendrecv", "pyroute2"):
         try:
             importlib.import_module(name)
@@ -370,17 +330,16 @@ class _Running:
     """The probe thread, the sender thread (and the order listener) of one beacon
     configuration."""
 
-    def __init__(self, prober, sender, orders=None):
+    def __init__(self, prober, sender, save, parse_order):
         self.prober = prober
         self.sender = sender
-        self.orders = orders
+        self.save = save  # writes the peers' view (for hanet.status)
+        self.parse_order = parse_order
+        self.orders = None  # the OrderListener, once the minion has signed in; False: none
 
     @property
     def alive(self):
         return self.prober.alive
-
-    def view(self):
-        return self.prober.view()
 
     def stop(self):
         self.prober.stop()
@@ -397,30 +356,33 @@ def _real(dunder):
 
 
 def _start(cfg):
-    liveness = _lib()
+    opts = _real(__opts__)
+    lib = {name: _lib(name) for name in ("liveness", "failover", "arp", "common", "model")}
     _warm()
-    opts = _real(__opts__)  # noqa: F821
-    known = _load_known()
+    liveness, paths = lib["liveness"], lib["common"].Paths(root_dir=opts.get("root_dir", "/"))
+    known = liveness.known_states(paths)
     holder = {}
-    sender = Sender(opts, {peer: [tuple(t) for t in targets]
-                           for peer, targets in (cfg.get("standby_for") or {}).items()})
+    sender = Sender(opts, lib, {peer: [tuple(t) for t in targets]
+                                for peer, targets in (cfg.get("standby_for") or {}).items()})
     sender.warm()
 
+    def save():
+        liveness.save_view(paths, opts["id"], holder["prober"].view())
+
     def on_change(peer, state, detected_at, initial):
-        prober = holder["prober"]
         if initial and known.get(peer, liveness.UP) == state:
-            _save(prober)
+            save()
             return  # nothing changed since the beacon last ran (a refresh, a restart)
         log.warning("hanet_liveness: peer %s is %s", peer, state)
-        targets = [f"{i}:{a}" for i, a in prober.peers[peer].targets]
+        targets = [f"{i}:{a}" for i, a in holder["prober"].peers[peer].targets]
         sender.submit(peer, state, detected_at, targets)
-        _save(prober)
+        save()
 
     peers = {name: [tuple(t) for t in targets] for name, targets in cfg["peers"].items()}
-    prober = liveness.Prober(peers, on_change, interval=cfg.get("interval_ms", 100) / 1000.0,
-                             misses=cfg.get("misses", 3), rise=cfg.get("rise", 5))
-    holder["prober"] = prober
-    return _Running(prober.start(), sender)
+    probe = lib["model"].Probe.of(cfg.get("interval_ms"), cfg.get("misses"), cfg.get("rise"))
+    holder["prober"] = liveness.Prober(peers, on_change, probe)
+    return _Running(holder["prober"].start(), sender, save=save,
+                    parse_order=lib["failover"].parse_order)
 
 
 def beacon(config):
@@ -428,28 +390,28 @@ def beacon(config):
     (for ``hanet.status``) fresh. Transitions are fired by the thread itself."""
     cfg = _config(config)
     key = json.dumps(cfg, sort_keys=True, default=str)
-    cur = __context__.get(CTX)  # noqa: F821
+    cur = __context__.get(CTX)
     if cur is not None and (cur[0] != key or not cur[1].alive):
         cur[1].stop()
         cur = None
     if cur is None:
         cur = (key, _start(cfg))
-        __context__[CTX] = cur  # noqa: F821
+        __context__[CTX] = cur
     running = cur[1]
     if cfg.get("orders") and running.orders is None \
-            and OrderListener.minion_signed_in(_real(__opts__)):  # noqa: F821
+            and OrderListener.minion_signed_in(_real(__opts__)):
         try:
-            running.orders = OrderListener(_real(__opts__), _real(__salt__),  # noqa: F821
+            running.orders = OrderListener(_real(__opts__), _real(__salt__), running.parse_order,
                                            running.sender.prechecked)
-        except Exception as err:  # pylint: disable=broad-except
+        except Exception as err:  # pylint: disable=broad-except  (the job path still works)
             running.orders = False  # takeover jobs alone will do
             log.warning("hanet_liveness: cannot listen for takeover orders: %s", err)
-    _save(cur[1])
+    running.save()
     return []
 
 
-def close(config):
+def close(config):  # pylint: disable=unused-argument
     """Stop the probe thread (Salt calls this when beacons are refreshed or removed)."""
-    cur = __context__.pop(CTX, None)  # noqa: F821
+    cur = __context__.pop(CTX, None)
     if cur is not None:
         cur[1].stop()

@@ -46,11 +46,17 @@ usable on its own in a user's SLS; ``pillar`` may name another pillar key to rea
           - hanet: hanet-ruleset
 """
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # Salt's loader injects these
+    __opts__: dict = {}
+    __salt__: dict = {}
+
 __virtualname__ = "hanet"
 
 
 def __virtual__():
-    if "hanet.apply_facet" in __salt__:  # noqa: F821
+    if "hanet.apply_facet" in __salt__:
         return __virtualname__
     return False, "the hanet execution module is not available (saltutil.sync_all?)"
 
@@ -58,7 +64,7 @@ def __virtual__():
 def _pillar(pillar_key):
     if pillar_key == "hanet":
         return None  # the execution module reads this minion's own hanet pillar
-    return __salt__["pillar.get"](pillar_key, {})  # noqa: F821
+    return __salt__["pillar.get"](pillar_key, {})
 
 
 def validated(name, pillar_key="hanet"):
@@ -70,7 +76,7 @@ def validated(name, pillar_key="hanet"):
           hanet.validated: []
     """
     ret = {"name": name, "changes": {}, "result": True, "comment": ""}
-    res = __salt__["hanet.validate"](_pillar(pillar_key))  # noqa: F821
+    res = __salt__["hanet.validate"](_pillar(pillar_key))
     if res["valid"]:
         ret["comment"] = "The hanet pillar is valid."
     else:
@@ -83,9 +89,9 @@ def validated(name, pillar_key="hanet"):
 
 def _facet(name, facet, pillar_key):
     ret = {"name": name, "changes": {}, "result": True, "comment": ""}
-    test = bool(__opts__.get("test"))  # noqa: F821
+    test = bool(__opts__.get("test"))
     try:
-        res = __salt__["hanet.apply_facet"](facet, pillar=_pillar(pillar_key), test=test)  # noqa: F821
+        res = __salt__["hanet.apply_facet"](facet, pillar=_pillar(pillar_key), test=test)
     except Exception as err:  # PillarInvalid and applier failures: report, never traceback
         ret["result"] = False
         ret["comment"] = f"hanet {facet}: {err}"
@@ -189,10 +195,10 @@ def liveness(name, pillar_key="hanet"):
           hanet.liveness: []
     """
     ret = _facet(name, "liveness", pillar_key)
-    if ret["result"] and not __opts__.get("test"):  # noqa: F821
+    if ret["result"] and not __opts__.get("test"):
         # Warm the master's failover path (its reactor and the hanet runner) with the
         # pillar this highstate applied: see reactor/prime.sls.
-        __salt__["event.fire_master"]({"id": __opts__["id"]}, "hanet/prime")  # noqa: F821
+        __salt__["event.fire_master"]({"id": __opts__["id"]}, "hanet/prime")
     return ret
 
 

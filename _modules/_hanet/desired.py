@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .model import Probe
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -173,7 +175,7 @@ class HostState:
     instances: tuple = ()  # InstanceRecord for the instances this host serves (metadata service)
     garp_count: int = 0  # gratuitous ARPs per address (re)bound here; 0: send_arp_for_ha is off
     liveness: tuple = ()  # (peer, ((ifname, ip), ...)): network hosts this host watches
-    probe: tuple = (100, 3)  # (probe_interval_ms, probe_misses)
+    probe: Probe = field(default_factory=Probe)  # how this host probes the peers in ``liveness``
     standby_for: tuple = ()  # (peer, ((bridge, gateway), ...)): what this host takes over from it
     orders: bool = False  # a network host of a network-host network: takeover orders come here
 
@@ -229,7 +231,7 @@ def compute(cfg, host, owners=None):
         if own:
             addresses.append(f"{own.address}/{net.prefixlen}")
         if role == SERVING and not net.multi_host:
-            addresses.append(f"{net.gateway}/{net.prefixlen}")
+            addresses.append(net.gateway_cidr)
         bridges.append(Bridge(name=net.bridge, network=label, uplink=uplink, segment=segment,
                               mtu=net.mtu, addresses=tuple(addresses)))
 
@@ -324,7 +326,7 @@ def compute(cfg, host, owners=None):
                      roles=tuple(roles), instances=records,
                      garp_count=cfg.send_arp_for_ha_count if cfg.send_arp_for_ha else 0,
                      liveness=tuple((p, tuple(sorted(t))) for p, t in sorted(watch.items())),
-                     probe=(cfg.ha.probe_interval_ms, cfg.ha.probe_misses),
+                     probe=cfg.ha.probe,
                      standby_for=tuple((p, tuple(sorted(t))) for p, t in sorted(standby_for.items())),
                      orders=any(not n.multi_host and host in n.network_hosts
                                 for n in cfg.networks.values()))

@@ -514,6 +514,22 @@ def local_addresses(ipr=None):
         return {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)}
 
 
+def addresses_by_link(ipr=None):
+    """{ifname: ["ip/prefixlen", ...]}: every IPv4 address of this host, by link."""
+    with _ipr(ipr) as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        out = {}
+        for a in ipr.get_addr(family=socket.AF_INET):
+            out.setdefault(names.get(a["index"]), []).append(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}")
+        return out
+
+
+def link_names(ipr=None):
+    """The names of this host's links (this network namespace), sorted."""
+    with _ipr(ipr) as ipr:
+        return sorted(link.get_attr("IFLA_IFNAME") for link in ipr.get_links())
+
+
 def drop_local_remotes(bridges, local):
     """``bridges`` with every VXLAN segment's ``remotes`` minus ``local`` (this host's own
     addresses). A pillar lists every VTEP of a segment, this host included; a head-end

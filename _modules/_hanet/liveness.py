@@ -66,6 +66,43 @@ def parse_arp_reply(frame):
     return socket.inet_ntoa(frame[28:32])
 
 
+def view_path(paths):
+    """Where the beacon keeps its last view of its peers (``hanet.status`` reads it)."""
+    return paths.run("liveness.json")
+
+
+def read_view(paths):
+    """{"observer", "written_at", "peers": {peer: {state, last_seen, targets}}}, or {}."""
+    import json
+
+    try:
+        with open(view_path(paths), encoding="utf-8") as fh:
+            got = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    return got if isinstance(got, dict) else {}
+
+
+def known_states(paths):
+    """{peer: state} as the beacon last saw them (a restarted beacon compares with it)."""
+    peers = read_view(paths).get("peers")
+    return {k: v.get("state") for k, v in peers.items() if isinstance(v, dict)} \
+        if isinstance(peers, dict) else {}
+
+
+def save_view(paths, observer, view):
+    """Write the beacon's view; the probe thread and the beacon's poll both do."""
+    import json
+    import os
+
+    path = view_path(paths)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump({"observer": observer, "written_at": time.time(), "peers": view}, fh)
+    os.replace(tmp, path)
+
+
 class Peer:
     def __init__(self, name, targets):
         self.name = name
@@ -78,16 +115,17 @@ class Peer:
 
 
 class Prober:
-    """``peers``: {name: [(ifname, ip), ...]}; ``on_change(peer, state, detected_at,
-    initial)`` is called from the probe thread on every transition."""
+    """``peers``: {name: [(ifname, ip), ...]}; ``probe``: a ``model.Probe`` (interval,
+    misses, rise); ``on_change(peer, state, detected_at, initial)`` is called from the
+    probe thread on every transition."""
 
-    def __init__(self, peers, on_change, interval=0.1, misses=3, rise=3, window=None):
+    def __init__(self, peers, on_change, probe, window=None):
         self.peers = {name: Peer(name, t) for name, t in sorted(peers.items()) if t}
         self.on_change = on_change
-        self.interval = float(interval)
+        self.interval = probe.interval_s
         self.window = min(self.interval, float(window) if window else self.interval / 2)
-        self.misses = int(misses)
-        self.rise = int(rise)
+        self.misses = int(probe.misses)
+        self.rise = int(probe.rise)
         self._stop = threading.Event()
         self._thread = None
         self._socks = {}  # ifname -> (sock, mac, ip)

@@ -31,7 +31,7 @@ GLOBAL_DEFAULTS = {
     "firewall_driver": "nftables",
     "dnsmasq_config_file": "",
 }
-HA_DEFAULTS = {"probe_interval_ms": 100, "probe_misses": 3}
+HA_DEFAULTS = {"probe_interval_ms": None, "probe_misses": None}  # None: Probe's defaults
 TOP_KEYS = set(GLOBAL_DEFAULTS) | {"ha", "networks", "hosts", "instances"}
 NETWORK_KEYS = {
     "cidr", "bridge", "bridge_interface", "multi_host", "gateway", "dhcp_start", "mtu",
@@ -106,6 +106,11 @@ class Network:
     def hardware(self):
         return self.gateway_mode == "hardware"
 
+    @property
+    def gateway_cidr(self):
+        """The gateway as it is bound on the bridge ("ip/prefixlen"), or None."""
+        return f"{self.gateway}/{self.prefixlen}" if self.gateway else None
+
 
 @dataclass(frozen=True)
 class HostNet:
@@ -149,9 +154,37 @@ class Instance:
 
 
 @dataclass(frozen=True)
+class Probe:
+    """How hanet probes its peers (the liveness beacon) and the master its network hosts:
+    every ``interval_ms``; a peer is down after ``misses`` silent periods and up again
+    after ``rise`` answered ones. The defaults live here and nowhere else."""
+
+    interval_ms: int = 100
+    misses: int = 3
+    rise: int = 3
+
+    @property
+    def interval_s(self):
+        return self.interval_ms / 1000.0
+
+    @classmethod
+    def of(cls, interval_ms=None, misses=None, rise=None):
+        """A Probe from optional settings: a missing one takes its default, and ``rise``
+        is never below ``misses`` (coming back takes as long as going)."""
+        d = cls()
+        misses = misses or d.misses
+        return cls(interval_ms=interval_ms or d.interval_ms, misses=misses,
+                   rise=rise or max(d.rise, misses))
+
+
+@dataclass(frozen=True)
 class Ha:
-    probe_interval_ms: int = 100
-    probe_misses: int = 3
+    probe_interval_ms: int = Probe.interval_ms
+    probe_misses: int = Probe.misses
+
+    @property
+    def probe(self):
+        return Probe.of(self.probe_interval_ms, self.probe_misses)
 
 
 @dataclass(frozen=True)
@@ -360,10 +393,12 @@ def load(pillar):
     ha_in = c.mapping(top.get("ha"), p("ha"))
     c.unknown_keys(ha_in, set(HA_DEFAULTS), p("ha"))
     ha_v = dict(HA_DEFAULTS, **{k: v for k, v in ha_in.items() if k in HA_DEFAULTS})
-    ha = Ha(
-        probe_interval_ms=c.int(ha_v["probe_interval_ms"], p("ha:probe_interval_ms"), 10, 60000) or 100,
-        probe_misses=c.int(ha_v["probe_misses"], p("ha:probe_misses"), 1, 100) or 3,
-    )
+    probe = Probe.of(
+        c.int(ha_v["probe_interval_ms"], p("ha:probe_interval_ms"), 10, 60000)
+        if ha_v["probe_interval_ms"] is not None else None,
+        c.int(ha_v["probe_misses"], p("ha:probe_misses"), 1, 100)
+        if ha_v["probe_misses"] is not None else None)
+    ha = Ha(probe_interval_ms=probe.interval_ms, probe_misses=probe.misses)
 
     raw_networks = c.mapping(top.get("networks"), p("networks"))
     raw_hosts = c.mapping(top.get("hosts"), p("hosts"))

@@ -22,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import time
-import urllib.request
 
 import pytest
 

@@ -16,8 +16,6 @@ forged event moves nothing, a planned evacuation loses no probe. Timing targets 
 bench/failover.py, not here.
 """
 import base64
-import importlib.util
-import json
 import os
 import re
 import subprocess
@@ -47,14 +45,6 @@ def cluster(lab):
     return failover_cluster(lab, FLOATING, GATEWAY)
 
 
-def _beacon_module():
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "_beacons", "hanet_liveness.py")
-    spec = importlib.util.spec_from_file_location("hanet_liveness_for_tests", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def signed(lab, signer, observer, peer, state, detected_at=None, nonce=None):
     """A liveness event's data as ``signer``'s minion would sign it."""
     import salt.crypt
@@ -63,7 +53,9 @@ def signed(lab, signer, observer, peer, state, detected_at=None, nonce=None):
             "detected_at": time.time() if detected_at is None else detected_at,
             "nonce": nonce or os.urandom(8).hex(), "targets": []}
     key = os.path.join(lab.minion_root(signer), "etc", "salt", "pki", "minion", "minion.pem")
-    msg = _beacon_module().canonical(data).encode()
+    from _hanet import failover
+
+    msg = failover.canonical(data).encode()
     data["sig"] = base64.b64encode(salt.crypt.sign_message(key, msg)).decode()
     return data
 

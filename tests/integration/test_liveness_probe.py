@@ -19,6 +19,7 @@ def test_prober_sees_a_peer_go_down_and_come_back(ns_pair):
     from pyroute2 import netns
 
     from _hanet.liveness import DOWN, UP, Prober
+    from _hanet.model import Probe
 
     events = []
     cond = threading.Condition()
@@ -34,7 +35,7 @@ def test_prober_sees_a_peer_go_down_and_come_back(ns_pair):
 
     netns.pushns(a)
     try:
-        prober = Prober({"b": [("eth0", "10.9.0.2")]}, on_change, interval=0.05, misses=3, rise=4).start()
+        prober = Prober({"b": [("eth0", "10.9.0.2")]}, on_change, Probe(interval_ms=50, misses=3, rise=4)).start()
     finally:
         netns.popns()
     try:
@@ -60,15 +61,10 @@ def test_prober_sees_a_peer_go_down_and_come_back(ns_pair):
 def test_master_watch_vouches_for_a_live_host_and_gives_up_on_a_dead_one(ns_pair):
     """The master's continuous ICMP watch (the engine's second opinion): alive while the
     host answers, dead after `dead_after` silent rounds, alive again when it answers."""
-    import importlib.util
-
     a, b = ns_pair
     from pyroute2 import netns
 
-    spec = importlib.util.spec_from_file_location(
-        "hanet_runner_under_test", os.path.join(os.path.dirname(__file__), "..", "..", "_runners", "hanet.py"))
-    runner = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(runner)
+    from _hanet import icmp
 
     def wait_verdict(watch, host, want, timeout=3):
         deadline = time.monotonic() + timeout
@@ -80,7 +76,7 @@ def test_master_watch_vouches_for_a_live_host_and_gives_up_on_a_dead_one(ns_pair
 
     netns.pushns(a)
     try:
-        watch = runner.Watch(interval=0.03, dead_after=3)
+        watch = icmp.Watch(interval=0.03, dead_after=3)
         watch.watch({"b": ["10.9.0.2"], "nobody": ["10.9.0.77"]})
         assert watch.verdict("b") is None, "no verdict before the watch runs"
         watch.start()
@@ -99,3 +95,22 @@ def test_master_watch_vouches_for_a_live_host_and_gives_up_on_a_dead_one(ns_pair
     finally:
         watch.stop()
     assert watch.verdict("b") is None, "a stopped watch gives no verdict"
+
+
+def test_a_one_shot_check_says_alive_dead_or_no_verdict(ns_pair):
+    """The runner's second opinion without the engine's watch: "alive" when the host
+    answers, "dead" when nobody does, and None (never "dead") when nothing can be
+    asked."""
+    a, b = ns_pair
+    from pyroute2 import netns
+
+    from _hanet import icmp
+
+    netns.pushns(a)
+    try:
+        assert icmp.check(["10.9.0.2"]) == "alive"
+        assert icmp.check(["10.9.0.77"], timeout=0.1) == "dead"
+        assert icmp.check([]) is None, "no address to ask: no verdict"
+        assert icmp.check(["192.0.2.200"]) is None, "no route: nothing was asked"
+    finally:
+        netns.popns()

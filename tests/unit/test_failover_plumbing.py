@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from _hanet import desired, model
+from _hanet import desired, failover, host, icmp, model
 
 HERE = os.path.dirname(__file__)
 
@@ -20,8 +20,6 @@ def _load(rel, name):
 
 beacon = _load("_beacons/hanet_liveness.py", "hanet_liveness_under_test")
 engine = _load("_engines/hanet_failover.py", "hanet_failover_under_test")
-execmod = _load("_modules/hanet.py", "hanet_exec_under_test")
-runner = _load("_runners/hanet.py", "hanet_runner_under_test")
 
 
 def order(**load):
@@ -32,10 +30,10 @@ def order(**load):
 
 
 def test_an_order_for_this_minion_is_parsed():
-    got = beacon.parse_order(order(), "net2")
+    got = failover.parse_order(order(), "net2")
     assert got == {"jid": "1", "args": ["shared", 3],
                    "kwargs": {"previous": "net1", "detected_at": 1.5}}
-    assert beacon.parse_order(order(tgt=["net2"], tgt_type="list"), "net2")["args"] == ["shared", 3]
+    assert failover.parse_order(order(tgt=["net2"], tgt_type="list"), "net2")["args"] == ["shared", 3]
 
 
 @pytest.mark.parametrize("load", [
@@ -49,12 +47,12 @@ def test_an_order_for_this_minion_is_parsed():
     {"arg": ["shared", 3, {"__kwarg__": True, "warm": False}]},  # a keyword the path does not take
 ])
 def test_anything_else_is_left_to_the_minion(load):
-    assert beacon.parse_order(order(**load), "net2") is None
+    assert failover.parse_order(order(**load), "net2") is None
 
 
 def test_garbage_is_ignored():
     for payload in (None, "x", {}, {"load": "encrypted"}, {"load": {"fun": "hanet.takeover"}}):
-        assert beacon.parse_order(payload, "net2") is None
+        assert failover.parse_order(payload, "net2") is None
 
 
 class _Pool:
@@ -76,7 +74,7 @@ class _Pool:
 def test_the_engine_dispatches_liveness_and_prime_events_only(tag, expect):
     runners = {"hanet.liveness": "L", "hanet.prime": "P"}
     pool = _Pool()
-    assert engine.handle({"tag": tag, "data": {"x": 1}}, runners, pool) == expect
+    assert engine.handle({"tag": tag, "data": {"x": 1}}, runners, pool, failover) == expect
     if expect is None:
         assert pool.calls == []
     else:
@@ -92,7 +90,7 @@ def _example():
 
 def test_network_hosts_listen_for_orders_and_a_standby_probes_its_gateway():
     cfg = model.load(_example())
-    conf = {h: execmod._beacon_config(desired.compute(cfg, h)) for h in ("net1", "net2", "compute1")}
+    conf = {h: host.beacon_config(desired.compute(cfg, h)) for h in ("net1", "net2", "compute1")}
     flat = {h: {k: v for item in c for k, v in item.items()} for h, c in conf.items()}
     assert flat["net1"].get("orders") is True and "standby_for" not in flat["net1"]
     assert flat["net2"]["orders"] is True
@@ -108,7 +106,7 @@ def test_the_master_watch_gives_no_verdict_from_a_stale_view():
     import threading
     import time
 
-    w = runner.Watch(interval=0.05, dead_after=3)
+    w = icmp.Watch(interval=0.05, dead_after=3)
     w.watch({"b": ["192.0.2.99"]})
     hold = threading.Event()
     w._thread = threading.Thread(target=hold.wait)

@@ -1,0 +1,471 @@
+"""The failover protocol, in one place: what travels (event tags, the signed form of a
+liveness report, takeover orders), what is kept (the owners record and its epochs), and
+the decision (report + record + second opinion + pillar -> verdict).
+
+Everything a report, an order or a record looks like is defined here and nowhere else;
+the beacon (``_beacons/hanet_liveness.py``) builds reports with it, the master's engine
+and runner parse and decide with it, the ext_pillar and the execution module read the
+record with it. The decision is a pure function (``decide``): no Salt, no I/O.
+
+The flow (docs/architecture.md walks it file by file)::
+
+    beacon: Prober sees a peer silent -> report(...) signed -> liveness_tag(...)
+    master: parse_report -> verify -> at_stake -> second opinion -> decide -> Record
+            -> takeover order to the new owner (TAKEOVER_KWARGS), relinquish to the old
+    minion: parse_order (warm path in the beacon) / hanet.takeover job -> takeover.run
+            -> failover_tag(network, "complete" | "failed")
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+BEACON = "hanet_liveness"
+UP, DOWN = "up", "down"
+LIVENESS_GLOB = f"salt/beacon/*/{BEACON}/*"
+PRIME_TAGS = ("hanet/prime", "salt/minion/*/start")
+PRIME_TAG = "hanet/prime"
+FRESH_S = 30.0  # a report detected longer ago than this is stale (or a replay)
+
+TAKEOVER_FUN = "hanet.takeover"
+RELINQUISH_FUN = "hanet.relinquish"
+# the keyword arguments a takeover order may carry (the master sends them, the beacon's
+# order listener accepts exactly these, hanet.takeover takes them)
+TAKEOVER_KWARGS = frozenset({"previous", "detected_at", "planned", "decision"})
+SIGNED = ("observer", "peer", "state", "detected_at", "nonce")  # what a report's signature covers
+
+
+# --------------------------------------------------------------------------- tags
+
+
+def liveness_tag(observer, peer, state):
+    return f"salt/beacon/{observer}/{BEACON}/{peer}/{state}"
+
+
+def parse_liveness_tag(tag):
+    """(observer, peer, state) of a liveness tag, or None."""
+    parts = tag.split("/") if isinstance(tag, str) else []
+    if len(parts) != 6 or parts[:2] != ["salt", "beacon"] or parts[3] != BEACON \
+            or parts[5] not in (DOWN, UP):
+        return None
+    return parts[2], parts[4], parts[5]
+
+
+def failover_tag(network, outcome):
+    """``hanet/failover/<network>/<outcome>`` (complete, failed, rejected)."""
+    return f"hanet/failover/{network or 'unknown'}/{outcome}"
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def canonical(data):
+    """The signed part of a liveness report: the beacon signs exactly this, the master
+    verifies exactly this."""
+    return json.dumps({k: data.get(k) for k in SIGNED}, sort_keys=True, separators=(",", ":"))
+
+
+def report(observer, peer, state, detected_at, targets=(), nonce=None):
+    """A liveness report's data, unsigned (``sign`` adds ``sig``)."""
+    import uuid
+
+    return {"peer": peer, "state": state, "detected_at": detected_at, "observer": observer,
+            "targets": list(targets), "id": observer, "nonce": nonce or uuid.uuid4().hex}
+
+
+def sign(private_key, data):
+    """``data`` with ``sig``: its canonical form signed by ``private_key`` (a
+    ``salt.crypt.PrivateKey``, the minion's own)."""
+    import base64
+
+    return dict(data, sig=base64.b64encode(private_key.sign(canonical(data).encode())).decode())
+
+
+def verify(public_key_file, data):
+    """None when ``data`` is signed by the key in ``public_key_file``; else why not."""
+    import base64
+    import binascii
+
+    import salt.crypt
+
+    sig = data.get("sig")
+    if not isinstance(sig, str):
+        return "unsigned"
+    if not os.path.isfile(public_key_file):
+        return f"no accepted key {os.path.basename(public_key_file)}"
+    try:
+        ok = salt.crypt.verify_signature(public_key_file, canonical(data).encode(), base64.b64decode(sig))
+    except (binascii.Error, ValueError, TypeError) as err:
+        return f"bad signature ({err})"
+    return None if ok else "bad signature"
+
+
+class Rejected(Exception):
+    """A report, order or record that hanet refuses; ``reason`` says why, ``network``
+    names the network concerned when there is one."""
+
+    def __init__(self, reason, network=None):
+        super().__init__(reason)
+        self.reason = reason
+        self.network = network
+
+
+@dataclass(frozen=True)
+class Report:
+    observer: str
+    peer: str
+    state: str
+    detected_at: float
+    nonce: str
+
+
+def parse_report(tag, data, now, fresh_s=FRESH_S):
+    """The report in a liveness event, checked for shape and freshness (not for its
+    signature: ``verify``). Raises Rejected."""
+    if not isinstance(tag, str) or not isinstance(data, dict):
+        raise Rejected("malformed event")
+    parsed = parse_liveness_tag(tag)
+    if parsed is None:
+        raise Rejected("malformed tag")
+    observer, peer, state = parsed
+    if data.get("observer") != observer or data.get("peer") != peer or data.get("state") != state:
+        raise Rejected("tag and data disagree")
+    detected_at = data.get("detected_at")
+    if isinstance(detected_at, bool) or not isinstance(detected_at, (int, float)) \
+            or not isinstance(data.get("nonce"), str):
+        raise Rejected("malformed data (detected_at, nonce)")
+    if abs(now - detected_at) > fresh_s:
+        raise Rejected(f"stale event (detected {now - detected_at:.1f} s ago)")
+    return Report(observer, peer, state, float(detected_at), data["nonce"])
+
+
+# --------------------------------------------------------------------------- orders
+
+
+def takeover_order(network, epoch, previous, detected_at=None, planned=False, decision=None):
+    """(args, kwargs) of a ``hanet.takeover`` order."""
+    kwargs = {"previous": previous}
+    if detected_at is not None:
+        kwargs["detected_at"] = detected_at
+    if planned:
+        kwargs["planned"] = True
+    if decision is not None:
+        kwargs["decision"] = decision
+    assert set(kwargs) <= TAKEOVER_KWARGS
+    return [network, int(epoch)], kwargs
+
+
+def parse_order(payload, minion_id):
+    """A ``hanet.takeover`` publication aimed at ``minion_id`` alone, as
+    {jid, args, kwargs}; None for anything else."""
+    load = payload.get("load") if isinstance(payload, dict) else None
+    if not isinstance(load, dict) or load.get("fun") != TAKEOVER_FUN:
+        return None
+    tgt, tgt_type = load.get("tgt"), load.get("tgt_type", "glob")
+    if not ((tgt_type == "glob" and tgt == minion_id) or (tgt_type == "list" and tgt == [minion_id])):
+        return None
+    args, kwargs = [], {}
+    for item in load.get("arg") or []:
+        if isinstance(item, dict) and item.get("__kwarg__"):
+            kwargs.update({k: v for k, v in item.items() if k != "__kwarg__"})
+        else:
+            args.append(item)
+    if len(args) != 2 or set(kwargs) - TAKEOVER_KWARGS:
+        return None
+    return {"jid": load.get("jid"), "args": args, "kwargs": kwargs}
+
+
+# --------------------------------------------------------------------------- the record
+
+RECORD_FILE = "owners.json"
+SEEN_FILE = "seen.json"
+ENGINE_BEAT = "engine.beat"  # the hanet_failover engine touches it every second
+ENGINE_FRESH_S = 5.0
+
+
+class RecordError(Exception):
+    """The owners record cannot be read (torn, empty, not a record): no decision is
+    made on it, and nothing resets it silently."""
+
+
+def record_dir(cachedir):
+    """Where the master keeps the record (``<cachedir>/hanet``)."""
+    return os.path.join(cachedir, "hanet")
+
+
+def engine_beat(cachedir):
+    return os.path.join(record_dir(cachedir), ENGINE_BEAT)
+
+
+def engine_alive(cachedir, now=None):
+    """Whether the hanet_failover engine runs (its heartbeat file is fresh)."""
+    try:
+        age = (now if now is not None else time.time()) - os.stat(engine_beat(cachedir)).st_mtime
+    except OSError:
+        return False
+    return age < ENGINE_FRESH_S
+
+
+def load_record(path):
+    """``{"owners": {network: {owner, epoch, since, reason}}}`` from ``path``; a missing
+    file is the empty record (nothing has moved yet). Raises RecordError for anything
+    unreadable."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        return {"owners": {}}
+    except OSError as err:
+        raise RecordError(f"the failover record {path} cannot be read: {err}") from err
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        raise RecordError(f"the failover record {path} is not JSON ({err}); "
+                          "restore it or remove it deliberately") from err
+    if not isinstance(data, dict) or not isinstance(data.get("owners", {}), dict):
+        raise RecordError(f"the failover record {path} is not a record")
+    data.setdefault("owners", {})
+    return data
+
+
+def write_durable(path, text):
+    """Replace ``path`` with ``text`` so that a crash leaves either the old or the new
+    file: write a temporary file, fsync it, rename it, fsync the directory."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class Record:
+    """The master's durable record, held under an exclusive lock for one decision::
+
+        with Record(cachedir) as rec:
+            record_move(rec.owners, move, now, reason)
+            rec.save()
+
+    ``owners`` (``owners.json``) is written durably; the nonces of the reports already
+    handled (``seen``, ``seen.json``) are kept beside it without fsync: losing them in
+    a crash only reopens the freshness window for a replay, which the signature and
+    the record's epochs still bound."""
+
+    def __init__(self, cachedir):
+        self.dir = record_dir(cachedir)
+        self.path = os.path.join(self.dir, RECORD_FILE)
+        self.seen_path = os.path.join(self.dir, SEEN_FILE)
+        self.data = None
+        self.seen = None
+        self._lock = None
+
+    @property
+    def owners(self):
+        return self.data["owners"]
+
+    def __enter__(self):
+        os.makedirs(self.dir, exist_ok=True)
+        self._lock = open(os.path.join(self.dir, "owners.lock"), "w", encoding="utf-8")
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        try:
+            self.data = load_record(self.path)
+        except RecordError:
+            self.__exit__()
+            raise
+        try:
+            with open(self.seen_path, encoding="utf-8") as fh:
+                self.seen = json.load(fh)
+        except (OSError, ValueError):
+            self.seen = None
+        if not isinstance(self.seen, dict):
+            self.seen = {}
+        return self
+
+    def save(self):
+        """Write the owners durably: an owner change must survive a crash of the master."""
+        self.data.pop("seen", None)  # kept in seen.json since the record is durable
+        write_durable(self.path, json.dumps(self.data, sort_keys=True, indent=1) + "\n")
+
+    def save_seen(self, now=None):
+        now = now if now is not None else time.time()
+        self.seen = {k: v for k, v in self.seen.items() if now - seen_at(v) < 10 * FRESH_S}
+        tmp = f"{self.seen_path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(self.seen, fh, sort_keys=True)
+        os.replace(tmp, self.seen_path)
+
+    def __exit__(self, *exc):
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+
+
+def read_owners(cachedir):
+    """The record's owners ({network: {owner, epoch, ...}}), without the lock."""
+    return load_record(os.path.join(record_dir(cachedir), RECORD_FILE))["owners"]
+
+
+def seen_at(entry):
+    """When a nonce was first handled (``[at, via]``; a bare float in older records)."""
+    return entry[0] if isinstance(entry, list) else float(entry)
+
+
+def seen_via(entry):
+    return entry[1] if isinstance(entry, list) and len(entry) > 1 else "reactor"
+
+
+def merge(*records):
+    """{network: {owner, epoch}} from several records (the master's, as pillar, and a
+    host's own copy): per network the entry with the higher epoch wins, so a host that
+    was down while its network moved learns so before it binds anything."""
+    out = {}
+    for rec in records:
+        for net, entry in (rec or {}).items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("owner"), str):
+                continue
+            if net not in out or entry.get("epoch", 0) > out[net].get("epoch", 0):
+                out[net] = entry
+    return out
+
+
+def owner_of(cfg, owners, network):
+    """Who holds a network-host network by the record (its first network host when the
+    record has never moved it)."""
+    rec = owners.get(network)
+    return rec["owner"] if rec else cfg.networks[network].network_hosts[0]
+
+
+def epoch_of(owners, network):
+    return int((owners.get(network) or {}).get("epoch", 0))
+
+
+# --------------------------------------------------------------------------- the decision
+
+
+@dataclass(frozen=True)
+class Move:
+    network: str
+    previous: str
+    new: str
+    epoch: int
+
+
+@dataclass
+class Verdict:
+    """What to do about a report: ``moves`` to make, and ``rejected`` [(network or
+    None, reason)] to report. Both empty: nothing to do (moved already)."""
+
+    moves: list = field(default_factory=list)
+    rejected: list = field(default_factory=list)
+
+
+def at_stake(cfg, owners, observer, peer):
+    """The networks that ``peer`` holds and ``observer`` watches it for."""
+    return [label for label, n in sorted(cfg.networks.items())
+            if not n.multi_host and peer in n.network_hosts and observer != peer
+            and owner_of(cfg, owners, label) == peer and observer in cfg.hosts_carrying(label)]
+
+
+def nothing_at_stake(rep):
+    return f"{rep.observer} watches no network that {rep.peer} holds"
+
+
+def choose_standby(net, peer, observer):
+    """The host that takes ``net`` over from ``peer``: the observer when it stands by
+    for it (it sees the segment from the standby's side), else the first other network
+    host; None when there is none."""
+    standbys = [h for h in net.network_hosts if h != peer]
+    if observer in standbys:
+        return observer
+    return standbys[0] if standbys else None
+
+
+def decide(cfg, owners, rep, opinion, evidence=""):
+    """The verdict on a *down* report ``rep`` (a Report) against the record's
+    ``owners``, given the master's second opinion of the suspect: "alive", "dead" or
+    None (no check could be made). A suspect the master sees alive, or cannot see at
+    all, is not moved. Pure."""
+    if rep.state != DOWN:
+        return Verdict()
+    nets = at_stake(cfg, owners, rep.observer, rep.peer)
+    if not nets:
+        return Verdict(rejected=[(None, nothing_at_stake(rep))])
+    if opinion == "alive":
+        return Verdict(rejected=[(nets[0], f"second opinion: {rep.peer} answers the master"
+                                           + (f" ({evidence})" if evidence else ""))])
+    if opinion != "dead":
+        return Verdict(rejected=[(nets[0], f"second opinion: the master cannot check {rep.peer}"
+                                           + (f" ({evidence})" if evidence else ""))])
+    verdict = Verdict()
+    for label in nets:
+        new = choose_standby(cfg.networks[label], rep.peer, rep.observer)
+        if new is None:
+            verdict.rejected.append((label, f"no standby for {label}"))
+            continue
+        verdict.moves.append(Move(label, rep.peer, new, epoch_of(owners, label) + 1))
+    return verdict
+
+
+def record_move(owners, move, now, reason):
+    """Write ``move`` into the record's ``owners``."""
+    owners[move.network] = {"owner": move.new, "epoch": move.epoch, "since": now, "reason": reason}
+
+
+def planned_move(cfg, owners, network, new):
+    """The Move that makes ``new`` the owner of ``network`` (None: it is already)."""
+    old = owner_of(cfg, owners, network)
+    if old == new:
+        return None
+    return Move(network, old, new, epoch_of(owners, network) + 1)
+
+
+def evacuation(cfg, owners, minion):
+    """[(network, Move or None)] for every network ``minion`` holds: each to its next
+    network host (None: no standby)."""
+    out = []
+    for label, net in sorted(cfg.networks.items()):
+        if net.multi_host or owner_of(cfg, owners, label) != minion:
+            continue
+        standbys = [h for h in net.network_hosts if h != minion]
+        out.append((label, Move(label, minion, standbys[0], epoch_of(owners, label) + 1)
+                    if standbys else None))
+    return out
+
+
+def vouching_addresses(cfg, host_ipv4):
+    """The suspect's own addresses that can vouch for it (its grains' ipv4), less
+    loopback and every address that moves between hosts (gateways, floating IPs)."""
+    moving = {n.gateway for n in cfg.networks.values() if n.gateway}
+    moving |= {f.address for i in cfg.instances.values() for f in i.floating_ips}
+    return sorted(a for a in host_ipv4 or () if not a.startswith("127.") and a not in moving)
+
+
+def watched_hosts(cfg):
+    """Every network host of a network-host network (what the master watches)."""
+    return sorted({h for n in cfg.networks.values() if not n.multi_host for h in n.network_hosts})
+
+
+@dataclass(frozen=True)
+class Opinion:
+    """The master's second opinion of a suspect: ``verdict`` "alive", "dead" or None,
+    ``source`` (watch, icmp) and the addresses it checked."""
+
+    verdict: Optional[str]
+    source: str
+    addresses: tuple = ()
+
+    @property
+    def evidence(self):
+        return ", ".join(self.addresses) if self.addresses else "no address to check"

@@ -1,0 +1,183 @@
+"""This host's facets, in the order they are applied, and what the host holds now.
+
+Each facet pairs an applier's ``current`` (read the host), ``plan`` (pure: desired +
+current -> changes) and ``apply`` (make exactly those changes). ``facet`` returns
+``(changes, run)`` for one of them; the execution module, the states and the takeover
+all go through it. Two facets configure Salt itself rather than the kernel: the
+``hanet_liveness`` beacon (``liveness``) and the minion's start-up highstate
+(``startup``); for them the caller hands in Salt's functions (``salt``: the
+``__salt__`` mapping) and the minion's config directory.
+"""
+from __future__ import annotations
+
+import os
+
+from . import dnsmasq, floating, links, metadata, ruleset, sysctls
+from .common import Change, write_atomic
+from .failover import BEACON
+
+# The order in which facets are applied: links before the addresses dnsmasq binds,
+# the ruleset before the daemons start answering.
+FACETS = ("links", "sysctls", "ruleset", "floating", "dnsmasq", "metadata", "liveness", "startup")
+STARTUP_CONF = """# Written by hanet (salt://hanet): at start-up this minion applies the hanet state, which
+# consults the master's failover record before it binds any address it may no longer own.
+startup_states: sls
+sls_list:
+  - hanet
+"""
+
+
+def facet(name, state, paths, managed, salt=None, conf_dir=None):
+    """(changes, run) for facet ``name``: ``changes`` lists what would change,
+    ``run()`` makes those changes and returns what it did."""
+    if name == "links":
+        bridges = links.drop_local_remotes(state.bridges, links.local_addresses())
+        cur = links.current(bridges, managed.get("links"))
+        changes = links.plan(bridges, cur, managed.get("links"))
+        return changes, lambda: links.apply(changes, managed)
+    if name == "sysctls":
+        cur = sysctls.current([k for k, _ in state.sysctls])
+        changes = sysctls.plan(state.sysctls, cur)
+        return changes, lambda: sysctls.apply(changes)
+    if name == "ruleset":
+        cur = ruleset.current(state.ruleset, paths)
+        changes = ruleset.plan(state.ruleset, cur)
+        return changes, lambda: ruleset.apply(changes, paths, managed)
+    if name == "floating":
+        cur = floating.current(managed.get("floating"), state.floating_ips)
+        changes = floating.plan(state.floating_ips, cur)
+        return changes, lambda: floating.apply(changes, managed, state.garp_count)
+    if name == "dnsmasq":
+        cur = dnsmasq.current(paths, managed)
+        changes = dnsmasq.plan(state.dnsmasqs, cur)
+        return changes, lambda: dnsmasq.apply(changes, paths, managed)
+    if name == "metadata":
+        cur = metadata.current(paths, managed)
+        changes = metadata.plan(state.metadata, cur, state.instances)
+        return changes, lambda: metadata.apply(changes, paths, managed)
+    if name == "liveness":
+        return _liveness(state, salt)
+    if name == "startup":
+        return _startup(state, conf_dir)
+    raise ValueError(f"unknown facet {name!r}; one of {', '.join(FACETS)}")
+
+
+def apply_now(names, state, paths, managed, garp=0):
+    """Apply facets ``names`` now; {facet: [what was done]} for those that changed.
+    ``garp``: gratuitous ARPs per floating IP bound (a takeover announces itself: 0)."""
+    done = {}
+    for name in names:
+        changes, run = facet(name, state, paths, managed)
+        if name == "floating" and changes:
+            run = (lambda ch=changes: floating.apply(ch, managed, garp))
+        if changes and run:
+            done[name] = run() or [str(c) for c in changes]
+    return done
+
+
+# --------------------------------------------------------------------------- the beacon
+
+
+def beacon_config(state):
+    """The hanet_liveness beacon's configuration for this host, or None. A network host
+    (serving or standing by) also listens for takeover orders (``orders``); a standby
+    names what it would take over from each peer (``standby_for``)."""
+    if not state.liveness:
+        return None
+    out = [
+        {"peers": {peer: [list(t) for t in targets] for peer, targets in state.liveness}},
+        {"interval_ms": state.probe.interval_ms},
+        {"misses": state.probe.misses},
+        {"rise": state.probe.rise},
+    ]
+    if state.orders:
+        out.append({"orders": True})
+    if state.standby_for:
+        out.append({"standby_for": {peer: [list(t) for t in targets]
+                                    for peer, targets in state.standby_for}})
+    return out
+
+
+def _liveness(state, salt):
+    want = beacon_config(state)
+    have = (salt["beacons.list"](return_yaml=False, include_pillar=False) or {}).get(BEACON)
+    if want == have:
+        return [], None
+    if want is None:
+        changes = [Change("liveness", "remove", f"{BEACON} beacon")]
+    else:
+        peers = ", ".join(p for p, _ in state.liveness)
+        changes = [Change("liveness", "configure" if have is None else "update",
+                          f"{BEACON} beacon watching {peers}")]
+
+    def run():
+        if want is None:
+            res = salt["beacons.delete"](BEACON)
+        elif have is None:
+            res = salt["beacons.add"](BEACON, want)
+        else:
+            res = salt["beacons.modify"](BEACON, want)
+        if not res.get("result"):
+            raise RuntimeError(f"beacon: {res.get('comment')}")
+        saved = salt["beacons.save"]()
+        if not saved.get("result"):
+            raise RuntimeError(f"beacon save: {saved.get('comment')}")
+        return [str(c) for c in changes]
+
+    return changes, run
+
+
+def _startup(state, conf_dir):
+    path = os.path.join(conf_dir, "minion.d", "hanet.conf")
+    want = STARTUP_CONF if state.bridges or state.liveness else None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            have = fh.read()
+    except FileNotFoundError:
+        have = None
+    if want == have:
+        return [], None
+    if want is None:
+        return [Change("startup", "remove", path)], lambda: os.unlink(path) or [f"removed {path}"]
+
+    def run():
+        write_atomic(path, want)
+        return [f"wrote {path}: apply hanet at start-up"]
+
+    return [Change("startup", "write", path)], run
+
+
+# --------------------------------------------------------------------------- status
+
+
+def status(host, state, cfg, paths, peers):
+    """What this host holds now (``hanet.status``); ``state``/``cfg`` None when the
+    pillar is invalid (then only what runs is reported)."""
+    out = {"host": host, "networks": {}, "floating_ips": [], "problems": []}
+    daemons = dnsmasq.status(paths)
+    held = links.addresses_by_link()
+    if state is not None:
+        roles = dict(state.roles)
+        present = set(links.link_names())
+        for br in state.bridges:
+            net = cfg.networks[br.network]
+            addrs = held.get(br.name, [])
+            role = roles.get(br.network)
+            out["networks"][br.network] = {
+                "bridge": br.name,
+                "present": br.name in present,
+                "addresses": addrs,
+                "role": role,
+                "active_gateway": not net.hardware and (
+                    net.gateway_cidr in addrs if not net.multi_host else role == "serving"),
+                "dnsmasq": daemons.get(br.network),
+            }
+        public = {h.public_interface for h in cfg.hosts.values()}
+        fl = {f.address for f in state.floating_ips}
+        for ifname in sorted(public):
+            for a in held.get(ifname, []):
+                if a.split("/")[0] in fl:
+                    out["floating_ips"].append({"address": a.split("/")[0], "interface": ifname})
+    out["ruleset"] = ruleset.handle(paths)
+    out["peers"] = peers
+    return out

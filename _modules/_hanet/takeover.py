@@ -1,0 +1,276 @@
+"""Taking a network-host network over, and giving it up (the minion's half of a failover).
+
+``run`` is the takeover sequence; ``hanet.takeover`` (the execution module) only hands
+it this host's context. The order reaches a network host twice: the liveness beacon
+hears it on the master's publish channel and calls ``run(..., warm=True)`` in the
+minion's running process (bind and announce only: nothing to fork or load), and the
+``hanet.takeover`` job Salt forks for the same order calls ``run`` again, finds the
+addresses bound, and does the rest (dnsmasq, metadata, the ``complete`` event). A
+per-network slot (a lock and a small record of what the last run did) keeps the two
+from working against each other.
+
+The sequence: check the order (this host is a network host of the network, the epoch
+is not older than one it knows), duplicate address detection of the gateway (skipped
+for a planned move, whose old owner still answers until the new one has announced),
+record the new owner, bind the gateway and the network's floating IPs, announce every
+moved address with gratuitous ARP, then the full facets.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from . import arp, desired, failover, floating, host, links
+from .common import Change, Managed, Paths, write_atomic
+
+PRECHECK_FRESH_S = 1.0  # how old the beacon's clear probe of a gateway may be
+GARP_MIN = 3  # a takeover announces every moved address at least this often
+
+
+@dataclass
+class Context:
+    """What a takeover needs of this host: its id, the validated model, its paths,
+    the failover record as it knows it (``owners()``: {network: {owner, epoch}}), and
+    how to fire an event to the master (``fire(tag, data)``)."""
+
+    me: str
+    cfg: object
+    paths: Paths
+    owners: Callable[[], dict]
+    fire: Callable[[str, dict], None]
+
+    def owner_map(self):
+        return {net: r["owner"] for net, r in self.owners().items()}
+
+    def desired(self):
+        return desired.compute(self.cfg, self.me, self.owner_map())
+
+
+# --------------------------------------------------------------------------- the host's record
+
+
+def local_record_path(paths):
+    return paths.state("owners.json")
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def local_owners(paths):
+    """This host's own copy of the record (what its takeovers and relinquishes saw)."""
+    got = _read_json(local_record_path(paths))
+    return got if isinstance(got, dict) else {}
+
+
+class _Locked:
+    """An exclusive lock on ``path`` (a lock file), for read-modify-write of a record."""
+
+    def __init__(self, path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._fh = open(path, "w", encoding="utf-8")
+
+    def __enter__(self):
+        fcntl.flock(self._fh, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self._fh, fcntl.LOCK_UN)
+        self._fh.close()
+
+
+def write_local_owner(paths, network, owner, epoch):
+    """Record ``owner`` at ``epoch`` for ``network`` in this host's copy, under a lock
+    (a host standing by for several networks may take them over at once). An epoch
+    older than the one recorded changes nothing; returns whether it was recorded."""
+    with _Locked(paths.state("owners.lock")):
+        rec = local_owners(paths)
+        if failover.epoch_of(rec, network) > int(epoch):
+            return False
+        rec[network] = {"owner": owner, "epoch": int(epoch)}
+        write_atomic(local_record_path(paths), json.dumps(rec, sort_keys=True) + "\n")
+        return True
+
+
+# --------------------------------------------------------------------------- the slot
+
+
+class Slot:
+    """One takeover of ``network`` at a time on this host (an exclusive lock), and what
+    the last one did (``run/hanet/takeover-<network>.json``: epoch, outcome, marks,
+    moved addresses), so that the warm path and the job of the same order cooperate."""
+
+    def __init__(self, paths, network):
+        self.path = paths.run(f"takeover-{network}.json")
+        self._lock = _Locked(paths.run(f"takeover-{network}.lock"))
+
+    def __enter__(self):
+        self._lock.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.__exit__(*exc)
+
+    def read(self, epoch):
+        got = _read_json(self.path)
+        return got if isinstance(got, dict) and got.get("epoch") == int(epoch) else None
+
+    def write(self, **record):
+        write_atomic(self.path, json.dumps(record, sort_keys=True) + "\n")
+
+
+class _Marks:
+    """Timestamps of the takeover's steps (reported in the ``complete`` event)."""
+
+    def __init__(self, marks=None):
+        self.marks = [tuple(m) for m in marks] if marks else [("start", time.time())]
+
+    def __call__(self, what):
+        self.marks.append((what, time.time()))
+
+    def timings(self):
+        t0 = self.marks[0][1]
+        return {f"{what}_s": round(at - t0, 4) for what, at in self.marks[1:]}
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+def _network(ctx, network):
+    net = ctx.cfg.networks.get(network)
+    if net is None or net.multi_host or ctx.me not in net.network_hosts:
+        raise ValueError(f"{ctx.me} is not a network host of {network!r}")
+    return net
+
+
+def _check_epoch(ctx, network, epoch):
+    known = failover.epoch_of(ctx.owners(), network)
+    if int(epoch) < known:
+        raise ValueError(f"stale order for {network}: epoch {epoch} is older than {known}")
+
+
+def _dad(net, planned, prechecked, mark):
+    """Duplicate address detection of the gateway before it is bound here."""
+    if planned:
+        return  # the old owner answers until this host has announced it
+    pre = (prechecked or {}).get(net.gateway)
+    if isinstance(pre, (list, tuple)) and len(pre) == 2 and pre[1] is None \
+            and 0 <= time.time() - float(pre[0]) < PRECHECK_FRESH_S:
+        mark("dad")  # probed by the beacon while the master decided: nobody answered
+        return
+    # the master has confirmed the failure; this is the last guard: a live holder's
+    # kernel answers an ARP request on the segment at once
+    holder = arp.probe(net.gateway, net.bridge, timeout=arp.DAD_TIMEOUT_S, tries=1)
+    mark("dad")
+    if holder:
+        raise RuntimeError(f"gateway {net.gateway} is still answered by {holder} "
+                           f"on {net.bridge}: not binding it (duplicate address)")
+
+
+def moved_addresses(net, state):
+    """[(ip, interface)]: what moves with ``net``: its gateway and its floating IPs."""
+    return [(net.gateway, net.bridge)] + [
+        (f.address, f.public_interface) for f in state.floating_ips if f.network == net.label]
+
+
+def bind_moved(net, state, managed):
+    """Bind what moves, and only that: the gateway on the network's bridge and the
+    network's floating IPs, as the links and floating planners would (the same changes,
+    recorded the same way), without reading the rest of the host first."""
+    if net.gateway_cidr not in next((b.addresses for b in state.bridges if b.name == net.bridge), ()):
+        raise RuntimeError(f"the desired state does not put {net.gateway} on {net.bridge}")
+    done = {"links": links_add(net, managed)}
+    binds = [Change("floating", "bind", f.address, {"interface": f.public_interface})
+             for f in state.floating_ips if f.network == net.label]
+    if binds:
+        done["floating"] = floating.apply(binds, managed, 0)
+    return {k: v for k, v in done.items() if v}
+
+
+def links_add(net, managed):
+    return links.apply([Change("links", "add", f"{net.bridge} {net.gateway_cidr}",
+                                    {"link": net.bridge, "address": net.gateway_cidr})], managed)
+
+
+def _merge(done, more):
+    for facet, msgs in more.items():
+        done[facet] = done.get(facet, []) + list(msgs)
+    return done
+
+
+def run(ctx, network, epoch, previous=None, detected_at=None, planned=False, decision=None,
+        warm=False, prechecked=None):
+    """Become the holder of ``network`` at ``epoch`` (see the module's docstring).
+    Returns the ``complete`` event's data (warm: only what was bound); fires
+    ``hanet/failover/<network>/complete``, or ``/failed`` with the reason and raises."""
+    tag_base = {"network": network, "from": previous, "to": ctx.me, "epoch": int(epoch),
+                "detected_at": detected_at, "planned": bool(planned)}
+    if isinstance(decision, dict):
+        tag_base["decision"] = decision
+    with Slot(ctx.paths, network) as slot:
+        prior = slot.read(epoch)
+        if prior and prior.get("outcome") == "complete":
+            return prior["data"]  # the other path of the same order did everything
+        if warm and prior:
+            return {"network": network, "epoch": int(epoch), "outcome": prior.get("outcome")}
+        bound = prior if prior and prior.get("outcome") == "bound" else None
+        mark = _Marks(bound["marks"] if bound else None)
+        moved = [tuple(m) for m in bound["moved"]] if bound else []
+        try:
+            net = _network(ctx, network)
+            _check_epoch(ctx, network, epoch)
+            managed = Managed(ctx.paths)
+            if not bound:
+                mark("config")
+                _dad(net, planned, prechecked, mark)
+                write_local_owner(ctx.paths, network, ctx.me, epoch)
+                state = ctx.desired()
+                mark("desired")
+                done = bind_moved(net, state, managed)
+                mark("bound")
+                moved = moved_addresses(net, state)
+                arp.garp_many(moved, max(state.garp_count, GARP_MIN))
+                mark("announced")
+                _merge(done, host.apply_now(("links", "floating"), state, ctx.paths, managed))
+                if warm:
+                    slot.write(epoch=int(epoch), outcome="bound", marks=mark.marks, moved=moved, by="warm")
+                    return {"network": network, "epoch": int(epoch), "outcome": "bound",
+                            "timings": mark.timings()}
+            else:
+                write_local_owner(ctx.paths, network, ctx.me, epoch)
+                state = ctx.desired()
+                # bound by the warm path: make sure of it (no change when it is)
+                done = host.apply_now(("links", "floating"), state, ctx.paths, managed)
+            done.update(host.apply_now(("dnsmasq", "metadata"), state, ctx.paths, managed))
+            mark("dhcp")
+        except Exception as err:  # report, then let the caller see it too
+            if warm:  # the job of the same order tries again and reports
+                raise
+            ctx.fire(failover.failover_tag(network, "failed"),
+                     dict(tag_base, reason=str(err), failed_at=time.time()))
+            slot.write(epoch=int(epoch), outcome="failed", reason=str(err))
+            raise
+        data = dict(tag_base, completed_at=time.time(), addresses=[ip for ip, _ in moved],
+                    timings=mark.timings(), bound_by="warm" if bound else "job", changes=done)
+        slot.write(epoch=int(epoch), outcome="complete", data=data)
+    ctx.fire(failover.failover_tag(network, "complete"), data)
+    return data
+
+
+def relinquish(ctx, network, epoch, owner):
+    """Give ``network`` up to ``owner`` (the master's record at ``epoch``): unbind the
+    gateway and the network's floating IPs and stop its dnsmasq; keep the hot-standby
+    rules. An order older than what this host knows changes nothing."""
+    if not write_local_owner(ctx.paths, network, owner, epoch) \
+            or failover.epoch_of(ctx.owners(), network) > int(epoch):
+        return {"stale": f"epoch {epoch} is older than what {ctx.me} knows for {network}"}
+    return host.apply_now(("links", "floating", "dnsmasq", "metadata"), ctx.desired(), ctx.paths,
+                          Managed(ctx.paths))

@@ -1,0 +1,277 @@
+"""The failover protocol without Salt: reports (shape, freshness, signatures), the
+decision table (every reject reason, every standby choice, epochs), orders, and the
+durable record."""
+import json
+import os
+
+import pytest
+
+from _hanet import failover, model
+from _hanet.failover import DOWN, UP, Move, Rejected
+
+NOW = 1_800_000_000.0
+
+
+def pillar(hosts=("net1", "net2"), **net):
+    """One network-host network ``shared`` carried by ``hosts`` (its network hosts, in
+    order), a compute host ``compute1`` with an instance on it, and a multi_host net."""
+    all_hosts = list(hosts) + ["compute1", "compute2"]
+    return {
+        "networks": {
+            "shared": dict({"cidr": "10.20.0.0/24", "bridge": "br200", "bridge_interface": "eth1",
+                            "multi_host": False, "gateway": "10.20.0.1",
+                            "network_hosts": list(hosts)}, **net),
+            "private": {"cidr": "10.30.0.0/24", "bridge": "br300", "bridge_interface": "eth2",
+                        "multi_host": True},
+        },
+        "hosts": {h: {"public_interface": "eth0",
+                      "networks": dict({"shared": {"address": f"10.20.0.{10 + i}"}} if h != "compute2" else {},
+                                       private={"address": f"10.30.0.{10 + i}"})}
+                  for i, h in enumerate(all_hosts)},
+        "instances": {"web1": {"host": "compute1",
+                               "nics": [{"network": "shared", "mac": "52:54:00:00:00:01",
+                                         "ip": "10.20.0.100"}],
+                               "floating_ips": [{"address": "203.0.113.50", "fixed_ip": "10.20.0.100"}]}},
+    }
+
+
+@pytest.fixture
+def cfg():
+    return model.load(pillar())
+
+
+def rep(observer="net2", peer="net1", state=DOWN, detected_at=NOW - 0.2, nonce="n1"):
+    return failover.Report(observer, peer, state, detected_at, nonce)
+
+
+# --------------------------------------------------------------------------- tags and reports
+
+
+def test_tags_round_trip():
+    tag = failover.liveness_tag("net2", "net1", DOWN)
+    assert tag == "salt/beacon/net2/hanet_liveness/net1/down"
+    assert failover.parse_liveness_tag(tag) == ("net2", "net1", DOWN)
+    assert failover.failover_tag("shared", "complete") == "hanet/failover/shared/complete"
+    assert failover.failover_tag(None, "rejected") == "hanet/failover/unknown/rejected"
+    import fnmatch
+
+    assert fnmatch.fnmatchcase(tag, failover.LIVENESS_GLOB)
+
+
+@pytest.mark.parametrize("tag", [
+    "salt/beacon/net2/hanet_liveness/net1/sideways", "salt/beacon/net2/other/net1/down",
+    "salt/beacon/net2/hanet_liveness/net1", "hanet/failover/x/complete", "", None, 7])
+def test_malformed_tags_are_not_liveness_tags(tag):
+    assert failover.parse_liveness_tag(tag) is None
+
+
+def test_a_report_parses_with_its_fields():
+    data = failover.report("net2", "net1", DOWN, NOW - 1, ["br200:10.20.0.10"], nonce="abc")
+    got = failover.parse_report(failover.liveness_tag("net2", "net1", DOWN), data, NOW)
+    assert got == failover.Report("net2", "net1", DOWN, NOW - 1, "abc")
+
+
+@pytest.mark.parametrize("mutate,reason", [
+    (lambda t, d: (t, "not a dict"), "malformed event"),
+    (lambda t, d: ("salt/beacon/net2/hanet_liveness/net1/maybe", d), "malformed tag"),
+    (lambda t, d: (t, dict(d, observer="compute1")), "tag and data disagree"),
+    (lambda t, d: (t, dict(d, peer="net9")), "tag and data disagree"),
+    (lambda t, d: (t, dict(d, state=UP)), "tag and data disagree"),
+    (lambda t, d: (t, dict(d, detected_at="yesterday")), "malformed data"),
+    (lambda t, d: (t, dict(d, detected_at=True)), "malformed data"),
+    (lambda t, d: (t, {k: v for k, v in d.items() if k != "nonce"}), "malformed data"),
+    (lambda t, d: (t, dict(d, detected_at=NOW - 31)), "stale event"),
+    (lambda t, d: (t, dict(d, detected_at=NOW + 31)), "stale event"),
+])
+def test_every_malformed_report_is_rejected_with_its_reason(mutate, reason):
+    tag, data = failover.liveness_tag("net2", "net1", DOWN), failover.report("net2", "net1", DOWN, NOW)
+    tag, data = mutate(tag, data)
+    with pytest.raises(Rejected) as err:
+        failover.parse_report(tag, data, NOW)
+    assert reason in err.value.reason
+
+
+def test_the_signature_covers_the_canonical_form_only(tmp_path):
+    import salt.crypt
+
+    priv, pub_pem = salt.crypt.gen_keys(2048)
+    (tmp_path / "minion.pem").write_text(priv)
+    (tmp_path / "minion.pub").write_text(pub_pem)
+    key = salt.crypt.PrivateKey.from_file(str(tmp_path / "minion.pem"))
+    pub = str(tmp_path / "minion.pub")
+    data = failover.sign(key, failover.report("net2", "net1", DOWN, NOW, nonce="n"))
+    assert failover.verify(pub, data) is None
+    assert failover.verify(pub, dict(data, targets=["anything"])) is None, "targets are not signed"
+    for field in failover.SIGNED:
+        forged = dict(data, **{field: "forged" if field != "detected_at" else NOW + 1})
+        assert failover.verify(pub, forged) == "bad signature", field
+    assert failover.verify(pub, {k: v for k, v in data.items() if k != "sig"}) == "unsigned"
+    assert failover.verify(pub, dict(data, sig="!!notbase64")).startswith("bad signature")
+    assert failover.verify(str(tmp_path / "nobody.pub"), data).startswith("no accepted key")
+
+
+# --------------------------------------------------------------------------- the decision
+
+
+def test_a_confirmed_down_moves_every_network_the_peer_holds_to_the_observer(cfg):
+    v = failover.decide(cfg, {}, rep(), "dead")
+    assert v.moves == [Move("shared", "net1", "net2", 1)] and v.rejected == []
+
+
+def test_the_epoch_steps_from_the_record(cfg):
+    owners = {"shared": {"owner": "net1", "epoch": 7}}
+    assert failover.decide(cfg, owners, rep(), "dead").moves == [Move("shared", "net1", "net2", 8)]
+
+
+def test_a_compute_host_observer_moves_the_network_to_the_first_standby():
+    cfg = model.load(pillar(hosts=("net1", "net2", "net3")))
+    v = failover.decide(cfg, {}, rep(observer="compute1"), "dead")
+    assert v.moves == [Move("shared", "net1", "net2", 1)]
+    v = failover.decide(cfg, {}, rep(observer="net3"), "dead")
+    assert v.moves == [Move("shared", "net1", "net3", 1)], "the observing standby takes it"
+
+
+@pytest.mark.parametrize("opinion,reason", [
+    ("alive", "second opinion: net1 answers the master (192.0.2.11)"),
+    (None, "second opinion: the master cannot check net1 (192.0.2.11)"),
+])
+def test_a_suspect_the_master_sees_alive_or_cannot_see_is_not_moved(cfg, opinion, reason):
+    v = failover.decide(cfg, {}, rep(), opinion, "192.0.2.11")
+    assert v.moves == [] and v.rejected == [("shared", reason)]
+
+
+@pytest.mark.parametrize("report,owners", [
+    (rep(peer="net2"), {}),                                   # net2 holds nothing (net1 does)
+    (rep(peer="compute1", observer="net1"), {}),              # a compute host holds no network
+    (rep(observer="compute2"), {}),                           # compute2 does not carry shared
+    (rep(observer="net1", peer="net1"), {}),                  # nobody watches itself
+    (rep(), {"shared": {"owner": "net2", "epoch": 3}}),       # moved already
+])
+def test_a_report_about_nothing_the_observer_watches_is_rejected(cfg, report, owners):
+    v = failover.decide(cfg, owners, report, "dead")
+    assert v.moves == []
+    assert v.rejected == [(None, f"{report.observer} watches no network that {report.peer} holds")]
+
+
+def test_an_up_report_decides_nothing(cfg):
+    assert failover.decide(cfg, {}, rep(state=UP), "dead") == failover.Verdict()
+
+
+def test_a_network_without_standby_is_rejected_by_name():
+    cfg = model.load(pillar(hosts=("net1",)))
+    v = failover.decide(cfg, {}, rep(observer="compute1"), "dead")
+    assert v.moves == [] and v.rejected == [("shared", "no standby for shared")]
+
+
+def test_planned_moves_and_evacuation(cfg):
+    owners = {"shared": {"owner": "net2", "epoch": 4}}
+    assert failover.planned_move(cfg, owners, "shared", "net2") is None
+    assert failover.planned_move(cfg, owners, "shared", "net1") == Move("shared", "net2", "net1", 5)
+    assert failover.evacuation(cfg, owners, "net2") == [("shared", Move("shared", "net2", "net1", 5))]
+    assert failover.evacuation(cfg, owners, "net1") == []
+    lone = model.load(pillar(hosts=("net1",)))
+    assert failover.evacuation(lone, {}, "net1") == [("shared", None)]
+
+
+def test_record_move_and_owner_of(cfg):
+    owners = {}
+    assert failover.owner_of(cfg, owners, "shared") == "net1", "first network host by default"
+    failover.record_move(owners, Move("shared", "net1", "net2", 1), NOW, "why")
+    assert owners == {"shared": {"owner": "net2", "epoch": 1, "since": NOW, "reason": "why"}}
+    assert failover.owner_of(cfg, owners, "shared") == "net2"
+
+
+def test_merge_takes_the_higher_epoch_per_network():
+    pill = {"a": {"owner": "x", "epoch": 3}, "b": {"owner": "x", "epoch": 1}, "bad": {"epoch": 9}}
+    local = {"a": {"owner": "y", "epoch": 2}, "b": {"owner": "y", "epoch": 2}, "c": "junk"}
+    assert failover.merge(pill, local) == {"a": {"owner": "x", "epoch": 3}, "b": {"owner": "y", "epoch": 2}}
+
+
+def test_vouching_addresses_leave_out_what_moves(cfg):
+    got = failover.vouching_addresses(cfg, ["127.0.0.1", "10.20.0.1", "203.0.113.50", "192.0.2.11"])
+    assert got == ["192.0.2.11"]
+    assert failover.watched_hosts(cfg) == ["net1", "net2"]
+
+
+# --------------------------------------------------------------------------- orders
+
+
+def test_a_takeover_order_round_trips_through_the_publication():
+    args, kwargs = failover.takeover_order("shared", 3, "net1", detected_at=1.5, decision={"via": "engine"})
+    load = {"fun": failover.TAKEOVER_FUN, "tgt": "net2", "tgt_type": "glob", "jid": "9",
+            "arg": args + [dict(kwargs, __kwarg__=True)]}
+    assert failover.parse_order({"load": load}, "net2") == {"jid": "9", "args": args, "kwargs": kwargs}
+    assert set(kwargs) <= failover.TAKEOVER_KWARGS
+
+
+def test_every_order_keyword_is_one_hanet_takeover_takes():
+    import inspect
+
+    from _hanet import takeover
+
+    params = set(inspect.signature(takeover.run).parameters)
+    assert failover.TAKEOVER_KWARGS <= params
+
+
+# --------------------------------------------------------------------------- the record
+
+
+def test_the_record_survives_a_round_trip_and_keeps_nonces_apart(tmp_path):
+    cache = str(tmp_path)
+    with failover.Record(cache) as rec:
+        assert rec.owners == {} and rec.seen == {}
+        rec.seen["n1"] = [NOW, "engine"]
+        rec.save_seen(NOW)
+        failover.record_move(rec.owners, Move("shared", "net1", "net2", 1), NOW, "test")
+        rec.save()
+    assert failover.read_owners(cache)["shared"]["owner"] == "net2"
+    with open(os.path.join(cache, "hanet", "owners.json")) as fh:
+        assert "seen" not in json.load(fh)
+    with failover.Record(cache) as rec:
+        assert rec.seen == {"n1": [NOW, "engine"]}
+        rec.save_seen(NOW + 10 * failover.FRESH_S + 1)
+    with failover.Record(cache) as rec:
+        assert rec.seen == {}, "old nonces are forgotten"
+
+
+@pytest.mark.parametrize("text", ["", "{", "[]", '{"owners": []}', "\0\0\0"])
+def test_a_torn_or_empty_record_stops_decisions_loudly(tmp_path, text):
+    d = tmp_path / "hanet"
+    d.mkdir()
+    (d / "owners.json").write_text(text)
+    with pytest.raises(failover.RecordError):
+        failover.read_owners(str(tmp_path))
+    with pytest.raises(failover.RecordError):
+        with failover.Record(str(tmp_path)):
+            pass
+    import fcntl
+
+    with open(d / "owners.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the failed Record let its lock go
+
+
+def test_a_missing_record_is_the_empty_one(tmp_path):
+    assert failover.read_owners(str(tmp_path)) == {}
+
+
+def test_the_engine_heartbeat(tmp_path):
+    cache = str(tmp_path)
+    assert not failover.engine_alive(cache)
+    os.makedirs(failover.record_dir(cache))
+    with open(failover.engine_beat(cache), "w") as fh:
+        fh.write("1\n")
+    assert failover.engine_alive(cache)
+    assert not failover.engine_alive(cache, now=os.stat(failover.engine_beat(cache)).st_mtime + 60)
+
+
+def test_a_host_record_never_goes_back_in_epochs(tmp_path):
+    from _hanet import takeover
+    from _hanet.common import Paths
+
+    paths = Paths(root_dir=str(tmp_path))
+    assert takeover.write_local_owner(paths, "shared", "net2", 5)
+    assert not takeover.write_local_owner(paths, "shared", "net1", 4), "a late order of an older epoch"
+    assert takeover.local_owners(paths) == {"shared": {"owner": "net2", "epoch": 5}}
+    assert takeover.write_local_owner(paths, "shared", "net1", 6)
+    assert takeover.write_local_owner(paths, "other", "net1", 1)
+    assert takeover.local_owners(paths)["shared"] == {"owner": "net1", "epoch": 6}
