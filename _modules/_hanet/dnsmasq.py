@@ -102,6 +102,12 @@ def argv(spec: Dnsmasq, paths) -> list:
     live under the minion's root_dir, which need not be readable by an unprivileged user
     (or a ``dnsmasq`` user may not exist), so it stays root, as nova's did under rootwrap.
     ``--conf-file=`` (empty) keeps dnsmasq from reading the host's /etc/dnsmasq.conf.
+    ``--dhcp-authoritative``: each hanet dnsmasq is the only DHCP server its VMs can reach
+    (DHCP is isolated per host on multi_host networks, and one network host serves a
+    network-host network), so it answers a client whose lease it does not know: an
+    instance that moved here, or renews from a new owner after a failover, keeps its
+    address at once instead of waiting out its client's INIT-REBOOT timeout (dhclient's
+    default is 10 s) and starting over with a DISCOVER.
     """
     f = files(spec.network, paths)
     cmd = [
@@ -119,6 +125,7 @@ def argv(spec: Dnsmasq, paths) -> list:
         f"--dhcp-hostsfile={f['hosts']}",
         f"--dhcp-leasefile={f['leases']}",
         "--no-hosts",
+        "--dhcp-authoritative",
         "--user=root",
         f"--log-facility={f['log']}",
     ]

@@ -296,6 +296,28 @@ def test_dhcp_lifecycle(lab):
     assert converge(lab, []) == []
 
 
+def test_a_client_with_another_servers_lease_is_answered_at_once(lab):
+    """An instance that moved here (or renews from a new owner after a failover) asks
+    for its old lease first (DHCPREQUEST, INIT-REBOOT). hanet's dnsmasq is authoritative:
+    it acknowledges that very request, so the client never falls back to a DISCOVER (a
+    non-authoritative dnsmasq ignores it, and dhclient waits out its reboot timeout)."""
+    lab.add_vm("1", MAC1)
+    converge(lab, [spec([H1])])
+    d = lab.tmp / "dhclient-1"
+    d.mkdir(exist_ok=True)
+    (d / "dhclient.leases").write_text(
+        'lease {\n  interface "eth0";\n  fixed-address %s;\n  option subnet-mask 255.255.255.0;\n'
+        "  option dhcp-server-identifier 192.168.0.99;\n  option dhcp-lease-time 3600;\n"
+        "  renew 4 2037/01/01 00:00:00;\n  rebind 4 2037/01/01 00:00:00;\n"
+        "  expire 4 2037/01/01 00:00:00;\n}\n" % IP1)
+    got = lab.dhclient("1", timeout=30)
+    assert got and got["new_ip_address"] == IP1 and got["reason"] == "REBOOT", got
+    log = dnsmasq.files("private", lab.paths)["log"]
+    with open(log, encoding="utf-8") as fh:
+        text = fh.read()
+    assert f"DHCPACK(br100) {IP1} {MAC1}" in text and "DHCPDISCOVER" not in text, text
+
+
 def test_conf_file_router_recipe(lab, tmp_path):
     """nova's hardware-gateway recipe in dnsmasq_config_file wins over the router hanet
     hands out, for the quoted (Essex) and the bare tag alike; a no-default-route NIC

@@ -44,6 +44,7 @@ def test_argv_nova_flags():
         "--dhcp-hostsfile=/r/var/lib/hanet/dnsmasq/private.hosts",
         "--dhcp-leasefile=/r/var/lib/hanet/dnsmasq/private.leases",
         "--no-hosts",
+        "--dhcp-authoritative",
         "--user=root",
         "--log-facility=/r/var/lib/hanet/dnsmasq/private.log",
         "--dhcp-option=option:router,192.168.0.3",
