@@ -5,7 +5,8 @@ ARP needs no responder on the peer (its kernel answers for its own addresses), t
 the very L2 path that VM traffic takes, and costs one frame per address per period.
 
 A peer is **down** after ``misses`` consecutive periods in which none of its
-addresses answered, and **up** again only after ``rise`` consecutive periods in which
+addresses answered (an answer counts only from the MAC that first answered for that
+address: proxy ARP or another device claiming it does not keep a dead peer alive), and **up** again only after ``rise`` consecutive periods in which
 one did (hysteresis). A probe is answered when its reply arrives within half a period
 (``window``): a live kernel answers ARP on a LAN within a millisecond, so each period's
 verdict is known then, not only when the next period begins (that brings a failure's
@@ -130,6 +131,8 @@ class Prober:
         self._thread = None
         self._socks = {}  # ifname -> (sock, mac, ip)
         self._by_ip = {}  # (ifname, ip) -> Peer
+        self._macs = {}  # (ifname, ip) -> the MAC that answers for it (bytes)
+        self._warned = set()
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self):
@@ -210,13 +213,25 @@ class Prober:
                 frame = sock.recv(128)
                 ip = parse_arp_reply(frame)
                 peer = self._by_ip.get((ifname, ip)) if ip else None
-                if peer is not None:
+                if peer is not None and self._from_peer(ifname, ip, frame[22:28]):
                     peer.answered = True
                     peer.last_seen = time.time()
         except BlockingIOError:
             pass
         except OSError:
             self._drop(ifname)
+
+    def _from_peer(self, ifname, ip, mac):
+        """Whether a reply for the peer's ``ip`` comes from the peer itself: the first
+        MAC that answered for it, which every later reply must carry. Anybody else
+        answering for it (proxy ARP, a device that took the address over) does not keep
+        the peer alive. The MAC is learnt anew when the prober restarts."""
+        known = self._macs.setdefault((ifname, ip), mac)
+        if known != mac and (ifname, ip) not in self._warned:
+            self._warned.add((ifname, ip))
+            log.warning("hanet liveness: %s on %s answered by %s, not %s: not the peer",
+                        ip, ifname, mac.hex(":"), known.hex(":"))
+        return known == mac
 
     def _judge(self):
         now = time.time()

@@ -114,3 +114,42 @@ def test_a_one_shot_check_says_alive_dead_or_no_verdict(ns_pair):
         assert icmp.check(["192.0.2.200"]) is None, "no route: nothing was asked"
     finally:
         netns.popns()
+
+
+def test_a_reply_from_another_mac_does_not_keep_the_peer_alive(ns_pair):
+    """Proxy ARP, or another device answering for the peer's address: the peer is down
+    all the same. (Here the peer's own link takes a new MAC: the address still
+    answers, from a MAC the prober has not learnt for it.)"""
+    a, b = ns_pair
+    from pyroute2 import netns
+
+    from _hanet.liveness import DOWN, UP, Prober
+    from _hanet.model import Probe
+
+    events = []
+    cond = threading.Condition()
+
+    def on_change(peer, state, at, initial):
+        with cond:
+            events.append((peer, state))
+            cond.notify_all()
+
+    netns.pushns(a)
+    try:
+        prober = Prober({"b": [("eth0", "10.9.0.2")]}, on_change, Probe(interval_ms=50, misses=3, rise=3)).start()
+    finally:
+        netns.popns()
+    try:
+        with cond:
+            assert cond.wait_for(lambda: events == [("b", UP)], 5), events
+        sh("ip", "-n", b, "link", "set", "eth0", "address", "02:00:00:00:99:99")
+        with cond:
+            assert cond.wait_for(lambda: len(events) >= 2, 5), events
+        assert events[1] == ("b", DOWN)
+        time.sleep(0.5)
+        assert len(events) == 2, "the other MAC never brings it back"
+        out = subprocess.run(["ip", "netns", "exec", a, "arping", "-c", "1", "-w", "2", "-I", "eth0",
+                              "10.9.0.2"], capture_output=True, text=True).stdout
+        assert "02:00:00:00:99:99" in out.lower(), "the address itself still answers (from the new MAC)"
+    finally:
+        prober.stop()
