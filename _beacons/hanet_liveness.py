@@ -34,6 +34,10 @@ hanet's ``hanet.liveness`` state configures this beacon from the pillar; by hand
         - orders: true
         - standby_for:
             net1: [[br200, 10.20.0.1]]
+        - supervise: true
+
+With ``supervise: true`` it also restarts dnsmasq and the metadata service when they die
+(``_hanet.supervise``) and fires ``hanet/daemon/<minion>/<daemon>/<name>/restarted``.
 """
 from __future__ import annotations
 
@@ -91,8 +95,9 @@ def validate(config):
         if not isinstance(targets, list) or not all(
                 isinstance(t, (list, tuple)) and len(t) == 2 for t in targets):
             return False, f"hanet_liveness: peers:{name} must be a list of [interface, ip]"
-    if "orders" in cfg and not isinstance(cfg["orders"], bool):
-        return False, "hanet_liveness: orders must be true or false"
+    for key in ("orders", "supervise"):
+        if key in cfg and not isinstance(cfg[key], bool):
+            return False, f"hanet_liveness: {key} must be true or false"
     standby_for = cfg.get("standby_for", {})
     if not isinstance(standby_for, dict) or not all(
             isinstance(t, list) and all(isinstance(x, (list, tuple)) and len(x) == 2 for x in t)
@@ -133,6 +138,10 @@ class Sender:
 
     def submit(self, peer, state, detected_at, targets):
         self._queue.put((peer, state, detected_at, targets))
+
+    def event(self, tag, data):
+        """Any other event to the master (a daemon restarted), from this thread."""
+        self._queue.put(("event", tag, data))
 
     def stop(self, timeout=2.0):
         self._queue.put(None)
@@ -183,6 +192,12 @@ class Sender:
                         self._private_key()
                     except (OSError, ValueError) as err:
                         log.debug("hanet_liveness: could not load the minion key: %s", err)
+                    continue
+                if item[0] == "event":
+                    try:
+                        self._send(item[1], item[2])
+                    except Exception:  # pylint: disable=broad-except  (log it; keep sending)
+                        log.exception("hanet_liveness: could not send %s", item[1])
                     continue
                 try:
                     self._fire(*item)
@@ -330,9 +345,10 @@ class _Running:
     """The probe thread, the sender thread (and the order listener) of one beacon
     configuration."""
 
-    def __init__(self, prober, sender, save, parse_order):
+    def __init__(self, prober, sender, save, parse_order, supervisor=None):
         self.prober = prober
         self.sender = sender
+        self.supervisor = supervisor
         self.save = save  # writes the peers' view (for hanet.status)
         self.parse_order = parse_order
         self.orders = None  # the OrderListener, once the minion has signed in; False: none
@@ -343,6 +359,8 @@ class _Running:
 
     def stop(self):
         self.prober.stop()
+        if self.supervisor is not None:
+            self.supervisor.stop()
         self.sender.stop()
         if self.orders:
             self.orders.stop()
@@ -357,7 +375,7 @@ def _real(dunder):
 
 def _start(cfg):
     opts = _real(__opts__)
-    lib = {name: _lib(name) for name in ("liveness", "failover", "arp", "common", "model")}
+    lib = {name: _lib(name) for name in ("liveness", "failover", "arp", "common", "model", "supervise")}
     _warm()
     liveness, paths = lib["liveness"], lib["common"].Paths(root_dir=opts.get("root_dir", "/"))
     known = liveness.known_states(paths)
@@ -381,8 +399,16 @@ def _start(cfg):
     peers = {name: [tuple(t) for t in targets] for name, targets in cfg["peers"].items()}
     probe = lib["model"].Probe.of(cfg.get("interval_ms"), cfg.get("misses"), cfg.get("rise"))
     holder["prober"] = liveness.Prober(peers, on_change, probe)
+    supervisor = None
+    if cfg.get("supervise"):
+        def restarted(kind, name, pid):
+            sender.event(lib["supervise"].restarted_tag(opts["id"], kind, name),
+                         {"host": opts["id"], "daemon": kind, "name": name, "pid": pid,
+                          "at": time.time()})
+
+        supervisor = lib["supervise"].Supervisor(paths, restarted).start()
     return _Running(holder["prober"].start(), sender, save=save,
-                    parse_order=lib["failover"].parse_order)
+                    parse_order=lib["failover"].parse_order, supervisor=supervisor)
 
 
 def beacon(config):

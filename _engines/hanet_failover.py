@@ -22,6 +22,14 @@ fast as the others, and it keeps the master's own watch of the network hosts run
 (an ICMP echo to each every half probe interval, ``_hanet.icmp.Watch``): when a report
 comes in, the master's second opinion is then already known and nobody waits for it.
 
+And it runs the reconcile loop (``runner.hanet.reconcile``, every ``reconcile_interval``
+seconds): the record against the master's watch and what the network hosts say they
+hold. One-shot events are the fast path; the loop makes a failover happen, or finish,
+when one was lost: a report sent while the master was down, an order lost or failed, a
+decision saved by a master that died before publishing it, a partitioned owner that
+came back still holding a gateway. ``hanet/failover/<network>/complete`` events confirm
+a move in the record (``runner.hanet.outcome``); a move not confirmed is ordered again.
+
 Master configuration (``/etc/salt/master.d/hanet.conf``):
 
 .. code-block:: yaml
@@ -31,6 +39,7 @@ Master configuration (``/etc/salt/master.d/hanet.conf``):
     engines:
       - hanet_failover:
           workers: 4
+          reconcile_interval: 1     # seconds between reconcile rounds (0: none)
 """
 from __future__ import annotations
 
@@ -96,7 +105,8 @@ def _beat(path):
 
 
 def handle(event, runners, pool, failover):
-    """Dispatch one master event; returns what it did ("liveness", "prime" or None)."""
+    """Dispatch one master event; returns what it did ("liveness", "prime", "outcome"
+    or None)."""
     tag, data = event.get("tag", ""), event.get("data")
     if fnmatch.fnmatchcase(tag, failover.LIVENESS_GLOB):
         pool.submit(_call, runners["hanet.liveness"], tag, data)
@@ -104,11 +114,26 @@ def handle(event, runners, pool, failover):
     if any(fnmatch.fnmatchcase(tag, p) for p in failover.PRIME_TAGS):
         pool.submit(_call, runners["hanet.prime"], tag, data)
         return "prime"
+    if (failover.parse_failover_tag(tag) or (None, None))[1] == "complete":
+        pool.submit(_call, runners["hanet.outcome"], tag, data)
+        return "outcome"
     return None
 
 
-def start(workers=4, stop=None):
-    """Run until the master stops the engine (or ``stop``, a threading.Event, is set)."""
+def _reconcile_loop(fun, stop, interval, ready):
+    """Run ``hanet.reconcile`` every ``interval`` seconds once ``ready`` (the first
+    prime: the master's watch runs) is done, one round at a time."""
+    ready.result()
+    while not stop.wait(interval):
+        try:
+            fun()
+        except Exception:  # pylint: disable=broad-except  (log it; try again next round)
+            log.exception("hanet_failover: reconcile round failed")
+
+
+def start(workers=4, reconcile_interval=1.0, stop=None):
+    """Run until the master stops the engine (or ``stop``, a threading.Event, is set).
+    ``reconcile_interval``: seconds between rounds of the reconcile loop (0: none)."""
     import salt.utils.event
 
     opts = __opts__
@@ -118,9 +143,15 @@ def start(workers=4, stop=None):
     beat = failover.engine_beat(opts["cachedir"])
     os.makedirs(os.path.dirname(beat), exist_ok=True)
     pool = ThreadPoolExecutor(max_workers=int(workers), thread_name_prefix="hanet-failover")
+    loop = None
     try:
         with salt.utils.event.get_master_event(opts, opts["sock_dir"], listen=True) as bus:
-            pool.submit(_call, runners["hanet.prime"], failover.PRIME_TAG, {})
+            primed = pool.submit(_call, runners["hanet.prime"], failover.PRIME_TAG, {})
+            if float(reconcile_interval) > 0:
+                loop = threading.Thread(target=_reconcile_loop, name="hanet-reconcile", daemon=True,
+                                        args=(runners["hanet.reconcile"], stop,
+                                              float(reconcile_interval), primed))
+                loop.start()
             log.info("hanet_failover: listening for %s", failover.LIVENESS_GLOB)
             last = 0.0
             while not stop.is_set():
@@ -131,6 +162,9 @@ def start(workers=4, stop=None):
                 if event:
                     handle(event, runners, pool, failover)
     finally:
+        stop.set()
+        if loop is not None:
+            loop.join(5)
         pool.shutdown(wait=False)
         try:
             os.unlink(beat)

@@ -258,6 +258,19 @@ def status():
     return out
 
 
+def serving():
+    """What this host holds of the network-host networks it serves or stands by for,
+    the epochs it knows, and its liveness beacon's view of its peers (the master's
+    reconcile loop asks it).
+
+    CLI example::
+
+        salt net2 hanet.serving
+    """
+    paths = _paths()
+    return _h("host").serving(__opts__["id"], _config(), _records(), _h("liveness").read_view(paths))
+
+
 # --------------------------------------------------------------------------- failover
 
 

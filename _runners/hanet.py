@@ -286,8 +286,10 @@ def liveness(tag=None, data=None, via="reactor"):
         t_check = time.time()
         opinion = _second_opinion(cfg, rep.peer)
         t_confirmed = time.time()
+        w = _WATCH.get("watch")
+        dead = {h for h in failover.watched_hosts(cfg) if w is not None and w.verdict(h) == "dead"}
         with _record() as rec:
-            verdict = failover.decide(cfg, rec.owners, rep, opinion.verdict, opinion.evidence)
+            verdict = failover.decide(cfg, rec.owners, rep, opinion.verdict, opinion.evidence, dead)
             for move in verdict.moves:
                 failover.record_move(rec.owners, move, time.time(),
                                      f"{rep.peer} down (seen by {rep.observer})")
@@ -318,6 +320,103 @@ def liveness(tag=None, data=None, via="reactor"):
                         "published_s": round(time.time() - t0, 4)}}
 
 
+# --------------------------------------------------------------------------- reconcile
+
+_RECONCILE = {"issued": {}, "audit_at": 0.0}
+AUDIT_S = 5.0  # how often the network hosts are asked what they hold
+
+
+def _ask(tgt, fun, timeout=2):
+    """{minion: answer} from the minions ``tgt`` (a list), on the reconcile loop's own
+    client (the failover path's client is not shared across threads)."""
+    import salt.client
+
+    client = _clients.get("reconcile")
+    if client is None:
+        client = _clients["reconcile"] = salt.client.get_local_client(mopts=__opts__)
+    got = client.cmd(sorted(tgt), fun, tgt_type="list", timeout=timeout) if tgt else {}
+    return {k: v for k, v in (got or {}).items() if isinstance(v, dict)}
+
+
+def _send(order, via):
+    failover = _lib("failover")
+    if order.kind == "takeover":
+        args, kwargs = failover.takeover_order(order.network, order.epoch, order.previous,
+                                               decision={"via": via, "published_at": time.time()})
+        return _publish(order.host, failover.TAKEOVER_FUN, args, kwargs)
+    return _publish(order.host, failover.RELINQUISH_FUN, [order.network, order.epoch, order.owner])
+
+
+def reconcile(via="reconcile"):
+    """One round of the master's reconcile loop (the hanet_failover engine runs it every
+    second): the record against what the master's watch sees and what the network hosts
+    say they hold, and the moves and orders that make them converge
+    (``_hanet.failover.reconcile``): a dead owner replaced without waiting for a report,
+    a lost or failed order sent again, a second holder told to let go. Without the
+    engine's watch only orders are re-sent (nothing is moved).
+
+    CLI example::
+
+        salt-run hanet.reconcile
+    """
+    failover = _lib("failover")
+    now = time.time()
+    cfg, _ = _config(_any_minion())
+    w = _WATCH.get("watch")
+    hosts = failover.watched_hosts(cfg)
+    verdicts = {h: w.verdict(h) if w is not None else None for h in hosts}
+    try:
+        owners = _owners()
+    except failover.RecordError as err:
+        log.error("hanet reconcile: no decision: %s", err)
+        return {"result": False, "reason": str(err)}
+    dead_owners = [label for label, n in cfg.networks.items() if not n.multi_host and n.network_hosts
+                   and verdicts.get(failover.owner_of(cfg, owners, label)) == "dead"]
+    audit = now - _RECONCILE["audit_at"] >= AUDIT_S
+    views, holdings = {}, None
+    if dead_owners or audit:
+        ask = set(hosts) | {h for label in dead_owners for h in cfg.hosts_carrying(label)}
+        got = _ask([h for h in ask if verdicts.get(h) != "dead"], "hanet.serving")
+        views = {h: r.get("peers") or {} for h, r in got.items()}
+        if audit:
+            _RECONCILE["audit_at"] = now
+            holdings = {h: r.get("networks") or {} for h, r in got.items() if h in hosts}
+    moves, orders = failover.reconcile(cfg, owners, verdicts, views, holdings, now,
+                                       _RECONCILE["issued"])
+    if moves:
+        with _record() as rec:  # decided on a copy: keep only what still holds
+            valid = [m for m in moves if failover.owner_of(cfg, rec.owners, m.network) == m.previous
+                     and failover.epoch_of(rec.owners, m.network) + 1 == m.epoch]
+            for move in valid:
+                failover.record_move(rec.owners, move, now, f"{move.previous} dead (reconcile)")
+            if valid:
+                rec.save()
+        stale = {(m.network, m.epoch) for m in moves if m not in valid}
+        orders = [o for o in orders if (o.network, o.epoch) not in stale]
+        moves = valid
+    for order in orders:
+        _RECONCILE["issued"][order.key] = now
+        _send(order, via)
+    if moves or orders:
+        log.warning("hanet reconcile: moved %s; sent %s", [(m.network, m.new, m.epoch) for m in moves],
+                    [order.key for order in orders])
+    return {"result": True, "moved": {m.network: m.new for m in moves},
+            "orders": [list(order.key) for order in orders]}
+
+
+def outcome(tag=None, data=None, via="engine"):  # pylint: disable=unused-argument
+    """A takeover's ``hanet/failover/<network>/complete``: the record's owner confirmed
+    at that epoch (the engine calls it; the reconcile loop re-sends unconfirmed moves)."""
+    failover = _lib("failover")
+    if not isinstance(data, dict) or failover.parse_failover_tag(tag) != (data.get("network"), "complete"):
+        return {"result": False, "reason": "not a complete event"}
+    with _record() as rec:
+        if failover.confirm(rec.owners, data.get("network"), data.get("to"), data.get("epoch")):
+            rec.save()
+            return {"result": True, "confirmed": [data.get("network"), data.get("epoch")]}
+    return {"result": True}
+
+
 # --------------------------------------------------------------------------- planned moves
 
 
@@ -333,6 +432,9 @@ def _move(cfg, label, new, reason, timeout=30):
     got = _local().cmd(new, failover.TAKEOVER_FUN, arg=args, kwarg=kwargs, timeout=timeout)
     if new not in got or not isinstance(got[new], dict):
         raise RuntimeError(f"{new} did not take {label} over: {got.get(new)}")
+    with _record() as rec:
+        if failover.confirm(rec.owners, label, new, move.epoch):
+            rec.save()
     rel = _local().cmd(move.previous, failover.RELINQUISH_FUN, arg=[label, move.epoch, new],
                        timeout=timeout)
     return {"network": label, "from": move.previous, "to": new, "epoch": move.epoch, "moved": True,
@@ -389,24 +491,4 @@ def status(timeout=10):
         record = _owners()
     except failover.RecordError as err:
         return {"error": str(err)}
-    nets = {}
-    for label, net in sorted(cfg.networks.items()):
-        holders = {h: s["networks"].get(label, {}) for h, s in got.items() if label in s.get("networks", {})}
-        serving = sorted(h for h, n in holders.items() if n.get("role") == "serving")
-        entry = {"multi_host": net.multi_host, "serving": serving,
-                 "standby": sorted(h for h, n in holders.items() if n.get("role") == "standby"),
-                 "unreachable": sorted(h for h in cfg.hosts_carrying(label) if h not in got)}
-        if not net.multi_host:
-            owner = failover.owner_of(cfg, record, label)
-            with_gw = sorted(h for h, n in holders.items() if net.gateway_cidr in n.get("addresses", []))
-            entry.update(owner=owner, epoch=failover.epoch_of(record, label),
-                         gateway_on=with_gw, agree=with_gw == [owner] and serving == [owner])
-        else:
-            entry["agree"] = all(n.get("present") for n in holders.values())
-        nets[label] = entry
-    fips = {}
-    for h, s in got.items():
-        for f in s.get("floating_ips", []):
-            fips.setdefault(f["address"], []).append(h)
-    return {"networks": nets, "floating_ips": {a: sorted(h) for a, h in sorted(fips.items())},
-            "record": record}
+    return failover.cluster_status(cfg, record, got)

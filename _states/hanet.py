@@ -187,7 +187,8 @@ def liveness(name, pillar_key="hanet"):
     """The ``hanet_liveness`` beacon, configured from the pillar: on every host that
     stands by for, or uses, a network host, it watches those network hosts (their own
     addresses on the VM network and their public addresses) every
-    ``ha:probe_interval_ms``. Removed where there is nothing to watch.
+    ``ha:probe_interval_ms``. On a host that runs dnsmasq or the metadata service it also restarts
+    them when they die. Removed where there is nothing to watch or supervise.
 
     .. code-block:: yaml
 

@@ -3,6 +3,7 @@ and the record of what hanet made on this host (so that removing something from 
 pillar removes it from the host)."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -72,24 +73,55 @@ def write_atomic(path, text, mode=0o644):
     return True
 
 
+class FileLock:
+    """An exclusive lock on ``path`` (a lock file), for a read-modify-write of a file
+    that several processes of this host may change at once (a state run, the takeover
+    job and the beacon's warm takeover of another network)."""
+
+    def __init__(self, path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._fh = open(path, "w", encoding="utf-8")
+
+    def __enter__(self):
+        fcntl.flock(self._fh, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self._fh, fcntl.LOCK_UN)
+        self._fh.close()
+
+
 class Managed:
     """What hanet made on this host, per facet: a JSON file under the state dir.
 
     Appliers add what they create and drop what they remove, so that an apply can
-    remove things the pillar no longer names without touching anything else.
+    remove things the pillar no longer names without touching anything else. ``set``
+    writes what this applier changed since it read the record (its additions and
+    removals), merged under a lock into what is on disk then: two takeovers of
+    different networks at once each keep the other's entries.
     """
 
     def __init__(self, paths: Paths):
         self.path = paths.state("managed.json")
+        self.lock = paths.state("managed.lock")
+        self.data = self._load()
+
+    def _load(self):
         try:
             with open(self.path, encoding="utf-8") as fh:
-                self.data = json.load(fh)
+                data = json.load(fh)
         except (FileNotFoundError, ValueError):
-            self.data = {}
+            return {}
+        return data if isinstance(data, dict) else {}
 
     def get(self, facet):
         return set(self.data.get(facet, []))
 
     def set(self, facet, names):
-        self.data[facet] = sorted(set(names))
-        write_atomic(self.path, json.dumps(self.data, indent=1, sort_keys=True) + "\n")
+        names, base = set(names), self.get(facet)
+        with FileLock(self.lock):
+            disk = self._load()
+            now = (set(disk.get(facet, [])) - (base - names)) | (names - base)
+            disk[facet] = sorted(now)
+            write_atomic(self.path, json.dumps(disk, indent=1, sort_keys=True) + "\n")
+            self.data = disk

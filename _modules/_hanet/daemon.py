@@ -143,3 +143,11 @@ def wait_for_pid(pidfile, needle, deadline, errors=MISSING):
             return pid
         time.sleep(PID_POLL)
     return None
+
+
+def lock(paths):
+    """The lock that hanet's appliers and its supervisor take around starting and
+    stopping a daemon (one for all of them: the applies are sequential anyway)."""
+    from .common import FileLock
+
+    return FileLock(paths.run("daemons.lock"))

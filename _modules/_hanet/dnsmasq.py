@@ -383,21 +383,50 @@ def _start(spec, paths):
     except FileNotFoundError:
         pass
     cmd = argv(spec, paths)
+    pid = _launch(cmd, spec.network, paths)
+    record = {"argv_digest": options_digest(spec), "bridge": spec.bridge, "argv": cmd}
+    write_atomic(f["record"], json.dumps(record, indent=1, sort_keys=True) + "\n")
+    return pid
+
+
+def _launch(cmd, label, paths):
+    f = files(label, paths)
     # a dnsmasq that is still exiting may hold the address a moment longer: retry "in use"
     proc = daemon.launch(cmd, time.monotonic() + START_TIMEOUT / 2,
                          retry_if=lambda proc: "in use" in proc.stdout,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          timeout=START_TIMEOUT)
     if proc.returncode != 0:
-        raise RuntimeError(f"dnsmasq for {spec.network} failed to start "
+        raise RuntimeError(f"dnsmasq for {label} failed to start "
                            f"(exit {proc.returncode}): {proc.stdout.strip()}")
     pid = daemon.wait_for_pid(f["pid"], f"--pid-file={f['pid']}", time.monotonic() + START_TIMEOUT)
     if pid is None:
-        raise RuntimeError(f"dnsmasq for {spec.network} did not come up within {START_TIMEOUT}s "
+        raise RuntimeError(f"dnsmasq for {label} did not come up within {START_TIMEOUT}s "
                            f"(see {f['log']})")
-    record = {"argv_digest": options_digest(spec), "bridge": spec.bridge, "argv": cmd}
-    write_atomic(f["record"], json.dumps(record, indent=1, sort_keys=True) + "\n")
     return pid
+
+
+def revive(paths):
+    """Start again, with the command line it was started with, every dnsmasq hanet runs
+    here whose process died since (its record says it should run; a stopped one has no
+    record). Its lease file is kept, so every lease survives. [(label, new pid)]."""
+    out = []
+    with daemon.lock(paths):
+        for label in sorted(_labels(paths, None)):
+            f = files(label, paths)
+            try:
+                record = json.loads(_read(f["record"]) or "null")
+            except ValueError:
+                continue
+            if not isinstance(record, dict) or not record.get("argv") \
+                    or process_matches(daemon.read_pid(f["pid"]), f"--pid-file={f['pid']}"):
+                continue
+            try:
+                os.unlink(f["pid"])
+            except FileNotFoundError:
+                pass
+            out.append((label, _launch(record["argv"], label, paths)))
+    return out
 
 
 def release_packet(server, ip, mac, client_id=None):
@@ -454,6 +483,11 @@ def _wait_released(paths, label, mac, ip, timeout=RELEASE_TIMEOUT, resend=None, 
 
 def apply(changes, paths, managed) -> list:
     """Carry out ``changes`` (from ``plan``); return one message per change done."""
+    with daemon.lock(paths):
+        return _apply(changes, paths, managed)
+
+
+def _apply(changes, paths, managed):
     done = []
     names = managed.get(FACET) if managed is not None else set()
     for change in changes:

@@ -60,6 +60,17 @@ def failover_tag(network, outcome):
     return f"hanet/failover/{network or 'unknown'}/{outcome}"
 
 
+FAILOVER_GLOB = "hanet/failover/*/*"
+
+
+def parse_failover_tag(tag):
+    """(network, outcome) of a ``hanet/failover/...`` tag, or None."""
+    parts = tag.split("/") if isinstance(tag, str) else []
+    if len(parts) != 4 or parts[:2] != ["hanet", "failover"]:
+        return None
+    return parts[2], parts[3]
+
+
 # --------------------------------------------------------------------------- reports
 
 
@@ -382,21 +393,21 @@ def nothing_at_stake(rep):
     return f"{rep.observer} watches no network that {rep.peer} holds"
 
 
-def choose_standby(net, peer, observer):
+def choose_standby(net, peer, observer, dead=()):
     """The host that takes ``net`` over from ``peer``: the observer when it stands by
     for it (it sees the segment from the standby's side), else the first other network
-    host; None when there is none."""
-    standbys = [h for h in net.network_hosts if h != peer]
+    host the master does not see dead; None when there is none."""
+    standbys = [h for h in net.network_hosts if h != peer and h not in dead]
     if observer in standbys:
         return observer
     return standbys[0] if standbys else None
 
 
-def decide(cfg, owners, rep, opinion, evidence=""):
+def decide(cfg, owners, rep, opinion, evidence="", dead=()):
     """The verdict on a *down* report ``rep`` (a Report) against the record's
     ``owners``, given the master's second opinion of the suspect: "alive", "dead" or
     None (no check could be made). A suspect the master sees alive, or cannot see at
-    all, is not moved. Pure."""
+    all, is not moved; a standby the master sees ``dead`` is not chosen. Pure."""
     if rep.state != DOWN:
         return Verdict()
     nets = at_stake(cfg, owners, rep.observer, rep.peer)
@@ -410,17 +421,37 @@ def decide(cfg, owners, rep, opinion, evidence=""):
                                            + (f" ({evidence})" if evidence else ""))])
     verdict = Verdict()
     for label in nets:
-        new = choose_standby(cfg.networks[label], rep.peer, rep.observer)
+        new = choose_standby(cfg.networks[label], rep.peer, rep.observer, dead)
         if new is None:
-            verdict.rejected.append((label, f"no standby for {label}"))
+            verdict.rejected.append((label, f"no live standby for {label}"))
             continue
         verdict.moves.append(Move(label, rep.peer, new, epoch_of(owners, label) + 1))
     return verdict
 
 
 def record_move(owners, move, now, reason):
-    """Write ``move`` into the record's ``owners``."""
-    owners[move.network] = {"owner": move.new, "epoch": move.epoch, "since": now, "reason": reason}
+    """Write ``move`` into the record's ``owners``; it is unconfirmed until the new
+    owner's ``complete`` event for that epoch arrives (``confirm``)."""
+    owners[move.network] = {"owner": move.new, "epoch": move.epoch, "since": now, "reason": reason,
+                            "previous": move.previous, "confirmed": False}
+
+
+def confirm(owners, network, owner, epoch):
+    """Mark ``owner``'s hold of ``network`` at ``epoch`` confirmed (its ``complete``
+    event); True when that changed the record."""
+    entry = owners.get(network)
+    if not entry or entry.get("owner") != owner or entry.get("epoch") != epoch \
+            or entry.get("confirmed", True) is True:
+        return False
+    entry["confirmed"] = True
+    return True
+
+
+def confirmed(owners, network):
+    """Whether the record's owner of ``network`` has confirmed its epoch. A network the
+    record never moved is confirmed (the highstate binds its first network host)."""
+    entry = owners.get(network)
+    return not entry or entry.get("confirmed", True) is True
 
 
 def planned_move(cfg, owners, network, new):
@@ -469,3 +500,111 @@ class Opinion:
     @property
     def evidence(self):
         return ", ".join(self.addresses) if self.addresses else "no address to check"
+
+
+# --------------------------------------------------------------------------- the cluster's view
+
+
+def cluster_status(cfg, owners, answers):
+    """``salt-run hanet.status``: for each network who serves, who stands by, who did not
+    answer and whether every host agrees with the record; for each floating IP where it
+    lives. ``answers``: {minion: its ``hanet.status``}. Pure."""
+    nets = {}
+    for label, net in sorted(cfg.networks.items()):
+        holders = {h: s["networks"][label] for h, s in answers.items() if label in s.get("networks", {})}
+        serving = sorted(h for h, n in holders.items() if n.get("role") == "serving")
+        entry = {"multi_host": net.multi_host, "serving": serving,
+                 "standby": sorted(h for h, n in holders.items() if n.get("role") == "standby"),
+                 "unreachable": sorted(h for h in cfg.hosts_carrying(label) if h not in answers)}
+        if not net.multi_host:
+            owner = owner_of(cfg, owners, label)
+            with_gw = sorted(h for h, n in holders.items() if net.gateway_cidr in n.get("addresses", []))
+            entry.update(owner=owner, epoch=epoch_of(owners, label), confirmed=confirmed(owners, label),
+                         gateway_on=with_gw, agree=with_gw == [owner] and serving == [owner])
+        else:
+            entry["agree"] = all(n.get("present") for n in holders.values())
+        nets[label] = entry
+    fips = {}
+    for h, s in answers.items():
+        for f in s.get("floating_ips", []):
+            fips.setdefault(f["address"], []).append(h)
+    return {"networks": nets, "floating_ips": {a: sorted(h) for a, h in sorted(fips.items())},
+            "record": owners}
+
+
+# --------------------------------------------------------------------------- reconcile
+
+CONFIRM_S = 5.0  # an order not confirmed within this is sent again
+
+
+@dataclass(frozen=True)
+class Order:
+    """An order the master sends: ``takeover`` (``host`` takes ``network`` at ``epoch``,
+    from ``previous``) or ``relinquish`` (``host`` gives ``network`` up to ``owner``)."""
+
+    kind: str
+    host: str
+    network: str
+    epoch: int
+    owner: str = ""
+    previous: Optional[str] = None
+
+    @property
+    def key(self):
+        return (self.kind, self.host, self.network, self.epoch)
+
+
+def reconcile(cfg, owners, verdicts, views, holdings, now, issued, confirm_s=CONFIRM_S):
+    """One round of the master's reconcile loop: what makes the hosts converge on the
+    record, and the record follow what the master can prove. Pure.
+
+    ``verdicts``: {host: "alive" | "dead" | None}, the master's watch of the network
+    hosts; ``views``: {observer: {peer: "up" | "down"}}, what hosts' beacons see now
+    (only those that answered); ``holdings``: {host: {network: holds its gateway}}, or
+    None when the hosts were not asked this round; ``issued``: {Order.key: when it was
+    last sent}. Returns (moves, orders): the moves to record, then the orders to send.
+
+    - An owner the master sees dead, and that a live host carrying its network sees
+      down too, is replaced by the first live standby (one that sees it down first).
+      The master's view alone moves nothing (it may have lost only its own path).
+    - A move not confirmed (no ``complete`` at its epoch) within ``confirm_s`` is
+      ordered again, to the same host while it lives.
+    - A host holding a gateway it does not own is ordered to give it up; an owner that
+      confirmed but no longer holds it (a lost bind, a host that fenced itself) is
+      ordered to take it again.
+    """
+    moves, orders = [], []
+
+    def send(order):
+        if now - issued.get(order.key, float("-inf")) >= confirm_s:
+            orders.append(order)
+
+    for label, net in sorted(cfg.networks.items()):
+        if net.multi_host or not net.network_hosts:
+            continue
+        owner, epoch = owner_of(cfg, owners, label), epoch_of(owners, label)
+        entry = owners.get(label) or {}
+        if verdicts.get(owner) == DEAD_VERDICT:
+            seen_down = {o for o, v in views.items() if verdicts.get(o) != DEAD_VERDICT
+                         and (v or {}).get(owner) == DOWN and o in cfg.hosts_carrying(label)}
+            live = [h for h in net.network_hosts if h != owner and verdicts.get(h) == ALIVE_VERDICT]
+            if seen_down and live:
+                new = next((h for h in live if h in seen_down), live[0])
+                move = Move(label, owner, new, epoch + 1)
+                moves.append(move)
+                orders.append(Order("takeover", new, label, move.epoch, previous=owner))
+                orders.append(Order("relinquish", owner, label, move.epoch, owner=new))
+            continue
+        if not confirmed(owners, label) and now - float(entry.get("since") or 0) >= confirm_s:
+            send(Order("takeover", owner, label, epoch, previous=entry.get("previous")))
+        if holdings is None:
+            continue
+        for host in sorted(holdings):
+            if host != owner and (holdings[host] or {}).get(label):
+                send(Order("relinquish", host, label, epoch, owner=owner))
+        if epoch and confirmed(owners, label) and (holdings.get(owner) or {}).get(label) is False:
+            send(Order("takeover", owner, label, epoch, previous=entry.get("previous")))
+    return moves, orders
+
+
+ALIVE_VERDICT, DEAD_VERDICT = "alive", "dead"

@@ -81,8 +81,10 @@ def apply_now(names, state, paths, managed, garp=0):
 def beacon_config(state):
     """The hanet_liveness beacon's configuration for this host, or None. A network host
     (serving or standing by) also listens for takeover orders (``orders``); a standby
-    names what it would take over from each peer (``standby_for``)."""
-    if not state.liveness:
+    names what it would take over from each peer (``standby_for``); a host that runs
+    dnsmasq or the metadata service has them restarted when they die (``supervise``)."""
+    supervise = bool(state.dnsmasqs or (state.metadata is not None and state.metadata.local_service))
+    if not state.liveness and not supervise:
         return None
     out = [
         {"peers": {peer: [list(t) for t in targets] for peer, targets in state.liveness}},
@@ -92,6 +94,8 @@ def beacon_config(state):
     ]
     if state.orders:
         out.append({"orders": True})
+    if supervise:
+        out.append({"supervise": True})
     if state.standby_for:
         out.append({"standby_for": {peer: [list(t) for t in targets]
                                     for peer, targets in state.standby_for}})
@@ -181,3 +185,20 @@ def status(host, state, cfg, paths, peers):
     out["ruleset"] = ruleset.handle(paths)
     out["peers"] = peers
     return out
+
+
+def serving(host, cfg, owners, view):
+    """What this host holds of the network-host networks it is a network host of, and
+    its beacon's view of its peers (the master's reconcile loop asks):
+    ``{"networks": {network: holds its gateway}, "epochs": {network: epoch known here},
+    "peers": {peer: "up" | "down"}}``."""
+    held = links.addresses_by_link()
+    nets, epochs = {}, {}
+    for label, net in sorted(cfg.networks.items()):
+        if net.multi_host or host not in net.network_hosts:
+            continue
+        nets[label] = net.gateway_cidr in held.get(net.bridge, [])
+        epochs[label] = int((owners.get(label) or {}).get("epoch", 0))
+    peers = view.get("peers") if isinstance(view.get("peers"), dict) else {}
+    return {"networks": nets, "epochs": epochs,
+            "peers": {p: v.get("state") for p, v in peers.items() if isinstance(v, dict)}}

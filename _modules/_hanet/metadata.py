@@ -383,7 +383,23 @@ def _start(port, paths, bind=BIND):
     return pid
 
 
+def revive(paths):
+    """Start the metadata service again, on its port, when hanet runs it here and its
+    process died since. [("metadata", new pid)] or []."""
+    with daemon.lock(paths):
+        cur = current(paths)
+        if not cur or cur.get("alive") or cur.get("port") is None:
+            return []
+        info = json.loads(_read(files(paths)["service"]) or "{}")
+        return [(NAME, _start(cur["port"], paths, info.get("bind", BIND)))]
+
+
 def apply(changes, paths, managed) -> list:
+    with daemon.lock(paths):
+        return _apply(changes, paths, managed)
+
+
+def _apply(changes, paths, managed) -> list:
     done = []
     for change in changes:
         if change.facet != FACET:

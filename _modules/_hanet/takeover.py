@@ -17,15 +17,13 @@ moved address with gratuitous ARP, then the full facets.
 """
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 from . import arp, desired, failover, floating, host, links
-from .common import Change, Managed, Paths, write_atomic
+from .common import Change, FileLock, Managed, Paths, write_atomic
 
 PRECHECK_FRESH_S = 1.0  # how old the beacon's clear probe of a gateway may be
 GARP_MIN = 3  # a takeover announces every moved address at least this often
@@ -71,27 +69,11 @@ def local_owners(paths):
     return got if isinstance(got, dict) else {}
 
 
-class _Locked:
-    """An exclusive lock on ``path`` (a lock file), for read-modify-write of a record."""
-
-    def __init__(self, path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        self._fh = open(path, "w", encoding="utf-8")
-
-    def __enter__(self):
-        fcntl.flock(self._fh, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self._fh, fcntl.LOCK_UN)
-        self._fh.close()
-
-
 def write_local_owner(paths, network, owner, epoch):
     """Record ``owner`` at ``epoch`` for ``network`` in this host's copy, under a lock
     (a host standing by for several networks may take them over at once). An epoch
     older than the one recorded changes nothing; returns whether it was recorded."""
-    with _Locked(paths.state("owners.lock")):
+    with FileLock(paths.state("owners.lock")):
         rec = local_owners(paths)
         if failover.epoch_of(rec, network) > int(epoch):
             return False
@@ -110,7 +92,7 @@ class Slot:
 
     def __init__(self, paths, network):
         self.path = paths.run(f"takeover-{network}.json")
-        self._lock = _Locked(paths.run(f"takeover-{network}.lock"))
+        self._lock = FileLock(paths.run(f"takeover-{network}.lock"))
 
     def __enter__(self):
         self._lock.__enter__()
@@ -175,6 +157,11 @@ def _dad(net, planned, prechecked, mark):
                            f"on {net.bridge}: not binding it (duplicate address)")
 
 
+def _holds_gateway(ctx, network):
+    net = ctx.cfg.networks.get(network)
+    return net is not None and net.gateway_cidr in links.addresses_by_link().get(net.bridge, [])
+
+
 def moved_addresses(net, state):
     """[(ip, interface)]: what moves with ``net``: its gateway and its floating IPs."""
     return [(net.gateway, net.bridge)] + [
@@ -218,7 +205,9 @@ def run(ctx, network, epoch, previous=None, detected_at=None, planned=False, dec
     with Slot(ctx.paths, network) as slot:
         prior = slot.read(epoch)
         if prior and prior.get("outcome") == "complete":
-            return prior["data"]  # the other path of the same order did everything
+            if warm or _holds_gateway(ctx, network):
+                return prior["data"]  # the other path of the same order did everything
+            prior = None  # ordered again, and the gateway is gone (fenced, lost): bind anew
         if warm and prior:
             return {"network": network, "epoch": int(epoch), "outcome": prior.get("outcome")}
         bound = prior if prior and prior.get("outcome") == "bound" else None

@@ -611,6 +611,55 @@ class Lab:
             self.timings["sync_all"] = round(time.monotonic() - t0, 3)
         self._write_state()
 
+    def stop_master(self) -> float:
+        """The salt-master dies (SIGKILL to it and every process it forked, as in a crash
+        or a power loss of the master's host); the lab's salt gateway goes with it and
+        comes back with the next call after ``start_master``. Returns when (epoch)."""
+        at = time.time()
+        with self._gw_lock:
+            if self._gateway is not None:
+                self._gateway.close()
+                self._gateway = None
+        master = self.topology.master.name
+        for pid, cmd in self.processes(master).get(master, []):
+            if "salt-master" in cmd or "saltgw" in cmd:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        p = self.procs.get("salt-master")
+        if p is not None:
+            p.wait(10)
+        self._wait("the salt-master to be gone", lambda: not any(
+            "salt-master" in c for _, c in self.processes(master).get(master, [])), 10)
+        return at
+
+    def start_master(self, wait_minions: bool = True) -> float:
+        """Start the salt-master again (same configuration, keys and cachedir). With
+        ``wait_minions``, until every running minion answers test.ping. Returns when
+        (epoch) it was started."""
+        at = time.time()
+        self._spawn(self.topology.master.name, "salt-master",
+                    [_venv_bin(self.checkout, "salt-master"), "-c", self.master_conf_dir, "-l", "quiet"],
+                    env=self._daemon_env())
+        self._wait("the salt-master to listen", self._master_listening, self.start_timeout,
+                   procs=["salt-master"])
+        if wait_minions:
+            running = {h for h, plist in self.processes().items() if h in self.topology.hosts
+                       and any("salt-minion" in c for _, c in plist)}
+            deadline = time.monotonic() + self.start_timeout
+            while running:
+                try:
+                    got = self.salt(sorted(running), "test.ping", tgt_type="list", timeout=5)
+                    running -= {k for k, v in got.items() if v is True}
+                except LabError:
+                    pass
+                if running and time.monotonic() > deadline:
+                    raise LabError(f"minions not back after the master restart: {sorted(running)}")
+                if running:
+                    time.sleep(0.5)
+        return at
+
     def _start_gateway(self):
         with self._gw_lock:
             if self._gateway is not None and self._gateway.proc.poll() is None:

@@ -318,6 +318,33 @@ def test_a_client_with_another_servers_lease_is_answered_at_once(lab):
     assert f"DHCPACK(br100) {IP1} {MAC1}" in text and "DHCPDISCOVER" not in text, text
 
 
+def test_the_supervisor_restarts_what_died_and_leaves_what_was_stopped(lab):
+    """dnsmasq killed: started again with its leases and the same command line, and
+    reported; dnsmasq stopped by an apply: left stopped."""
+    from _hanet import supervise
+
+    lab.add_vm("1", MAC1)
+    converge(lab, [spec([H1])])
+    assert lab.udhcpc("1")["ip"] == IP1
+    old = dnsmasq.status(lab.paths)["private"]["pid"]
+    seen = []
+    sup = supervise.Supervisor(lab.paths, lambda *a: seen.append(a))
+    with in_netns(lab.host):
+        assert sup.check() == [], "nothing died"
+        os.kill(old, signal.SIGKILL)
+        assert wait_for(lambda: not dnsmasq.process_matches(old, "dnsmasq"))
+        got = sup.check()
+    assert [(k, n) for k, n, _ in got] == [("dnsmasq", "private")] and seen == got
+    st = dnsmasq.status(lab.paths)["private"]
+    assert st["running"] and st["pid"] == got[0][2] != old and st["leases"] == 1
+    assert converge(lab, [spec([H1])]) == [], "the same dnsmasq an apply would run"
+    assert lab.udhcpc("1")["ip"] == IP1
+    converge(lab, [])
+    with in_netns(lab.host):
+        assert sup.check() == [], "a stopped dnsmasq stays stopped"
+    assert dnsmasq.status(lab.paths) == {}
+
+
 def test_conf_file_router_recipe(lab, tmp_path):
     """nova's hardware-gateway recipe in dnsmasq_config_file wins over the router hanet
     hands out, for the quoted (Essex) and the bare tag alike; a no-default-route NIC

@@ -160,7 +160,7 @@ def test_an_up_report_decides_nothing(cfg):
 def test_a_network_without_standby_is_rejected_by_name():
     cfg = model.load(pillar(hosts=("net1",)))
     v = failover.decide(cfg, {}, rep(observer="compute1"), "dead")
-    assert v.moves == [] and v.rejected == [("shared", "no standby for shared")]
+    assert v.moves == [] and v.rejected == [("shared", "no live standby for shared")]
 
 
 def test_planned_moves_and_evacuation(cfg):
@@ -177,7 +177,14 @@ def test_record_move_and_owner_of(cfg):
     owners = {}
     assert failover.owner_of(cfg, owners, "shared") == "net1", "first network host by default"
     failover.record_move(owners, Move("shared", "net1", "net2", 1), NOW, "why")
-    assert owners == {"shared": {"owner": "net2", "epoch": 1, "since": NOW, "reason": "why"}}
+    assert owners == {"shared": {"owner": "net2", "epoch": 1, "since": NOW, "reason": "why",
+                                 "previous": "net1", "confirmed": False}}
+    assert not failover.confirmed(owners, "shared")
+    assert not failover.confirm(owners, "shared", "net1", 1), "not the owner"
+    assert not failover.confirm(owners, "shared", "net2", 2), "not the epoch"
+    assert failover.confirm(owners, "shared", "net2", 1) and failover.confirmed(owners, "shared")
+    assert not failover.confirm(owners, "shared", "net2", 1), "once"
+    assert failover.confirmed({}, "shared"), "never moved: the highstate binds it"
     assert failover.owner_of(cfg, owners, "shared") == "net2"
 
 
@@ -275,3 +282,124 @@ def test_a_host_record_never_goes_back_in_epochs(tmp_path):
     assert takeover.write_local_owner(paths, "shared", "net1", 6)
     assert takeover.write_local_owner(paths, "other", "net1", 1)
     assert takeover.local_owners(paths)["shared"] == {"owner": "net1", "epoch": 6}
+
+
+# --------------------------------------------------------------------------- reconcile
+
+from _hanet.failover import Order  # noqa: E402
+
+ALIVE3 = {"net1": "alive", "net2": "alive", "net3": "alive"}
+
+
+@pytest.fixture
+def cfg3():
+    return model.load(pillar(hosts=("net1", "net2", "net3")))
+
+
+def test_a_report_never_goes_to_a_standby_the_master_sees_dead(cfg3):
+    v = failover.decide(cfg3, {}, rep(observer="compute1"), "dead", dead={"net2"})
+    assert v.moves == [Move("shared", "net1", "net3", 1)]
+    v = failover.decide(cfg3, {}, rep(observer="compute1"), "dead", dead={"net2", "net3"})
+    assert v.moves == [] and v.rejected == [("shared", "no live standby for shared")]
+
+
+def test_reconcile_does_nothing_when_all_agree(cfg3):
+    owners = {"shared": {"owner": "net2", "epoch": 3, "since": NOW - 60, "confirmed": True}}
+    holdings = {"net1": {"shared": False}, "net2": {"shared": True}, "net3": {"shared": False}}
+    assert failover.reconcile(cfg3, owners, ALIVE3, {}, holdings, NOW, {}) == ([], [])
+
+
+def test_a_dead_owner_that_a_live_host_sees_down_is_replaced_without_a_report(cfg3):
+    """The master was down when the owner died, or the report was lost or rejected."""
+    verdicts = dict(ALIVE3, net1="dead")
+    views = {"net3": {"net1": "down"}, "compute1": {"net1": "down"}}
+    moves, orders = failover.reconcile(cfg3, {}, verdicts, views, None, NOW, {})
+    assert moves == [Move("shared", "net1", "net3", 1)], "a standby that sees it down first"
+    assert orders == [Order("takeover", "net3", "shared", 1, previous="net1"),
+                      Order("relinquish", "net1", "shared", 1, owner="net3")]
+    moves, _ = failover.reconcile(cfg3, {}, verdicts, {"compute1": {"net1": "down"}}, None, NOW, {})
+    assert moves == [Move("shared", "net1", "net2", 1)], "else the first live standby"
+
+
+@pytest.mark.parametrize("verdicts,views", [
+    (dict(ALIVE3, net1="dead"), {}),                                   # nobody else asked
+    (dict(ALIVE3, net1="dead"), {"net2": {"net1": "up"}}),             # the segment sees it
+    (dict(ALIVE3, net1="dead"), {"compute2": {"net1": "down"}}),       # not a host of shared
+    (dict(ALIVE3, net1="dead", net2="dead"), {"net2": {"net1": "down"}}),  # a dead witness
+    (dict(net1="dead", net2="dead", net3="dead"), {"compute1": {"net1": "down"}}),  # no live standby
+    (dict(ALIVE3, net1=None), {"net2": {"net1": "down"}}),             # the master cannot tell
+])
+def test_the_masters_view_alone_moves_nothing(cfg3, verdicts, views):
+    assert failover.reconcile(cfg3, {}, verdicts, views, None, NOW, {})[0] == []
+
+
+def test_owner_and_first_standby_dead_together_the_third_serves(cfg3):
+    owners = {"shared": {"owner": "net2", "epoch": 4, "since": NOW - 1, "confirmed": False}}
+    verdicts = dict(ALIVE3, net1="dead", net2="dead")
+    moves, _ = failover.reconcile(cfg3, owners, verdicts, {"compute1": {"net2": "down"}}, None, NOW, {})
+    assert moves == [Move("shared", "net2", "net3", 5)]
+
+
+def test_an_unconfirmed_move_is_ordered_again_until_confirmed(cfg3):
+    """The master died between recording the decision and publishing the order, or the
+    order was lost, or the takeover failed."""
+    owners = {"shared": {"owner": "net2", "epoch": 4, "since": NOW - 10, "previous": "net1",
+                         "confirmed": False}}
+    order = Order("takeover", "net2", "shared", 4, previous="net1")
+    assert failover.reconcile(cfg3, owners, ALIVE3, {}, None, NOW, {}) == ([], [order])
+    assert failover.reconcile(cfg3, owners, ALIVE3, {}, None, NOW, {order.key: NOW - 1}) == ([], []), \
+        "not more often than every confirm_s"
+    assert failover.reconcile(cfg3, owners, ALIVE3, {}, None, NOW, {order.key: NOW - 6})[1] == [order]
+    fresh = {"shared": dict(owners["shared"], since=NOW - 1)}
+    assert failover.reconcile(cfg3, fresh, ALIVE3, {}, None, NOW, {}) == ([], []), "give it time first"
+    failover.confirm(owners, "shared", "net2", 4)
+    assert failover.reconcile(cfg3, owners, ALIVE3, {}, None, NOW, {}) == ([], [])
+
+
+def test_fencing_a_second_holder_and_rebinding_a_lost_gateway(cfg3):
+    owners = {"shared": {"owner": "net2", "epoch": 4, "since": NOW - 60, "confirmed": True}}
+    healed = {"net1": {"shared": True}, "net2": {"shared": True}, "net3": {"shared": False}}
+    assert failover.reconcile(cfg3, owners, ALIVE3, {}, healed, NOW, {})[1] == [
+        Order("relinquish", "net1", "shared", 4, owner="net2")]
+    lost = {"net1": {"shared": False}, "net2": {"shared": False}}
+    assert failover.reconcile(cfg3, owners, ALIVE3, {}, lost, NOW, {})[1] == [
+        Order("takeover", "net2", "shared", 4)]
+    # never moved, nobody holds it yet (a fresh cluster): left to the highstate
+    assert failover.reconcile(cfg3, {}, ALIVE3, {}, lost, NOW, {}) == ([], [])
+
+
+def test_two_appliers_at_once_keep_each_others_records(tmp_path):
+    """Two takeovers of different networks on one host (the warm path of one, the job
+    of the other) each read managed.json, then record what they bound: neither loses
+    the other's entry, and a removal by one removes only that."""
+    from _hanet.common import Managed, Paths
+
+    paths = Paths(root_dir=str(tmp_path))
+    Managed(paths).set("links", {"br100", "br100 10.0.0.1/24"})
+    a, b = Managed(paths), Managed(paths)
+    a.set("links", a.get("links") | {"br200 10.20.0.1/24"})
+    b.set("links", b.get("links") | {"br300 10.30.0.1/24"})
+    assert Managed(paths).get("links") == {"br100", "br100 10.0.0.1/24", "br200 10.20.0.1/24",
+                                           "br300 10.30.0.1/24"}
+    a.set("links", a.get("links") - {"br100 10.0.0.1/24"})
+    assert Managed(paths).get("links") == {"br100", "br200 10.20.0.1/24", "br300 10.30.0.1/24"}
+
+
+def test_the_cluster_view_says_who_serves_and_whether_all_agree(cfg):
+    def st(role, addrs, fips=()):
+        return {"networks": {"shared": {"role": role, "addresses": addrs, "present": True},
+                             "private": {"role": "serving", "addresses": [], "present": True}},
+                "floating_ips": [{"address": a, "interface": "eth0"} for a in fips]}
+
+    owners = {"shared": {"owner": "net2", "epoch": 2, "confirmed": True}}
+    answers = {"net1": st("standby", ["10.20.0.11/24"]),
+               "net2": st("serving", ["10.20.0.12/24", "10.20.0.1/24"], ["203.0.113.50"]),
+               "compute1": {"networks": {"private": {"present": True}}}}
+    got = failover.cluster_status(cfg, owners, answers)
+    shared = got["networks"]["shared"]
+    assert (shared["owner"], shared["epoch"], shared["confirmed"], shared["agree"]) == ("net2", 2, True, True)
+    assert shared["serving"] == ["net2"] and shared["standby"] == ["net1"] and shared["gateway_on"] == ["net2"]
+    assert shared["unreachable"] == [] and got["floating_ips"] == {"203.0.113.50": ["net2"]}
+    assert got["networks"]["private"]["unreachable"] == ["compute2"]
+    answers["net1"] = st("standby", ["10.20.0.11/24", "10.20.0.1/24"])  # a second holder
+    assert not failover.cluster_status(cfg, owners, answers)["networks"]["shared"]["agree"]

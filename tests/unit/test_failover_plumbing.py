@@ -70,15 +70,19 @@ class _Pool:
     ("salt/minion/net1/start", "prime"),
     ("salt/beacon/net2/diskusage/", None),
     ("salt/job/123/new", None),
+    ("hanet/failover/shared/complete", "outcome"),
+    ("hanet/failover/shared/failed", None),
+    ("hanet/failover/shared/rejected", None),
 ])
 def test_the_engine_dispatches_liveness_and_prime_events_only(tag, expect):
-    runners = {"hanet.liveness": "L", "hanet.prime": "P"}
+    runners = {"hanet.liveness": "L", "hanet.prime": "P", "hanet.outcome": "O"}
     pool = _Pool()
     assert engine.handle({"tag": tag, "data": {"x": 1}}, runners, pool, failover) == expect
     if expect is None:
         assert pool.calls == []
     else:
-        assert pool.calls == [(engine._call, ({"liveness": "L", "prime": "P"}[expect], tag, {"x": 1}))]
+        assert pool.calls == [(engine._call, ({"liveness": "L", "prime": "P", "outcome": "O"}[expect],
+                                              tag, {"x": 1}))]
 
 
 def _example():
