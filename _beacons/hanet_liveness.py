@@ -349,6 +349,7 @@ class _Running:
         self.prober = prober
         self.sender = sender
         self.supervisor = supervisor
+        self.fence = None
         self.save = save  # writes the peers' view (for hanet.status)
         self.parse_order = parse_order
         self.orders = None  # the OrderListener, once the minion has signed in; False: none
@@ -358,6 +359,8 @@ class _Running:
         return self.prober.alive
 
     def stop(self):
+        if self.fence is not None:
+            self.fence.stop()
         self.prober.stop()
         if self.supervisor is not None:
             self.supervisor.stop()
@@ -375,7 +378,8 @@ def _real(dunder):
 
 def _start(cfg):
     opts = _real(__opts__)
-    lib = {name: _lib(name) for name in ("liveness", "failover", "arp", "common", "model", "supervise")}
+    lib = {name: _lib(name) for name in ("liveness", "failover", "arp", "common", "model", "supervise",
+                                         "fence")}
     _warm()
     liveness, paths = lib["liveness"], lib["common"].Paths(root_dir=opts.get("root_dir", "/"))
     known = liveness.known_states(paths)
@@ -385,7 +389,8 @@ def _start(cfg):
     sender.warm()
 
     def save():
-        liveness.save_view(paths, opts["id"], holder["prober"].view())
+        if holder["prober"].peers:  # a host that only supervises its daemons has no view
+            liveness.save_view(paths, opts["id"], holder["prober"].view())
 
     def on_change(peer, state, detected_at, initial):
         if initial and known.get(peer, liveness.UP) == state:
@@ -407,8 +412,15 @@ def _start(cfg):
                           "at": time.time()})
 
         supervisor = lib["supervise"].Supervisor(paths, restarted).start()
-    return _Running(holder["prober"].start(), sender, save=save,
-                    parse_order=lib["failover"].parse_order, supervisor=supervisor)
+    fence = None
+    if cfg.get("orders"):  # a network host: rule 2, an isolated owner stops answering
+        salt_funcs = _real(__salt__)
+        fence = lib["fence"].Fence(holder["prober"], probe, [opts.get("master_ip")],
+                                   lambda: log.warning("hanet_liveness: fenced: %s", salt_funcs["hanet.fence"]()))
+    running = _Running(holder["prober"].start(), sender, save=save,
+                       parse_order=lib["failover"].parse_order, supervisor=supervisor)
+    running.fence = fence.start() if fence is not None else None
+    return running
 
 
 def beacon(config):

@@ -140,7 +140,7 @@ def _records():
 
 def _desired(pillar=None):
     cfg = _config(pillar)
-    owners = {net: r["owner"] for net, r in _records().items()}
+    owners = _h("takeover").owner_map(_records(), _paths())
     # cfg itself in the key: the same object compares by identity (fast), and holding it
     # keeps a new Config from ever being mistaken for it
     key = (cfg, __opts__["id"], tuple(sorted(owners.items())))
@@ -313,6 +313,19 @@ def relinquish(network, epoch, owner):
         salt net1 hanet.relinquish shared 8 net2
     """
     return _h("takeover").relinquish(_takeover_context(), network, epoch, owner)
+
+
+def fence():
+    """Stop answering for every network-host network this host serves (its gateway,
+    floating IPs and dnsmasq go, its configuration stays), until the master orders it to
+    take them again. The beacon calls it when this host has lost its peers, the master
+    and its next hop at once (docs/faults.md).
+
+    CLI example::
+
+        salt-call hanet.fence
+    """
+    return _h("takeover").fence(_takeover_context())
 
 
 def owners():

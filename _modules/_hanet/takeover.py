@@ -18,6 +18,7 @@ moved address with gratuitous ARP, then the full facets.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -42,7 +43,7 @@ class Context:
     fire: Callable[[str, dict], None]
 
     def owner_map(self):
-        return {net: r["owner"] for net, r in self.owners().items()}
+        return owner_map(self.owners(), self.paths)
 
     def desired(self):
         return desired.compute(self.cfg, self.me, self.owner_map())
@@ -80,6 +81,72 @@ def write_local_owner(paths, network, owner, epoch):
         rec[network] = {"owner": owner, "epoch": int(epoch)}
         write_atomic(local_record_path(paths), json.dumps(rec, sort_keys=True) + "\n")
         return True
+
+
+# --------------------------------------------------------------------------- fencing
+
+FENCED = "(fenced)"  # the owner a fenced network has in this host's eyes: not this host
+
+
+def fenced(paths):
+    """{network: epoch} this host fenced itself off (run/hanet/fenced.json)."""
+    got = _read_json(paths.run("fenced.json"))
+    return got if isinstance(got, dict) else {}
+
+
+def _set_fenced(paths, change):
+    with FileLock(paths.run("fenced.lock")):
+        rec = fenced(paths)
+        change(rec)
+        if rec:
+            write_atomic(paths.run("fenced.json"), json.dumps(rec, sort_keys=True) + "\n")
+        else:
+            try:
+                os.unlink(paths.run("fenced.json"))
+            except FileNotFoundError:
+                pass
+
+
+def owner_map(records, paths):
+    """{network: owner} from the failover record as this host knows it, with the networks
+    it fenced itself off held by nobody here (so no apply binds them again until the
+    master orders it)."""
+    out = {net: r["owner"] for net, r in records.items()}
+    for net in fenced(paths):
+        out[net] = FENCED
+    return out
+
+
+def fence(ctx):
+    """Rule 2 (``_hanet.fence``): stop answering for every network-host network this host
+    serves: unbind its gateway and floating IPs and stop its dnsmasq, as a standby would
+    be; its configuration stays. Only a takeover order from the master brings them back.
+    Returns {network: what was done}."""
+    owners = ctx.owners()
+    mine = {label: failover.epoch_of(owners, label) for label, net in sorted(ctx.cfg.networks.items())
+            if not net.multi_host and ctx.me in net.network_hosts
+            and failover.owner_of(ctx.cfg, owners, label) == ctx.me}
+    if not mine:
+        return {}
+    serving = ctx.desired()
+    _set_fenced(ctx.paths, lambda rec: rec.update(mine))
+    managed = Managed(ctx.paths)
+    done = {}
+    for label in mine:  # only what moves: nothing else on a cut-off host is touched
+        net = ctx.cfg.networks[label]
+        _merge(done, {"links": links.apply([Change("links", "remove", f"{net.bridge} {net.gateway_cidr}",
+                                                   {"link": net.bridge, "address": net.gateway_cidr})],
+                                           managed)})
+        unbinds = [Change("floating", "unbind", f.address, {"interface": f.public_interface})
+                   for f in serving.floating_ips if f.network == label]
+        if unbinds:
+            _merge(done, {"floating": floating.apply(unbinds, managed, 0)})
+    _merge(done, host.apply_now(("dnsmasq",), ctx.desired(), ctx.paths, managed))
+    return {"fenced": sorted(mine), "changes": {k: v for k, v in done.items() if v}}
+
+
+def unfence(paths, network):
+    _set_fenced(paths, lambda rec: rec.pop(network, None))
 
 
 # --------------------------------------------------------------------------- the slot
@@ -220,6 +287,7 @@ def run(ctx, network, epoch, previous=None, detected_at=None, planned=False, dec
             if not bound:
                 mark("config")
                 _dad(net, planned, prechecked, mark)
+                unfence(ctx.paths, network)
                 write_local_owner(ctx.paths, network, ctx.me, epoch)
                 state = ctx.desired()
                 mark("desired")
@@ -234,6 +302,7 @@ def run(ctx, network, epoch, previous=None, detected_at=None, planned=False, dec
                     return {"network": network, "epoch": int(epoch), "outcome": "bound",
                             "timings": mark.timings()}
             else:
+                unfence(ctx.paths, network)
                 write_local_owner(ctx.paths, network, ctx.me, epoch)
                 state = ctx.desired()
                 # bound by the warm path: make sure of it (no change when it is)
@@ -261,5 +330,6 @@ def relinquish(ctx, network, epoch, owner):
     if not write_local_owner(ctx.paths, network, owner, epoch) \
             or failover.epoch_of(ctx.owners(), network) > int(epoch):
         return {"stale": f"epoch {epoch} is older than what {ctx.me} knows for {network}"}
+    unfence(ctx.paths, network)
     return host.apply_now(("links", "floating", "dnsmasq", "metadata"), ctx.desired(), ctx.paths,
                           Managed(ctx.paths))

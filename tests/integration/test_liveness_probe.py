@@ -153,3 +153,41 @@ def test_a_reply_from_another_mac_does_not_keep_the_peer_alive(ns_pair):
         assert "02:00:00:00:99:99" in out.lower(), "the address itself still answers (from the new MAC)"
     finally:
         prober.stop()
+
+
+@pytest.mark.parametrize("reachable", [False, True])
+def test_an_isolated_owner_fences_itself_and_only_then(ns_pair, reachable):
+    """Rule 2: every peer silent and the master/next hop silent too: fence, once. With
+    the master still answering (here: the host's own loopback stands for it), never."""
+    a, b = ns_pair
+    from pyroute2 import netns
+
+    from _hanet.fence import Fence
+    from _hanet.liveness import Prober
+    from _hanet.model import Probe
+
+    fenced = []
+    probe = Probe(interval_ms=50, misses=3, rise=3)
+    netns.pushns(a)
+    try:
+        prober = Prober({"b": [("eth0", "10.9.0.2")]}, lambda *x: None, probe).start()
+        fence = Fence(prober, probe, ["127.0.0.1" if reachable else "10.9.0.2"],
+                      lambda: fenced.append(time.monotonic()), route=False).start()
+    finally:
+        netns.popns()
+    try:
+        time.sleep(0.5)
+        assert fenced == [], "not while the peer answers"
+        t0 = time.monotonic()
+        sh("ip", "-n", b, "link", "set", "eth0", "down")
+        time.sleep(1.0)
+        if reachable:
+            assert fenced == [], "the master still answers: keep serving"
+        else:
+            assert len(fenced) == 1 and fenced[0] > t0, "fenced once, after the peer went"
+        sh("ip", "-n", b, "link", "set", "eth0", "up")
+        time.sleep(0.5)
+        assert len(fenced) == (0 if reachable else 1), "a peer back: no new fence"
+    finally:
+        fence.stop()
+        prober.stop()
