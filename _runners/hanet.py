@@ -271,15 +271,9 @@ def liveness(tag=None, data=None, via="reactor"):
         return _reject(None, f"pillar: {err}", tag, data)
     try:
         with _record() as rec:
-            seen = rec.seen.get(rep.nonce)
-            if seen is not None and failover.seen_via(seen) != via \
-                    and t0 - failover.seen_at(seen) < failover.FRESH_S:
-                return {"result": True, "action": "none",
-                        "reason": f"handled by the {failover.seen_via(seen)}"}
-            if seen is not None:
-                return _reject(None, "replayed event", tag, data)
-            rec.seen[rep.nonce] = [t0, via]
-            rec.save_seen(t0)
+            other = rec.handle(rep.nonce, via, t0)  # raises Rejected for a replay
+            if other:
+                return {"result": True, "action": "none", "reason": f"handled by the {other}"}
             stake = failover.at_stake(cfg, rec.owners, rep.observer, rep.peer)
         if not stake:  # nothing to check the suspect for
             return _reject(None, failover.nothing_at_stake(rep), tag, data)
@@ -290,11 +284,9 @@ def liveness(tag=None, data=None, via="reactor"):
         dead = {h for h in failover.watched_hosts(cfg) if w is not None and w.verdict(h) == "dead"}
         with _record() as rec:
             verdict = failover.decide(cfg, rec.owners, rep, opinion.verdict, opinion.evidence, dead)
-            for move in verdict.moves:
-                failover.record_move(rec.owners, move, time.time(),
-                                     f"{rep.peer} down (seen by {rep.observer})")
-            if verdict.moves:
-                rec.save()
+            rec.record(verdict.moves, time.time(), f"{rep.peer} down (seen by {rep.observer})")
+    except failover.Rejected as err:
+        return _reject(None, err.reason, tag, data)
     except failover.RecordError as err:
         return _reject(None, f"no decision: {err}", tag, data)
     for network, reason in verdict.rejected:
@@ -322,8 +314,9 @@ def liveness(tag=None, data=None, via="reactor"):
 
 # --------------------------------------------------------------------------- reconcile
 
-_RECONCILE = {"issued": {}, "audit_at": 0.0}
+_RECONCILE = {"issued": {}, "audit_at": 0.0, "dead_since": {}}
 AUDIT_S = 5.0  # how often the network hosts are asked what they hold
+GRACE_S = 2.0  # how long a death is left to the report path before the loop acts on it
 
 
 def _ask(tgt, fun, timeout=2):
@@ -365,32 +358,34 @@ def reconcile(via="reconcile"):
     w = _WATCH.get("watch")
     hosts = failover.watched_hosts(cfg)
     verdicts = {h: w.verdict(h) if w is not None else None for h in hosts}
+    # the fast path (a report) gets GRACE_S to act on a death first: the loop is for what
+    # it lost, and must not compete with it for the CPU while it works
+    since = _RECONCILE["dead_since"]
+    for h, v in verdicts.items():
+        if v == "dead":
+            since.setdefault(h, now)
+        else:
+            since.pop(h, None)
+    verdicts = {h: None if v == "dead" and now - since[h] < GRACE_S else v for h, v in verdicts.items()}
     try:
         owners = _owners()
     except failover.RecordError as err:
         log.error("hanet reconcile: no decision: %s", err)
         return {"result": False, "reason": str(err)}
-    dead_owners = [label for label, n in cfg.networks.items() if not n.multi_host and n.network_hosts
-                   and verdicts.get(failover.owner_of(cfg, owners, label)) == "dead"]
     audit = now - _RECONCILE["audit_at"] >= AUDIT_S
-    views, holdings = {}, None
-    if dead_owners or audit:
-        ask = set(hosts) | {h for label in dead_owners for h in cfg.hosts_carrying(label)}
-        got = _ask([h for h in ask if verdicts.get(h) != "dead"], "hanet.serving")
-        views = {h: r.get("peers") or {} for h, r in got.items()}
-        if audit:
-            _RECONCILE["audit_at"] = now
-            holdings = {h: r.get("networks") or {} for h, r in got.items() if h in hosts}
+    ask = failover.to_ask(cfg, owners, verdicts, audit)
+    got = _ask(sorted(ask), "hanet.serving") if ask else {}
+    views = {h: r.get("peers") or {} for h, r in got.items()}
+    holdings = None
+    if audit:
+        _RECONCILE["audit_at"] = now
+        holdings = {h: r.get("networks") or {} for h, r in got.items() if h in hosts}
     moves, orders = failover.reconcile(cfg, owners, verdicts, views, holdings, now,
                                        _RECONCILE["issued"])
     if moves:
         with _record() as rec:  # decided on a copy: keep only what still holds
-            valid = [m for m in moves if failover.owner_of(cfg, rec.owners, m.network) == m.previous
-                     and failover.epoch_of(rec.owners, m.network) + 1 == m.epoch]
-            for move in valid:
-                failover.record_move(rec.owners, move, now, f"{move.previous} dead (reconcile)")
-            if valid:
-                rec.save()
+            valid = [m for m in moves if failover.still_valid(cfg, rec.owners, m)]
+            rec.record(valid, now, "owner dead (reconcile)")
         stale = {(m.network, m.epoch) for m in moves if m not in valid}
         orders = [o for o in orders if (o.network, o.epoch) not in stale]
         moves = valid
@@ -426,8 +421,7 @@ def _move(cfg, label, new, reason, timeout=30):
         move = failover.planned_move(cfg, rec.owners, label, new)
         if move is None:
             return {"network": label, "owner": new, "moved": False}
-        failover.record_move(rec.owners, move, time.time(), reason)
-        rec.save()
+        rec.record([move], time.time(), reason)
     args, kwargs = failover.takeover_order(label, move.epoch, move.previous, planned=True)
     got = _local().cmd(new, failover.TAKEOVER_FUN, arg=args, kwarg=kwargs, timeout=timeout)
     if new not in got or not isinstance(got[new], dict):

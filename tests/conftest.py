@@ -17,6 +17,17 @@ for sub in ("lab", "_modules"):
         sys.path.insert(0, path)
 
 
+def pytest_sessionstart(session):  # pylint: disable=unused-argument
+    """Salt installs a handler when it is imported that holds log records back and writes
+    them to stderr at exit, after pytest has closed it ("--- Logging error --- I/O
+    operation on closed file" after the summary). Hand them to pytest's logging instead."""
+    try:
+        import salt._logging
+    except ImportError:
+        return
+    salt._logging.shutdown_temp_handler()
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         from hanet_lab import unavailable_reason

@@ -406,27 +406,24 @@ def _launch(cmd, label, paths):
     return pid
 
 
-def revive(paths):
-    """Start again, with the command line it was started with, every dnsmasq hanet runs
-    here whose process died since (its record says it should run; a stopped one has no
-    record). Its lease file is kept, so every lease survives. [(label, new pid)]."""
-    out = []
+def revive(paths, label):
+    """Start the dnsmasq of ``label`` again, with the command line it was started with,
+    when its record says hanet runs it and its process is gone (a stopped one has no
+    record). Its lease file is kept, so every lease survives. The new pid, or None."""
     with daemon.lock(paths):
-        for label in sorted(_labels(paths, None)):
-            f = files(label, paths)
-            try:
-                record = json.loads(_read(f["record"]) or "null")
-            except ValueError:
-                continue
-            if not isinstance(record, dict) or not record.get("argv") \
-                    or process_matches(daemon.read_pid(f["pid"]), f"--pid-file={f['pid']}"):
-                continue
-            try:
-                os.unlink(f["pid"])
-            except FileNotFoundError:
-                pass
-            out.append((label, _launch(record["argv"], label, paths)))
-    return out
+        f = files(label, paths)
+        try:
+            record = json.loads(_read(f["record"]) or "null")
+        except ValueError:
+            return None
+        if not isinstance(record, dict) or not record.get("argv") \
+                or process_matches(daemon.read_pid(f["pid"]), f"--pid-file={f['pid']}"):
+            return None
+        try:
+            os.unlink(f["pid"])
+        except FileNotFoundError:
+            pass
+        return _launch(record["argv"], label, paths)
 
 
 def release_packet(server, ip, mac, client_id=None):

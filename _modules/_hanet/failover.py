@@ -303,6 +303,26 @@ class Record:
             self.seen = {}
         return self
 
+    def handle(self, nonce, via, now):
+        """Remember that path ``via`` handles the report ``nonce``. Returns the other
+        path's name when that one took it already (within the freshness window); raises
+        Rejected for a replay."""
+        seen = self.seen.get(nonce)
+        if seen is not None:
+            if seen_via(seen) != via and now - seen_at(seen) < FRESH_S:
+                return seen_via(seen)
+            raise Rejected("replayed event")
+        self.seen[nonce] = [now, via]
+        self.save_seen(now)
+        return None
+
+    def record(self, moves, now, reason):
+        """Record ``moves`` (``record_move``) and save, when there are any."""
+        for move in moves:
+            record_move(self.owners, move, now, reason)
+        if moves:
+            self.save()
+
     def save(self):
         """Write the owners durably: an owner change must survive a crash of the master."""
         self.data.pop("seen", None)  # kept in seen.json since the record is durable
@@ -605,6 +625,23 @@ def reconcile(cfg, owners, verdicts, views, holdings, now, issued, confirm_s=CON
         if epoch and confirmed(owners, label) and (holdings.get(owner) or {}).get(label) is False:
             send(Order("takeover", owner, label, epoch, previous=entry.get("previous")))
     return moves, orders
+
+
+def to_ask(cfg, owners, verdicts, audit):
+    """The hosts the reconcile loop asks what they hold and see (``hanet.serving``): the
+    network hosts when it is time for an ``audit``, and every live host carrying a
+    network whose owner the master sees dead (its witnesses)."""
+    dead = [label for label, n in cfg.networks.items() if not n.multi_host and n.network_hosts
+            and verdicts.get(owner_of(cfg, owners, label)) == DEAD_VERDICT]
+    ask = set(watched_hosts(cfg)) if audit else set()
+    ask |= {h for label in dead for h in cfg.hosts_carrying(label)}
+    return {h for h in ask if verdicts.get(h) != DEAD_VERDICT}
+
+
+def still_valid(cfg, owners, move):
+    """Whether ``move`` (decided on an earlier copy of the record) still applies to it."""
+    return owner_of(cfg, owners, move.network) == move.previous \
+        and epoch_of(owners, move.network) + 1 == move.epoch
 
 
 ALIVE_VERDICT, DEAD_VERDICT = "alive", "dead"

@@ -383,15 +383,15 @@ def _start(port, paths, bind=BIND):
     return pid
 
 
-def revive(paths):
+def revive(paths, name=NAME):  # pylint: disable=unused-argument
     """Start the metadata service again, on its port, when hanet runs it here and its
-    process died since. [("metadata", new pid)] or []."""
+    process is gone. The new pid, or None."""
     with daemon.lock(paths):
         cur = current(paths)
         if not cur or cur.get("alive") or cur.get("port") is None:
-            return []
+            return None
         info = json.loads(_read(files(paths)["service"]) or "{}")
-        return [(NAME, _start(cur["port"], paths, info.get("bind", BIND)))]
+        return _start(cur["port"], paths, info.get("bind", BIND))
 
 
 def apply(changes, paths, managed) -> list:

@@ -4,9 +4,12 @@ There is no init system to restart dnsmasq or the metadata service when one dies
 highstate may be hours away: a host whose dnsmasq was killed would answer no DHCP
 until then. ``Supervisor`` runs in the minion's running process (the ``hanet_liveness``
 beacon starts it with ``supervise: true``) and checks every ``interval`` whether each
-daemon hanet runs here is still alive; a dead one is started again at once with the
-same command line and files (leases kept), and ``on_restart(daemon, name, pid)`` is
-called so that the beacon can tell the master. The appliers and the supervisor take the
+daemon hanet runs here is still alive; one it saw running that is now dead is started
+again at once with the same command line and files (leases kept), and
+``on_restart(daemon, name, pid)`` is called so that the beacon can tell the master. A
+daemon it never saw running (a record left from before a reboot, on a host that may no
+longer serve that network) is left to the next apply, and a failed restart is tried
+again only after ``RETRY_S``. The appliers and the supervisor take the
 same lock (``daemon.lock``), so a planned restart or stop is never undone.
 """
 from __future__ import annotations
@@ -26,22 +29,57 @@ def restarted_tag(minion, daemon, name):
     return f"hanet/daemon/{minion}/{daemon}/{name}/restarted"
 
 
+RETRY_S = 5.0  # after a failed restart, the next attempt waits this long
+
+
+def running(paths):
+    """{(daemon, name): pid or None}: every daemon hanet runs here by its records, with
+    its pid when its process lives."""
+    out = {("dnsmasq", label): cur["pid"] if cur["alive"] else None
+           for label, cur in dnsmasq.current(paths).items()}
+    cur = metadata.current(paths)
+    if cur:
+        out[("metadata", metadata.NAME)] = cur["pid"] if cur.get("alive") else None
+    return out
+
+
 class Supervisor:
+    """Restarts a daemon it has seen running and then finds dead (only those: a record
+    left from before a reboot, or a daemon an apply could not start, is the appliers'
+    business, not a restart loop's)."""
+
     def __init__(self, paths, on_restart, interval=INTERVAL_S):
         self.paths = paths
         self.on_restart = on_restart
         self.interval = float(interval)
+        self._seen = {}  # (daemon, name) -> pid last seen alive
+        self._retry_at = {}  # (daemon, name) -> monotonic time of the next attempt
         self._stop = threading.Event()
         self._thread = None
 
     def check(self):
         """One round: [(daemon, name, new pid)] for every daemon started again."""
+        import time
+
         out = []
-        for kind, revive in (("dnsmasq", dnsmasq.revive), ("metadata", metadata.revive)):
+        now = running(self.paths)
+        self._seen = {k: v for k, v in self._seen.items() if k in now}  # stopped on purpose
+        for key, pid in sorted(now.items()):
+            if pid:
+                self._seen[key] = pid
+                continue
+            if key not in self._seen or time.monotonic() < self._retry_at.get(key, 0.0):
+                continue
+            revive = dnsmasq.revive if key[0] == "dnsmasq" else metadata.revive
             try:
-                out += [(kind, name, pid) for name, pid in revive(self.paths)]
+                new = revive(self.paths, key[1])
             except (OSError, RuntimeError, ValueError) as err:
-                log.warning("hanet supervise: could not restart %s: %s", kind, err)
+                self._retry_at[key] = time.monotonic() + RETRY_S
+                log.warning("hanet supervise: could not restart %s %s: %s", key[0], key[1], err)
+                continue
+            if new:
+                self._seen[key] = new
+                out.append((key[0], key[1], new))
         for kind, name, pid in out:
             log.warning("hanet supervise: %s %s had died; started again (pid %s)", kind, name, pid)
             try:

@@ -121,7 +121,8 @@ def fence(ctx):
     """Rule 2 (``_hanet.fence``): stop answering for every network-host network this host
     serves: unbind its gateway and floating IPs and stop its dnsmasq, as a standby would
     be; its configuration stays. Only a takeover order from the master brings them back.
-    Returns {network: what was done}."""
+    Returns {"fenced": [network, ...], "changes": {facet: [what was done]}}, or {} when
+    this host serves no such network."""
     owners = ctx.owners()
     mine = {label: failover.epoch_of(owners, label) for label, net in sorted(ctx.cfg.networks.items())
             if not net.multi_host and ctx.me in net.network_hosts

@@ -328,7 +328,13 @@ def test_the_supervisor_restarts_what_died_and_leaves_what_was_stopped(lab):
     assert lab.udhcpc("1")["ip"] == IP1
     old = dnsmasq.status(lab.paths)["private"]["pid"]
     seen = []
-    sup = supervise.Supervisor(lab.paths, lambda *a: seen.append(a))
+    with in_netns(lab.host):
+        os.kill(old, signal.SIGKILL)
+        assert wait_for(lambda: not dnsmasq.process_matches(old, "dnsmasq"))
+        sup = supervise.Supervisor(lab.paths, lambda *a: seen.append(a))
+        assert sup.check() == [], "never seen running (a record from before a reboot): left to an apply"
+    converge(lab, [spec([H1])])
+    old = dnsmasq.status(lab.paths)["private"]["pid"]
     with in_netns(lab.host):
         assert sup.check() == [], "nothing died"
         os.kill(old, signal.SIGKILL)

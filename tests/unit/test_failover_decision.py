@@ -403,3 +403,27 @@ def test_the_cluster_view_says_who_serves_and_whether_all_agree(cfg):
     assert got["networks"]["private"]["unreachable"] == ["compute2"]
     answers["net1"] = st("standby", ["10.20.0.11/24", "10.20.0.1/24"])  # a second holder
     assert not failover.cluster_status(cfg, owners, answers)["networks"]["shared"]["agree"]
+
+
+def test_whom_the_reconcile_loop_asks(cfg3):
+    verdicts = dict(ALIVE3)
+    assert failover.to_ask(cfg3, {}, verdicts, audit=False) == set()
+    assert failover.to_ask(cfg3, {}, verdicts, audit=True) == {"net1", "net2", "net3"}
+    verdicts["net1"] = "dead"
+    assert failover.to_ask(cfg3, {}, verdicts, audit=False) == {"net2", "net3", "compute1"}, \
+        "the dead owner's witnesses, not the dead"
+    move = Move("shared", "net1", "net2", 1)
+    assert failover.still_valid(cfg3, {}, move)
+    assert not failover.still_valid(cfg3, {"shared": {"owner": "net2", "epoch": 1}}, move)
+
+
+def test_a_report_is_handled_once_by_one_path(tmp_path):
+    with failover.Record(str(tmp_path)) as rec:
+        assert rec.handle("n1", "engine", NOW) is None
+        assert rec.handle("n1", "reactor", NOW + 1) == "engine", "the other path took it"
+        with pytest.raises(Rejected, match="replayed"):
+            rec.handle("n1", "engine", NOW + 1)
+        with pytest.raises(Rejected, match="replayed"):
+            rec.handle("n1", "reactor", NOW + failover.FRESH_S + 1)
+        rec.record([], NOW, "nothing")
+    assert not os.path.exists(tmp_path / "hanet" / "owners.json"), "no move: nothing written"
