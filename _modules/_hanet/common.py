@@ -105,6 +105,7 @@ class Managed:
         self.path = paths.state("managed.json")
         self.lock = paths.state("managed.lock")
         self.data = self._load()
+        self._mine = {}  # facet -> what this applier last wrote (the base of its next delta)
 
     def _load(self):
         try:
@@ -118,10 +119,12 @@ class Managed:
         return set(self.data.get(facet, []))
 
     def set(self, facet, names):
-        names, base = set(names), self.get(facet)
+        names = set(names)
+        base = self._mine.get(facet, self.get(facet))
         with FileLock(self.lock):
             disk = self._load()
             now = (set(disk.get(facet, [])) - (base - names)) | (names - base)
             disk[facet] = sorted(now)
             write_atomic(self.path, json.dumps(disk, indent=1, sort_keys=True) + "\n")
             self.data = disk
+            self._mine[facet] = names

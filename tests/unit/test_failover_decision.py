@@ -383,6 +383,14 @@ def test_two_appliers_at_once_keep_each_others_records(tmp_path):
                                            "br300 10.30.0.1/24"}
     a.set("links", a.get("links") - {"br100 10.0.0.1/24"})
     assert Managed(paths).get("links") == {"br100", "br200 10.20.0.1/24", "br300 10.30.0.1/24"}
+    # an applier that records twice from the set it read first (dnsmasq does, per change)
+    # keeps what another process recorded in between
+    c, d = Managed(paths), Managed(paths)
+    names = c.get("links") | {"br400 10.40.0.1/24"}
+    d.set("links", d.get("links") | {"br500 10.50.0.1/24"})  # after c read, before c writes
+    c.set("links", names)
+    c.set("links", names | {"br400"})
+    assert {"br500 10.50.0.1/24", "br400", "br400 10.40.0.1/24"} <= Managed(paths).get("links")
 
 
 def test_the_cluster_view_says_who_serves_and_whether_all_agree(cfg):
