@@ -38,6 +38,16 @@ hanet's ``hanet.liveness`` state configures this beacon from the pillar; by hand
 
 With ``supervise: true`` it also restarts dnsmasq and the metadata service when they die
 (``_hanet.supervise``) and fires ``hanet/daemon/<minion>/<daemon>/<name>/restarted``.
+
+With ``health`` (a network host: ``{uplink: eth0, segments: {shared: eth3}}``) it watches
+the host's own uplink (carrier and next hop) and each network's segment link
+(``_hanet.health``) and reports, signed like a liveness report, which networks the host
+cannot serve now::
+
+    salt/beacon/<host>/hanet_liveness/<host>/impaired   {lost: [network], ...}
+    salt/beacon/<host>/hanet_liveness/<host>/healthy    {lost: [], ...}
+
+The master hands such a network to a standby that can serve it.
 """
 from __future__ import annotations
 
@@ -103,6 +113,12 @@ def validate(config):
             isinstance(t, list) and all(isinstance(x, (list, tuple)) and len(x) == 2 for x in t)
             for t in standby_for.values()):
         return False, "hanet_liveness: standby_for must map a peer to [[bridge, gateway], ...]"
+    health = cfg.get("health")
+    if health is not None and not (
+            isinstance(health, dict) and isinstance(health.get("uplink", ""), str)
+            and isinstance(health.get("segments"), dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in health["segments"].items())):
+        return False, "hanet_liveness: health must be {uplink: ifname, segments: {network: ifname}}"
     for key in ("interval_ms", "misses", "rise"):
         if key in cfg and (not isinstance(cfg[key], int) or cfg[key] < 1):
             return False, f"hanet_liveness: {key} must be a positive integer"
@@ -138,6 +154,11 @@ class Sender:
 
     def submit(self, peer, state, detected_at, targets):
         self._queue.put((peer, state, detected_at, targets))
+
+    def health(self, lost, detected_at):
+        """This host's own health changed: it cannot serve ``lost`` (empty: it can serve
+        every network again)."""
+        self._queue.put(("health", lost, detected_at))
 
     def event(self, tag, data):
         """Any other event to the master (a daemon restarted), from this thread."""
@@ -193,6 +214,12 @@ class Sender:
                     except (OSError, ValueError) as err:
                         log.debug("hanet_liveness: could not load the minion key: %s", err)
                     continue
+                if item[0] == "health":
+                    try:
+                        self._fire_health(item[1], item[2])
+                    except Exception:  # pylint: disable=broad-except  (log it; keep sending)
+                        log.exception("hanet_liveness: could not report this host's health")
+                    continue
                 if item[0] == "event":
                     try:
                         self._send(item[1], item[2])
@@ -218,6 +245,11 @@ class Sender:
                 log.debug("hanet_liveness: cannot probe %s on %s: %s", gateway, bridge, err)
                 continue
             self.prechecked[gateway] = [time.time(), holder]
+
+    def _fire_health(self, lost, detected_at):
+        fo, me = self.failover, self.opts["id"]
+        data = fo.sign(self._private_key(), fo.health_report(me, lost, detected_at))
+        self._send(fo.liveness_tag(me, me, data["state"]), data)
 
     def _fire(self, peer, state, detected_at, targets):
         """One transition, signed with this minion's own key, so that the master can
@@ -312,13 +344,17 @@ class OrderListener:
                          daemon=True).start()
 
     def _takeover(self, order):
+        what = "relinquish" if order.get("fun") == "hanet.relinquish" else "takeover"
         try:
-            got = self.salt["hanet.takeover"](*order["args"], warm=True,
-                                              prechecked=dict(self.prechecked), **order["kwargs"])
-            log.info("hanet_liveness: warm takeover %s: %s", order["args"], got)
+            if what == "relinquish":
+                got = self.salt["hanet.relinquish"](*order["args"])
+            else:
+                got = self.salt["hanet.takeover"](*order["args"], warm=True,
+                                                  prechecked=dict(self.prechecked), **order["kwargs"])
+            log.info("hanet_liveness: warm %s %s: %s", what, order["args"], got)
         except Exception as err:  # pylint: disable=broad-except
-            log.warning("hanet_liveness: warm takeover %s failed (%s); the job will retry",
-                        order["args"], err, exc_info=True)
+            log.warning("hanet_liveness: warm %s %s failed (%s); the job will retry",
+                        what, order["args"], err, exc_info=True)
 
     def stop(self, timeout=2.0):
         if self._loop.is_running():
@@ -350,6 +386,7 @@ class _Running:
         self.sender = sender
         self.supervisor = supervisor
         self.fence = None
+        self.health = None
         self.save = save  # writes the peers' view (for hanet.status)
         self.parse_order = parse_order
         self.orders = None  # the OrderListener, once the minion has signed in; False: none
@@ -361,6 +398,8 @@ class _Running:
     def stop(self):
         if self.fence is not None:
             self.fence.stop()
+        if self.health is not None:
+            self.health.stop()
         self.prober.stop()
         if self.supervisor is not None:
             self.supervisor.stop()
@@ -379,7 +418,7 @@ def _real(dunder):
 def _start(cfg):
     opts = _real(__opts__)
     lib = {name: _lib(name) for name in ("liveness", "failover", "arp", "common", "model", "supervise",
-                                         "fence")}
+                                         "fence", "health")}
     _warm()
     liveness, paths = lib["liveness"], lib["common"].Paths(root_dir=opts.get("root_dir", "/"))
     known = liveness.known_states(paths)
@@ -389,8 +428,9 @@ def _start(cfg):
     sender.warm()
 
     def save():
-        if holder["prober"].peers:  # a host that only supervises its daemons has no view
-            liveness.save_view(paths, opts["id"], holder["prober"].view())
+        own = holder["health"].snapshot() if holder.get("health") is not None else None
+        if holder["prober"].peers or own is not None:  # a host that only supervises has no view
+            liveness.save_view(paths, opts["id"], holder["prober"].view(), own)
 
     def on_change(peer, state, detected_at, initial):
         if initial and known.get(peer, liveness.UP) == state:
@@ -417,9 +457,20 @@ def _start(cfg):
         salt_funcs = _real(__salt__)
         fence = lib["fence"].Fence(holder["prober"], probe, [opts.get("master_ip")],
                                    lambda: log.warning("hanet_liveness: fenced: %s", salt_funcs["hanet.fence"]()))
+    health_cfg = cfg.get("health")
+    if health_cfg:  # a network host: can it serve its networks? (rule 3: hand over)
+        def on_health(lost, at):
+            sender.health(lost, at)
+            save()
+
+        view = liveness.read_view(paths).get("health")
+        holder["health"] = lib["health"].Health(
+            health_cfg.get("uplink") or None, health_cfg.get("segments") or {}, probe, on_health,
+            known=view.get("lost") if isinstance(view, dict) else None)
     running = _Running(holder["prober"].start(), sender, save=save,
                        parse_order=lib["failover"].parse_order, supervisor=supervisor)
     running.fence = fence.start() if fence is not None else None
+    running.health = holder["health"].start() if holder.get("health") is not None else None
     return running
 
 

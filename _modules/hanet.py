@@ -283,7 +283,7 @@ def _takeover_context():
 
 
 def takeover(network, epoch, previous=None, detected_at=None, planned=False, decision=None,
-             warm=False, prechecked=None):
+             warm=False, prechecked=None, handover=False):
     """Become the holder of network-host network ``network`` at ``epoch`` (ordered by
     the master after a confirmed failure, or for a planned move): probe the gateway
     (duplicate address detection; skipped when planned), record the new owner, bind the
@@ -292,7 +292,9 @@ def takeover(network, epoch, previous=None, detected_at=None, planned=False, dec
     ``hanet/failover/<network>/complete`` (or ``/failed`` with a reason). ``decision``
     (the master's stamps) is passed through into the ``complete`` event. The beacon
     calls it with ``warm=True`` (bind and announce only) and ``prechecked`` (its own
-    probe of the gateway); see ``_hanet/takeover.py``.
+    probe of the gateway); see ``_hanet/takeover.py``. ``handover``: the old owner is
+    alive and was told to let go (its health said it cannot serve the network): wait for
+    the gateway to fall silent before binding.
 
     CLI example::
 
@@ -300,7 +302,7 @@ def takeover(network, epoch, previous=None, detected_at=None, planned=False, dec
     """
     return _h("takeover").run(_takeover_context(), network, epoch, previous=previous,
                               detected_at=detected_at, planned=planned, decision=decision,
-                              warm=warm, prechecked=prechecked)
+                              warm=warm, prechecked=prechecked, handover=handover)
 
 
 def relinquish(network, epoch, owner):

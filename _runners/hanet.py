@@ -45,6 +45,9 @@ _PUBLISH_LOCK = threading.Lock()
 _CACHE = {}  # minion id -> (compiled at, (config, pillar)); lives as long as the process
 CACHE_S = 600.0  # a highstate primes it afresh (reactor/prime.sls)
 _WATCH = {}  # "watch" -> icmp.Watch, in the engine's process
+# what the master knows of each network host's own health (its impaired/healthy reports,
+# and hanet.serving in the reconcile loop's audits): {host: {"lost": [..], "since": t}}
+_HEALTH = {}
 
 
 def __virtual__():
@@ -265,6 +268,8 @@ def liveness(tag=None, data=None, via="reactor"):
     if rep.state == failover.UP:
         log.info("hanet failover: %s sees %s up again", rep.observer, rep.peer)
         return {"result": True, "action": "none", "reason": "up: no automatic failback"}
+    if rep.state in (failover.IMPAIRED, failover.HEALTHY):
+        return _health(rep, tag, data, via, t0)
     try:
         cfg, _ = _config(rep.observer)
     except Exception as err:  # pylint: disable=broad-except  (any pillar trouble: refuse)
@@ -312,6 +317,54 @@ def liveness(tag=None, data=None, via="reactor"):
                         "published_s": round(time.time() - t0, 4)}}
 
 
+def _learn_health(host, lost, now):
+    """Keep what ``host`` says it cannot serve; ``since`` moves only when that changed."""
+    lost = sorted(lost)
+    cur = _HEALTH.get(host)
+    if cur is None:
+        _HEALTH[host] = {"lost": lost, "since": now if lost else 0.0}
+    elif cur["lost"] != lost:
+        _HEALTH[host] = {"lost": lost, "since": now}
+
+
+def _health(rep, tag, data, via, t0):
+    """A network host's report about itself: what it cannot serve now. Networks it owns
+    and cannot serve go to a standby that can (``failover.handover``): the old owner is
+    told to let go first, and the new one binds once the gateway is silent."""
+    failover = _lib("failover")
+    try:
+        cfg, _ = _config(rep.observer)
+        with _record() as rec:
+            other = rec.handle(rep.nonce, via, t0)  # raises Rejected for a replay
+            if other:
+                return {"result": True, "action": "none", "reason": f"handled by the {other}"}
+            _learn_health(rep.observer, rep.lost, t0)
+            if rep.state == failover.HEALTHY:
+                log.warning("hanet failover: %s can serve all its networks again", rep.observer)
+                return {"result": True, "action": "none", "reason": "healthy"}
+            w = _WATCH.get("watch")
+            dead = {h for h in failover.watched_hosts(cfg) if w is not None and w.verdict(h) == "dead"}
+            verdict = failover.handover(cfg, rec.owners, rep.observer, rep.lost, _HEALTH, dead, t0)
+            rec.record(verdict.moves, time.time(), f"{rep.observer} cannot serve it (handover)")
+    except failover.Rejected as err:
+        return _reject(None, err.reason, tag, data)
+    except failover.RecordError as err:
+        return _reject(None, f"no decision: {err}", tag, data)
+    except Exception as err:  # pylint: disable=broad-except  (any pillar trouble: refuse)
+        return _reject(None, f"pillar: {err}", tag, data)
+    for network, reason in verdict.rejected:
+        _reject(network, reason, tag, data)
+    for move in verdict.moves:
+        for order in failover.handover_orders(move):
+            _RECONCILE["issued"][order.key] = time.time()
+            _send(order, via)
+    if verdict.moves:
+        log.warning("hanet failover: %s cannot serve %s: %s", rep.observer, ", ".join(rep.lost),
+                    ", ".join(f"{m.network} -> {m.new}" for m in verdict.moves))
+    return {"result": True, "moved": {m.network: m.new for m in verdict.moves},
+            "rejected": [r for _, r in verdict.rejected]}
+
+
 # --------------------------------------------------------------------------- reconcile
 
 _RECONCILE = {"issued": {}, "audit_at": 0.0, "dead_since": {}}
@@ -335,7 +388,8 @@ def _send(order, via):
     failover = _lib("failover")
     if order.kind == "takeover":
         args, kwargs = failover.takeover_order(order.network, order.epoch, order.previous,
-                                               decision={"via": via, "published_at": time.time()})
+                                               decision={"via": via, "published_at": time.time()},
+                                               handover=order.handover)
         return _publish(order.host, failover.TAKEOVER_FUN, args, kwargs)
     return _publish(order.host, failover.RELINQUISH_FUN, [order.network, order.epoch, order.owner])
 
@@ -380,12 +434,15 @@ def reconcile(via="reconcile"):
     if audit:
         _RECONCILE["audit_at"] = now
         holdings = {h: r.get("networks") or {} for h, r in got.items() if h in hosts}
+    for h, r in got.items():
+        if h in hosts and isinstance(r.get("lost"), list):
+            _learn_health(h, r["lost"], now)
     moves, orders = failover.reconcile(cfg, owners, verdicts, views, holdings, now,
-                                       _RECONCILE["issued"])
+                                       _RECONCILE["issued"], health=_HEALTH)
     if moves:
         with _record() as rec:  # decided on a copy: keep only what still holds
             valid = [m for m in moves if failover.still_valid(cfg, rec.owners, m)]
-            rec.record(valid, now, "owner dead (reconcile)")
+            rec.record(valid, now, "reconcile")
         stale = {(m.network, m.epoch) for m in moves if m not in valid}
         orders = [o for o in orders if (o.network, o.epoch) not in stale]
         moves = valid

@@ -178,6 +178,10 @@ class HostState:
     probe: Probe = field(default_factory=Probe)  # how this host probes the peers in ``liveness``
     standby_for: tuple = ()  # (peer, ((bridge, gateway), ...)): what this host takes over from it
     orders: bool = False  # a network host of a network-host network: takeover orders come here
+    # what this network host watches of its own links (``_hanet.health``): its uplink, and
+    # the segment link (bridge_interface) of each network-host network it is a network host of
+    health_uplink: str = ""
+    health_segments: tuple = ()  # (network, ifname or "")
 
     def to_dict(self):
         return _plain(dataclasses.asdict(self))
@@ -316,6 +320,8 @@ def compute(cfg, host, owners=None):
             targets.add((net.bridge, cfg.hosts[peer].networks[label].address))
             if cfg.hosts[peer].routing_source_ip:
                 targets.add((me.public_interface, cfg.hosts[peer].routing_source_ip))
+    own = sorted(label for label, n in cfg.networks.items()
+                 if not n.multi_host and host in n.network_hosts)
     records = tuple(
         InstanceRecord(name=i.name, uuid=i.uuid, hostname=f"{i.hostname}.{domain}",
                        ips=tuple(n.ip for n in i.nics), public_keys=i.public_keys,
@@ -328,8 +334,10 @@ def compute(cfg, host, owners=None):
                      liveness=tuple((p, tuple(sorted(t))) for p, t in sorted(watch.items())),
                      probe=cfg.ha.probe,
                      standby_for=tuple((p, tuple(sorted(t))) for p, t in sorted(standby_for.items())),
-                     orders=any(not n.multi_host and host in n.network_hosts
-                                for n in cfg.networks.values()))
+                     orders=bool(own),
+                     health_uplink=me.public_interface if own else "",
+                     health_segments=tuple((label, cfg.networks[label].bridge_interface or "")
+                                           for label in own))
 
 
 def _segment(net):

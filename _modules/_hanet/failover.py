@@ -26,6 +26,11 @@ from typing import Optional
 
 BEACON = "hanet_liveness"
 UP, DOWN = "up", "down"
+# a network host's report about itself (``_hanet.health``): it cannot serve some of its
+# networks (``lost``), or it can serve them all again
+IMPAIRED, HEALTHY = "impaired", "healthy"
+STATES = (DOWN, UP, IMPAIRED, HEALTHY)
+DWELL_S = 10.0  # a host whose health changed this recently is not handed a network
 LIVENESS_GLOB = f"salt/beacon/*/{BEACON}/*"
 PRIME_TAGS = ("hanet/prime", "salt/minion/*/start")
 PRIME_TAG = "hanet/prime"
@@ -35,8 +40,9 @@ TAKEOVER_FUN = "hanet.takeover"
 RELINQUISH_FUN = "hanet.relinquish"
 # the keyword arguments a takeover order may carry (the master sends them, the beacon's
 # order listener accepts exactly these, hanet.takeover takes them)
-TAKEOVER_KWARGS = frozenset({"previous", "detected_at", "planned", "decision"})
+TAKEOVER_KWARGS = frozenset({"previous", "detected_at", "planned", "decision", "handover"})
 SIGNED = ("observer", "peer", "state", "detected_at", "nonce")  # what a report's signature covers
+SIGNED_HEALTH = SIGNED + ("lost",)  # and a health report's
 
 
 # --------------------------------------------------------------------------- tags
@@ -50,7 +56,7 @@ def parse_liveness_tag(tag):
     """(observer, peer, state) of a liveness tag, or None."""
     parts = tag.split("/") if isinstance(tag, str) else []
     if len(parts) != 6 or parts[:2] != ["salt", "beacon"] or parts[3] != BEACON \
-            or parts[5] not in (DOWN, UP):
+            or parts[5] not in STATES:
         return None
     return parts[2], parts[4], parts[5]
 
@@ -75,9 +81,10 @@ def parse_failover_tag(tag):
 
 
 def canonical(data):
-    """The signed part of a liveness report: the beacon signs exactly this, the master
-    verifies exactly this."""
-    return json.dumps({k: data.get(k) for k in SIGNED}, sort_keys=True, separators=(",", ":"))
+    """The signed part of a liveness or health report: the beacon signs exactly this,
+    the master verifies exactly this."""
+    keys = SIGNED_HEALTH if data.get("state") in (IMPAIRED, HEALTHY) else SIGNED
+    return json.dumps({k: data.get(k) for k in keys}, sort_keys=True, separators=(",", ":"))
 
 
 def report(observer, peer, state, detected_at, targets=(), nonce=None):
@@ -86,6 +93,14 @@ def report(observer, peer, state, detected_at, targets=(), nonce=None):
 
     return {"peer": peer, "state": state, "detected_at": detected_at, "observer": observer,
             "targets": list(targets), "id": observer, "nonce": nonce or uuid.uuid4().hex}
+
+
+def health_report(host, lost, detected_at, nonce=None):
+    """A network host's report about itself: the networks it cannot serve now (``lost``;
+    empty: it can serve them all), unsigned."""
+    data = report(host, host, IMPAIRED if lost else HEALTHY, detected_at, (), nonce)
+    data["lost"] = sorted(lost)
+    return data
 
 
 def sign(private_key, data):
@@ -132,6 +147,7 @@ class Report:
     state: str
     detected_at: float
     nonce: str
+    lost: tuple = ()  # a health report's: the networks the host cannot serve
 
 
 def parse_report(tag, data, now, fresh_s=FRESH_S):
@@ -150,16 +166,29 @@ def parse_report(tag, data, now, fresh_s=FRESH_S):
             or not isinstance(data.get("nonce"), str):
         raise Rejected("malformed data (detected_at, nonce)")
     if abs(now - detected_at) > fresh_s:
-        raise Rejected(f"stale event (detected {now - detected_at:.1f} s ago)")
-    return Report(observer, peer, state, float(detected_at), data["nonce"])
+        raise Rejected(f"stale event (detected {now - detected_at:.1f} s "
+                       f"{'ago' if now >= detected_at else 'in the future'}: is the observer's "
+                       f"clock off? hanet needs the hosts' clocks within {fresh_s:.0f} s of the master's)")
+    lost = ()
+    if state in (IMPAIRED, HEALTHY):
+        lost = data.get("lost")
+        if observer != peer or not isinstance(lost, list) or not all(isinstance(x, str) for x in lost) \
+                or bool(lost) != (state == IMPAIRED):
+            raise Rejected("malformed health report")
+        lost = tuple(sorted(lost))
+    return Report(observer, peer, state, float(detected_at), data["nonce"], lost)
 
 
 # --------------------------------------------------------------------------- orders
 
 
-def takeover_order(network, epoch, previous, detected_at=None, planned=False, decision=None):
-    """(args, kwargs) of a ``hanet.takeover`` order."""
+def takeover_order(network, epoch, previous, detected_at=None, planned=False, decision=None,
+                   handover=False):
+    """(args, kwargs) of a ``hanet.takeover`` order. ``handover``: the previous owner is
+    alive and has been told to let go; wait for the gateway to fall silent, then bind."""
     kwargs = {"previous": previous}
+    if handover:
+        kwargs["handover"] = True
     if detected_at is not None:
         kwargs["detected_at"] = detected_at
     if planned:
@@ -171,10 +200,10 @@ def takeover_order(network, epoch, previous, detected_at=None, planned=False, de
 
 
 def parse_order(payload, minion_id):
-    """A ``hanet.takeover`` publication aimed at ``minion_id`` alone, as
-    {jid, args, kwargs}; None for anything else."""
+    """A ``hanet.takeover`` or ``hanet.relinquish`` publication aimed at ``minion_id``
+    alone, as {jid, fun, args, kwargs}; None for anything else."""
     load = payload.get("load") if isinstance(payload, dict) else None
-    if not isinstance(load, dict) or load.get("fun") != TAKEOVER_FUN:
+    if not isinstance(load, dict) or load.get("fun") not in (TAKEOVER_FUN, RELINQUISH_FUN):
         return None
     tgt, tgt_type = load.get("tgt"), load.get("tgt_type", "glob")
     if not ((tgt_type == "glob" and tgt == minion_id) or (tgt_type == "list" and tgt == [minion_id])):
@@ -185,9 +214,12 @@ def parse_order(payload, minion_id):
             kwargs.update({k: v for k, v in item.items() if k != "__kwarg__"})
         else:
             args.append(item)
-    if len(args) != 2 or set(kwargs) - TAKEOVER_KWARGS:
+    if load["fun"] == RELINQUISH_FUN:
+        if len(args) != 3 or kwargs:
+            return None
+    elif len(args) != 2 or set(kwargs) - TAKEOVER_KWARGS:
         return None
-    return {"jid": load.get("jid"), "args": args, "kwargs": kwargs}
+    return {"jid": load.get("jid"), "fun": load["fun"], "args": args, "kwargs": kwargs}
 
 
 # --------------------------------------------------------------------------- the record
@@ -449,6 +481,47 @@ def decide(cfg, owners, rep, opinion, evidence="", dead=()):
     return verdict
 
 
+def can_serve(health, host, network, now, dwell_s=DWELL_S):
+    """Whether ``host`` can be handed ``network`` by its health: it has not lost it, and
+    its health has not changed within ``dwell_s`` (a flapping link is not trusted).
+    ``health``: {host: {"lost": [network], "since": when the master saw it change, 0:
+    never}}; a host with no health known is presumed fine (it never said otherwise)."""
+    h = health.get(host) or {}
+    if network in (h.get("lost") or ()):
+        return False
+    since = float(h.get("since") or 0)
+    return not since or now - since >= dwell_s
+
+
+def handover(cfg, owners, host, lost, health, dead=(), now=0.0, dwell_s=DWELL_S):
+    """The verdict on a network host that cannot serve ``lost`` (its health report):
+    each of those networks that it owns goes to the first standby that is not dead and
+    can serve it (``can_serve``). With no such standby the owner keeps the network:
+    never both giving up. Pure."""
+    verdict = Verdict()
+    for label in sorted(lost):
+        net = cfg.networks.get(label)
+        if net is None or net.multi_host or owner_of(cfg, owners, label) != host:
+            continue
+        ready = [h for h in net.network_hosts if h != host and h not in dead
+                 and can_serve(health, h, label, now, dwell_s)]
+        if not ready:
+            verdict.rejected.append((label, f"{host} cannot serve {label}, and no live standby can "
+                                            f"(lost it too, or changed within {dwell_s:.0f} s): "
+                                            f"{host} keeps it"))
+            continue
+        verdict.moves.append(Move(label, host, ready[0], epoch_of(owners, label) + 1))
+    return verdict
+
+
+def handover_orders(move):
+    """The orders of a handover, in the order they are sent: the old owner lets go, the
+    new one waits for the gateway to fall silent and binds (never two holders)."""
+    return [Order("relinquish", move.previous, move.network, move.epoch, owner=move.new),
+            Order("takeover", move.new, move.network, move.epoch, previous=move.previous,
+                  handover=True)]
+
+
 def record_move(owners, move, now, reason):
     """Write ``move`` into the record's ``owners``; it is unconfirmed until the new
     owner's ``complete`` event for that epoch arrives (``confirm``)."""
@@ -568,13 +641,15 @@ class Order:
     epoch: int
     owner: str = ""
     previous: Optional[str] = None
+    handover: bool = False  # a takeover that waits for a live old owner to let go
 
     @property
     def key(self):
         return (self.kind, self.host, self.network, self.epoch)
 
 
-def reconcile(cfg, owners, verdicts, views, holdings, now, issued, confirm_s=CONFIRM_S):
+def reconcile(cfg, owners, verdicts, views, holdings, now, issued, confirm_s=CONFIRM_S,
+              health=None, dwell_s=DWELL_S):
     """One round of the master's reconcile loop: what makes the hosts converge on the
     record, and the record follow what the master can prove. Pure.
 
@@ -582,11 +657,14 @@ def reconcile(cfg, owners, verdicts, views, holdings, now, issued, confirm_s=CON
     hosts; ``views``: {observer: {peer: "up" | "down"}}, what hosts' beacons see now
     (only those that answered); ``holdings``: {host: {network: holds its gateway}}, or
     None when the hosts were not asked this round; ``issued``: {Order.key: when it was
-    last sent}. Returns (moves, orders): the moves to record, then the orders to send.
+    last sent}; ``health``: what the master knows of the network hosts' own health
+    (``can_serve``). Returns (moves, orders): the moves to record, then the orders to send.
 
     - An owner the master sees dead, and that a live host carrying its network sees
       down too, is replaced by the first live standby (one that sees it down first).
       The master's view alone moves nothing (it may have lost only its own path).
+    - An owner that says it cannot serve a network (its uplink, its segment link) hands
+      it to a standby that can (``handover``), when the report path has not already.
     - A move not confirmed (no ``complete`` at its epoch) within ``confirm_s`` is
       ordered again, to the same host while it lives.
     - A host holding a gateway it does not own is ordered to give it up; an owner that
@@ -615,6 +693,14 @@ def reconcile(cfg, owners, verdicts, views, holdings, now, issued, confirm_s=CON
                 orders.append(Order("takeover", new, label, move.epoch, previous=owner))
                 orders.append(Order("relinquish", owner, label, move.epoch, owner=new))
             continue
+        if health and label in ((health.get(owner) or {}).get("lost") or ()) \
+                and verdicts.get(owner) != DEAD_VERDICT:
+            dead = {h for h, v in verdicts.items() if v == DEAD_VERDICT}
+            got = handover(cfg, owners, owner, [label], health, dead, now, dwell_s)
+            if got.moves:
+                moves.append(got.moves[0])
+                orders.extend(handover_orders(got.moves[0]))
+                continue
         if not confirmed(owners, label) and now - float(entry.get("since") or 0) >= confirm_s:
             send(Order("takeover", owner, label, epoch, previous=entry.get("previous")))
         if holdings is None:

@@ -99,6 +99,9 @@ def beacon_config(state):
     if state.standby_for:
         out.append({"standby_for": {peer: [list(t) for t in targets]
                                     for peer, targets in state.standby_for}})
+    if state.health_segments:
+        out.append({"health": {"uplink": state.health_uplink,
+                               "segments": {n: i for n, i in state.health_segments}}})
     return out
 
 
@@ -191,7 +194,8 @@ def serving(host, cfg, owners, view):
     """What this host holds of the network-host networks it is a network host of, and
     its beacon's view of its peers (the master's reconcile loop asks):
     ``{"networks": {network: holds its gateway}, "epochs": {network: epoch known here},
-    "peers": {peer: "up" | "down"}}``."""
+    "peers": {peer: "up" | "down"}, "lost": [network it cannot serve now]}`` (``lost``
+    only when the beacon watches this host's health)."""
     held = links.addresses_by_link()
     nets, epochs = {}, {}
     for label, net in sorted(cfg.networks.items()):
@@ -200,5 +204,9 @@ def serving(host, cfg, owners, view):
         nets[label] = net.gateway_cidr in held.get(net.bridge, [])
         epochs[label] = int((owners.get(label) or {}).get("epoch", 0))
     peers = view.get("peers") if isinstance(view.get("peers"), dict) else {}
-    return {"networks": nets, "epochs": epochs,
-            "peers": {p: v.get("state") for p, v in peers.items() if isinstance(v, dict)}}
+    out = {"networks": nets, "epochs": epochs,
+           "peers": {p: v.get("state") for p, v in peers.items() if isinstance(v, dict)}}
+    health = view.get("health")
+    if isinstance(health, dict) and isinstance(health.get("lost"), list):
+        out["lost"] = health["lost"]
+    return out

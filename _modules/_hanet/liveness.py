@@ -91,8 +91,9 @@ def known_states(paths):
         if isinstance(peers, dict) else {}
 
 
-def save_view(paths, observer, view):
-    """Write the beacon's view; the probe thread and the beacon's poll both do."""
+def save_view(paths, observer, view, health=None):
+    """Write the beacon's view (and this host's own ``health``, when it is watched); the
+    probe thread and the beacon's poll both do."""
     import json
     import os
 
@@ -100,7 +101,10 @@ def save_view(paths, observer, view):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}"
     with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump({"observer": observer, "written_at": time.time(), "peers": view}, fh)
+        out = {"observer": observer, "written_at": time.time(), "peers": view}
+        if health is not None:
+            out["health"] = health
+        json.dump(out, fh)
     os.replace(tmp, path)
 
 

@@ -28,6 +28,7 @@ from .common import Change, FileLock, Managed, Paths, write_atomic
 
 PRECHECK_FRESH_S = 1.0  # how old the beacon's clear probe of a gateway may be
 GARP_MIN = 3  # a takeover announces every moved address at least this often
+HANDOVER_WAIT_S = 3.0  # how long a handover's takeover waits for the old owner to let go
 
 
 @dataclass
@@ -207,10 +208,23 @@ def _check_epoch(ctx, network, epoch):
         raise ValueError(f"stale order for {network}: epoch {epoch} is older than {known}")
 
 
-def _dad(net, planned, prechecked, mark):
-    """Duplicate address detection of the gateway before it is bound here."""
+def _dad(net, planned, prechecked, mark, handover=False):
+    """Duplicate address detection of the gateway before it is bound here. A handover's
+    old owner is alive and was told to let go just before: wait (up to
+    ``HANDOVER_WAIT_S``) for the gateway to fall silent, then bind."""
     if planned:
         return  # the old owner answers until this host has announced it
+    if handover:
+        deadline = time.monotonic() + HANDOVER_WAIT_S
+        while True:
+            holder = arp.probe(net.gateway, net.bridge, timeout=arp.DAD_TIMEOUT_S, tries=1)
+            if holder is None:
+                mark("dad")
+                return
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"gateway {net.gateway} is still answered by {holder} on "
+                                   f"{net.bridge} {HANDOVER_WAIT_S:.0f} s into the handover: not binding it")
+            time.sleep(0.01)
     pre = (prechecked or {}).get(net.gateway)
     if isinstance(pre, (list, tuple)) and len(pre) == 2 and pre[1] is None \
             and 0 <= time.time() - float(pre[0]) < PRECHECK_FRESH_S:
@@ -262,12 +276,14 @@ def _merge(done, more):
 
 
 def run(ctx, network, epoch, previous=None, detected_at=None, planned=False, decision=None,
-        warm=False, prechecked=None):
+        warm=False, prechecked=None, handover=False):
     """Become the holder of ``network`` at ``epoch`` (see the module's docstring).
     Returns the ``complete`` event's data (warm: only what was bound); fires
     ``hanet/failover/<network>/complete``, or ``/failed`` with the reason and raises."""
     tag_base = {"network": network, "from": previous, "to": ctx.me, "epoch": int(epoch),
                 "detected_at": detected_at, "planned": bool(planned)}
+    if handover:
+        tag_base["handover"] = True
     if isinstance(decision, dict):
         tag_base["decision"] = decision
     with Slot(ctx.paths, network) as slot:
@@ -287,7 +303,7 @@ def run(ctx, network, epoch, previous=None, detected_at=None, planned=False, dec
             managed = Managed(ctx.paths)
             if not bound:
                 mark("config")
-                _dad(net, planned, prechecked, mark)
+                _dad(net, planned, prechecked, mark, handover)
                 unfence(ctx.paths, network)
                 write_local_owner(ctx.paths, network, ctx.me, epoch)
                 state = ctx.desired()
@@ -328,9 +344,10 @@ def relinquish(ctx, network, epoch, owner):
     """Give ``network`` up to ``owner`` (the master's record at ``epoch``): unbind the
     gateway and the network's floating IPs and stop its dnsmasq; keep the hot-standby
     rules. An order older than what this host knows changes nothing."""
-    if not write_local_owner(ctx.paths, network, owner, epoch) \
-            or failover.epoch_of(ctx.owners(), network) > int(epoch):
-        return {"stale": f"epoch {epoch} is older than what {ctx.me} knows for {network}"}
-    unfence(ctx.paths, network)
-    return host.apply_now(("links", "floating", "dnsmasq", "metadata"), ctx.desired(), ctx.paths,
-                          Managed(ctx.paths))
+    with Slot(ctx.paths, network):  # the beacon's warm relinquish and the job: one at a time
+        if not write_local_owner(ctx.paths, network, owner, epoch) \
+                or failover.epoch_of(ctx.owners(), network) > int(epoch):
+            return {"stale": f"epoch {epoch} is older than what {ctx.me} knows for {network}"}
+        unfence(ctx.paths, network)
+        return host.apply_now(("links", "floating", "dnsmasq", "metadata"), ctx.desired(), ctx.paths,
+                              Managed(ctx.paths))

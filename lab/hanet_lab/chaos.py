@@ -8,6 +8,9 @@
   start-up (hanet's ``startup_states``) decides what it holds.
 - ``cut(lab, host, ifnames)`` / ``mend(...)``: one host's links go down / up (a broken
   cable on that host only).
+- ``unplug(lab, host, ifnames)`` / ``replug(...)``: the switch ports of those links go
+  down / up: the host sees its carrier go (its addresses and routes stay, as with a
+  pulled cable or a dead switch port), and comes back as it was.
 - ``Pinger``: ``ping -D -i 0.01`` from one node to an address, recording every reply's
   timestamp; ``outage()`` is the longest silence between two replies.
 """
@@ -40,6 +43,25 @@ def mend(lab, host, ifnames):
     ns = lab.ns(host)
     for ifname in ifnames:
         subprocess.run(["ip", "-n", ns, "link", "set", ifname, "up"], check=True)
+
+
+def _ports(lab, host, ifnames):
+    ports = lab.ports.get(host, {})
+    missing = [i for i in ifnames if i not in ports]
+    if missing:
+        raise KeyError(f"{host} has no switch port for {missing}")
+    return [ports[i] for i in ifnames]
+
+
+def unplug(lab, host, ifnames):
+    """The switch ports of ``host``'s ``ifnames`` go down: carrier lost on the host."""
+    for port in _ports(lab, host, ifnames):
+        subprocess.run(["ip", "-n", lab.switch_ns, "link", "set", port, "down"], check=True)
+
+
+def replug(lab, host, ifnames):
+    for port in _ports(lab, host, ifnames):
+        subprocess.run(["ip", "-n", lab.switch_ns, "link", "set", port, "up"], check=True)
 
 
 def power_off(lab, host):

@@ -207,8 +207,21 @@ def test_a_takeover_order_round_trips_through_the_publication():
     args, kwargs = failover.takeover_order("shared", 3, "net1", detected_at=1.5, decision={"via": "engine"})
     load = {"fun": failover.TAKEOVER_FUN, "tgt": "net2", "tgt_type": "glob", "jid": "9",
             "arg": args + [dict(kwargs, __kwarg__=True)]}
-    assert failover.parse_order({"load": load}, "net2") == {"jid": "9", "args": args, "kwargs": kwargs}
+    assert failover.parse_order({"load": load}, "net2") == {"jid": "9", "fun": failover.TAKEOVER_FUN,
+                                                            "args": args, "kwargs": kwargs}
     assert set(kwargs) <= failover.TAKEOVER_KWARGS
+    args, kwargs = failover.takeover_order("shared", 3, "net1", handover=True)
+    assert kwargs == {"previous": "net1", "handover": True}
+
+
+def test_a_relinquish_order_is_heard_too_and_nothing_else():
+    load = {"fun": failover.RELINQUISH_FUN, "tgt": "net1", "tgt_type": "glob", "jid": "10",
+            "arg": ["shared", 4, "net2"]}
+    assert failover.parse_order({"load": load}, "net1") == {
+        "jid": "10", "fun": failover.RELINQUISH_FUN, "args": ["shared", 4, "net2"], "kwargs": {}}
+    assert failover.parse_order({"load": dict(load, arg=["shared", 4])}, "net1") is None
+    assert failover.parse_order({"load": dict(load, tgt="net2")}, "net1") is None
+    assert failover.parse_order({"load": dict(load, fun="cmd.run")}, "net1") is None
 
 
 def test_every_order_keyword_is_one_hanet_takeover_takes():

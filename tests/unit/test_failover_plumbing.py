@@ -31,7 +31,7 @@ def order(**load):
 
 def test_an_order_for_this_minion_is_parsed():
     got = failover.parse_order(order(), "net2")
-    assert got == {"jid": "1", "args": ["shared", 3],
+    assert got == {"jid": "1", "fun": "hanet.takeover", "args": ["shared", 3],
                    "kwargs": {"previous": "net1", "detected_at": 1.5}}
     assert failover.parse_order(order(tgt=["net2"], tgt_type="list"), "net2")["args"] == ["shared", 3]
 
@@ -41,7 +41,7 @@ def test_an_order_for_this_minion_is_parsed():
     {"tgt": "net*"},                          # a glob that merely matches: not ours alone
     {"tgt": ["net2", "net1"], "tgt_type": "list"},
     {"tgt_type": "compound"},
-    {"fun": "hanet.relinquish"},              # only takeovers are acted on early
+    {"fun": "hanet.relinquish"},              # a relinquish takes (network, epoch, owner), no keywords
     {"fun": "state.apply"},
     {"arg": ["shared"]},                      # missing the epoch
     {"arg": ["shared", 3, {"__kwarg__": True, "warm": False}]},  # a keyword the path does not take
