@@ -48,6 +48,11 @@ cannot serve now::
     salt/beacon/<host>/hanet_liveness/<host>/healthy    {lost: [], ...}
 
 The master hands such a network to a standby that can serve it.
+
+``clock_offset_s`` (a test hook, seconds) is added to the time stamped on every report:
+the lab's hosts share one clock, and this is how a test shows what the master does with
+a host whose clock is off (it refuses the report, says why, and the reconcile loop
+moves what the report would have).
 """
 from __future__ import annotations
 
@@ -119,6 +124,9 @@ def validate(config):
             and isinstance(health.get("segments"), dict)
             and all(isinstance(k, str) and isinstance(v, str) for k, v in health["segments"].items())):
         return False, "hanet_liveness: health must be {uplink: ifname, segments: {network: ifname}}"
+    offset = cfg.get("clock_offset_s", 0)
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)):
+        return False, "hanet_liveness: clock_offset_s must be a number of seconds"
     for key in ("interval_ms", "misses", "rise"):
         if key in cfg and (not isinstance(cfg[key], int) or cfg[key] < 1):
             return False, f"hanet_liveness: {key} must be a positive integer"
@@ -438,9 +446,10 @@ def _start(cfg):
             return  # nothing changed since the beacon last ran (a refresh, a restart)
         log.warning("hanet_liveness: peer %s is %s", peer, state)
         targets = [f"{i}:{a}" for i, a in holder["prober"].peers[peer].targets]
-        sender.submit(peer, state, detected_at, targets)
+        sender.submit(peer, state, detected_at + skew, targets)
         save()
 
+    skew = float(cfg.get("clock_offset_s") or 0)  # a test hook (module docstring)
     peers = {name: [tuple(t) for t in targets] for name, targets in cfg["peers"].items()}
     probe = lib["model"].Probe.of(cfg.get("interval_ms"), cfg.get("misses"), cfg.get("rise"))
     holder["prober"] = liveness.Prober(peers, on_change, probe)
@@ -460,7 +469,7 @@ def _start(cfg):
     health_cfg = cfg.get("health")
     if health_cfg:  # a network host: can it serve its networks? (rule 3: hand over)
         def on_health(lost, at):
-            sender.health(lost, at)
+            sender.health(lost, at + skew)
             save()
 
         view = liveness.read_view(paths).get("health")

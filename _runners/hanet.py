@@ -163,6 +163,15 @@ def _any_minion():
     return known[0]
 
 
+def _canonical():
+    """The minion whose compiled pillar is the cluster's one view of hanet: every
+    decision (a report, a handover, the reconcile loop, planned moves, status) is made
+    against it, never against the reporting minion's own pillar. The master option
+    ``hanet_canonical_minion`` names it; by default it is the first minion the master
+    knows (sorted), the same on every master."""
+    return __opts__.get("hanet_canonical_minion") or _any_minion()
+
+
 def _record():
     return _lib("failover").Record(__opts__["cachedir"])
 
@@ -228,8 +237,9 @@ def prime(tag=None, data=None, via="reactor"):  # pylint: disable=unused-argumen
         return {"result": True, "reason": "left to the hanet_failover engine"}
     mid = (data or {}).get("id") if isinstance(data, dict) else None
     try:
-        _config(mid or _any_minion(), fresh=True)
-        cfg, _ = _config(_any_minion())
+        if mid:
+            _config(mid, fresh=True)
+        cfg, _ = _config(_canonical(), fresh=True)
     except Exception as err:  # pylint: disable=broad-except  (any pillar trouble: report it)
         return {"result": False, "reason": str(err)}
     _lib("icmp").check(["127.0.0.1"], timeout=0.01, tries=1)
@@ -271,7 +281,7 @@ def liveness(tag=None, data=None, via="reactor"):
     if rep.state in (failover.IMPAIRED, failover.HEALTHY):
         return _health(rep, tag, data, via, t0)
     try:
-        cfg, _ = _config(rep.observer)
+        cfg, _ = _config(_canonical())
     except Exception as err:  # pylint: disable=broad-except  (any pillar trouble: refuse)
         return _reject(None, f"pillar: {err}", tag, data)
     try:
@@ -333,7 +343,7 @@ def _health(rep, tag, data, via, t0):
     told to let go first, and the new one binds once the gateway is silent."""
     failover = _lib("failover")
     try:
-        cfg, _ = _config(rep.observer)
+        cfg, _ = _config(_canonical())
         with _record() as rec:
             other = rec.handle(rep.nonce, via, t0)  # raises Rejected for a replay
             if other:
@@ -408,7 +418,7 @@ def reconcile(via="reconcile"):
     """
     failover = _lib("failover")
     now = time.time()
-    cfg, _ = _config(_any_minion())
+    cfg, _ = _config(_canonical())
     w = _WATCH.get("watch")
     hosts = failover.watched_hosts(cfg)
     verdicts = {h: w.verdict(h) if w is not None else None for h in hosts}
@@ -500,7 +510,7 @@ def evacuate(minion, tgt_pillar_from=None):
 
         salt-run hanet.evacuate net1
     """
-    cfg, _ = _config(tgt_pillar_from or minion, fresh=True)
+    cfg, _ = _config(tgt_pillar_from or _canonical(), fresh=True)
     out = []
     for label, move in _lib("failover").evacuation(cfg, _owners(), minion):
         if move is None:
@@ -517,7 +527,7 @@ def failback(network, to=None):
 
         salt-run hanet.failback shared
     """
-    cfg, _ = _config(to or _any_minion(), fresh=True)
+    cfg, _ = _config(_canonical(), fresh=True)
     net = cfg.networks.get(network)
     if net is None or net.multi_host:
         raise ValueError(f"{network!r} is not a network with network_hosts")
@@ -537,7 +547,7 @@ def status(timeout=10):
     got = {k: v for k, v in got.items() if isinstance(v, dict)}
     if not got:
         return {"error": "no minion answered hanet.status"}
-    cfg, _ = _config(sorted(got)[0], fresh=True)
+    cfg, _ = _config(_canonical(), fresh=True)
     try:
         record = _owners()
     except failover.RecordError as err:

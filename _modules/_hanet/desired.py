@@ -46,6 +46,9 @@ class Bridge:
     segment: Optional[Segment] = None
     mtu: int = 1500
     addresses: tuple = ()
+    # addresses that move between hosts (the gateway of a network-host network): an
+    # apply binds one only after duplicate address detection finds nobody holding it
+    guarded: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -237,7 +240,8 @@ def compute(cfg, host, owners=None):
         if role == SERVING and not net.multi_host:
             addresses.append(net.gateway_cidr)
         bridges.append(Bridge(name=net.bridge, network=label, uplink=uplink, segment=segment,
-                              mtu=net.mtu, addresses=tuple(addresses)))
+                              mtu=net.mtu, addresses=tuple(addresses),
+                              guarded=(net.gateway_cidr,) if role == SERVING and not net.multi_host else ()))
 
         local = [(i, n) for i in cfg.instances.values() for n in i.nics
                  if n.network == label and i.host == host]

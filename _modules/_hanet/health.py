@@ -9,8 +9,9 @@ keepalived's ``track_interface``, done with both sides' evidence (rule 3 of
   network's ``bridge_interface`` (the flat uplink, the 802.1Q parent or the VXLAN
   underlay) has carrier.
 
-A network is *lost* here after ``misses`` bad checks in a row and is fine again after
-``rise`` good ones. The uplink carries every network's traffic out, so a lost uplink
+A lost carrier counts at once (the kernel's word, not a guess); a silent next hop
+counts after ``misses`` checks in a row, as a silent peer does. A network is fine again
+after ``rise`` good checks. The uplink carries every network's traffic out, so a lost uplink
 loses them all. The beacon reports each change of the lost set to the master, signed,
 as ``impaired`` (something lost) or ``healthy``. The master hands a network over only
 when its owner has lost it **and** a standby has it (``_hanet.failover.handover``): an
@@ -36,7 +37,8 @@ IFF_UP, IFF_LOWER_UP = 0x1, 0x10000
 
 class Tracker:
     """Debounces what is bad now into what is *lost*: an item (a network, ``UPLINK``)
-    is lost after ``misses`` bad checks in a row and fine after ``rise`` good ones.
+    is lost after ``misses`` bad checks in a row (at once when it is ``certain``: a link
+    without carrier) and fine after ``rise`` good ones.
     ``since``: when the lost set last changed (``time.time()``); 0 while it never did."""
 
     def __init__(self, misses, rise):
@@ -47,14 +49,15 @@ class Tracker:
         self._bad = {}  # item -> bad checks in a row
         self._good = {}  # item -> good checks in a row (while lost)
 
-    def update(self, items, bad, now):
-        """One check of ``items`` of which ``bad`` failed; True when the lost set changed."""
+    def update(self, items, bad, now, certain=()):
+        """One check of ``items`` of which ``bad`` failed (``certain`` of them beyond
+        doubt); True when the lost set changed."""
         before = set(self.lost)
         for item in items:
             if item in bad:
                 self._good.pop(item, None)
                 self._bad[item] = self._bad.get(item, 0) + 1
-                if self._bad[item] >= self.misses:
+                if self._bad[item] >= self.misses or item in certain:
                     self.lost.add(item)
             else:
                 self._bad.pop(item, None)
@@ -113,15 +116,18 @@ class Health:
         return {"lost": networks_lost(self.tracker.lost, self.networks), "since": self.tracker.since}
 
     def bad_now(self, links, hop_ok):
-        """The items that fail this check, from ``links`` ({ifname: flags}) and the next
-        hop's answer (True, False, or None: no next hop to ask)."""
-        bad = set()
-        if self.uplink and (not link_up(links, self.uplink) or hop_ok is False):
+        """(bad, certain): the items that fail this check, from ``links`` ({ifname:
+        flags}) and the next hop's answer (True, False, or None: no next hop to ask), and
+        those of them whose link has no carrier."""
+        bad, certain = set(), set()
+        if self.uplink and not link_up(links, self.uplink):
+            certain.add(UPLINK)
+        elif self.uplink and hop_ok is False:
             bad.add(UPLINK)
         for net, ifname in self.segments.items():
             if ifname and not link_up(links, ifname):
-                bad.add(net)
-        return bad
+                certain.add(net)
+        return bad | certain, certain
 
     def check(self, links, hop_ok, now=None):
         """One check; calls ``on_change`` when the networks this host cannot serve differ
@@ -130,7 +136,8 @@ class Health:
         now = time.time() if now is None else now
         self._checks += 1
         items = ([UPLINK] if self.uplink else []) + self.networks
-        self.tracker.update(items, self.bad_now(links, hop_ok), now)
+        bad, certain = self.bad_now(links, hop_ok)
+        self.tracker.update(items, bad, now, certain)
         after = networks_lost(self.tracker.lost, self.networks)
         if self._checks < max(self.tracker.misses, self.tracker.rise) or after == self.reported:
             return

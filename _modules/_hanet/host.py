@@ -34,7 +34,8 @@ def facet(name, state, paths, managed, salt=None, conf_dir=None):
         bridges = links.drop_local_remotes(state.bridges, links.local_addresses())
         cur = links.current(bridges, managed.get("links"))
         changes = links.plan(bridges, cur, managed.get("links"))
-        return changes, lambda: links.apply(changes, managed)
+        guarded = {(br.name, a) for br in bridges for a in br.guarded}
+        return changes, lambda: apply_links(changes, guarded, managed)
     if name == "sysctls":
         cur = sysctls.current([k for k, _ in state.sysctls])
         changes = sysctls.plan(state.sysctls, cur)
@@ -60,6 +61,35 @@ def facet(name, state, paths, managed, salt=None, conf_dir=None):
     if name == "startup":
         return _startup(state, conf_dir)
     raise ValueError(f"unknown facet {name!r}; one of {', '.join(FACETS)}")
+
+
+def apply_links(changes, guarded, managed):
+    """``links.apply`` with duplicate address detection: an address in ``guarded``
+    ({(link, "ip/len")}: a gateway that moves between hosts) is added last, and only when
+    no other host answers ARP for it on that link. So an apply (the start-up highstate of
+    a host that was cut off, a record that is behind) never makes a second holder; the
+    master's reconcile loop settles who serves. A link that cannot send (no carrier, no
+    port) reaches nobody who could hold the address, and the address is bound."""
+    from . import arp
+
+    later = [c for c in changes if c.action == "add" and
+             (c.detail.get("link"), c.detail.get("address")) in guarded]
+    done = links.apply([c for c in changes if c not in later], managed)
+    refused = []
+    for change in later:
+        ip, link = change.detail["address"].split("/")[0], change.detail["link"]
+        try:
+            holder = arp.probe(ip, link, timeout=arp.DAD_TIMEOUT_S, tries=2)
+        except OSError:
+            holder = None
+        if holder:
+            refused.append(f"{ip} on {link} is answered by {holder}")
+        else:
+            done += links.apply([change], managed)
+    if refused:
+        raise RuntimeError("not bound (duplicate address detection; the master's reconcile loop "
+                           "decides who serves): " + "; ".join(refused))
+    return done
 
 
 def apply_now(names, state, paths, managed, garp=0):

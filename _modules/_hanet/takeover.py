@@ -208,23 +208,29 @@ def _check_epoch(ctx, network, epoch):
         raise ValueError(f"stale order for {network}: epoch {epoch} is older than {known}")
 
 
-def _dad(net, planned, prechecked, mark, handover=False):
+def _dad(net, planned, prechecked, mark, handover=()):
     """Duplicate address detection of the gateway before it is bound here. A handover's
-    old owner is alive and was told to let go just before: wait (up to
-    ``HANDOVER_WAIT_S``) for the gateway to fall silent, then bind."""
+    old owner is alive and was told to let go just before: ``handover`` lists every
+    address that moves, [(ip, interface)], and each must fall silent (within
+    ``HANDOVER_WAIT_S``) before anything is bound: the old owner may still answer for
+    the floating IPs on its uplink when it can no longer be heard on the VM segment."""
     if planned:
         return  # the old owner answers until this host has announced it
     if handover:
         deadline = time.monotonic() + HANDOVER_WAIT_S
-        while True:
-            holder = arp.probe(net.gateway, net.bridge, timeout=arp.DAD_TIMEOUT_S, tries=1)
+        waiting = list(handover)
+        while waiting:
+            ip, ifname = waiting[0]
+            holder = arp.probe(ip, ifname, timeout=arp.DAD_TIMEOUT_S, tries=1)
             if holder is None:
-                mark("dad")
-                return
+                waiting.pop(0)
+                continue
             if time.monotonic() >= deadline:
-                raise RuntimeError(f"gateway {net.gateway} is still answered by {holder} on "
-                                   f"{net.bridge} {HANDOVER_WAIT_S:.0f} s into the handover: not binding it")
+                raise RuntimeError(f"{ip} is still answered by {holder} on {ifname} "
+                                   f"{HANDOVER_WAIT_S:.0f} s into the handover: not binding")
             time.sleep(0.01)
+        mark("dad")
+        return
     pre = (prechecked or {}).get(net.gateway)
     if isinstance(pre, (list, tuple)) and len(pre) == 2 and pre[1] is None \
             and 0 <= time.time() - float(pre[0]) < PRECHECK_FRESH_S:
@@ -269,6 +275,11 @@ def links_add(net, managed):
                                     {"link": net.bridge, "address": net.gateway_cidr})], managed)
 
 
+def _as_owner(ctx, network):
+    """This host's desired state were it the owner of ``network`` (what it would bind)."""
+    return desired.compute(ctx.cfg, ctx.me, dict(ctx.owner_map(), **{network: ctx.me}))
+
+
 def _merge(done, more):
     for facet, msgs in more.items():
         done[facet] = done.get(facet, []) + list(msgs)
@@ -303,7 +314,8 @@ def run(ctx, network, epoch, previous=None, detected_at=None, planned=False, dec
             managed = Managed(ctx.paths)
             if not bound:
                 mark("config")
-                _dad(net, planned, prechecked, mark, handover)
+                _dad(net, planned, prechecked, mark,
+                     moved_addresses(net, _as_owner(ctx, network)) if handover else ())
                 unfence(ctx.paths, network)
                 write_local_owner(ctx.paths, network, ctx.me, epoch)
                 state = ctx.desired()

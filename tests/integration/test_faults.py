@@ -222,3 +222,63 @@ def test_a_killed_dnsmasq_is_restarted_and_a_renewing_vm_keeps_its_address(clust
     assert st["running"] and st["pid"] == got["data"]["pid"] and st["leases"] >= 1, st
     lease = lab.dhcp("app1", client="dhclient")
     assert (lease["address"], lease["server"]) == ("10.20.0.10", GATEWAY), lease
+
+
+def test_reports_from_clocks_60_s_off_are_refused_loudly_and_the_network_still_moves(cluster):
+    """Every observer stamps its reports 60 s ahead (the beacon's ``clock_offset_s`` test
+    hook: the lab's hosts share one clock). The master refuses them as stale and says
+    so, naming the clock; the reconcile loop moves the network anyway, from its own
+    watch and what the hosts see."""
+    from hanet_lab import chaos
+
+    lab = cluster
+    owner = record(lab)[NET]["owner"]
+    before = record(lab)[NET]["epoch"]
+    observers = [h for h in lab.topology.hosts if h != owner]
+    for host in observers:
+        conf = lab.salt(host, "beacons.list", kwarg={"return_yaml": False, "include_pillar": False},
+                        timeout=10)[host]["hanet_liveness"]
+        got = lab.salt(host, "beacons.modify", ["hanet_liveness", conf + [{"clock_offset_s": 60}]], timeout=10)
+        assert got[host]["result"], got
+    time.sleep(2)  # the beacons restart with the hook; their peers are up again
+    try:
+        with lab.events() as ev:
+            chaos.power_off(lab, owner)
+            refused = ev.wait("hanet/failover/unknown/rejected", timeout=10)
+            got = served_by(lab, tuple(h for h in NETWORK_HOSTS if h != owner))
+        assert refused and "clock" in refused["data"]["reason"], refused
+        assert got["epoch"] == before + 1 and "reconcile" in got["reason"], got
+    finally:
+        state_apply(lab, observers, timeout=300)  # the pillar's beacon configuration again
+        chaos.power_on(lab, owner)
+
+
+def test_an_apply_never_binds_a_gateway_another_host_answers_for(cluster):
+    """A standby whose own copy of the record is wrong (it says this host serves: a
+    takeover it never finished, a record that is behind) applies hanet: the gateway is
+    not bound while the owner answers for it (duplicate address detection), the state
+    says why, and nothing else changes."""
+    import json
+
+    lab = cluster
+    owner = record(lab)[NET]["owner"]
+    other = next(h for h in NETWORK_HOSTS if h != owner)
+    wait_for(f"{other} standing by", lambda: lab.salt(other, "hanet.serving", timeout=10)
+             .get(other, {}).get("networks", {}).get(NET) is False)
+    path = os.path.join(lab.minion_root(other), "var", "lib", "hanet", "owners.json")
+    with open(path) as fh:
+        saved = fh.read()
+    wrong = json.loads(saved or "{}")
+    wrong[NET] = {"owner": other, "epoch": record(lab)[NET]["epoch"] + 100}
+    with open(path, "w") as fh:
+        json.dump(wrong, fh)
+    try:
+        res = lab.salt(other, "state.apply", ["hanet"], timeout=300)[other]
+        failed = {k: v["comment"] for k, v in res.items() if v["result"] is False}
+        assert any("answered by" in c for c in failed.values()), failed
+        assert holders(lab, GATEWAY) == [owner]
+    finally:
+        with open(path, "w") as fh:
+            fh.write(saved)
+        state_apply(lab, [other], timeout=300)
+    assert holders(lab, GATEWAY) == [owner]

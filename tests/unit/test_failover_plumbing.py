@@ -102,6 +102,19 @@ def test_network_hosts_listen_for_orders_and_a_standby_probes_its_gateway():
     assert "orders" not in flat["compute1"] and "standby_for" not in flat["compute1"]
     for c in conf.values():
         assert beacon.validate(c) == (True, "valid")
+    assert flat["net1"]["health"] == {"uplink": "eth0", "segments": {"shared": "eth3"}}
+
+
+@pytest.mark.parametrize("item,word", [
+    ({"health": {"uplink": "eth0", "segments": ["shared"]}}, "health"),
+    ({"health": "eth0"}, "health"),
+    ({"clock_offset_s": "60"}, "clock_offset_s"),
+    ({"clock_offset_s": True}, "clock_offset_s"),
+])
+def test_a_bad_health_or_clock_item_is_named(item, word):
+    ok, why = beacon.validate([{"peers": {}}, item])
+    assert not ok and word in why
+    assert beacon.validate([{"peers": {}}, {"clock_offset_s": -60.5}]) == (True, "valid")
 
 
 def test_the_master_watch_gives_no_verdict_from_a_stale_view():

@@ -24,6 +24,11 @@ def test_an_item_is_lost_after_misses_bad_checks_and_back_after_rise_good_ones()
     assert t.update(["a"], set(), 7) and t.lost == set() and t.since == 7
 
 
+def test_a_certain_failure_is_lost_at_once():
+    t = health.Tracker(misses=3, rise=2)
+    assert t.update(["a", "b"], {"a", "b"}, 1, certain={"a"}) and t.lost == {"a"}
+
+
 def test_a_flap_shorter_than_misses_is_never_lost():
     t = health.Tracker(misses=3, rise=3)
     for n in range(30):
@@ -68,6 +73,7 @@ def test_what_each_failure_loses(links, hop_ok, lost):
     for n in range(3):
         h.check(links, hop_ok, now=NOW + n)
     assert got == ([lost] if lost else [])
+    assert h.tracker.since in ((NOW + 1 if hop_ok is False else NOW) if lost else 0,)
     assert h.snapshot()["lost"] == lost
 
 
