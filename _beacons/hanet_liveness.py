@@ -18,7 +18,8 @@ fires nothing unless a peer really changed meanwhile.
 On a network host (``orders: true``) the beacon also listens for the master's
 ``hanet.takeover`` orders and binds at once (``OrderListener``); on a standby
 (``standby_for``) it probes the gateway it would take over as soon as it reports that
-peer down, while the master decides.
+peer down, while the master decides. When a peer it saw down comes back (a healed
+partition), a network host announces what it serves again (``hanet.announce``).
 
 hanet's ``hanet.liveness`` state configures this beacon from the pillar; by hand:
 
@@ -448,8 +449,25 @@ def _start(cfg):
         targets = [f"{i}:{a}" for i, a in holder["prober"].peers[peer].targets]
         sender.submit(peer, state, detected_at + skew, targets)
         save()
+        if state == liveness.UP and not initial and announce is not None:
+            # a peer is back (a healed partition): the owner says again who holds what
+            import threading
+
+            threading.Thread(target=announce, name="hanet-announce", daemon=True).start()
 
     skew = float(cfg.get("clock_offset_s") or 0)  # a test hook (module docstring)
+    announce = None
+    if cfg.get("orders"):
+        salt_announce = _real(__salt__)
+
+        def announce():
+            try:
+                got = salt_announce["hanet.announce"]()
+                if got:
+                    log.warning("hanet_liveness: a peer is back: announced %s again", ", ".join(got))
+            except Exception:  # pylint: disable=broad-except  (log it; the beacon goes on)
+                log.exception("hanet_liveness: announcing again failed")
+
     peers = {name: [tuple(t) for t in targets] for name, targets in cfg["peers"].items()}
     probe = lib["model"].Probe.of(cfg.get("interval_ms"), cfg.get("misses"), cfg.get("rise"))
     holder["prober"] = liveness.Prober(peers, on_change, probe)

@@ -317,6 +317,17 @@ def relinquish(network, epoch, owner):
     return _h("takeover").relinquish(_takeover_context(), network, epoch, owner)
 
 
+def announce():
+    """Announce again (gratuitous ARP) the gateway and floating IPs of every network this
+    host serves. The beacon calls it when a peer comes back after a partition.
+
+    CLI example::
+
+        salt net1 hanet.announce
+    """
+    return _h("takeover").announce(_takeover_context())
+
+
 def fence():
     """Stop answering for every network-host network this host serves (its gateway,
     floating IPs and dnsmasq go, its configuration stays), until the master orders it to

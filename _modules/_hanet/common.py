@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import tempfile
+import threading
 from dataclasses import dataclass, field
 
 
@@ -71,6 +72,36 @@ def write_atomic(path, text, mode=0o644):
             os.unlink(tmp)
         raise
     return True
+
+
+class Worker:
+    """A daemon thread that runs ``_run()`` until ``stop()`` (the beacon's prober,
+    supervisor, fence and health watch). ``_run`` waits on ``self._stop``; ``stop``
+    sets it and joins the thread for at most ``timeout`` seconds (Salt calls the
+    beacon's ``close`` on a refresh: it must not hang)."""
+
+    thread_name = "hanet-worker"
+
+    def __init__(self):
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _run(self):
+        raise NotImplementedError
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout=2.0):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self):
+        return self._thread is not None and self._thread.is_alive()
 
 
 class FileLock:

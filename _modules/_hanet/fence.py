@@ -19,9 +19,9 @@ brings the addresses back.
 from __future__ import annotations
 
 import logging
-import threading
 
 from . import icmp
+from .common import Worker
 
 log = logging.getLogger(__name__)
 
@@ -38,21 +38,22 @@ def next_hop():
     return None
 
 
-class Fence:
+class Fence(Worker):
     """Watches ``prober``'s peers each ``probe.interval_s``; see the module docstring.
     ``targets``: the addresses that stand for the master (and, when ``route`` is true,
     the next hop too, read from the routing table in the watching thread: pyroute2 must
     not run in the minion's main thread, whose event loop is running)."""
 
+    thread_name = "hanet-fence"
+
     def __init__(self, prober, probe, targets, on_fence, route=True):
+        super().__init__()
         self.prober = prober
         self.probe = probe
         self.targets = [t for t in targets if t]
         self.route = route
         self.on_fence = on_fence
         self.fenced = False
-        self._stop = threading.Event()
-        self._thread = None
 
     def isolated(self):
         """Whether this host has lost every piece of evidence now."""
@@ -91,13 +92,3 @@ class Fence:
                 self.targets.append(hop)
         while not self._stop.wait(self.probe.interval_s):
             self.check()
-
-    def start(self):
-        self._thread = threading.Thread(target=self._run, name="hanet-fence", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, timeout=2.0):
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)

@@ -24,10 +24,10 @@ reads the kernel (netlink, ICMP) and feeds it.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 from . import icmp
+from .common import Worker
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +87,17 @@ def link_up(links, ifname):
     return flags is not None and bool(flags & IFF_UP) and bool(flags & IFF_LOWER_UP)
 
 
-class Health:
+class Health(Worker):
     """The thread that checks this host's uplink and segments each ``probe.interval_s``
     and calls ``on_change(networks_lost, since)`` when the set of networks it cannot
     serve differs from what was last reported (``known``: the last report before a
     restart). pyroute2 runs in this thread only (never in the
     minion's main thread, whose event loop is running)."""
 
+    thread_name = "hanet-health"
+
     def __init__(self, uplink, segments, probe, on_change, known=None, next_hop=True):
+        super().__init__()
         self.uplink = uplink  # ifname or None
         self.segments = dict(segments)  # network -> ifname (its bridge_interface) or None
         self.probe = probe
@@ -104,8 +107,6 @@ class Health:
         self.tracker = Tracker(probe.misses, probe.rise)
         self.reported = sorted(known or ())  # what was last reported (before a restart too)
         self._checks = 0
-        self._stop = threading.Event()
-        self._thread = None
 
     @property
     def networks(self):
@@ -190,13 +191,3 @@ class Health:
                     seen = icmp.check([self.hop], timeout=timeout, tries=1)
                     hop_ok = None if seen is None else seen == icmp.ALIVE
                 self.check(links, hop_ok)
-
-    def start(self):
-        self._thread = threading.Thread(target=self._run, name="hanet-health", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, timeout=2.0):
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)

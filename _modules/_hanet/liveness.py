@@ -24,6 +24,8 @@ import struct
 import threading
 import time
 
+from .common import Worker
+
 log = logging.getLogger(__name__)
 
 ETH_P_ARP = 0x0806
@@ -119,42 +121,32 @@ class Peer:
         self.last_seen = None
 
 
-class Prober:
+class Prober(Worker):
     """``peers``: {name: [(ifname, ip), ...]}; ``probe``: a ``model.Probe`` (interval,
     misses, rise); ``on_change(peer, state, detected_at, initial)`` is called from the
     probe thread on every transition."""
 
+    thread_name = "hanet-liveness"
+
     def __init__(self, peers, on_change, probe, window=None):
+        super().__init__()
         self.peers = {name: Peer(name, t) for name, t in sorted(peers.items()) if t}
         self.on_change = on_change
         self.interval = probe.interval_s
         self.window = min(self.interval, float(window) if window else self.interval / 2)
         self.misses = int(probe.misses)
         self.rise = int(probe.rise)
-        self._stop = threading.Event()
-        self._thread = None
         self._socks = {}  # ifname -> (sock, mac, ip)
         self._by_ip = {}  # (ifname, ip) -> Peer
         self._macs = {}  # (ifname, ip) -> the MAC that answers for it (bytes)
         self._warned = set()
 
     # -- lifecycle -----------------------------------------------------------------
-    def start(self):
-        self._thread = threading.Thread(target=self._run, name="hanet-liveness", daemon=True)
-        self._thread.start()
-        return self
-
     def stop(self, timeout=2.0):
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        super().stop(timeout)
         for sock, _, _ in self._socks.values():
             sock.close()
         self._socks.clear()
-
-    @property
-    def alive(self):
-        return self._thread is not None and self._thread.is_alive()
 
     def view(self):
         return {p.name: {"state": p.state, "last_seen": p.last_seen,

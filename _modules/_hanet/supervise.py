@@ -15,9 +15,9 @@ same lock (``daemon.lock``), so a planned restart or stop is never undone.
 from __future__ import annotations
 
 import logging
-import threading
 
 from . import dnsmasq, metadata
+from .common import Worker
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +43,20 @@ def running(paths):
     return out
 
 
-class Supervisor:
+class Supervisor(Worker):
     """Restarts a daemon it has seen running and then finds dead (only those: a record
     left from before a reboot, or a daemon an apply could not start, is the appliers'
     business, not a restart loop's)."""
 
+    thread_name = "hanet-supervise"
+
     def __init__(self, paths, on_restart, interval=INTERVAL_S):
+        super().__init__()
         self.paths = paths
         self.on_restart = on_restart
         self.interval = float(interval)
         self._seen = {}  # (daemon, name) -> pid last seen alive
         self._retry_at = {}  # (daemon, name) -> monotonic time of the next attempt
-        self._stop = threading.Event()
-        self._thread = None
 
     def check(self):
         """One round: [(daemon, name, new pid)] for every daemon started again."""
@@ -91,17 +92,3 @@ class Supervisor:
     def _run(self):
         while not self._stop.wait(self.interval):
             self.check()
-
-    def start(self):
-        self._thread = threading.Thread(target=self._run, name="hanet-supervise", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, timeout=2.0):
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    @property
-    def alive(self):
-        return self._thread is not None and self._thread.is_alive()

@@ -352,6 +352,28 @@ def run(ctx, network, epoch, previous=None, detected_at=None, planned=False, dec
     return data
 
 
+def announce(ctx):
+    """Announce (gratuitous ARP, ``GARP_MIN`` rounds) the gateway and floating IPs of
+    every network-host network this host owns by its record and holds now. The beacon
+    calls it when a peer comes back (a healed partition): whatever the neighbours
+    learnt while the segment was split, they learn the owner again. Returns the
+    addresses announced."""
+    owners = ctx.owners()
+    held = links.addresses_by_link()
+    state = None
+    out = []
+    for label, net in sorted(ctx.cfg.networks.items()):
+        if net.multi_host or ctx.me not in net.network_hosts or label in fenced(ctx.paths) \
+                or failover.owner_of(ctx.cfg, owners, label) != ctx.me \
+                or net.gateway_cidr not in held.get(net.bridge, []):
+            continue
+        state = state or ctx.desired()
+        out += moved_addresses(net, state)
+    if out:
+        arp.garp_many(out, GARP_MIN)
+    return [ip for ip, _ in out]
+
+
 def relinquish(ctx, network, epoch, owner):
     """Give ``network`` up to ``owner`` (the master's record at ``epoch``): unbind the
     gateway and the network's floating IPs and stop its dnsmasq; keep the hot-standby

@@ -166,8 +166,10 @@ def test_a_partitioned_owner_falls_silent_before_the_standby_binds(cluster):
     """The owner is cut off from everything (every link down, its processes and kernel
     state intact). It sees no peer, no master and no next hop, and drops what it serves
     (rule 2) before the standby is ordered to bind; when the partition heals it holds
-    nothing, so there is no moment with two holders, and it stays quiet."""
+    nothing, so there is no moment with two holders (on the wire either), it stays
+    quiet, and the new owner announces the addresses again."""
     from hanet_lab import chaos
+    from hanet_lab.arpwatch import ArpWatch
 
     lab = cluster
     assert record(lab)[NET]["owner"] == "compute2"
@@ -177,11 +179,19 @@ def test_a_partitioned_owner_falls_silent_before_the_standby_binds(cluster):
         new = served_by(lab, ("net1", "net2"))["owner"]  # the standby whose report came first
         held = [a.split("/")[0] for a in lab.addresses("compute2")]
         assert GATEWAY not in held and FLOATING not in held, held
+        wire = ArpWatch(lab, [("seg-shared", GATEWAY), ("public", FLOATING)]).start()
     finally:
         chaos.mend(lab, "compute2", links)
-    for _ in range(20):  # for a while after the heal: one holder only
-        assert holders(lab, GATEWAY) == [new] and holders(lab, FLOATING) == [new]
-        time.sleep(0.25)
+    try:
+        for _ in range(20):  # for a while after the heal: one holder only
+            assert holders(lab, GATEWAY) == [new] and holders(lab, FLOATING) == [new]
+            time.sleep(0.25)
+    finally:
+        wire.stop()
+    seen = wire.summary()
+    assert seen[GATEWAY]["two_holders_s"] == 0 and seen[FLOATING]["two_holders_s"] == 0, seen
+    assert seen[GATEWAY]["macs"] == [lab.mac(new, "eth3")], seen
+    assert lab.mac(new, "eth3") in seen[GATEWAY]["announced_by"], "the owner did not announce again"
     assert lab.ping("app1", ROUTER, count=3, timeout=5)
     assert lab.ping("router", FLOATING, count=3, timeout=5)
 
@@ -282,3 +292,24 @@ def test_an_apply_never_binds_a_gateway_another_host_answers_for(cluster):
             fh.write(saved)
         state_apply(lab, [other], timeout=300)
     assert holders(lab, GATEWAY) == [owner]
+
+
+def test_the_master_alone_losing_the_owner_moves_nothing(cluster):
+    """Only the master's path to the owner breaks (its management link): the master's
+    watch sees it dead, but the standbys and the VMs still reach it on the segment, so
+    nothing moves and it keeps serving."""
+    from hanet_lab import chaos
+
+    lab = cluster
+    owner, before = record(lab)[NET]["owner"], record(lab)[NET]["epoch"]
+    chaos.unplug(lab, owner, ["mgmt0"])
+    try:
+        time.sleep(8)  # the watch's verdict, the grace period, a reconcile audit or more
+        assert record(lab)[NET]["epoch"] == before and record(lab)[NET]["owner"] == owner
+        held = [a.split("/")[0] for a in lab.addresses(owner)]
+        assert GATEWAY in held and FLOATING in held, held
+        others = [h for h in NETWORK_HOSTS if h != owner]
+        assert not [h for h in others if GATEWAY in [a.split("/")[0] for a in lab.addresses(h)]]
+        assert lab.ping("app1", ROUTER, count=3, timeout=5)
+    finally:
+        chaos.replug(lab, owner, ["mgmt0"])
