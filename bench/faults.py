@@ -15,7 +15,7 @@ VM app1 sits on compute1's br200 with the floating IP 203.0.113.60. For each fau
   how long the gateway was **silent** (no host answered for it);
 - then the lab is brought back (power on, links back, master back) and the next fault runs.
 
-    ./dev bench faults [--only NAME ...] [--md FILE] [--json FILE]
+    ./dev bench faults [--only NAME ...] [--md FILE] [--json FILE] [--logs DIR]
 
 A fault whose expected outcome is not met prints FAIL in its row (the run still goes on).
 """
@@ -321,6 +321,12 @@ class Matrix:
         t_end = time.time()
         time.sleep(1)
         vm.stop(), up.stop(), wire.stop()
+        if self.args.logs:
+            import shutil
+
+            os.makedirs(self.args.logs, exist_ok=True)
+            for what, path in (("vm-ping", vm.path), ("router-ping", up.path), ("arp", wire.path)):
+                shutil.copy(path, os.path.join(self.args.logs, f"{name}-{what}.log"))
         row["vm_outage_s"] = vm.outage(after=self.t_fault)[0]
         row["up_outage_s"] = up.outage(after=self.t_fault)[0]
         row["moves"] = self.epoch() - before
@@ -350,6 +356,8 @@ class Matrix:
     @staticmethod
     def drain(events):
         """The row's ``hanet/failover/...`` events: [(outcome, network, reason or from->to)]."""
+        from hanet_lab.lab import LabError
+
         out = []
         try:
             for _ in range(100):
@@ -358,8 +366,13 @@ class Matrix:
                     break
                 d, what = got.get("data") or {}, got["tag"].split("/")[-1]
                 out.append([what, d.get("reason") or f"{d.get('from')} -> {d.get('to')} @{d.get('epoch')}"])
+        except LabError:  # the master (and the lab's event gateway with it) restarted
+            out.append(["-", "events before the master's restart are not shown"])
         finally:
-            events.close()
+            try:
+                events.close()
+            except LabError:
+                pass
         return out
 
     def restore(self):
@@ -406,6 +419,7 @@ def main(argv=None):
     ap.add_argument("--only", nargs="*", help=f"run only these faults: {', '.join(n for n, _, _ in Matrix.FAULTS)}")
     ap.add_argument("--md", help="also write the table (markdown) to this file")
     ap.add_argument("--json", help="also write every row's figures (JSON) to this file")
+    ap.add_argument("--logs", help="keep each fault's ping and ARP logs in this directory")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench faults: needs root (the namespace lab)", file=sys.stderr)
