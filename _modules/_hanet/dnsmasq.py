@@ -389,6 +389,19 @@ def _start(spec, paths):
     return pid
 
 
+def _started_meanwhile(spec, paths):
+    """The pid of the dnsmasq of ``spec`` when it runs with ``spec``'s options, else None."""
+    f = files(spec.network, paths)
+    pid = daemon.read_pid(f["pid"])
+    if not process_matches(pid, f"--pid-file={f['pid']}"):
+        return None
+    try:
+        record = json.loads(_read(f["record"]) or "null")
+    except ValueError:
+        return None
+    return pid if isinstance(record, dict) and record.get("argv_digest") == options_digest(spec) else None
+
+
 def _launch(cmd, label, paths):
     f = files(label, paths)
     # a dnsmasq that is still exiting may hold the address a moment longer: retry "in use"
@@ -493,6 +506,19 @@ def _apply(changes, paths, managed):
         label = change.target
         if change.action in ("start", "restart"):
             spec = spec_from_dict(change.detail["spec"])
+            pid = _started_meanwhile(spec, paths) if change.action == "start" else None
+            if pid is not None:
+                # planned before this lock was taken: another applier (the takeover of
+                # another network on this host) started it since; a second start fails on
+                # the address in use, after unlinking the live one's pid file, and every
+                # later apply then fails the same way
+                _write_files(spec, paths)
+                os.kill(pid, signal.SIGHUP)
+                names.add(spec.network)
+                if managed is not None:
+                    managed.set(FACET, names)
+                done.append(f"dnsmasq {spec.network} was started meanwhile: SIGHUP pid {pid}")
+                continue
             old = _stop(spec.network, paths) if change.action == "restart" else None
             pid = _start(spec, paths)
             names.add(spec.network)

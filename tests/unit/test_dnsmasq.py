@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -340,3 +341,37 @@ def test_release_carries_the_leases_client_id():
     without = release_packet("192.168.0.3", "192.168.0.12", "fa:16:3e:00:00:03")
     assert bytes([61, 7, 1, 0xfa, 0x16, 0x3e, 0, 0, 3]) in with_id
     assert bytes([61]) + bytes([7]) not in without
+
+
+def test_apply_start_planned_before_another_applier_started_it(tmp_path, monkeypatch):
+    """Two takeovers on one host plan from the same moment; the first starts the
+    network's dnsmasq. The second's start, carried out after it, must leave that dnsmasq
+    and its pid file alone (a second dnsmasq fails on the address in use, and without
+    the pid file every later apply failed the same way)."""
+    import signal
+    import subprocess
+    import sys
+
+    paths = Paths(root_dir=str(tmp_path))
+    managed = Managed(paths)
+    changes = dnsmasq.plan((spec(),), dnsmasq.current(paths, managed))
+    assert actions(changes) == [("start", "private")]
+    f = dnsmasq.files("private", paths)
+    dnsmasq._write_files(spec(), paths)  # what the first applier did, and its dnsmasq
+    with open(f["record"], "w") as fh:
+        json.dump({"argv_digest": dnsmasq.options_digest(spec()), "bridge": "br100"}, fh)
+    stand_in = subprocess.Popen(
+        [sys.executable, "-c", "import signal, sys, time; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
+         "print(flush=True); time.sleep(60)", f"--pid-file={f['pid']}"], stdout=subprocess.PIPE)
+    try:
+        stand_in.stdout.readline()
+        with open(f["pid"], "w") as fh:
+            fh.write(f"{stand_in.pid}\n")
+        monkeypatch.setattr(dnsmasq, "_launch", lambda *a: pytest.fail("started a second dnsmasq"))
+        done = dnsmasq.apply(changes, paths, managed)
+        assert done == [f"dnsmasq private was started meanwhile: SIGHUP pid {stand_in.pid}"]
+        assert dnsmasq.current(paths, managed)["private"]["alive"] is True
+        assert managed.get("dnsmasq") == {"private"}
+    finally:
+        stand_in.send_signal(signal.SIGKILL)
+        stand_in.wait()

@@ -1,0 +1,36 @@
+"""Failover cycles leave nothing behind (the short form of ``./dev bench cycles``).
+
+Two network-host networks served by net1 with net2 standing by
+(``hanet_lab.cycles``); after one warm-up cycle of each kind, the counts of every host
+and the master (``hanet_lab.leaks``: addresses, links, routes, nftables objects,
+processes, files, the minions' and the failover engine's threads and fds) are the
+baseline; after three planned cycles and two power losses of the owner, nothing grew.
+"""
+import pytest
+
+pytestmark = pytest.mark.lab
+
+NETWORKS = 2
+
+
+@pytest.fixture(scope="module")
+def lab_topology():
+    from hanet_lab import cycles
+
+    return cycles.topology()
+
+
+def test_failover_cycles_leak_nothing(lab):
+    from hanet_lab import cycles, leaks
+
+    nodes = [lab.topology.master.name, *sorted(lab.topology.hosts)]
+    cycles.setup(lab, NETWORKS)
+    cycles.planned_cycle(lab, NETWORKS)
+    cycles.power_cycle(lab, NETWORKS)
+    baseline = leaks.snapshot(lab, nodes)
+    for _ in range(3):
+        cycles.planned_cycle(lab, NETWORKS)
+    for _ in range(2):
+        cycles.power_cycle(lab, NETWORKS)
+    rows = leaks.compare(baseline, leaks.snapshot(lab, nodes))
+    assert not leaks.leaks(rows), "\n" + leaks.table(rows)
