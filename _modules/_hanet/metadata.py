@@ -408,6 +408,16 @@ def _apply(changes, paths, managed) -> list:
             write_records(change.detail["records"], paths)
             done.append(f"metadata records: {len(change.detail['records'])} instance(s)")
         elif change.action in ("start", "restart"):
+            cur = current(paths) if change.action == "start" else {}
+            if cur.get("alive") and cur.get("port") == change.detail["port"] \
+                    and cur.get("bind") == change.detail.get("bind", BIND):
+                # planned before this lock was taken: another applier (a takeover of
+                # another network on this host) started it since; a second one would
+                # fail on the port in use
+                if managed is not None:
+                    managed.set(FACET, managed.get(FACET) | {NAME})
+                done.append(f"metadata service was started meanwhile: pid {cur['pid']}")
+                continue
             old = _stop(paths) if change.action == "restart" else None
             pid = _start(change.detail["port"], paths, change.detail.get("bind", BIND))
             if managed is not None:

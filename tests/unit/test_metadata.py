@@ -159,3 +159,20 @@ def test_service_lifecycle(service):
     assert not any(os.path.exists(p) for p in metadata.files(paths).values())
     assert metadata.current(paths, Managed(paths)) == {}
     assert metadata.status(paths) == {}
+
+
+def test_a_start_planned_before_another_applier_started_it_keeps_that_service(service):
+    """Two takeovers on one host plan from the same moment: the first starts the
+    metadata service, the second's start (carried out after it) leaves it alone."""
+    paths, managed, started = service
+    port = _free_port()
+    meta = Metadata(bridges=(), host="127.0.0.1", port=port, local_service=True)
+    first = metadata.plan(meta, metadata.current(paths, managed), [DB1])
+    second = metadata.plan(meta, metadata.current(paths, managed), [DB1])
+    metadata.apply(first, paths, managed)
+    cur = metadata.current(paths, managed)
+    started.append(cur["pid"])
+    done = metadata.apply(second, paths, managed)
+    assert any("started meanwhile" in d for d in done), done
+    assert metadata.current(paths, managed)["pid"] == cur["pid"] and metadata.current(paths)["alive"]
+    assert _get(port, "/latest/meta-data/hostname") == (200, "db1.novalocal")
