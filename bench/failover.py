@@ -39,12 +39,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import fnmatch
 import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys

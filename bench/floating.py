@@ -31,7 +31,6 @@ import ipaddress
 import json
 import os
 import platform
-import subprocess
 import sys
 import threading
 import time

@@ -167,7 +167,7 @@ def parse_report(tag, data, now, fresh_s=FRESH_S):
         raise Rejected("malformed data (detected_at, nonce)")
     if abs(now - detected_at) > fresh_s:
         raise Rejected(f"stale event (detected {now - detected_at:.1f} s "
-                       + (f"ago: held up on the way, or the observer's clock is behind"
+                       + ("ago: held up on the way, or the observer's clock is behind"
                           if now >= detected_at else "in the future: the observer's clock is ahead")
                        + f"; hanet needs the hosts' clocks within {fresh_s:.0f} s of the master's)")
     lost = ()
