@@ -135,16 +135,22 @@ def fence(ctx):
     managed = Managed(ctx.paths)
     done = {}
     for label in mine:  # only what moves: nothing else on a cut-off host is touched
-        net = ctx.cfg.networks[label]
-        _merge(done, {"links": links.apply([Change("links", "remove", f"{net.bridge} {net.gateway_cidr}",
-                                                   {"link": net.bridge, "address": net.gateway_cidr})],
-                                           managed)})
-        unbinds = [Change("floating", "unbind", f.address, {"interface": f.public_interface})
-                   for f in serving.floating_ips if f.network == label]
-        if unbinds:
-            _merge(done, {"floating": floating.apply(unbinds, managed, 0)})
+        _merge(done, unbind_moved(ctx.cfg.networks[label], serving, managed))
     _merge(done, host.apply_now(("dnsmasq",), ctx.desired(), ctx.paths, managed))
     return {"fenced": sorted(mine), "changes": {k: v for k, v in done.items() if v}}
+
+
+def unbind_moved(net, state, managed):
+    """Unbind what moves with ``net`` (its gateway, and its floating IPs in ``state``) and
+    nothing else: the first step of giving a network up, so that the host falls silent
+    for those addresses before anything slower (dnsmasq, the rest of the facets) runs."""
+    done = {"links": links.apply([Change("links", "remove", f"{net.bridge} {net.gateway_cidr}",
+                                         {"link": net.bridge, "address": net.gateway_cidr})], managed)}
+    unbinds = [Change("floating", "unbind", f.address, {"interface": f.public_interface})
+               for f in state.floating_ips if f.network == net.label]
+    if unbinds:
+        done["floating"] = floating.apply(unbinds, managed, 0)
+    return {k: v for k, v in done.items() if v}
 
 
 def unfence(paths, network):
@@ -383,5 +389,8 @@ def relinquish(ctx, network, epoch, owner):
                 or failover.epoch_of(ctx.owners(), network) > int(epoch):
             return {"stale": f"epoch {epoch} is older than what {ctx.me} knows for {network}"}
         unfence(ctx.paths, network)
-        return host.apply_now(("links", "floating", "dnsmasq", "metadata"), ctx.desired(), ctx.paths,
-                              Managed(ctx.paths))
+        managed = Managed(ctx.paths)
+        # silent first (a handover's new owner waits for it), then the rest
+        done = unbind_moved(_network(ctx, network), _as_owner(ctx, network), managed)
+        return _merge(done, host.apply_now(("links", "floating", "dnsmasq", "metadata"), ctx.desired(),
+                                           ctx.paths, managed))

@@ -137,7 +137,10 @@ def power_on(lab, host, wait=True, timeout=60):
     raise TimeoutError(f"{host}'s minion did not come back within {timeout} s")
 
 
-_REPLY = re.compile(r"^\[(\d+\.\d+)\].*icmp_seq=(\d+)")
+# an echo reply ("64 bytes from ...: icmp_seq=N ttl=..."), not an ICMP error about the
+# echo ("From 10.20.0.2 icmp_seq=N Destination Net Unreachable"), which ping prints with
+# the same sequence number
+_REPLY = re.compile(r"^\[(\d+\.\d+)\] \d+ bytes from .*icmp_seq=(\d+)")
 
 
 class Pinger:
