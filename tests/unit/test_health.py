@@ -195,3 +195,27 @@ def test_reconcile_hands_over_when_the_report_was_lost(cfg3):
     hl.update(net2={"lost": ["shared"], "since": NOW - 60}, net3={"lost": ["shared"], "since": NOW - 60})
     assert failover.reconcile(cfg3, owners, ALIVE3, {}, None, NOW, {}, health=hl) == ([], []), \
         "nobody else can serve it: no move"
+
+
+# --------------------------------------------------------------------------- DAD on apply
+
+
+def test_an_apply_adds_a_moving_gateway_last_and_only_when_nobody_answers(monkeypatch):
+    from _hanet import arp, links
+    from _hanet.common import Change
+
+    applied, probed = [], []
+    monkeypatch.setattr(links, "apply", lambda changes, managed: applied.extend(changes) or
+                        [str(c) for c in changes])
+    answers = {"10.20.0.1": "02:00:00:00:00:09", "10.30.0.1": None}
+    monkeypatch.setattr(arp, "probe", lambda ip, link, timeout, tries: probed.append(ip) or answers[ip])
+    gw = Change("links", "add", "br200 10.20.0.1/24", {"link": "br200", "address": "10.20.0.1/24"})
+    own = Change("links", "add", "br200 10.20.0.2/24", {"link": "br200", "address": "10.20.0.2/24"})
+    free = Change("links", "add", "br300 10.30.0.1/24", {"link": "br300", "address": "10.30.0.1/24"})
+    create = Change("links", "create", "br200", {})
+    guarded = {("br200", "10.20.0.1/24"), ("br300", "10.30.0.1/24")}
+    with pytest.raises(RuntimeError) as err:
+        host.apply_links([create, gw, own, free], guarded, None)
+    assert "10.20.0.1 on br200 is answered by 02:00:00:00:00:09" in str(err.value)
+    assert applied == [create, own, free], "the others first; the held gateway never"
+    assert probed == ["10.20.0.1", "10.30.0.1"]
