@@ -163,13 +163,22 @@ def _any_minion():
     return known[0]
 
 
-def _canonical():
+def _canonical(fresh=False):
     """The minion whose compiled pillar is the cluster's one view of hanet: every
     decision (a report, a handover, the reconcile loop, planned moves, status) is made
     against it, never against the reporting minion's own pillar. The master option
     ``hanet_canonical_minion`` names it; by default it is the first minion the master
-    knows (sorted), the same on every master."""
-    return __opts__.get("hanet_canonical_minion") or _any_minion()
+    knows (sorted), the same on every master, looked up again every ``CACHE_S`` or when
+    ``fresh`` (a prime), not on the failover path."""
+    named = __opts__.get("hanet_canonical_minion")
+    if named:
+        return named
+    hit = _CACHE.get("<canonical>")
+    if hit and not fresh and time.monotonic() - hit[0] < CACHE_S:
+        return hit[1]
+    mid = _any_minion()
+    _CACHE["<canonical>"] = (time.monotonic(), mid)
+    return mid
 
 
 def _record():
@@ -239,7 +248,7 @@ def prime(tag=None, data=None, via="reactor"):  # pylint: disable=unused-argumen
     try:
         if mid:
             _config(mid, fresh=True)
-        cfg, _ = _config(_canonical(), fresh=True)
+        cfg, _ = _config(_canonical(fresh=True), fresh=True)
     except Exception as err:  # pylint: disable=broad-except  (any pillar trouble: report it)
         return {"result": False, "reason": str(err)}
     _lib("icmp").check(["127.0.0.1"], timeout=0.01, tries=1)
