@@ -77,7 +77,7 @@ def steady(lab, count, owner):
     if not all(rec.get(n, default).get("owner") == owner and rec.get(n, default).get("confirmed") is True
                for n in nets):
         return False
-    got = lab.salt(other, "hanet.serving", timeout=10).get(other, {}).get("networks", {})
+    got = lab.serving(other).get("networks", {})
     return got == {n: False for n in nets}
 
 
@@ -94,8 +94,7 @@ def power_cycle(lab, count):
         record(lab).get(n, {}).get("owner") == STANDBY and record(lab)[n].get("confirmed") is True
         for n in nets))
     chaos.power_on(lab, OWNER)
-    wait(f"{OWNER} back as a standby", lambda: lab.salt(OWNER, "hanet.serving", timeout=10)
-         .get(OWNER, {}).get("networks", {}) == {n: False for n in nets})
+    wait(f"{OWNER} back as a standby", lambda: lab.serving(OWNER).get("networks", {}) == {n: False for n in nets})
     wait(f"{STANDBY} alone serving every network", lambda: steady(lab, count, STANDBY))
     _failback(lab, count)
 

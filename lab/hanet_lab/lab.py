@@ -715,6 +715,12 @@ class Lab:
         except (ValueError, KeyError) as e:
             raise LabError(f"salt-call {fun} on {host}: rc={cp.returncode}\n{cp.stdout}\n{cp.stderr}") from e
 
+    def serving(self, host: str) -> dict:
+        """``hanet.serving`` of ``host`` ({networks, epochs, peers, lost}), or {} when it
+        does not answer with one (its minion starting, an error text)."""
+        got = self.salt(host, "hanet.serving", timeout=10).get(host)
+        return got if isinstance(got, dict) else {}
+
     def events(self) -> EventListener:
         """A master event bus listener; use as a context manager, call ``.wait(tag, timeout)``."""
         return EventListener(self)

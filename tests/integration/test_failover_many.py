@@ -108,7 +108,7 @@ def wait_for(what, predicate, timeout=90):
 
 def serving(lab, host):
     """hanet.serving's {network: holds its gateway} on ``host`` ({} when it does not answer)."""
-    return lab.salt(host, "hanet.serving", timeout=10).get(host, {}).get("networks", {})
+    return lab.serving(host).get("networks", {})
 
 
 def test_net1_serves_all_eight(cluster):

@@ -115,8 +115,7 @@ def test_a_decision_the_master_saved_but_never_sent_is_sent_again(cluster):
     got = served_by(lab, "net2")
     assert got["epoch"] == before + 1, "re-sent, not decided again"
     chaos.power_on(lab, "net1")
-    wait_for("net1 back as standby", lambda: lab.salt("net1", "hanet.serving", timeout=10)
-             .get("net1", {}).get("networks", {}).get(NET) is False)
+    wait_for("net1 back as standby", lambda: lab.serving("net1").get("networks", {}).get(NET) is False)
     assert holders(lab, GATEWAY) == ["net2"]
 
 
@@ -146,8 +145,7 @@ def test_owner_and_first_standby_die_together_the_third_serves(cluster):
 
     lab = cluster
     assert record(lab)[NET]["owner"] == "net1"
-    wait_for("net2 back as standby", lambda: lab.salt("net2", "hanet.serving", timeout=10)
-             .get("net2", {}).get("networks", {}).get(NET) is False)
+    wait_for("net2 back as standby", lambda: lab.serving("net2").get("networks", {}).get(NET) is False)
     time.sleep(2)  # the beacons see net2 up again
     before = record(lab)[NET]["epoch"]
     chaos.power_off(lab, "net1")
@@ -157,7 +155,7 @@ def test_owner_and_first_standby_die_together_the_third_serves(cluster):
     for host in ("net1", "net2"):
         chaos.power_on(lab, host)
     wait_for("both back as standbys", lambda: all(
-        lab.salt(h, "hanet.serving", timeout=10).get(h, {}).get("networks", {}).get(NET) is False
+        lab.serving(h).get("networks", {}).get(NET) is False
         for h in ("net1", "net2")))
     assert holders(lab, GATEWAY) == ["compute2"] and holders(lab, FLOATING) == ["compute2"]
 
@@ -273,8 +271,7 @@ def test_an_apply_never_binds_a_gateway_another_host_answers_for(cluster):
     lab = cluster
     owner = record(lab)[NET]["owner"]
     other = next(h for h in NETWORK_HOSTS if h != owner)
-    wait_for(f"{other} standing by", lambda: lab.salt(other, "hanet.serving", timeout=10)
-             .get(other, {}).get("networks", {}).get(NET) is False)
+    wait_for(f"{other} standing by", lambda: lab.serving(other).get("networks", {}).get(NET) is False)
     path = os.path.join(lab.minion_root(other), "var", "lib", "hanet", "owners.json")
     with open(path) as fh:
         saved = fh.read()

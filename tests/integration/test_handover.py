@@ -105,8 +105,7 @@ def served_by(lab, host, since_epoch):
 
 
 def healthy_again(lab, host):
-    wait_for(f"{host} healthy again", lambda: lab.salt(host, "hanet.serving", timeout=10)
-             .get(host, {}).get("lost") == [])
+    wait_for(f"{host} healthy again", lambda: lab.serving(host).get("lost") == [])
 
 
 @pytest.mark.parametrize("link", [UPLINK, SEGMENT], ids=["uplink", "segment"])
