@@ -256,7 +256,6 @@ def prime(tag=None, data=None, via="reactor"):  # pylint: disable=unused-argumen
     out = {"result": True}
     if via == "engine":
         out["watch"] = _watch_hosts(cfg)
-        _RECONCILE["audit_at"] = 0.0  # a minion (re)started: the next round asks who holds what
     return out
 
 
@@ -287,9 +286,6 @@ def liveness(tag=None, data=None, via="reactor"):
         return _reject(None, f"not from {rep.observer}: {why}", tag, data)
     if rep.state == failover.UP:
         log.info("hanet failover: %s sees %s up again", rep.observer, rep.peer)
-        # a host is back (a healed partition, a reboot): ask at once what it holds, so
-        # that a loser still holding a gateway is told to let go now, not at the next audit
-        _RECONCILE["audit_at"] = 0.0
         return {"result": True, "action": "none", "reason": "up: no automatic failback"}
     if rep.state in (failover.IMPAIRED, failover.HEALTHY):
         return _health(rep, tag, data, via, t0)

@@ -54,9 +54,24 @@ def plan(desired, current):
 
 
 def flush_conntrack(address):
-    """Drop conntrack entries that NAT to or from ``address`` (ignores 'no entries')."""
+    """Drop conntrack entries that NAT to or from ``address`` (ignores 'no entries').
+
+    This also runs in threads of the minion's running process (the beacon's warm
+    relinquish, the fence), which Salt forks every job from. A child started the usual
+    way leaves a pipe (exec status, output) whose write end a job forked at that moment
+    inherits and keeps: the thread then waits for that pipe's end as long as the job
+    lives, holding the takeover slot the job is waiting for (seen: a deadlock). So the
+    child is started with posix_spawn (an absolute path, no pipe: its output goes to
+    /dev/null) and only waited for."""
+    import shutil
+
+    exe = shutil.which("conntrack") or "/usr/sbin/conntrack"
     for args in (["-D", "--orig-dst", address], ["-D", "--reply-dst", address]):
-        subprocess.run(["conntrack", *args], capture_output=True, timeout=10)
+        try:
+            subprocess.run([exe, *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, close_fds=False, timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return  # no conntrack tool, or it hangs: the entries time out on their own
 
 
 def apply(changes, managed, garp_count=0, ipr=None):

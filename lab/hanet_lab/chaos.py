@@ -137,6 +137,20 @@ def power_on(lab, host, wait=True, timeout=60):
     raise TimeoutError(f"{host}'s minion did not come back within {timeout} s")
 
 
+def power_on_started(lab, host, timeout=120):
+    """``power_on``, then wait until the host's start-up apply of hanet has run its
+    last state (it fires ``hanet/prime``): a minion that answers is not yet a host
+    whose bridges, ruleset and beacon are back."""
+    with lab.events() as ev:
+        power_on(lab, host)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = ev.wait("hanet/prime", timeout=max(0.1, deadline - time.monotonic()))
+            if got is not None and (got.get("data") or {}).get("id") == host:
+                return
+    raise TimeoutError(f"{host}'s start-up apply did not end within {timeout} s")
+
+
 # an echo reply ("64 bytes from ...: icmp_seq=N ttl=..."), not an ICMP error about the
 # echo ("From 10.20.0.2 icmp_seq=N Destination Net Unreachable"), which ping prints with
 # the same sequence number

@@ -93,7 +93,7 @@ def power_cycle(lab, count):
     wait(f"{STANDBY} holding and confirmed for every network", lambda: all(
         record(lab).get(n, {}).get("owner") == STANDBY and record(lab)[n].get("confirmed") is True
         for n in nets))
-    chaos.power_on(lab, OWNER)
+    chaos.power_on_started(lab, OWNER)
     wait(f"{OWNER} back as a standby", lambda: lab.serving(OWNER).get("networks", {}) == {n: False for n in nets})
     wait(f"{STANDBY} alone serving every network", lambda: steady(lab, count, STANDBY))
     _failback(lab, count)

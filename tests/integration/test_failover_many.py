@@ -150,7 +150,7 @@ def test_the_old_owner_comes_back_a_standby_for_all_eight(cluster):
 
     lab = cluster
     rec = record(lab)
-    chaos.power_on(lab, "net1")
+    chaos.power_on_started(lab, "net1")
     wait_for("net1 back as a standby for every network",
              lambda: serving(lab, "net1") == {label: False for label in networks()})
     time.sleep(3)  # a reconcile pass or two (every second) with net1 up again
