@@ -152,7 +152,7 @@ class Sender:
 
         self.opts = opts
         self.failover, self.arp = lib["failover"], lib["arp"]
-        # {peer: [(bridge, gateway)]}: probed right after that peer is reported down
+        # {peer: [(ifname, ip)]}: its gateways and floating IPs, probed right after it is reported down
         self.standby_for = standby_for or {}
         self.prechecked = {}  # gateway -> [probed at, holder MAC or None]
         self._queue = queue.Queue()
@@ -245,15 +245,19 @@ class Sender:
             self._close_bus()
 
     def _precheck(self, peer):
-        """Duplicate address detection for what this host would take over from ``peer``,
-        done while the master decides (the takeover uses a clear result for a second)."""
-        for bridge, gateway in self.standby_for.get(peer, ()):
-            try:
-                holder = self.arp.probe(gateway, bridge, timeout=self.arp.DAD_TIMEOUT_S, tries=1)
-            except OSError as err:
-                log.debug("hanet_liveness: cannot probe %s on %s: %s", gateway, bridge, err)
-                continue
-            self.prechecked[gateway] = [time.time(), holder]
+        """Duplicate address detection for what this host would take over from ``peer``
+        (its gateways and floating IPs), done while the master decides (the takeover
+        uses a clear result for a second)."""
+        pairs = [(ip, ifname) for ifname, ip in self.standby_for.get(peer, ())]
+        if not pairs:
+            return
+        try:
+            at, found = time.time(), self.arp.probe_many(pairs, self.arp.DAD_TIMEOUT_S, tries=1)
+        except OSError as err:
+            log.debug("hanet_liveness: cannot probe what %s served: %s", peer, err)
+            return
+        for ip, _ in pairs:
+            self.prechecked[ip] = [at, found.get(ip)]
 
     def _fire_health(self, lost, detected_at):
         fo, me = self.failover, self.opts["id"]

@@ -68,37 +68,57 @@ def garp(ip, interface=None, count=3, interval=0.02):
 
 def probe(ip, interface, timeout=0.2, tries=2):
     """Duplicate address detection: the MAC that answers for ``ip`` on ``interface``
-    (someone else holds it), or None when nobody answers within ``timeout`` per try.
-    The request is built by hand and sent on a raw socket (no netlink dump, no scapy
-    set-up: this runs on the failover path, before the gateway is bound)."""
+    (someone else holds it), or None when nobody answers within ``timeout`` per try."""
+    return probe_many([(ip, interface)], timeout, tries).get(ip)
+
+
+def probe_many(pairs, timeout=DAD_TIMEOUT_S, tries=1):
+    """Duplicate address detection of several addresses at once: ``pairs`` is
+    [(ip, interface)]; every probe goes out first, then the replies are collected for
+    ``timeout`` (per try), so that a thousand floating IPs cost one timeout, not a
+    thousand. Returns {ip: MAC of the other holder} for the addresses someone else
+    answers for. The requests are built by hand and sent on raw sockets (no netlink
+    dump, no scapy set-up: this runs on the failover path, before anything is bound)."""
     import select
 
     from . import liveness
 
-    sock = _raw(interface)
+    wanted = {}
+    for ip, iface in pairs:
+        wanted.setdefault(iface, set()).add(ip)
+    socks, found = {}, {}
     try:
-        mac = liveness._hwaddr(sock, interface)  # pylint: disable=protected-access
-        frame = liveness.arp_request(mac, None, ip)  # sender 0.0.0.0: a probe (RFC 5227)
-        sock.setblocking(False)
+        for iface in wanted:
+            sock = _raw(iface)
+            socks[sock] = (iface, liveness._hwaddr(sock, iface))  # pylint: disable=protected-access
+            sock.setblocking(False)
         for _ in range(tries):
-            sock.send(frame)
+            for sock, (iface, mac) in socks.items():
+                for ip in sorted(wanted[iface] - set(found)):
+                    sock.send(liveness.arp_request(mac, None, ip))  # sender 0.0.0.0 (RFC 5227)
             deadline = time.monotonic() + timeout
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                if not select.select([sock], [], [], left)[0]:
+                ready = select.select(list(socks), [], [], left)[0]
+                if not ready:
                     break
-                try:
-                    reply = sock.recv(128)
-                except BlockingIOError:
-                    continue
-                sender = reply[22:28]
-                if liveness.parse_arp_reply(reply) == ip and sender != mac:
-                    return ":".join(f"{b:02x}" for b in sender)
+                for sock in ready:
+                    iface, mac = socks[sock]
+                    try:
+                        reply = sock.recv(128)
+                    except BlockingIOError:
+                        continue
+                    ip, sender = liveness.parse_arp_reply(reply), reply[22:28]
+                    if ip in wanted[iface] and sender != mac and ip not in found:
+                        found[ip] = ":".join(f"{b:02x}" for b in sender)
+            if len(found) == sum(len(v) for v in wanted.values()):
+                break
     finally:
-        sock.close()
-    return None
+        for sock in socks:
+            sock.close()
+    return found
 
 
 def garp_many(pairs, count=3, interval=0.02):

@@ -179,7 +179,7 @@ class HostState:
     garp_count: int = 0  # gratuitous ARPs per address (re)bound here; 0: send_arp_for_ha is off
     liveness: tuple = ()  # (peer, ((ifname, ip), ...)): network hosts this host watches
     probe: Probe = field(default_factory=Probe)  # how this host probes the peers in ``liveness``
-    standby_for: tuple = ()  # (peer, ((bridge, gateway), ...)): what this host takes over from it
+    standby_for: tuple = ()  # (peer, ((ifname, ip), ...)): the gateways and floating IPs it would take over
     orders: bool = False  # a network host of a network-host network: takeover orders come here
     # what this network host watches of its own links (``_hanet.health``): its uplink, and
     # the segment link (bridge_interface) of each network-host network it is a network host of
@@ -318,8 +318,10 @@ def compute(cfg, host, owners=None):
         for peer in net.network_hosts:
             if peer == host:
                 continue
-            if role == "standby":
+            if role == "standby":  # what moves here with the network: DAD-probed early
                 standby_for.setdefault(peer, set()).add((net.bridge, net.gateway))
+                standby_for[peer].update((f.public_interface, f.address)
+                                         for f in nat_floating if f.network == label)
             targets = watch.setdefault(peer, set())
             targets.add((net.bridge, cfg.hosts[peer].networks[label].address))
             if cfg.hosts[peer].routing_source_ip:

@@ -214,41 +214,51 @@ def _check_epoch(ctx, network, epoch):
         raise ValueError(f"stale order for {network}: epoch {epoch} is older than {known}")
 
 
-def _dad(net, planned, prechecked, mark, handover=()):
-    """Duplicate address detection of the gateway before it is bound here. A handover's
-    old owner is alive and was told to let go just before: ``handover`` lists every
-    address that moves, [(ip, interface)], and each must fall silent (within
-    ``HANDOVER_WAIT_S``) before anything is bound: the old owner may still answer for
-    the floating IPs on its uplink when it can no longer be heard on the VM segment."""
+def _dad(net, planned, prechecked, mark, moving, handover=False):
+    """Duplicate address detection of every address that moves (``moving``, [(ip,
+    interface)]: the gateway on the segment, the floating IPs on the uplink) before
+    any is bound here.
+
+    After a failure the beacon probed them while the master decided (``prechecked``,
+    {ip: [at, holder]}); what it found silent within ``PRECHECK_FRESH_S`` is not asked
+    again. A gateway still answered on the segment means the owner is alive there: no
+    takeover. A floating IP still answered on the uplink means the old owner lost the
+    segment but not its uplink: it drops what it serves when it finds itself cut off
+    (rule 2), so it is given ``HANDOVER_WAIT_S`` to fall silent, as is every address
+    of a handover (the old owner was told to let go just before). Nothing is bound
+    while any address is answered by another host."""
     if planned:
         return  # the old owner answers until this host has announced it
-    if handover:
-        deadline = time.monotonic() + HANDOVER_WAIT_S
-        waiting = list(handover)
-        while waiting:
+    fresh = {ip for ip, got in (prechecked or {}).items()
+             if isinstance(got, (list, tuple)) and len(got) == 2 and got[1] is None
+             and 0 <= time.time() - float(got[0]) < PRECHECK_FRESH_S}
+    waiting = [(ip, ifname) for ip, ifname in moving if ip not in fresh]
+    deadline = time.monotonic() + HANDOVER_WAIT_S
+    first = True
+    while waiting:
+        answered = arp.probe_many(waiting, arp.DAD_TIMEOUT_S, tries=1)
+        if first and not handover and net.gateway in answered:
+            mark("dad")
+            raise RuntimeError(f"gateway {net.gateway} is still answered by {answered[net.gateway]} "
+                               f"on {net.bridge}: not binding it (duplicate address)")
+        first = False
+        waiting = [(ip, ifname) for ip, ifname in waiting if ip in answered]
+        if waiting and time.monotonic() >= deadline:
             ip, ifname = waiting[0]
-            holder = arp.probe(ip, ifname, timeout=arp.DAD_TIMEOUT_S, tries=1)
-            if holder is None:
-                waiting.pop(0)
-                continue
-            if time.monotonic() >= deadline:
-                raise RuntimeError(f"{ip} is still answered by {holder} on {ifname} "
-                                   f"{HANDOVER_WAIT_S:.0f} s into the handover: not binding")
+            raise RuntimeError(f"{ip} is still answered by {answered[ip]} on {ifname} "
+                               f"{HANDOVER_WAIT_S:.0f} s into the takeover: not binding")
+        if waiting:
             time.sleep(0.01)
-        mark("dad")
-        return
-    pre = (prechecked or {}).get(net.gateway)
-    if isinstance(pre, (list, tuple)) and len(pre) == 2 and pre[1] is None \
-            and 0 <= time.time() - float(pre[0]) < PRECHECK_FRESH_S:
-        mark("dad")  # probed by the beacon while the master decided: nobody answered
-        return
-    # the master has confirmed the failure; this is the last guard: a live holder's
-    # kernel answers an ARP request on the segment at once
-    holder = arp.probe(net.gateway, net.bridge, timeout=arp.DAD_TIMEOUT_S, tries=1)
     mark("dad")
-    if holder:
-        raise RuntimeError(f"gateway {net.gateway} is still answered by {holder} "
-                           f"on {net.bridge}: not binding it (duplicate address)")
+
+
+def moving_addresses(net, state):
+    """[(ip, interface)] that would move to this host with ``net``, from its desired
+    state as a standby or as the owner: the gateway and the network's floating IPs
+    (which a standby keeps NAT rules for, ``ruleset.floating``)."""
+    fips = {(f.address, f.public_interface) for f in state.ruleset.floating if f.network == net.label}
+    fips |= {(f.address, f.public_interface) for f in state.floating_ips if f.network == net.label}
+    return [(net.gateway, net.bridge)] + sorted(fips)
 
 
 def _holds_gateway(ctx, network):
@@ -321,7 +331,8 @@ def run(ctx, network, epoch, previous=None, detected_at=None, planned=False, dec
             if not bound:
                 mark("config")
                 _dad(net, planned, prechecked, mark,
-                     moved_addresses(net, _as_owner(ctx, network)) if handover else ())
+                     moved_addresses(net, _as_owner(ctx, network)) if handover
+                     else moving_addresses(net, ctx.desired()), handover)
                 unfence(ctx.paths, network)
                 write_local_owner(ctx.paths, network, ctx.me, epoch)
                 state = ctx.desired()

@@ -307,3 +307,13 @@ def test_unicode_digits_are_not_integers():
     p = example()
     p["send_arp_for_ha_count"] = "\u00b9"
     assert problems(p) == [("hanet:send_arp_for_ha_count", "must be an integer in 0..100, not '\u00b9'")]
+
+
+def test_a_standby_probes_the_floating_ips_that_would_move_with_the_network():
+    p = example()
+    p["instances"]["web1"]["floating_ips"].append({"address": "203.0.113.70", "fixed_ip": "10.20.0.10"})
+    cfg = model.load(p)
+    b = desired.compute(cfg, "net2")
+    assert dict(b.standby_for) == {"net1": (("br200", "10.20.0.1"), ("eth0", "203.0.113.70"))}
+    # the FIP of web1's first NIC (private, multi-host) is not the standby's business
+    assert all(ip != "203.0.113.50" for _, ip in dict(b.standby_for)["net1"])

@@ -1,0 +1,80 @@
+"""Duplicate address detection before a takeover binds (takeover._dad), with the ARP
+probe replaced by a script: which answers stop a takeover, which are waited out."""
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from _hanet import arp, takeover
+
+NET = SimpleNamespace(gateway="10.20.0.1", bridge="br200", label="shared")
+MOVING = [("10.20.0.1", "br200"), ("203.0.113.60", "eth0"), ("203.0.113.61", "eth0")]
+
+
+def script(monkeypatch, answers):
+    """Each probe_many call returns the next of ``answers`` ({ip: mac}), restricted to
+    what was asked; records what was asked."""
+    asked = []
+
+    def probe_many(pairs, timeout=0, tries=1):
+        asked.append(sorted(ip for ip, _ in pairs))
+        got = answers[min(len(asked), len(answers)) - 1]
+        return {ip: mac for ip, mac in got.items() if ip in dict(pairs)}
+
+    monkeypatch.setattr(arp, "probe_many", probe_many)
+    return asked
+
+
+def marks():
+    got = []
+    return got, got.append
+
+
+def test_nothing_answers_one_probe_for_everything(monkeypatch):
+    asked = script(monkeypatch, [{}])
+    got, mark = marks()
+    takeover._dad(NET, False, None, mark, MOVING)
+    assert asked == [["10.20.0.1", "203.0.113.60", "203.0.113.61"]] and got == ["dad"]
+
+
+def test_what_the_beacon_found_silent_a_moment_ago_is_not_asked_again(monkeypatch):
+    asked = script(monkeypatch, [{}])
+    now = time.time()
+    pre = {"10.20.0.1": [now, None], "203.0.113.60": [now, None], "203.0.113.61": [now - 5, None]}
+    takeover._dad(NET, False, pre, marks()[1], MOVING)
+    assert asked == [["203.0.113.61"]]  # its precheck is too old
+
+
+def test_a_gateway_answered_on_the_segment_stops_the_takeover_at_once(monkeypatch):
+    asked = script(monkeypatch, [{"10.20.0.1": "02:00:00:00:00:01"}])
+    with pytest.raises(RuntimeError, match="gateway 10.20.0.1 is still answered by 02:00:00:00:00:01"):
+        takeover._dad(NET, False, None, marks()[1], MOVING)
+    assert len(asked) == 1
+
+
+def test_a_floating_ip_still_answered_on_the_uplink_is_waited_out(monkeypatch):
+    """The old owner lost the segment, not its uplink: it falls silent when it finds
+    itself cut off; nothing is bound before."""
+    asked = script(monkeypatch, [{"203.0.113.60": "02:00:00:00:00:01"}] * 3 + [{}])
+    got, mark = marks()
+    takeover._dad(NET, False, None, mark, MOVING)
+    assert asked[1:] == [["203.0.113.60"]] * 3 and got == ["dad"]
+
+
+def test_a_floating_ip_answered_for_too_long_is_not_bound(monkeypatch):
+    monkeypatch.setattr(takeover, "HANDOVER_WAIT_S", 0.05)
+    script(monkeypatch, [{"203.0.113.61": "02:00:00:00:00:01"}])
+    with pytest.raises(RuntimeError, match="203.0.113.61 is still answered by 02:00:00:00:00:01 on eth0"):
+        takeover._dad(NET, False, None, marks()[1], MOVING)
+
+
+def test_a_handover_waits_for_the_gateway_too(monkeypatch):
+    asked = script(monkeypatch, [{"10.20.0.1": "02:00:00:00:00:01"}, {}])
+    takeover._dad(NET, False, None, marks()[1], MOVING, handover=True)
+    assert asked == [["10.20.0.1", "203.0.113.60", "203.0.113.61"], ["10.20.0.1"]]
+
+
+def test_a_planned_move_probes_nothing(monkeypatch):
+    asked = script(monkeypatch, [{"10.20.0.1": "x"}])
+    takeover._dad(NET, True, None, marks()[1], MOVING)
+    assert asked == []
