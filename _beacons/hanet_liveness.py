@@ -390,6 +390,36 @@ def _warm():
             log.debug("hanet_liveness: could not preload %s: %s", name, err)
 
 
+def _fork_safe_salt():
+    """Make the locks Salt's code takes in this beacon's threads safe across the job
+    forks of the minion's main thread. Python 3.11's ``functools.cached_property``
+    holds one lock per property, shared by every instance: when the order listener's
+    thread signs in again (a new master AES key, after a master restart) it builds
+    ``salt.cache.Cache.modules`` under that lock, and a job the main thread forks at
+    that moment inherits it held; its own sign-in then waits for it for ever (seen:
+    a ``state.apply`` that never answered). Each forked child gets fresh locks
+    (``os.register_at_fork``), registered once per process."""
+    import functools
+
+    import salt.cache
+
+    cls = salt.cache.Cache
+    if getattr(cls, "_hanet_fork_safe", False):
+        return
+    props = [v for v in vars(cls).values()
+             if isinstance(v, functools.cached_property) and hasattr(v, "lock")]
+
+    def fresh_locks():
+        import threading
+
+        for prop in props:
+            prop.lock = threading.RLock()
+
+    if props:
+        os.register_at_fork(after_in_child=fresh_locks)
+    cls._hanet_fork_safe = True
+
+
 class _Running:
     """The probe thread, the sender thread (and the order listener) of one beacon
     configuration."""
@@ -433,6 +463,7 @@ def _start(cfg):
     lib = {name: _lib(name) for name in ("liveness", "failover", "arp", "common", "model", "supervise",
                                          "fence", "health")}
     _warm()
+    _fork_safe_salt()
     liveness, paths = lib["liveness"], lib["common"].Paths(root_dir=opts.get("root_dir", "/"))
     known = liveness.known_states(paths)
     holder = {}

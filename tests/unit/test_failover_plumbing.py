@@ -139,3 +139,34 @@ def test_the_master_watch_gives_no_verdict_from_a_stale_view():
         hold.set()
         w._thread.join()
     assert w.verdict("b") is None, "no verdict once the watch stopped"
+
+
+def test_a_job_forked_while_a_beacon_thread_builds_the_salt_cache_does_not_hang():
+    """The minion forks its jobs from its main thread while the beacon's order listener
+    may be inside Salt's cache set-up (Python 3.11's cached_property lock): the child
+    must not inherit that lock held."""
+    import threading
+
+    import salt.cache
+
+    beacon._fork_safe_salt()
+    lock = salt.cache.Cache.modules.lock
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with lock:
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert held.wait(5)
+        pid = os.fork()
+        if pid == 0:  # the job: it signs in, which builds a Cache
+            os._exit(0 if salt.cache.Cache.modules.lock.acquire(timeout=2) else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        release.set()
+        t.join()
+    assert os.waitstatus_to_exitcode(status) == 0, "the forked job found the lock held"
