@@ -424,6 +424,7 @@ class Move:
     previous: str
     new: str
     epoch: int
+    handover: bool = False  # the old owner is alive and lets go first (handover_orders)
 
 
 @dataclass
@@ -511,7 +512,7 @@ def handover(cfg, owners, host, lost, health, dead=(), now=0.0, dwell_s=DWELL_S)
                                             f"(lost it too, or changed within {dwell_s:.0f} s): "
                                             f"{host} keeps it"))
             continue
-        verdict.moves.append(Move(label, host, ready[0], epoch_of(owners, label) + 1))
+        verdict.moves.append(Move(label, host, ready[0], epoch_of(owners, label) + 1, handover=True))
     return verdict
 
 
@@ -528,6 +529,8 @@ def record_move(owners, move, now, reason):
     owner's ``complete`` event for that epoch arrives (``confirm``)."""
     owners[move.network] = {"owner": move.new, "epoch": move.epoch, "since": now, "reason": reason,
                             "previous": move.previous, "confirmed": False}
+    if move.handover:  # sent again as a handover: the old owner lets go, the new one waits
+        owners[move.network]["handover"] = True
 
 
 def confirm(owners, network, owner, epoch):
@@ -703,7 +706,10 @@ def reconcile(cfg, owners, verdicts, views, holdings, now, issued, confirm_s=CON
                 orders.extend(handover_orders(got.moves[0]))
                 continue
         if not confirmed(owners, label) and now - float(entry.get("since") or 0) >= confirm_s:
-            send(Order("takeover", owner, label, epoch, previous=entry.get("previous")))
+            if entry.get("handover") and entry.get("previous") and entry["previous"] != owner:
+                send(Order("relinquish", entry["previous"], label, epoch, owner=owner))
+            send(Order("takeover", owner, label, epoch, previous=entry.get("previous"),
+                       handover=bool(entry.get("handover"))))
         if holdings is None:
             continue
         for host in sorted(holdings):

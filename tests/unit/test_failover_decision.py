@@ -369,6 +369,19 @@ def test_an_unconfirmed_move_is_ordered_again_until_confirmed(cfg3):
     assert failover.reconcile(cfg3, owners, ALIVE3, {}, None, NOW, {}) == ([], [])
 
 
+def test_an_unconfirmed_handover_is_ordered_again_as_a_handover(cfg3):
+    """The record keeps the kind of move: sent again, the old owner (alive) is told to
+    let go first and the new one waits for every address to fall silent, as the first
+    time, not one quick probe that a still-answering old owner would fail."""
+    verdict = failover.handover(cfg3, {}, "net1", ["shared"], {}, now=NOW)
+    owners = {}
+    failover.record_move(owners, verdict.moves[0], NOW - 10, "handover")
+    assert owners["shared"]["handover"] is True
+    assert failover.reconcile(cfg3, owners, ALIVE3, {}, None, NOW, {})[1] == [
+        Order("relinquish", "net1", "shared", 1, owner="net2"),
+        Order("takeover", "net2", "shared", 1, previous="net1", handover=True)]
+
+
 def test_fencing_a_second_holder_and_rebinding_a_lost_gateway(cfg3):
     owners = {"shared": {"owner": "net2", "epoch": 4, "since": NOW - 60, "confirmed": True}}
     healed = {"net1": {"shared": True}, "net2": {"shared": True}, "net3": {"shared": False}}

@@ -150,12 +150,12 @@ def cfg3():
 
 def test_an_owner_that_cannot_serve_hands_over_to_the_first_standby_that_can(cfg3):
     v = failover.handover(cfg3, {}, "net1", ["shared"], {}, now=NOW)
-    assert v.moves == [Move("shared", "net1", "net2", 1)] and v.rejected == []
+    assert v.moves == [Move("shared", "net1", "net2", 1, handover=True)] and v.rejected == []
     hl = {"net2": {"lost": ["shared"], "since": NOW - 100}}
     assert failover.handover(cfg3, {}, "net1", ["shared"], hl, now=NOW).moves == [
-        Move("shared", "net1", "net3", 1)], "net2 lost it too"
+        Move("shared", "net1", "net3", 1, handover=True)], "net2 lost it too"
     assert failover.handover(cfg3, {}, "net1", ["shared"], {}, dead={"net2"}, now=NOW).moves == [
-        Move("shared", "net1", "net3", 1)], "net2 is dead"
+        Move("shared", "net1", "net3", 1, handover=True)], "net2 is dead"
 
 
 def test_when_no_standby_can_serve_the_owner_keeps_the_network(cfg3):
@@ -174,7 +174,7 @@ def test_only_an_owner_hands_over(cfg3):
     owners = {"shared": {"owner": "net2", "epoch": 4}}
     assert failover.handover(cfg3, owners, "net1", ["shared"], {}, now=NOW).moves == []
     assert failover.handover(cfg3, owners, "net2", ["shared", "private", "nope"], {}, now=NOW).moves == [
-        Move("shared", "net2", "net1", 5)]
+        Move("shared", "net2", "net1", 5, handover=True)]
 
 
 def test_the_old_owner_lets_go_before_the_new_one_binds():
@@ -190,7 +190,7 @@ def test_reconcile_hands_over_when_the_report_was_lost(cfg3):
     owners = {"shared": {"owner": "net1", "epoch": 2, "since": NOW - 60, "confirmed": True}}
     hl = {"net1": {"lost": ["shared"], "since": NOW - 1}}
     moves, orders = failover.reconcile(cfg3, owners, ALIVE3, {}, None, NOW, {}, health=hl)
-    assert moves == [Move("shared", "net1", "net2", 3)]
+    assert moves == [Move("shared", "net1", "net2", 3, handover=True)]
     assert orders == failover.handover_orders(moves[0])
     hl.update(net2={"lost": ["shared"], "since": NOW - 60}, net3={"lost": ["shared"], "since": NOW - 60})
     assert failover.reconcile(cfg3, owners, ALIVE3, {}, None, NOW, {}, health=hl) == ([], []), \
