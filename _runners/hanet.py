@@ -286,6 +286,9 @@ def liveness(tag=None, data=None, via="reactor"):
         return _reject(None, f"not from {rep.observer}: {why}", tag, data)
     if rep.state == failover.UP:
         log.info("hanet failover: %s sees %s up again", rep.observer, rep.peer)
+        # a host is back (a healed partition, a reboot): the next round asks at once what
+        # it holds, so that a loser still holding an address lets go now, not at the audit
+        _RECONCILE["audit_at"] = 0.0
         return {"result": True, "action": "none", "reason": "up: no automatic failback"}
     if rep.state in (failover.IMPAIRED, failover.HEALTHY):
         return _health(rep, tag, data, via, t0)
