@@ -1,20 +1,28 @@
-"""Rule 2 of failover safety: an owner cut off from everything stops answering.
+"""Rule 2 of failover safety: an owner cut off from the rest of the cluster stops answering.
 
-An owner whose links to the rest of the world are all gone (a partition, a switch port
-that died) cannot know that its network has moved; when the partition heals it would
-answer for the gateway and floating IPs beside the new owner. So a network host watches
-its own evidence: its peers (the other network hosts, which the liveness prober
-already probes), the master, and its next hop. When every peer has been silent for
-``misses - 1`` probe periods and neither the master nor the next hop answers, the host
-is isolated: ``on_fence()`` drops what it serves (``takeover.fence``), before any
-standby can have been ordered to take it over (a standby needs ``misses`` periods to
-report the owner and the master's decision on top).
+An owner that can hear neither its peers (the other network hosts, which the liveness
+prober already probes) nor the master cannot know whether its network has moved: the
+master moves a network when it and a standby both lose the owner, which is exactly
+what this host sees from its side. When every peer has been silent for ``misses - 1``
+probe periods and the master does not answer either, ``on_fence()`` drops what the
+host serves (``takeover.fence``), before any standby can have been ordered to take it
+over (a standby needs ``misses`` periods to report the owner, and the master's
+decision comes on top). The new owner's duplicate address detection waits for the
+floating IPs to fall silent too (``takeover._dad``).
+
+The next hop does not count as evidence against isolation: an owner that the standbys
+and the master lost, and whose uplink still reaches the router (a partition of the
+management, VM and public segments that spares the router's port) would otherwise
+keep answering for its floating IPs beside the standby that took them over. The next
+hop is watched only on a host that knows no master address. The price: when the
+master and every standby really are gone at once, the last owner falls silent too
+(there is no healthy standby to serve instead, so neither rule is broken); the
+master's reconcile loop orders it back when it returns (docs/faults.md).
 
 Losing the master alone, or the peers alone, never fences: the owner keeps serving.
-A target that cannot be checked (no master address, no default route) is no evidence
-of isolation either way, and with neither of them known this never fences. After it
-fenced it stays quiet until a peer answers again; the master's order (a takeover)
-brings the addresses back.
+A target that cannot be checked is no evidence of isolation, and with none known this
+never fences. After it fenced it stays quiet until a peer answers again; the master's
+order (a takeover) brings the addresses back.
 """
 from __future__ import annotations
 
@@ -40,9 +48,9 @@ def next_hop():
 
 class Fence(Worker):
     """Watches ``prober``'s peers each ``probe.interval_s``; see the module docstring.
-    ``targets``: the addresses that stand for the master (and, when ``route`` is true,
-    the next hop too, read from the routing table in the watching thread: pyroute2 must
-    not run in the minion's main thread, whose event loop is running)."""
+    ``targets``: the addresses that stand for the master. With none and ``route`` true,
+    the next hop stands in, read from the routing table in the watching thread
+    (pyroute2 must not run in the minion's main thread, whose event loop is running)."""
 
     thread_name = "hanet-fence"
 
@@ -74,7 +82,7 @@ class Fence(Worker):
         if not self.isolated():
             return False
         self.fenced = True
-        log.warning("hanet fence: no peer, no master, no next hop answers: dropping what this host serves")
+        log.warning("hanet fence: no peer and no master answers: dropping what this host serves")
         try:
             self.on_fence()
         except Exception:  # pylint: disable=broad-except  (log it; keep watching)
@@ -82,7 +90,7 @@ class Fence(Worker):
         return True
 
     def _run(self):
-        if self.route:
+        if self.route and not self.targets:
             try:
                 hop = next_hop()
             except OSError as err:

@@ -11,6 +11,11 @@
 - ``unplug(lab, host, ifnames)`` / ``replug(...)``: the switch ports of those links go
   down / up: the host sees its carrier go (its addresses and routes stay, as with a
   pulled cable or a dead switch port), and comes back as it was.
+- ``block(lab, host, ifnames, spare=())`` / ``unblock(lab, host)``: the switch stops
+  forwarding frames between those links of ``host`` and every other port of their
+  segments, except the ports of the nodes named in ``spare``: a partition with the
+  carrier up (nothing on the host notices but silence), possibly asymmetric (the
+  host's uplink still reaches the router, not its peers).
 - ``Pinger``: ``ping -D -i 0.01`` from one node to an address, recording every reply's
   timestamp; ``outage()`` is the longest silence between two replies.
 """
@@ -62,6 +67,35 @@ def unplug(lab, host, ifnames):
 def replug(lab, host, ifnames):
     for port in _ports(lab, host, ifnames):
         subprocess.run(["ip", "-n", lab.switch_ns, "link", "set", port, "up"], check=True)
+
+
+def _block_table(host):
+    return "chaos_" + re.sub(r"[^A-Za-z0-9_]", "_", host)
+
+
+def block(lab, host, ifnames, spare=()):
+    """The switch drops every frame between ``host``'s ``ifnames`` and the other ports
+    of their segments, but the ports of the nodes in ``spare`` (a bridge-family
+    nftables table in the switch namespace; the carrier stays up)."""
+    nodes = lab.topology.nodes()
+    rules = []
+    for ifname, port in zip(ifnames, _ports(lab, host, ifnames)):
+        seg = nodes[host].links[ifname]
+        others = [lab.ports[n][i] for n, node in sorted(nodes.items()) if n != host and n not in spare
+                  for i, s in sorted(node.links.items()) if s == seg and i in lab.ports.get(n, {})]
+        if not others:
+            continue
+        group = "{ " + ", ".join(f'"{o}"' for o in others) + " }"
+        rules += [f'iifname "{port}" oifname {group} drop', f'iifname {group} oifname "{port}" drop']
+    table = _block_table(host)
+    text = (f"table bridge {table} {{\n chain forward {{\n  type filter hook forward priority -10; policy accept;\n"
+            + "".join(f"  {r}\n" for r in rules) + " }\n}\n")
+    subprocess.run(["ip", "netns", "exec", lab.switch_ns, "nft", "-f", "-"], input=text, text=True, check=True)
+
+
+def unblock(lab, host):
+    subprocess.run(["ip", "netns", "exec", lab.switch_ns, "nft", "delete", "table", "bridge",
+                    _block_table(host)], check=False, capture_output=True)
 
 
 def power_off(lab, host):

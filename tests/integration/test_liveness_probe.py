@@ -157,7 +157,7 @@ def test_a_reply_from_another_mac_does_not_keep_the_peer_alive(ns_pair):
 
 @pytest.mark.parametrize("reachable", [False, True])
 def test_an_isolated_owner_fences_itself_and_only_then(ns_pair, reachable):
-    """Rule 2: every peer silent and the master/next hop silent too: fence, once. With
+    """Rule 2: every peer silent and the master silent too: fence, once. With
     the master still answering (here: the host's own loopback stands for it), never."""
     a, b = ns_pair
     from pyroute2 import netns
