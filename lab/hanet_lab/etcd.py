@@ -88,7 +88,7 @@ def _get(url: str, timeout: float, data: Optional[bytes] = None):
 
 class EtcdCluster:
     def __init__(self, prefix: str, members, rundir: str, etcd: str = ETCD,
-                 heartbeat_ms: int = 100, election_ms: int = 1000):
+                 heartbeat_ms: int = 100, election_ms: int = 1000, extra_args=()):
         self.prefix = prefix
         self.members = {}
         for m in members:
@@ -101,6 +101,7 @@ class EtcdCluster:
         self.dir = os.path.join(rundir, "etcd")
         self.etcd = etcd
         self.heartbeat_ms, self.election_ms = heartbeat_ms, election_ms
+        self.extra_args = list(extra_args)  # more etcd flags for every member (TLS, token TTL)
         self.procs: dict[str, subprocess.Popen] = {}
 
     # -- names --------------------------------------------------------------------------------
@@ -131,7 +132,7 @@ class EtcdCluster:
                 "--initial-cluster-state", "new",  # ignored once the data dir exists
                 "--heartbeat-interval", str(self.heartbeat_ms),
                 "--election-timeout", str(self.election_ms),
-                "--logger", "zap", "--log-outputs", "stderr"]
+                "--logger", "zap", "--log-outputs", "stderr"] + self.extra_args
 
     # -- life ---------------------------------------------------------------------------------
     def start(self, timeout: float = 30.0) -> "EtcdCluster":

@@ -363,3 +363,63 @@ def test_quorum_lost_the_runner_moves_nothing_and_status_says_why(healthy, tmp_p
     got = m1.liveness(failover.liveness_tag("net2", "net1", failover.DOWN), data, "engine")
     assert got["moved"] == {"shared": "net2"}
     assert len(published) == 2
+
+
+# --------------------------------------------------------------------------- authentication
+
+
+def _post(url, body, token=None):
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    if token:
+        req.add_header("Authorization", token)
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def test_user_and_password(etcd, tmp_path, monkeypatch):
+    """A member of its own (auth is cluster-wide), with tokens that expire after 1 s:
+    no user, or a wrong password, is a RecordError saying so; the right one reads and
+    saves, and authenticates again once its token expired."""
+    from hanet_lab.etcd import EtcdCluster
+
+    ns = next(iter(etcd.members.values())).ns
+    from hanet_lab import nslib
+
+    nslib.add_address(ns, "lo", "192.0.2.24/32")
+    # its own directory (down() removes it and kills what names it), inside the run dir
+    auth = EtcdCluster(etcd.prefix + "-auth", [("a1", ns, "192.0.2.24")],
+                       os.path.join(os.path.dirname(etcd.dir), "auth"), extra_args=["--auth-token-ttl", "1"])
+    try:
+        auth.start()
+        ep = auth.endpoints[0]
+        _post(ep + "/v3/auth/user/add", {"name": "root", "password": "root-pw"})
+        _post(ep + "/v3/auth/user/grant", {"user": "root", "role": "root"})
+        _post(ep + "/v3/auth/enable", {})
+        base = {"cachedir": str(tmp_path), "hanet_record": {"backend": "etcd", "endpoints": [ep], "timeout": TIMEOUT}}
+
+        def opts(**more):
+            return dict(base, hanet_record=dict(base["hanet_record"], **more))
+
+        with pytest.raises(failover.RecordError, match="refused to read the record: etcdserver: user name is empty"):
+            record.read_owners(base)
+        with pytest.raises(failover.RecordError, match="authentication as root failed"):
+            record.read_owners(opts(user="root", password="wrong"))
+        good = opts(user="root", password="root-pw")
+        logins = []
+        authenticate = record.EtcdStore._authenticate
+        monkeypatch.setattr(record.EtcdStore, "_authenticate",
+                            lambda self, client: logins.append(1) or authenticate(self, client))
+        with record.open(good) as rec:
+            rec.record([move("shared", "net1", "net2", 1)], 1.0, "with auth")
+        assert len(logins) == 1
+        time.sleep(2.5)  # the token expired: authenticated again
+        with record.open(good) as rec:
+            assert rec.owners["shared"]["epoch"] == 1
+            rec.record([move("shared", "net2", "net1", 2)], 2.0, "after the token expired")
+        assert record.read_owners(good)["shared"]["epoch"] == 2
+        assert len(logins) == 2
+    finally:
+        auth.down()
