@@ -379,7 +379,7 @@ def _range_end(prefix):
 # --------------------------------------------------------------------------- etcd
 
 
-_LOCAL = threading.local()  # per thread: {(config, endpoint): etcd3gw client}
+_LOCAL = threading.local()  # per thread: {(config, endpoint, pid): etcd3gw client}
 _PREFERRED = {}  # config -> the endpoint that answered last
 
 
@@ -440,7 +440,7 @@ class EtcdStore:
         cache = getattr(_LOCAL, "clients", None)
         if cache is None:
             cache = _LOCAL.clients = {}
-        key = (self.cfg, endpoint)
+        key = (self.cfg, endpoint, os.getpid())  # a forked child makes its own connections
         client = cache.get(key)
         if client is None:
             parts = urlsplit(endpoint)
