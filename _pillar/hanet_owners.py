@@ -1,11 +1,13 @@
 """ext_pillar ``hanet_owners``: the master's failover record, as pillar.
 
 Every minion gets ``hanet_owners: {network: {owner, epoch, since, reason}}``, read from the record the
-hanet runner keeps durably on the master (``<cachedir>/hanet/owners.json``, see
-``_hanet/failover.py``). A host's highstate, and so its start-up, consults it before
-binding a gateway: a host that was down while its network moved comes back as the
-standby. A record that cannot be read fails the pillar compile loudly rather than
-letting hosts fall back to the pillar's first network hosts.
+hanet runner keeps durably: on the master (``<cachedir>/hanet/owners.json``, see
+``_hanet/failover.py``), or in etcd when the master option ``hanet_record`` says so
+(``_hanet/record.py``; every master then serves the same record). A host's highstate,
+and so its start-up, consults it before binding a gateway: a host that was down while
+its network moved comes back as the standby. A record that cannot be read (torn, etcd
+unreachable or without quorum) fails the pillar compile loudly rather than letting
+hosts fall back to the pillar's first network hosts.
 
 Master configuration (``pillar_dirs`` pointing at the checkout's ``_pillar``, or
 ``saltutil.sync_all`` / ``salt-run saltutil.sync_pillar`` and a master restart)::
@@ -45,4 +47,4 @@ def _lib(name):
 
 
 def ext_pillar(minion_id, pillar, *args, **kwargs):  # pylint: disable=unused-argument
-    return {"hanet_owners": _lib("failover").read_owners(__opts__["cachedir"])}
+    return {"hanet_owners": _lib("record").read_owners(__opts__)}

@@ -182,11 +182,19 @@ def _canonical(fresh=False):
 
 
 def _record():
-    return _lib("failover").Record(__opts__["cachedir"])
+    """The failover record, held for one decision: the master option ``hanet_record``
+    chooses where it lives (``_hanet/record.py``: the local file, or etcd)."""
+    return _lib("record").open(__opts__)
+
+
+def _records():
+    """``for attempt in _records(): with attempt as rec: ...``: the record again, and the
+    decision again, when another master changed it first (``RecordConflict``)."""
+    return _lib("record").attempts(__opts__)
 
 
 def _owners():
-    return _lib("failover").read_owners(__opts__["cachedir"])
+    return _lib("record").read_owners(__opts__)
 
 
 # --------------------------------------------------------------------------- second opinion
@@ -309,9 +317,15 @@ def liveness(tag=None, data=None, via="reactor"):
         t_confirmed = time.time()
         w = _WATCH.get("watch")
         dead = {h for h in failover.watched_hosts(cfg) if w is not None and w.verdict(h) == "dead"}
-        with _record() as rec:
-            verdict = failover.decide(cfg, rec.owners, rep, opinion.verdict, opinion.evidence, dead)
-            rec.record(verdict.moves, time.time(), f"{rep.peer} down (seen by {rep.observer})")
+        for attempt in _records():
+            with attempt as rec:
+                verdict = failover.decide(cfg, rec.owners, rep, opinion.verdict, opinion.evidence, dead)
+                rec.record(verdict.moves, time.time(), f"{rep.peer} down (seen by {rep.observer})")
+        if not verdict.moves and (attempt.number or not failover.at_stake(cfg, rec.owners, rep.observer,
+                                                                        rep.peer)):
+            # decided meanwhile (another master, or this one's other path): its move stands
+            log.info("hanet failover: %s down (seen by %s): decided meanwhile", rep.peer, rep.observer)
+            return {"result": True, "action": "none", "reason": "decided meanwhile (another master)"}
     except failover.Rejected as err:
         return _reject(None, err.reason, tag, data)
     except failover.RecordError as err:
@@ -356,18 +370,19 @@ def _health(rep, tag, data, via, t0):
     failover = _lib("failover")
     try:
         cfg, _ = _config(_canonical())
-        with _record() as rec:
-            other = rec.handle(rep.nonce, via, t0)  # raises Rejected for a replay
-            if other:
-                return {"result": True, "action": "none", "reason": f"handled by the {other}"}
-            _learn_health(rep.observer, rep.lost, t0)
-            if rep.state == failover.HEALTHY:
-                log.warning("hanet failover: %s can serve all its networks again", rep.observer)
-                return {"result": True, "action": "none", "reason": "healthy"}
-            w = _WATCH.get("watch")
-            dead = {h for h in failover.watched_hosts(cfg) if w is not None and w.verdict(h) == "dead"}
-            verdict = failover.handover(cfg, rec.owners, rep.observer, rep.lost, _HEALTH, dead, t0)
-            rec.record(verdict.moves, time.time(), f"{rep.observer} cannot serve it (handover)")
+        for attempt in _records():
+            with attempt as rec:
+                other = None if attempt.number else rec.handle(rep.nonce, via, t0)  # Rejected: a replay
+                if other:
+                    return {"result": True, "action": "none", "reason": f"handled by the {other}"}
+                _learn_health(rep.observer, rep.lost, t0)
+                if rep.state == failover.HEALTHY:
+                    log.warning("hanet failover: %s can serve all its networks again", rep.observer)
+                    return {"result": True, "action": "none", "reason": "healthy"}
+                w = _WATCH.get("watch")
+                dead = {h for h in failover.watched_hosts(cfg) if w is not None and w.verdict(h) == "dead"}
+                verdict = failover.handover(cfg, rec.owners, rep.observer, rep.lost, _HEALTH, dead, t0)
+                rec.record(verdict.moves, time.time(), f"{rep.observer} cannot serve it (handover)")
     except failover.Rejected as err:
         return _reject(None, err.reason, tag, data)
     except failover.RecordError as err:
@@ -462,9 +477,14 @@ def reconcile(via="reconcile"):
     moves, orders = failover.reconcile(cfg, owners, verdicts, views, holdings, now,
                                        _RECONCILE["issued"], health=_HEALTH)
     if moves:
-        with _record() as rec:  # decided on a copy: keep only what still holds
-            valid = [m for m in moves if failover.still_valid(cfg, rec.owners, m)]
-            rec.record(valid, now, "reconcile")
+        try:
+            for attempt in _records():
+                with attempt as rec:  # decided on a copy: keep only what still holds
+                    valid = [m for m in moves if failover.still_valid(cfg, rec.owners, m)]
+                    rec.record(valid, now, "reconcile")
+        except failover.RecordError as err:
+            log.error("hanet reconcile: no decision: %s", err)
+            return {"result": False, "reason": str(err)}
         stale = {(m.network, m.epoch) for m in moves if m not in valid}
         orders = [o for o in orders if (o.network, o.epoch) not in stale]
         moves = valid
@@ -484,10 +504,15 @@ def outcome(tag=None, data=None, via="engine"):  # pylint: disable=unused-argume
     failover = _lib("failover")
     if not isinstance(data, dict) or failover.parse_failover_tag(tag) != (data.get("network"), "complete"):
         return {"result": False, "reason": "not a complete event"}
-    with _record() as rec:
-        if failover.confirm(rec.owners, data.get("network"), data.get("to"), data.get("epoch")):
-            rec.save()
-            return {"result": True, "confirmed": [data.get("network"), data.get("epoch")]}
+    try:
+        for attempt in _records():
+            with attempt as rec:
+                if failover.confirm(rec.owners, data.get("network"), data.get("to"), data.get("epoch")):
+                    rec.save()
+                    return {"result": True, "confirmed": [data.get("network"), data.get("epoch")]}
+    except failover.RecordError as err:  # the reconcile loop orders it again, and it confirms then
+        log.error("hanet failover: %s not confirmed: %s", tag, err)
+        return {"result": False, "reason": str(err)}
     return {"result": True}
 
 
@@ -496,18 +521,20 @@ def outcome(tag=None, data=None, via="engine"):  # pylint: disable=unused-argume
 
 def _move(cfg, label, new, reason, timeout=30):
     failover = _lib("failover")
-    with _record() as rec:
-        move = failover.planned_move(cfg, rec.owners, label, new)
-        if move is None:
-            return {"network": label, "owner": new, "moved": False}
-        rec.record([move], time.time(), reason)
+    for attempt in _records():
+        with attempt as rec:
+            move = failover.planned_move(cfg, rec.owners, label, new)
+            if move is None:
+                return {"network": label, "owner": new, "moved": False}
+            rec.record([move], time.time(), reason)
     args, kwargs = failover.takeover_order(label, move.epoch, move.previous, planned=True)
     got = _local().cmd(new, failover.TAKEOVER_FUN, arg=args, kwarg=kwargs, timeout=timeout)
     if new not in got or not isinstance(got[new], dict):
         raise RuntimeError(f"{new} did not take {label} over: {got.get(new)}")
-    with _record() as rec:
-        if failover.confirm(rec.owners, label, new, move.epoch):
-            rec.save()
+    for attempt in _records():
+        with attempt as rec:
+            if failover.confirm(rec.owners, label, new, move.epoch):
+                rec.save()
     rel = _local().cmd(move.previous, failover.RELINQUISH_FUN, arg=[label, move.epoch, new],
                        timeout=timeout)
     return {"network": label, "from": move.previous, "to": new, "epoch": move.epoch, "moved": True,
@@ -563,5 +590,21 @@ def status(timeout=10):
     try:
         record = _owners()
     except failover.RecordError as err:
-        return {"error": str(err)}
-    return failover.cluster_status(cfg, record, got)
+        # fail static: no move is made while the record cannot be read; who serves now
+        # is still shown, the record's side (owner, epoch, agree) is not known
+        out = failover.cluster_status(cfg, {}, got)
+        for entry in out["networks"].values():
+            if not entry["multi_host"]:
+                entry.update(owner=None, epoch=None, confirmed=None, agree=None)
+        out.update(record=None, record_error=str(err), record_backend=_record_backend())
+        return out
+    out = failover.cluster_status(cfg, record, got)
+    out["record_backend"] = _record_backend()
+    return out
+
+
+def _record_backend():
+    try:
+        return _lib("record").describe(__opts__)
+    except Exception as err:  # pylint: disable=broad-except  (a bad option: say so)
+        return f"unusable: {err}"

@@ -323,8 +323,8 @@ class Record:
         self._lock = open(os.path.join(self.dir, "owners.lock"), "w", encoding="utf-8")
         fcntl.flock(self._lock, fcntl.LOCK_EX)
         try:
-            self.data = load_record(self.path)
-        except RecordError:
+            self.data = self._load()
+        except BaseException:
             self.__exit__()
             raise
         try:
@@ -335,6 +335,11 @@ class Record:
         if not isinstance(self.seen, dict):
             self.seen = {}
         return self
+
+    def _load(self):
+        """The record (``{"owners": {...}}``), read under the lock; another backend
+        (``_hanet.record``) reads it from elsewhere."""
+        return load_record(self.path)
 
     def handle(self, nonce, via, now):
         """Remember that path ``via`` handles the report ``nonce``. Returns the other
