@@ -200,6 +200,25 @@ class Matrix:
         yield f"{old} isolated 30 s: {new} served; after the heal {old} holds nothing"
         self.standby_again(old)
 
+    def cut_off_but_router(self):
+        old = self.owner()
+        links = list(self.lab.topology.hosts[old].links)
+        chaos.block(self.lab, old, links, spare=("router",))
+        try:
+            new = self.served_by(self.others(old))
+            held = [a.split("/")[0] for a in self.lab.addresses(old)]
+            if GATEWAY in held or FLOATING in held:
+                raise Unmet(f"{old}, cut off from all but the router, still holds {held}")
+            time.sleep(max(0.0, 15 - (time.time() - self.t_fault)))
+        finally:
+            chaos.unblock(self.lab, old)
+        time.sleep(5)
+        held = [a.split("/")[0] for a in self.lab.addresses(old)]
+        if GATEWAY in held or FLOATING in held or self.holders(GATEWAY) != [new]:
+            raise Unmet(f"after the heal {old} holds {held}; gateway on {self.holders(GATEWAY)}")
+        yield f"{old} cut off 15 s but from the router: it fell silent, {new} served; after the heal {old} holds nothing"
+        self.standby_again(old)
+
     def master_down(self):
         old = self.owner()
         self.lab.stop_master()
@@ -289,6 +308,8 @@ class Matrix:
         ("observer_only", "master cannot reach the owner (VMs and standbys can)", "no move"),
         ("healed_partition", "owner isolated 30 s, then back with its kernel state",
          "standby serves; loser holds nothing after the heal"),
+        ("cut_off_but_router", "owner cut off from all but the router 15 s (carriers up)",
+         "owner falls silent; standby serves; never two holders"),
         ("master_down", "master down when the owner dies, back 20 s later", "failover completes after"),
         ("master_restart_mid_decision", "master restarted between decision and order", "one owner, same epoch"),
         ("two_die", "owner and first standby die together", "the third serves"),
@@ -296,7 +317,7 @@ class Matrix:
         ("flapping_uplink", "flapping uplink (2 s down / 2 s up, 32 s)", "at most one move"),
     ]
     MAX_MOVES = {"observer_only": 0, "dnsmasq_killed": 0, "flapping_uplink": 1, "uplink": 1, "segment": 1,
-                 "power_loss": 1, "healed_partition": 1, "master_down": 1, "two_die": 2,
+                 "power_loss": 1, "healed_partition": 1, "cut_off_but_router": 1, "master_down": 1, "two_die": 2,
                  "master_restart_mid_decision": 1}
 
     def run_fault(self, name, title, expected):
