@@ -315,8 +315,7 @@ def liveness(tag=None, data=None, via="reactor"):
         t_check = time.time()
         opinion = _second_opinion(cfg, rep.peer)
         t_confirmed = time.time()
-        w = _WATCH.get("watch")
-        dead = {h for h in failover.watched_hosts(cfg) if w is not None and w.verdict(h) == "dead"}
+        dead = _dead(cfg)
         for attempt in _records():
             with attempt as rec:
                 verdict = failover.decide(cfg, rec.owners, rep, opinion.verdict, opinion.evidence, dead)
@@ -363,6 +362,14 @@ def _learn_health(host, lost, now):
         _HEALTH[host] = {"lost": lost, "since": now}
 
 
+def _dead(cfg):
+    """The network hosts the master's watch sees dead now (none without the watch)."""
+    w = _WATCH.get("watch")
+    if w is None:
+        return set()
+    return {h for h in _lib("failover").watched_hosts(cfg) if w.verdict(h) == "dead"}
+
+
 def _health(rep, tag, data, via, t0):
     """A network host's report about itself: what it cannot serve now. Networks it owns
     and cannot serve go to a standby that can (``failover.handover``): the old owner is
@@ -370,6 +377,9 @@ def _health(rep, tag, data, via, t0):
     failover = _lib("failover")
     try:
         cfg, _ = _config(_canonical())
+    except Exception as err:  # pylint: disable=broad-except  (any pillar trouble: refuse)
+        return _reject(None, f"pillar: {err}", tag, data)
+    try:
         for attempt in _records():
             with attempt as rec:
                 other = None if attempt.number else rec.handle(rep.nonce, via, t0)  # Rejected: a replay
@@ -379,16 +389,13 @@ def _health(rep, tag, data, via, t0):
                 if rep.state == failover.HEALTHY:
                     log.warning("hanet failover: %s can serve all its networks again", rep.observer)
                     return {"result": True, "action": "none", "reason": "healthy"}
-                w = _WATCH.get("watch")
-                dead = {h for h in failover.watched_hosts(cfg) if w is not None and w.verdict(h) == "dead"}
+                dead = _dead(cfg)
                 verdict = failover.handover(cfg, rec.owners, rep.observer, rep.lost, _HEALTH, dead, t0)
                 rec.record(verdict.moves, time.time(), f"{rep.observer} cannot serve it (handover)")
     except failover.Rejected as err:
         return _reject(None, err.reason, tag, data)
     except failover.RecordError as err:
         return _reject(None, f"no decision: {err}", tag, data)
-    except Exception as err:  # pylint: disable=broad-except  (any pillar trouble: refuse)
-        return _reject(None, f"pillar: {err}", tag, data)
     for network, reason in verdict.rejected:
         _reject(network, reason, tag, data)
     for move in verdict.moves:
