@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import subprocess
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -159,3 +160,33 @@ class Managed:
             write_atomic(self.path, json.dumps(disk, indent=1, sort_keys=True) + "\n")
             self.data = disk
             self._mine[facet] = names
+
+
+# --------------------------------------------------------------------------- child processes
+
+# Held while a child process is being created, and by every os.fork() of this process
+# before it forks (os.register_at_fork): see run().
+_SPAWNING = threading.RLock()
+os.register_at_fork(before=_SPAWNING.acquire, after_in_parent=_SPAWNING.release,
+                    after_in_child=_SPAWNING.release)
+
+
+def run(cmd, timeout=None, **popen_kwargs):
+    """``subprocess.run(cmd, ...)`` without ``check``/``input``, safe in a thread of the
+    minion's process (the beacon's supervisor restarting dnsmasq, a warm takeover).
+
+    Creating a child opens pipes (the exec-status pipe; a captured stdout) whose write
+    ends only the child should keep. A Salt job forked by the main thread in that moment
+    inherits them too, and this thread then waits for the job to exit, while it may
+    hold a lock the job waits for (it happened with conntrack, ``floating.py``). So the
+    child is created under a lock that every fork of this process takes first: a fork
+    waits the few milliseconds until the child has exec'd."""
+    with _SPAWNING:
+        proc = subprocess.Popen(cmd, **popen_kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

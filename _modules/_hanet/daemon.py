@@ -125,9 +125,12 @@ def launch(cmd, retry_until, retry_if=None, **run_kwargs):
     return its ``CompletedProcess``. While it fails (and ``retry_if(proc)``, when given,
     says the failure is worth another try) it is run again until ``retry_until``: a
     predecessor that is still exiting may hold the address or port a moment longer.
-    ``run_kwargs`` go to ``subprocess.run`` (stdin is always /dev/null)."""
+    ``run_kwargs`` go to ``common.run`` (stdin is always /dev/null): the supervisor
+    starts daemons from a thread of the minion's process."""
+    from .common import run
+
     while True:
-        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, check=False, **run_kwargs)
+        proc = run(cmd, stdin=subprocess.DEVNULL, **run_kwargs)
         if proc.returncode == 0 or (retry_if is not None and not retry_if(proc)) \
                 or time.monotonic() > retry_until:
             return proc

@@ -1,0 +1,52 @@
+"""common.run: a child process created from a thread of a process that forks (the
+minion forks its jobs from its main thread) must not wait for those forks to exit."""
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+
+from _hanet import common
+
+
+def test_run_returns_the_output_and_the_exit_code():
+    got = common.run(["sh", "-c", "echo hi; exit 3"], stdout=subprocess.PIPE, text=True)
+    assert got.stdout == "hi\n" and got.returncode == 3
+
+
+def test_run_kills_a_child_that_overruns_its_timeout():
+    with pytest.raises(subprocess.TimeoutExpired):
+        common.run(["sleep", "5"], timeout=0.2)
+
+
+def test_children_started_from_a_thread_never_wait_for_the_main_threads_forks():
+    """The main thread forks children that live 0.5 s (Salt jobs), while a thread runs
+    short commands with a captured stdout (dnsmasq started by the supervisor). A fork
+    made while a command is being created would keep its pipes open, and that command
+    would then take as long as the forked child lives."""
+    slowest, stop = [0.0], threading.Event()
+
+    def commands():
+        while not stop.is_set():
+            t0 = time.monotonic()
+            common.run(["true"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            slowest[0] = max(slowest[0], time.monotonic() - t0)
+
+    t = threading.Thread(target=commands)
+    t.start()
+    children = []
+    try:
+        for _ in range(40):
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(0.5)
+                os._exit(0)
+            children.append(pid)
+            time.sleep(0.005)
+    finally:
+        stop.set()
+        t.join()
+        for pid in children:
+            os.waitpid(pid, 0)
+    assert slowest[0] < 0.4, f"a command waited {slowest[0]:.2f} s for a forked child"
