@@ -377,13 +377,12 @@ class OrderListener:
 
 def _warm():
     """Import what a takeover needs in the minion's main process: Salt forks every job
-    from it, so ``hanet.takeover`` then starts with them loaded (scapy is slow to import)."""
+    from it, so ``hanet.takeover`` then starts with them loaded."""
     import importlib
 
     for name in ("_hanet.model", "_hanet.desired", "_hanet.common", "_hanet.links",
                  "_hanet.floating", "_hanet.dnsmasq", "_hanet.metadata", "_hanet.arp",
-                 "_hanet.host", "_hanet.failover", "_hanet.takeover",
-                 "scapy.layers.l2", "scapy.sendrecv", "pyroute2"):
+                 "_hanet.host", "_hanet.failover", "_hanet.takeover", "pyroute2"):
         try:
             importlib.import_module(name)
         except Exception as err:  # pylint: disable=broad-except

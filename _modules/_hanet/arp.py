@@ -1,9 +1,12 @@
-"""Gratuitous ARP and duplicate address detection (scapy, on the host's own links).
+"""Gratuitous ARP and duplicate address detection, on the host's own links.
 
-``garp`` announces that this host now answers for an address (after a gateway or a
-floating IP is bound), so that neighbours' ARP caches follow at once. ``probe``
-asks whether anybody else answers for an address (RFC 5227 style: sender IP
-0.0.0.0), which a new owner does before binding a moved address.
+``garp_many`` announces that this host now answers for addresses (after a gateway or
+floating IPs are bound), so that neighbours' ARP caches follow at once. ``probe_many``
+asks whether anybody else answers for addresses (RFC 5227 style: sender IP 0.0.0.0),
+which a new owner does before binding moved addresses. Both run on the failover path:
+frames are built by hand and sent on raw sockets, the interface's MAC read with one
+ioctl on that socket (no netlink dump, no scapy: ``garp_frames`` keeps scapy's version,
+which the unit tests compare the hand-built frames with).
 """
 from __future__ import annotations
 
@@ -121,19 +124,38 @@ def probe_many(pairs, timeout=DAD_TIMEOUT_S, tries=1):
     return found
 
 
+def garp_bytes(ip, mac):
+    """``garp_frames`` as bytes, built by hand: ``mac`` is the sender's 6 bytes."""
+    import socket
+    import struct
+
+    from . import liveness
+
+    bcast, addr = b"\xff" * 6, socket.inet_aton(ip)
+    reply = bcast + mac + struct.pack("!H", 0x0806) + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 2) \
+        + mac + addr + bcast + addr
+    return [liveness.arp_request(mac, ip, ip), reply]
+
+
 def garp_many(pairs, count=3, interval=0.02):
     """Announce several addresses at once: ``pairs`` is [(ip, interface)]. Each round
     sends every address's frames, so the first announcement of every address goes out
     before any repeat. Returns the number of frames sent."""
+    from . import liveness
+
     by_iface = {}
     for ip, iface in pairs:
-        by_iface.setdefault(iface, []).extend(bytes(f) for f in garp_frames(ip, mac_of(iface)))
-    socks = {iface: _raw(iface) for iface in by_iface}
+        by_iface.setdefault(iface, []).append(ip)
+    socks, frames = {}, {}
     sent = 0
     try:
+        for iface, ips in by_iface.items():
+            socks[iface] = sock = _raw(iface)
+            mac = liveness._hwaddr(sock, iface)  # pylint: disable=protected-access
+            frames[iface] = [f for ip in ips for f in garp_bytes(ip, mac)]
         for i in range(int(count)):
-            for iface, frames in by_iface.items():
-                for frame in frames:
+            for iface, fs in frames.items():
+                for frame in fs:
                     socks[iface].send(frame)
                     sent += 1
             if i + 1 < count:

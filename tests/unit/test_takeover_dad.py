@@ -78,3 +78,9 @@ def test_a_planned_move_probes_nothing(monkeypatch):
     asked = script(monkeypatch, [{"10.20.0.1": "x"}])
     takeover._dad(NET, True, None, marks()[1], MOVING)
     assert asked == []
+
+
+def test_the_hand_built_announcements_are_scapys_byte_for_byte():
+    mac = "02:11:22:33:44:55"
+    want = [bytes(f) for f in arp.garp_frames("203.0.113.60", mac)]
+    assert arp.garp_bytes("203.0.113.60", bytes.fromhex(mac.replace(":", ""))) == want
