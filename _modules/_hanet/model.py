@@ -279,7 +279,7 @@ class _Checker:
         if not isinstance(value, str) or not value:
             self.add(path, f"must be {what}, not {value!r}")
             return None
-        if pattern is not None and not pattern.match(value):
+        if pattern is not None and not pattern.fullmatch(value):
             self.add(path, f"{value!r} is not {what}")
             return None
         return value
@@ -418,7 +418,7 @@ def _networks(c, raw):
     out = {}
     for label, spec in sorted(raw.items()):
         path = f"{ROOT}:networks:{label}"
-        if not LABEL_RE.match(label):
+        if not LABEL_RE.fullmatch(label):
             c.add(path, "a network label must be letters, digits, '-' or '_' (at most 32), "
                         "starting with a letter or digit")
             continue
@@ -635,7 +635,7 @@ def _instances(c, raw, networks, hosts):
             if addr and fixed:
                 fips.append(FloatingIp(address=addr, fixed_ip=fixed))
         hostname = spec.get("hostname", name)
-        if not isinstance(hostname, str) or not HOSTNAME_RE.match(hostname):
+        if not isinstance(hostname, str) or not HOSTNAME_RE.fullmatch(hostname):
             c.add(f"{path}:hostname" if "hostname" in spec else path,
                   f"{hostname!r} is not a valid hostname (letters, digits, '-'); "
                   "set hanet:instances:<name>:hostname")

@@ -118,6 +118,10 @@ def test_broken_pillar_reports_every_mistake_with_its_path():
     (lambda p: p.update(dns_servers=["8.8.8.x"]), "hanet:dns_servers:0", "not an IPv4"),
     (lambda p: p.update(networks=[]), "hanet:networks", "must be a mapping"),
     (lambda p: p["hosts"]["compute1"].update(routing_source_ip="203.0.113.50"), "hanet:hosts:compute1:routing_source_ip", "floating IP"),
+    # a value ending in a newline passed a ^...$ match: every pattern must match all of it
+    (lambda p: p["networks"]["red"].update(bridge="br102\n"), "hanet:networks:red:bridge", "interface name"),
+    (lambda p: p["instances"]["web1"].update(hostname="web1\n"), "hanet:instances:web1:hostname", ""),
+    (lambda p: p.update(dhcp_domain="novalocal\n"), "hanet:dhcp_domain", "DNS domain"),
 ])
 def test_each_mistake_is_named_by_its_path(mutate, path, text):
     p = example()
