@@ -417,6 +417,129 @@ def vm_metadata(t: Tour) -> None:
     t.wait()
 
 
+def _owner(t: Tour, label: str) -> str:
+    """Who holds ``label``'s gateway, by what the network hosts say they hold."""
+    for host in t.network(label)["network_hosts"]:
+        if (t.lab.serving(host).get("networks") or {}).get(label):
+            return host
+    raise DemoFailed(f"no network host holds the gateway of {label}")
+
+
+def _timeline(events, t_off):
+    """Lines 'at +N ms: what' for the failover's events, from the power-off."""
+    out = []
+    for ev in events:
+        tag, data = ev.get("tag", ""), ev.get("data") or {}
+        if "/hanet_liveness/" in tag and tag.endswith("/down"):
+            what = f"{data.get('observer')} reports {data.get('peer')} down (signed liveness event)"
+            at = data.get("detected_at")
+        elif tag.endswith("/complete"):
+            d = data.get("decision") or {}
+            if d.get("published_at"):
+                out.append((d["published_at"], f"the master decided: {data.get('to')} takes "
+                                               f"{data.get('network')} at epoch {data.get('epoch')}"))
+            tm = data.get("timings") or {}
+            done = data.get("completed_at")
+            if done and "bound_s" in tm and "dhcp_s" in tm:
+                out.append((done - tm["dhcp_s"] + tm["bound_s"],
+                            f"{data.get('to')} bound {', '.join(data.get('addresses') or [])} "
+                            "(after duplicate address detection)"))
+                if "announced_s" in tm:
+                    out.append((done - tm["dhcp_s"] + tm["announced_s"], "gratuitous ARP sent on both sides"))
+            what, at = f"{data.get('to')} confirms: dnsmasq serves {data.get('network')} again", done
+        else:
+            continue
+        if at:
+            out.append((at, what))
+    return [f"  +{(at - t_off) * 1000:6.0f} ms  {what}" for at, what in sorted(out)]
+
+
+def failover(t: Tour) -> None:
+    t.section("A network host dies: its standby takes over", """
+        'shared' is a network-host network: one host (net1) is the gateway, DHCP server
+        and NAT for every VM on it, and net2 stands by with the same rules loaded. Now
+        the owner loses power while app1 pings the upstream router every 10 ms. The
+        standby's beacon misses three probes and reports it, signed; the master checks it
+        against its own watch, records the new owner (epoch + 1) and orders the takeover;
+        the standby checks that nobody answers for the addresses, binds them and
+        announces them with gratuitous ARP, so app1 and the router learn its MAC.""")
+    from . import chaos
+
+    lab = t.lab
+    vm = next((v for v in t.leases if t.network(t.instance(v)["nics"][0]["network"]).get("network_hosts")),
+              None)
+    if vm is None:
+        print("  (no VM on a network-host network in this lab)")
+        return
+    label = t.instance(vm)["nics"][0]["network"]
+    gateway = t.network(label)["gateway"]
+    old = _owner(t, label)
+    new = next(h for h in t.network(label)["network_hosts"] if h != old)
+    print(f"  {label}: gateway {gateway} held by {old}; {new} stands by")
+    print(f"  {vm}'s ARP cache: {gateway} is at {(lab.arp_cache(vm).get(gateway) or {}).get('mac')} "
+          f"({old}'s)")
+    events = []
+    with lab.events() as ev, chaos.Pinger(lab, vm, ROUTER, interval=0.01) as ping:
+        time.sleep(1.0)
+        print(f"$ (power off {old})")
+        t_off = chaos.power_off(lab, old)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            got = ev.wait("*", timeout=max(0.1, deadline - time.monotonic()))
+            if got is None:
+                break
+            if got.get("tag", "").startswith(("salt/beacon/", "hanet/failover/")):
+                events.append(got)
+            if got.get("tag") == f"hanet/failover/{label}/complete":
+                break
+        time.sleep(1.0)
+    outage, _, lost = ping.outage(after=t_off)
+    for line in _timeline(events, t_off):
+        print(line)
+    mac = (lab.arp_cache(vm).get(gateway) or {}).get("mac")
+    if outage is None:
+        raise DemoFailed(f"{vm} got no pings answered around the failover")
+    print(f"  {vm}'s pings stopped for {outage * 1000:.0f} ms ({lost} lost); its ARP cache: "
+          f"{gateway} is now at {mac}")
+    if outage > 5 or not lab.ping(vm, ROUTER, count=2, timeout=5):
+        raise DemoFailed(f"{vm} did not reach the router again after {old} died")
+    lease = lab.dhcp(vm, client="udhcpc")
+    print(f"  {vm} renews its lease: {lease['address']} from {lease['server']} (dnsmasq on {new} now)")
+    t.failed_over = (label, old, new, vm)
+    t.wait()
+
+
+def failback(t: Tour) -> None:
+    t.section("The old owner returns, and a planned move back", """
+        The host boots; its start-up apply finds in the record that the network moved,
+        so it binds nothing and comes back as the standby (no automatic failback: the
+        network does not flap back). Moving it back is an operator's decision: the runner
+        'hanet.evacuate <host>' makes every network it holds move to a standby, the new
+        owner binding and announcing before the old one lets go, so no packet is lost.""")
+    from . import chaos
+
+    if not getattr(t, "failed_over", None):
+        return
+    label, old, new, vm = t.failed_over
+    lab = t.lab
+    print(f"$ (power on {old})")
+    chaos.power_on_started(lab, old)
+    held = (lab.serving(old).get("networks") or {}).get(label)
+    print(f"  {old} is back: holds the gateway of {label}: {bool(held)} (it stands by now)")
+    print(f"$ salt-run hanet.evacuate {new}")
+    time.sleep(2)  # the beacons see the returned host up again
+    with chaos.Pinger(lab, vm, ROUTER, interval=0.01) as ping:
+        time.sleep(0.5)
+        got = lab.salt_run("hanet.evacuate", [new], timeout=60)
+        time.sleep(1.0)
+    gap, _, lost = ping.outage()
+    print(f"  {_one_line(got)}")
+    print(f"  {vm}'s pings during the planned move: {lost} lost, longest gap {(gap or 0) * 1000:.0f} ms")
+    if _owner(t, label) != old:
+        raise DemoFailed(f"{label} did not move back to {old}")
+    t.wait()
+
+
 def second_highstate(t: Tour) -> None:
     t.section("Apply again: nothing to do", """
         The same highstate once more. Every state finds the host already as the pillar
@@ -446,7 +569,7 @@ def teardown_note(t: Tour) -> None:
 ROUTER = "203.0.113.1"
 SECTIONS = (show_topology, show_minions, show_router, show_desired, apply_highstate,
             plug_vms, vm_leases, vm_upstream, floating_from_upstream, vm_metadata, second_highstate,
-            teardown_note)
+            failover, failback, teardown_note)
 
 
 def run_demo(hosts: int = 4, pause: bool = False) -> int:
