@@ -8,8 +8,9 @@
   master's cachedir and orders it to take over (``hanet.takeover``), which fires
   ``hanet/failover/<network>/complete``. Anything it refuses fires
   ``hanet/failover/<network or "unknown">/rejected`` with the reason, and nothing moves.
-- ``hanet.evacuate <minion>`` / ``hanet.failback <network>``: planned moves. The new
-  owner binds and announces first; only then does the old owner let go: no lost packet.
+- ``hanet.evacuate <minion>`` / ``hanet.failback <network>``: planned moves. The old
+  owner lets go first and keeps forwarding; the new one binds once every address is
+  silent and announces it: never two holders, no lost packet.
 - ``hanet.status``: per network who serves, who stands by, whether every host agrees;
   per floating IP where it lives.
 
@@ -534,7 +535,13 @@ def _move(cfg, label, new, reason, timeout=30):
             if move is None:
                 return {"network": label, "owner": new, "moved": False}
             rec.record([move], time.time(), reason)
-    args, kwargs = failover.takeover_order(label, move.epoch, move.previous, planned=True)
+    # break before make, and no packet lost: the old owner unbinds first, but keeps
+    # forwarding what its neighbours still send to its MAC (its rules stay) until the
+    # new owner, once every address is silent, binds and announces them
+    rel = _local().cmd(move.previous, failover.RELINQUISH_FUN, arg=[label, move.epoch, new],
+                       timeout=timeout)
+    args, kwargs = failover.takeover_order(label, move.epoch, move.previous, planned=True,
+                                           handover=True)
     got = _local().cmd(new, failover.TAKEOVER_FUN, arg=args, kwarg=kwargs, timeout=timeout)
     if new not in got or not isinstance(got[new], dict):
         raise RuntimeError(f"{new} did not take {label} over: {got.get(new)}")
@@ -542,15 +549,15 @@ def _move(cfg, label, new, reason, timeout=30):
         with attempt as rec:
             if failover.confirm(rec.owners, label, new, move.epoch):
                 rec.save()
-    rel = _local().cmd(move.previous, failover.RELINQUISH_FUN, arg=[label, move.epoch, new],
-                       timeout=timeout)
     return {"network": label, "from": move.previous, "to": new, "epoch": move.epoch, "moved": True,
             "takeover": got[new].get("timings"), "old_released": move.previous in rel}
 
 
 def evacuate(minion, tgt_pillar_from=None):
-    """Planned move of every network ``minion`` holds to its next standby: the new owner
-    binds and announces each address first, then ``minion`` lets go, so no packet is lost.
+    """Planned move of every network ``minion`` holds to its next standby: ``minion`` lets
+    go first (it keeps forwarding what its neighbours still send to its MAC), then the
+    new owner binds each address once it is silent and announces it: never two holders,
+    and no packet lost.
 
     CLI example::
 

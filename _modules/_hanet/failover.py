@@ -557,11 +557,13 @@ def confirmed(owners, network):
 
 
 def planned_move(cfg, owners, network, new):
-    """The Move that makes ``new`` the owner of ``network`` (None: it is already)."""
+    """The Move that makes ``new`` the owner of ``network`` (None: it is already). A
+    planned move is a handover: the old owner lets go first, the new one binds once
+    every address is silent (never two holders)."""
     old = owner_of(cfg, owners, network)
     if old == new:
         return None
-    return Move(network, old, new, epoch_of(owners, network) + 1)
+    return Move(network, old, new, epoch_of(owners, network) + 1, handover=True)
 
 
 def evacuation(cfg, owners, minion):

@@ -227,8 +227,8 @@ def _dad(net, planned, prechecked, mark, moving, handover=False):
     (rule 2), so it is given ``HANDOVER_WAIT_S`` to fall silent, as is every address
     of a handover (the old owner was told to let go just before). Nothing is bound
     while any address is answered by another host."""
-    if planned:
-        return  # the old owner answers until this host has announced it
+    if planned and not handover:
+        return  # an order from before planned moves were handovers: nothing to wait for
     fresh = {ip for ip, got in (prechecked or {}).items()
              if isinstance(got, (list, tuple)) and len(got) == 2 and got[1] is None
              and 0 <= time.time() - float(got[0]) < PRECHECK_FRESH_S}

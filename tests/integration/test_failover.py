@@ -269,10 +269,14 @@ def test_forged_events_move_nothing(cluster, case):
     assert holders(lab, GATEWAY) == ["net2"]
 
 
-def test_planned_evacuation_loses_no_probe(cluster):
+def test_planned_evacuation_loses_no_probe_and_never_has_two_holders(cluster):
+    """Break before make: the old owner unbinds first (it keeps forwarding what is still
+    sent to its MAC), the new one binds once the addresses are silent and announces."""
     from hanet_lab import chaos
+    from hanet_lab.arpwatch import ArpWatch
 
     lab = cluster
+    wire = ArpWatch(lab, [("seg-shared", GATEWAY), ("public", FLOATING)]).start()
     vm = chaos.Pinger(lab, "app1", ROUTER).start()
     up = chaos.Pinger(lab, "router", FLOATING).start()
     try:
@@ -282,6 +286,9 @@ def test_planned_evacuation_loses_no_probe(cluster):
     finally:
         vm.stop()
         up.stop()
+        wire.stop()
+    seen = wire.summary()
+    assert seen[GATEWAY]["two_holders_s"] == 0 and seen[FLOATING]["two_holders_s"] == 0, seen
     assert [(m["network"], m["to"], m["moved"]) for m in res] == [(NET, "net1", True)], res
     for pinger in (vm, up):
         gap, _, lost = pinger.outage()

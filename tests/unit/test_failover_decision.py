@@ -166,7 +166,8 @@ def test_a_network_without_standby_is_rejected_by_name():
 def test_planned_moves_and_evacuation(cfg):
     owners = {"shared": {"owner": "net2", "epoch": 4}}
     assert failover.planned_move(cfg, owners, "shared", "net2") is None
-    assert failover.planned_move(cfg, owners, "shared", "net1") == Move("shared", "net2", "net1", 5)
+    # a planned move is a handover: the old owner lets go first (never two holders)
+    assert failover.planned_move(cfg, owners, "shared", "net1") == Move("shared", "net2", "net1", 5, handover=True)
     assert failover.evacuation(cfg, owners, "net2") == [("shared", Move("shared", "net2", "net1", 5))]
     assert failover.evacuation(cfg, owners, "net1") == []
     lone = model.load(pillar(hosts=("net1",)))

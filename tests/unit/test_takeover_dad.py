@@ -74,7 +74,13 @@ def test_a_handover_waits_for_the_gateway_too(monkeypatch):
     assert asked == [["10.20.0.1", "203.0.113.60", "203.0.113.61"], ["10.20.0.1"]]
 
 
-def test_a_planned_move_probes_nothing(monkeypatch):
+def test_a_planned_move_waits_for_the_old_owner_to_let_go(monkeypatch):
+    asked = script(monkeypatch, [{"10.20.0.1": "x"}, {}])
+    takeover._dad(NET, True, None, marks()[1], MOVING, handover=True)
+    assert asked == [["10.20.0.1", "203.0.113.60", "203.0.113.61"], ["10.20.0.1"]]
+
+
+def test_an_old_style_planned_order_probes_nothing(monkeypatch):
     asked = script(monkeypatch, [{"10.20.0.1": "x"}])
     takeover._dad(NET, True, None, marks()[1], MOVING)
     assert asked == []
