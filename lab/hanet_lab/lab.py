@@ -843,6 +843,9 @@ class Lab:
                 except OSError:
                     pass
 
+    def etcd_running(self, member: str) -> bool:
+        return any("etcd" in c for _, c in self.processes(member).get(member, []))
+
     def etcd_start(self, member: str, wait: bool = True) -> None:
         """Start an etcd member again with its data dir (``wait``: until it is healthy)."""
         if self.etcd is None:
