@@ -220,14 +220,22 @@ def test_first_master_down_when_the_minions_start(cluster):
     try:
         lab.stop_master("master")
         _kill_minions(lab)
+        started = time.time()
         for h in lab.topology.hosts:
             lab.start_minion(h)
         lab.wait_minions(sorted(lab.topology.hosts), master="master2")
-        # the beacons run: every network host's view of its peers is fresh
-        wait_for("net2's beacon watching net1", lambda: (
-            (lab.salt("net2", "hanet.status", timeout=10, master="master2").get("net2") or {})
-            .get("liveness", {}) or {}), 60)
+
+        def view(host, peer):  # the beacon's view of its peer, written since the start
+            got = (lab.salt(host, "hanet.status", timeout=10, master="master2").get(host) or {}).get("peers")
+            return isinstance(got, dict) and got.get("written_at", 0) > started \
+                and got["peers"].get(peer, {}).get("state") == "up"
+
+        # the beacons run although their minion object's master (the first) is down
+        wait_for("the network hosts' beacons", lambda: view("net1", "net2") and view("net2", "net1"), 90)
         time.sleep(3)
+        subs = {h: lab.exec(h, "ss -Htn state established '( dport = :4505 )'").stdout.count("192.0.2.2:4505")
+                for h in ("net1", "net2")}
+        print("subscriptions to master2's publisher:", subs)
         old, new, epoch, t0, buses, done, pingers = power_loss(lab, timeout=60)
         rec = wait_for("the move confirmed", lambda: (lambda r: r if r.get("confirmed") else None)(
             record_of(lab)), 30)
