@@ -94,6 +94,44 @@ def _lib(name):
     return importlib.import_module(f"_hanet.{name}")
 
 
+def masters(opts):
+    """Every master this minion is configured for, as ``[(name, ip)]``: with a hot
+    multi-master minion (``master: [m1, m2]``) Salt runs the beacons in the first
+    master's minion object, whose own ``opts["master"]`` names only m1; the list is in
+    the options it was copied from. A name that does not resolve is left out."""
+    import socket
+
+    found = None
+    cur = opts
+    while cur is not None and found is None:
+        value = cur.get("master")
+        if isinstance(value, (list, tuple)):
+            found = list(value)
+        cur = getattr(cur, "_parent", None)
+    if found is None:
+        found = [opts.get("master")] if opts.get("master") else []
+    out = []
+    for name in found:
+        name = str(name)
+        if name == opts.get("master") and opts.get("master_ip"):
+            out.append((name, opts["master_ip"]))
+            continue
+        try:
+            out.append((name, socket.gethostbyname(name)))
+        except OSError:
+            log.warning("hanet_liveness: master %s does not resolve; left out", name)
+    return out
+
+
+def master_opts(opts, name, ip):
+    """``opts`` for talking to master ``name`` at ``ip`` (its own master_uri: Salt keys
+    a sign-in by it)."""
+    out = dict(opts)
+    out.update(master=name, master_ip=ip,
+               master_uri=f"tcp://{ip}:{opts.get('master_port', 4506)}")
+    return out
+
+
 def _config(config):
     out = {}
     for item in config if isinstance(config, list) else [config]:
@@ -289,7 +327,7 @@ class OrderListener:
     main thread, before the thread starts: a job forked while another thread is half
     way through that set-up would inherit its lock, held, and hang."""
 
-    def __init__(self, opts, salt_funcs, parse_order, prechecked=None):
+    def __init__(self, opts, salt_funcs, parse_order, prechecked=None, seen=None):
         import asyncio
         import threading
 
@@ -300,7 +338,8 @@ class OrderListener:
         self.parse_order = parse_order
         self.prechecked = prechecked if prechecked is not None else {}
         self._channel = None
-        self._seen = []
+        # orders handled, shared by the listeners of every master: (fun, args) once
+        self._seen = seen if seen is not None else []
         self._loop = asyncio.new_event_loop()
         salt.crypt.AsyncAuth(opts, io_loop=self._loop).get_keys()
         self._thread = threading.Thread(target=self._run, name="hanet-liveness-orders", daemon=True)
@@ -344,15 +383,22 @@ class OrderListener:
         self._channel = salt.channel.client.AsyncPubChannel.factory(self.opts, io_loop=self._loop)
         await self._channel.connect()
         self._channel.on_recv(self._on_publish)
-        log.info("hanet_liveness: listening for takeover orders")
+        log.info("hanet_liveness: listening for takeover orders from %s", self.opts.get("master"))
 
     async def _on_publish(self, payload):
         import threading
 
         order = self.parse_order(payload, self.opts["id"])
-        if order is None or order["jid"] in self._seen:
+        if order is None:
             return
-        self._seen = self._seen[-31:] + [order["jid"]]
+        if order["jid"] in self._seen:
+            return
+        # one list for the listeners of every master. The same order from two masters
+        # (the record's compare-and-swap keeps a decision to one master, but the
+        # reconcile loops of both may re-send an unconfirmed one) comes with two jids:
+        # both run, and the takeover and the relinquish are idempotent by epoch
+        # (takeover.Slot: the second finds the first's outcome)
+        self._seen[:] = self._seen[-31:] + [order["jid"]]
         threading.Thread(target=self._takeover, args=(order,), name="hanet-takeover",
                          daemon=True).start()
 
@@ -431,7 +477,8 @@ class _Running:
         self.health = None
         self.save = save  # writes the peers' view (for hanet.status)
         self.parse_order = parse_order
-        self.orders = None  # the OrderListener, once the minion has signed in; False: none
+        self.orders = {}  # master -> its OrderListener, once signed in to it; False: none
+        self.seen = []  # orders handled, shared by the listeners
 
     @property
     def alive(self):
@@ -446,8 +493,9 @@ class _Running:
         if self.supervisor is not None:
             self.supervisor.stop()
         self.sender.stop()
-        if self.orders:
-            self.orders.stop()
+        for listener in self.orders.values():
+            if listener:
+                listener.stop()
 
 
 def _real(dunder):
@@ -516,7 +564,8 @@ def _start(cfg):
     fence = None
     if cfg.get("orders"):  # a network host: rule 2, an isolated owner stops answering
         salt_funcs = _real(__salt__)
-        fence = lib["fence"].Fence(holder["prober"], probe, [opts.get("master_ip")],
+        # every master: an owner that still hears one of them is not isolated
+        fence = lib["fence"].Fence(holder["prober"], probe, [ip for _, ip in masters(opts)] or [opts.get("master_ip")],
                                    lambda: log.warning("hanet_liveness: fenced: %s", salt_funcs["hanet.fence"]()))
     health_cfg = cfg.get("health")
     if health_cfg:  # a network host: can it serve its networks? (rule 3: hand over)
@@ -548,14 +597,22 @@ def beacon(config):
         cur = (key, _start(cfg))
         __context__[CTX] = cur
     running = cur[1]
-    if cfg.get("orders") and running.orders is None \
-            and OrderListener.minion_signed_in(_real(__opts__)):
-        try:
-            running.orders = OrderListener(_real(__opts__), _real(__salt__), running.parse_order,
-                                           running.sender.prechecked)
-        except Exception as err:  # pylint: disable=broad-except  (the job path still works)
-            running.orders = False  # takeover jobs alone will do
-            log.warning("hanet_liveness: cannot listen for takeover orders: %s", err)
+    if cfg.get("orders"):
+        # a subscription per master (hot multi-master: either may decide and order), each
+        # once the minion has signed in to that master
+        opts = _real(__opts__)
+        for name, ip in masters(opts):
+            if name in running.orders:
+                continue
+            mopts = master_opts(opts, name, ip)
+            if not OrderListener.minion_signed_in(mopts):
+                continue
+            try:
+                running.orders[name] = OrderListener(mopts, _real(__salt__), running.parse_order,
+                                                     running.sender.prechecked, running.seen)
+            except Exception as err:  # pylint: disable=broad-except  (the job path still works)
+                running.orders[name] = False  # takeover jobs alone will do
+                log.warning("hanet_liveness: cannot listen for takeover orders from %s: %s", name, err)
     running.save()
     return []
 

@@ -313,12 +313,28 @@ def run(ctx, network, epoch, previous=None, detected_at=None, planned=False, dec
         tag_base["handover"] = True
     if isinstance(decision, dict):
         tag_base["decision"] = decision
+    again = None
+    with Slot(ctx.paths, network) as slot:
+        prior = slot.read(epoch)
+        if prior and prior.get("outcome") == "complete":
+            if warm:
+                return prior["data"]  # the other path of the same order did everything
+            if _holds_gateway(ctx, network):
+                # the same order again (a reconcile loop re-sent a move nobody confirmed:
+                # the master the first complete went to died, or a second master sent
+                # it): nothing to do, but say so again, to the master asking now
+                again = dict(prior["data"], repeated_at=time.time())
+            else:
+                prior = None  # ordered again, and the gateway is gone (fenced, lost): bind anew
+    if again is not None:
+        ctx.fire(failover.failover_tag(network, "complete"), again)
+        return again
     with Slot(ctx.paths, network) as slot:
         prior = slot.read(epoch)
         if prior and prior.get("outcome") == "complete":
             if warm or _holds_gateway(ctx, network):
-                return prior["data"]  # the other path of the same order did everything
-            prior = None  # ordered again, and the gateway is gone (fenced, lost): bind anew
+                return prior["data"]  # the other path of the same order did everything (meanwhile)
+            prior = None
         if warm and prior:
             return {"network": network, "epoch": int(epoch), "outcome": prior.get("outcome")}
         bound = prior if prior and prior.get("outcome") == "bound" else None

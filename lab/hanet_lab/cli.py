@@ -1,6 +1,7 @@
 """hanet_lab command line: ``python -m hanet_lab <command>`` (``./dev lab <command>``).
 
-    up [--hosts N | --topology FILE] [--no-salt] [--no-sync] [--no-vms]   build a lab, leave it running
+    up [--hosts N | --topology FILE] [--masters N] [--etcd N] [--no-salt] [--no-sync] [--no-vms]
+                                                   build a lab, leave it running
     down [--prefix P ...] [--stale | --all]        tear down labs (default: every recorded lab)
     status [--json]                                labs on this machine, their nodes and processes
     exec [--prefix P] NODE -- CMD...               run a command in a node's namespace
@@ -33,7 +34,8 @@ def _progress(msg: str) -> None:
 def _topology(args) -> Topology:
     if getattr(args, "topology", None):
         return Topology.from_yaml(args.topology)
-    return default_topology(hosts=args.hosts, vms=not getattr(args, "no_vms", False))
+    return default_topology(hosts=args.hosts, vms=not getattr(args, "no_vms", False),
+                            masters=getattr(args, "masters", 1), etcd=getattr(args, "etcd", 0))
 
 
 def _parse_args(items):
@@ -233,6 +235,11 @@ def main(argv=None) -> int:
         sp.add_argument("--hosts", type=int, default=4, help="hosts in the default topology (default 4)")
         sp.add_argument("--topology", help="a topology YAML file instead of the default")
         sp.add_argument("--no-vms", action="store_true", help="default topology without VMs")
+        sp.add_argument("--masters", type=int, default=1,
+                        help="salt masters (default 1; 2: hot multi-master, every minion on both)")
+        sp.add_argument("--etcd", type=int, default=0,
+                        help="etcd members, each in its own namespace (default 0: the file record; "
+                             "3: the masters keep the failover record in etcd)")
 
     def prefix_opt(sp):
         sp.add_argument("--prefix", help="the lab (default: the only one running)")

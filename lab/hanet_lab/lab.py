@@ -219,17 +219,18 @@ class EventListener:
     ``wait('hanet/failover/*', 10)`` returns the first matching one ({tag, data,
     received_at}) or None on timeout, whatever else arrived in between stays buffered."""
 
-    def __init__(self, lab: "Lab"):
+    def __init__(self, lab: "Lab", master: Optional[str] = None):
         self.lab = lab
-        self.lid = lab._gw().call("listen", 15)
+        self.master = master or lab.via
+        self.lid = lab._gw(self.master).call("listen", 15)
 
     def wait(self, tag: str = "*", timeout: float = 10.0) -> Optional[dict]:
-        return self.lab._gw().call("event", timeout + 15, lid=self.lid, tag=tag, timeout=timeout)
+        return self.lab._gw(self.master).call("event", timeout + 15, lid=self.lid, tag=tag, timeout=timeout)
 
     def close(self):
         if self.lid is not None:
             try:
-                self.lab._gw().call("unlisten", 10, lid=self.lid)
+                self.lab._gw(self.master).call("unlisten", 10, lid=self.lid)
             except LabError:
                 pass
             self.lid = None
@@ -276,7 +277,10 @@ class Lab:
         self.pids: dict[str, int] = {}
         self.timings: dict[str, float] = {}
         self.plugged: dict[str, dict] = {}  # vm -> {host, taps}
-        self._gateway: Optional[_Gateway] = None
+        self._gateways: dict[str, _Gateway] = {}  # master -> its salt gateway
+        # the master that salt(), salt_run(), events() go through unless told otherwise
+        self.via = self.topology.master.name if self.topology.master else None
+        self.etcd = None  # the EtcdCluster (topology.etcd)
         self._gw_lock = threading.Lock()
         self._owner = True  # we tear it down at exit
         self._attached = False  # a handle on a lab some other process (or `up`) owns
@@ -322,12 +326,12 @@ class Lab:
         half-built lab."""
         with self._down_lock:
             t0 = time.monotonic()
-            if self._gateway is not None:
+            for gw in list(self._gateways.values()):
                 try:
-                    self._gateway.close()
+                    gw.close()
                 except Exception:  # noqa: BLE001
                     pass
-                self._gateway = None
+            self._gateways.clear()
             result = state.destroy(self.prefix, reap=self._reap)
             self._reap()
             self._is_up = False
@@ -340,9 +344,9 @@ class Lab:
         self._owner = False
         self._attached = False  # the state must say: detached
         _LIVE.discard(self)
-        if self._gateway is not None:
-            self._gateway.close()
-            self._gateway = None
+        for gw in list(self._gateways.values()):
+            gw.close()
+        self._gateways.clear()
         self._write_state()
 
     @classmethod
@@ -469,11 +473,48 @@ class Lab:
     # -- salt -----------------------------------------------------------------------------------
     @property
     def master_conf_dir(self) -> str:
-        return os.path.join(self.rundir, "master", "etc", "salt")
+        return self.master_conf_dir_of(None)
 
     @property
     def master_root(self) -> str:
-        return os.path.join(self.rundir, "master")
+        return self.master_root_of(None)
+
+    def master_root_of(self, master: Optional[str]) -> str:
+        """A master's root_dir: ``<rundir>/master`` for the first, ``<rundir>/<name>``
+        for the others (topology.extra_masters)."""
+        first = self.topology.master.name if self.topology.master else "master"
+        name = master or first
+        return os.path.join(self.rundir, "master" if name == first else name)
+
+    def master_conf_dir_of(self, master: Optional[str]) -> str:
+        return os.path.join(self.master_root_of(master), "etc", "salt")
+
+    @property
+    def masters(self) -> list[str]:
+        """Every master's name, the first (the default ``via``) first."""
+        return [m.name for m in self.topology.masters()]
+
+    def master_ip_of(self, master: Optional[str] = None) -> str:
+        node = self.topology.nodes()[master or self.masters[0]]
+        return node.first_address(next(iter(node.addresses)))
+
+    @property
+    def master_ips(self) -> list[str]:
+        return [self.master_ip_of(m) for m in self.masters]
+
+    def _master_proc(self, master: Optional[str]) -> str:
+        """The lab's process name of a master (``salt-master`` for the first)."""
+        master = master or self.masters[0]
+        return "salt-master" if master == self.masters[0] else f"salt-master-{master}"
+
+    @property
+    def record_opts(self) -> Optional[dict]:
+        """The masters' ``hanet_record`` option (etcd when the topology has members), or
+        None (the file record, in each master's cachedir)."""
+        if not self.topology.etcd:
+            return None
+        eps = [f"http://{n.first_address(next(iter(n.addresses)))}:2379" for n in self.topology.etcd.values()]
+        return {"backend": "etcd", "endpoints": eps, "prefix": f"/{self.prefix}/"}
 
     @property
     def pillar_dir(self) -> str:
@@ -491,40 +532,60 @@ class Lab:
         env.pop("PYTHONPATH", None)  # modules must reach minions through saltutil.sync_all
         return env
 
+    def _shared_master_keys(self):
+        """Several masters share one key pair (Salt's multimaster tutorial: copy
+        master.pem and master.pub): the minions then trust each of them. Generated here,
+        before any master starts, into every master's pki dir."""
+        import salt.crypt
+
+        priv, pub = salt.crypt.gen_keys(2048)
+        for m in self.masters:
+            pki = os.path.join(self.master_conf_dir_of(m), "pki", "master")
+            os.makedirs(pki, exist_ok=True)
+            for name, text, mode in (("master.pem", priv, 0o400), ("master.pub", pub, 0o644)):
+                path = os.path.join(pki, name)
+                with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w") as f:
+                    f.write(text)
+
     def _write_salt_configs(self):
         topo = self.topology
-        m = topo.master
-        master_ip = m.first_address(next(iter(m.addresses)))
+        master_ip = self.master_ip_of(None)
         self.master_ip = master_ip
-        os.makedirs(self.master_conf_dir)
         os.makedirs(self.pillar_dir)
-        mopts = {
-            "root_dir": self.master_root,
-            "interface": master_ip,
-            "auto_accept": True,
-            "file_roots": {"base": [os.path.join(self.checkout, "salt"), self.checkout]},
-            "pillar_roots": {"base": [self.pillar_dir]},
-        }
-        reactor = os.path.join(self.checkout, "reactor", "failover.sls")
-        if os.path.exists(reactor):
-            mopts["reactor"] = [{"salt/beacon/*/hanet_liveness/*": [reactor]}]
-            prime = os.path.join(self.checkout, "reactor", "prime.sls")
-            if os.path.exists(prime):
-                mopts["reactor"] += [{"salt/minion/*/start": [prime]}, {"hanet/prime": [prime]}]
-        if os.path.exists(os.path.join(self.checkout, "_pillar", "hanet_owners.py")):
-            # the failover record, as pillar; loaded from the checkout at master start
-            # (a master loads a synced ext_pillar module only after a restart)
-            mopts["ext_pillar"] = [{"hanet_owners": {}}]
-            mopts["pillar_dirs"] = [os.path.join(self.checkout, "_pillar")]
-            mopts["runner_dirs"] = [os.path.join(self.checkout, "_runners")]
-        if os.path.exists(os.path.join(self.checkout, "_engines", "hanet_failover.py")):
-            # the failover fast path beside the reactor (docs/failover.md); a topology
-            # can turn it off with master opts {engines: []}
-            mopts["engines_dirs"] = [os.path.join(self.checkout, "_engines")]
-            mopts["engines"] = [{"hanet_failover": {}}]
-        mopts.update(m.opts)
-        with open(os.path.join(self.master_conf_dir, "master"), "w") as f:
-            yaml.safe_dump(mopts, f, default_flow_style=False)
+        record = self.record_opts
+        for m in topo.masters():
+            os.makedirs(self.master_conf_dir_of(m.name), exist_ok=True)
+            mopts = {
+                "root_dir": self.master_root_of(m.name),
+                "interface": self.master_ip_of(m.name),
+                "auto_accept": True,
+                "file_roots": {"base": [os.path.join(self.checkout, "salt"), self.checkout]},
+                "pillar_roots": {"base": [self.pillar_dir]},
+            }
+            reactor = os.path.join(self.checkout, "reactor", "failover.sls")
+            if os.path.exists(reactor):
+                mopts["reactor"] = [{"salt/beacon/*/hanet_liveness/*": [reactor]}]
+                prime = os.path.join(self.checkout, "reactor", "prime.sls")
+                if os.path.exists(prime):
+                    mopts["reactor"] += [{"salt/minion/*/start": [prime]}, {"hanet/prime": [prime]}]
+            if os.path.exists(os.path.join(self.checkout, "_pillar", "hanet_owners.py")):
+                # the failover record, as pillar; loaded from the checkout at master start
+                # (a master loads a synced ext_pillar module only after a restart)
+                mopts["ext_pillar"] = [{"hanet_owners": {}}]
+                mopts["pillar_dirs"] = [os.path.join(self.checkout, "_pillar")]
+                mopts["runner_dirs"] = [os.path.join(self.checkout, "_runners")]
+            if os.path.exists(os.path.join(self.checkout, "_engines", "hanet_failover.py")):
+                # the failover fast path beside the reactor (docs/failover.md); a topology
+                # can turn it off with master opts {engines: []}
+                mopts["engines_dirs"] = [os.path.join(self.checkout, "_engines")]
+                mopts["engines"] = [{"hanet_failover": {}}]
+            if record:
+                mopts["hanet_record"] = record
+            mopts.update(m.opts)
+            with open(os.path.join(self.master_conf_dir_of(m.name), "master"), "w") as f:
+                yaml.safe_dump(mopts, f, default_flow_style=False)
+        if len(topo.masters()) > 1:
+            self._shared_master_keys()
         with open(os.path.join(self.pillar_dir, "top.sls"), "w") as f:
             f.write("base:\n  '*':\n    - hanet\n")
         with open(os.path.join(self.pillar_dir, "hanet.sls"), "w") as f:
@@ -533,12 +594,18 @@ class Lab:
             os.makedirs(self.minion_conf_dir(h.name))
             opts = {"id": h.name, "master": master_ip, "root_dir": self.minion_root(h.name),
                     "loop_interval": 1}
+            if len(topo.masters()) > 1:
+                # hot multi-master: signed in to every master, beacons run once (by the
+                # first master's minion object) and their events go to every master;
+                # beacons_before_connect: the beacons run even while the first master is
+                # down (without it they would wait for it: docs/record.md)
+                opts.update({"master": self.master_ips, "beacons_before_connect": True})
             opts.update(h.opts)
             with open(os.path.join(self.minion_conf_dir(h.name), "minion"), "w") as f:
                 yaml.safe_dump(opts, f, default_flow_style=False)
 
-    def _master_listening(self) -> bool:
-        pid = self.pids.get("salt-master")
+    def _master_listening(self, master: Optional[str] = None) -> bool:
+        pid = self.pids.get(self._master_proc(master))
         if not pid:
             return False
         want = f":{SALT_RET_PORT:04X}"
@@ -566,42 +633,58 @@ class Lab:
             time.sleep(interval)
         raise LabError(f"timed out after {timeout:.0f} s waiting for {what}")
 
+    def _start_etcd(self):
+        from .etcd import EtcdCluster
+
+        t0 = time.monotonic()
+        members = [(name, self.ns(name), n.first_address(next(iter(n.addresses))))
+                   for name, n in self.topology.etcd.items()]
+        self.etcd = EtcdCluster(self.prefix, members, self.rundir)
+        self.etcd.start(timeout=self.start_timeout)
+        for name, p in self.etcd.procs.items():
+            self.pids[f"etcd-{name}"] = p.pid
+        self.timings["etcd"] = round(time.monotonic() - t0, 3)
+        self.progress(f"etcd: {len(members)} members healthy ({self.timings['etcd']:.1f} s)")
+
+    def _spawn_master(self, master: Optional[str] = None):
+        master = master or self.masters[0]
+        return self._spawn(master, self._master_proc(master),
+                           [_venv_bin(self.checkout, "salt-master"), "-c", self.master_conf_dir_of(master),
+                            "-l", "quiet"], env=self._daemon_env())
+
+    def start_minion(self, host: str):
+        """Start ``host``'s salt-minion (the lab starts every minion at ``up``)."""
+        return self._spawn(host, f"salt-minion-{host}",
+                           [_venv_bin(self.checkout, "salt-minion"), "-c", self.minion_conf_dir(host),
+                            "-l", "quiet"], env=self._daemon_env())
+
     def _start_salt(self):
         t0 = time.monotonic()
         self._write_salt_configs()
-        env = self._daemon_env()
-        self._spawn(self.topology.master.name, "salt-master",
-                    [_venv_bin(self.checkout, "salt-master"), "-c", self.master_conf_dir, "-l", "quiet"],
-                    env=env)
+        if self.topology.etcd:
+            self._start_etcd()
+        for m in self.masters:
+            self._spawn_master(m)
         hosts = list(self.topology.hosts)
         # Minions start in parallel with the master: their imports (~4 s) overlap its own, and
         # the minion retries its first connection until the master answers.
         for h in hosts:
-            self._spawn(h, f"salt-minion-{h}",
-                        [_venv_bin(self.checkout, "salt-minion"), "-c", self.minion_conf_dir(h),
-                         "-l", "quiet"], env=env)
-        self.progress(f"salt: master + {len(hosts)} minions starting")
-        self._wait("the salt-master to listen", self._master_listening, self.start_timeout,
-                   procs=["salt-master"])
+            self.start_minion(h)
+        self.progress(f"salt: {len(self.masters)} master(s) + {len(hosts)} minions starting")
+        for m in self.masters:
+            self._wait(f"the salt-master {m} to listen", lambda m=m: self._master_listening(m),
+                       self.start_timeout, procs=[self._master_proc(m)])
         self.timings["master_listening"] = round(time.monotonic() - t0, 3)
-        accepted = os.path.join(self.master_root, "etc", "salt", "pki", "master", "minions")
-        self._wait("minion keys", lambda: all(os.path.exists(os.path.join(accepted, h)) for h in hosts),
-                   self.start_timeout, procs=["salt-master"] + [f"salt-minion-{h}" for h in hosts])
+        for m in self.masters:
+            accepted = os.path.join(self.master_conf_dir_of(m), "pki", "master", "minions")
+            self._wait(f"minion keys on {m}",
+                       lambda a=accepted: all(os.path.exists(os.path.join(a, h)) for h in hosts),
+                       self.start_timeout,
+                       procs=[self._master_proc(m)] + [f"salt-minion-{h}" for h in hosts])
         self.timings["keys_accepted"] = round(time.monotonic() - t0, 3)
-        self._start_gateway()
-        missing = set(hosts)
-        deadline = time.monotonic() + self.start_timeout
-        last_error = None
-        while missing:
-            if time.monotonic() > deadline:
-                raise LabError(f"minions not answering test.ping: {sorted(missing)} ({last_error})")
-            try:
-                got = self.salt(sorted(missing), "test.ping", tgt_type="list", timeout=5)
-            except LabError as e:  # the master's request server is not answering yet (busy machine)
-                last_error = str(e).splitlines()[0]
-                time.sleep(0.5)
-                continue
-            missing -= {k for k, v in got.items() if v is True}
+        for m in self.masters:
+            self._start_gateway(m)
+            self.wait_minions(hosts, master=m)
         self.timings["minions_ping"] = round(time.monotonic() - t0, 3)
         self.progress(f"salt: {len(hosts)} minions answer test.ping "
                       f"({self.timings['minions_ping']:.1f} s)")
@@ -610,96 +693,171 @@ class Lab:
             self.timings["sync_all"] = round(time.monotonic() - t0, 3)
         self._write_state()
 
-    def stop_master(self) -> float:
-        """The salt-master dies (SIGKILL to it and every process it forked, as in a crash
-        or a power loss of the master's host); the lab's salt gateway goes with it and
-        comes back with the next call after ``start_master``. Returns when (epoch)."""
+    def wait_minions(self, hosts: Sequence[str], master: Optional[str] = None,
+                     timeout: Optional[float] = None) -> None:
+        """Until every one of ``hosts`` answers test.ping through ``master``."""
+        missing = set(hosts)
+        deadline = time.monotonic() + (timeout or self.start_timeout)
+        last_error = None
+        while missing:
+            if time.monotonic() > deadline:
+                raise LabError(f"minions not answering test.ping via {master or self.via}: "
+                               f"{sorted(missing)} ({last_error})")
+            try:
+                got = self.salt(sorted(missing), "test.ping", tgt_type="list", timeout=5, master=master)
+            except LabError as e:  # the master's request server is not answering yet (busy machine)
+                last_error = str(e).splitlines()[0]
+                time.sleep(0.5)
+                continue
+            missing -= {k for k, v in got.items() if v is True}
+            if missing:
+                time.sleep(0.5)
+
+    def stop_master(self, master: Optional[str] = None) -> float:
+        """A salt-master dies (SIGKILL to it and every process it forked, as in a crash
+        or a power loss of the master's host); the lab's salt gateway to it goes with it
+        and comes back with the next call after ``start_master``. With several masters,
+        salt calls then go through another master that runs (``via``). Returns when
+        (epoch)."""
         at = time.time()
+        master = master or self.masters[0]
         with self._gw_lock:
-            if self._gateway is not None:
-                self._gateway.close()
-                self._gateway = None
-        master = self.topology.master.name
+            gw = self._gateways.pop(master, None)
+            if gw is not None:
+                gw.close()
         for pid, cmd in self.processes(master).get(master, []):
             if "salt-master" in cmd or "saltgw" in cmd:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
-        p = self.procs.get("salt-master")
+        p = self.procs.get(self._master_proc(master))
         if p is not None:
             p.wait(10)
-        self._wait("the salt-master to be gone", lambda: not any(
+        self._wait(f"the salt-master {master} to be gone", lambda: not any(
             "salt-master" in c for _, c in self.processes(master).get(master, [])), 10)
+        if self.via == master:
+            alive = [m for m in self.masters if m != master and self.master_running(m)]
+            if alive:
+                self.via = alive[0]
         return at
 
-    def start_master(self, wait_minions: bool = True) -> float:
-        """Start the salt-master again (same configuration, keys and cachedir). With
-        ``wait_minions``, until every running minion answers test.ping. Returns when
-        (epoch) it was started."""
+    def master_running(self, master: Optional[str] = None) -> bool:
+        p = self.procs.get(self._master_proc(master))
+        if p is not None:
+            return p.poll() is None
+        master = master or self.masters[0]
+        return any("salt-master" in c for _, c in self.processes(master).get(master, []))
+
+    def start_master(self, wait_minions: bool = True, master: Optional[str] = None) -> float:
+        """Start a salt-master again (same configuration, keys and cachedir). With
+        ``wait_minions``, until every running minion answers test.ping through it.
+        Returns when (epoch) it was started."""
         at = time.time()
-        self._spawn(self.topology.master.name, "salt-master",
-                    [_venv_bin(self.checkout, "salt-master"), "-c", self.master_conf_dir, "-l", "quiet"],
-                    env=self._daemon_env())
-        self._wait("the salt-master to listen", self._master_listening, self.start_timeout,
-                   procs=["salt-master"])
+        master = master or self.masters[0]
+        self._spawn_master(master)
+        self._wait(f"the salt-master {master} to listen", lambda: self._master_listening(master),
+                   self.start_timeout, procs=[self._master_proc(master)])
         if wait_minions:
             running = {h for h, plist in self.processes().items() if h in self.topology.hosts
                        and any("salt-minion" in c for _, c in plist)}
-            deadline = time.monotonic() + self.start_timeout
-            while running:
-                try:
-                    got = self.salt(sorted(running), "test.ping", tgt_type="list", timeout=5)
-                    running -= {k for k, v in got.items() if v is True}
-                except LabError:
-                    pass
-                if running and time.monotonic() > deadline:
-                    raise LabError(f"minions not back after the master restart: {sorted(running)}")
-                if running:
-                    time.sleep(0.5)
+            try:
+                self.wait_minions(sorted(running), master=master)
+            except LabError as e:
+                raise LabError(f"minions not back after the master restart: {e}") from e
         return at
 
-    def _start_gateway(self):
+    def _start_gateway(self, master: Optional[str] = None):
+        master = master or self.via
         with self._gw_lock:
-            if self._gateway is not None and self._gateway.proc.poll() is None:
-                return self._gateway
+            gw = self._gateways.get(master)
+            if gw is not None and gw.proc.poll() is None:
+                return gw
             os.makedirs(os.path.join(self.rundir, "logs"), exist_ok=True)
-            name = f"saltgw-{os.getpid()}"
-            argv = ["ip", "netns", "exec", self.ns(self.topology.master.name), _python(self.checkout),
-                    os.path.join(HERE, "saltgw.py"), os.path.join(self.master_conf_dir, "master")]
-            self._gateway = _Gateway(argv, os.path.join(self.rundir, "logs", f"{name}.out"),
-                                     self._daemon_env())
-            self.procs[name] = self._gateway.proc
-            return self._gateway
+            first = master == self.masters[0]
+            name = f"saltgw-{os.getpid()}" if first else f"saltgw-{master}-{os.getpid()}"
+            argv = ["ip", "netns", "exec", self.ns(master), _python(self.checkout),
+                    os.path.join(HERE, "saltgw.py"), os.path.join(self.master_conf_dir_of(master), "master")]
+            gw = self._gateways[master] = _Gateway(argv, os.path.join(self.rundir, "logs", f"{name}.out"),
+                                                   self._daemon_env())
+            self.procs[name] = gw.proc
+            return gw
 
-    def _gw(self) -> _Gateway:
+    def _gw(self, master: Optional[str] = None) -> _Gateway:
         if not self.use_salt:
             raise LabError("this lab runs without salt")
-        gw = self._gateway
+        master = master or self.via
+        gw = self._gateways.get(master)
         if gw is None or gw.proc.poll() is not None:
-            gw = self._start_gateway()
+            gw = self._start_gateway(master)
         return gw
 
     def salt(self, tgt: Union[str, Sequence[str]], fun: str, arg: Sequence = (),
              kwarg: Optional[dict] = None, timeout: float = 30, tgt_type: str = "glob",
-             full_return: bool = False) -> dict:
-        """Run an execution function through the master (LocalClient.cmd): {minion: return}.
-        Minions that do not answer within ``timeout`` are absent from the result."""
+             full_return: bool = False, master: Optional[str] = None) -> dict:
+        """Run an execution function through a master (LocalClient.cmd; ``master``:
+        default ``via``): {minion: return}. Minions that do not answer within
+        ``timeout`` are absent from the result."""
         if not isinstance(tgt, str):
             tgt = list(tgt)
             tgt_type = "list"
-        return self._gw().call("cmd", timeout + 30, tgt=tgt, fun=fun, arg=list(arg),
-                               kwarg=kwarg or {}, timeout=timeout, tgt_type=tgt_type,
-                               full_return=full_return)
+        return self._gw(master).call("cmd", timeout + 30, tgt=tgt, fun=fun, arg=list(arg),
+                                     kwarg=kwarg or {}, timeout=timeout, tgt_type=tgt_type,
+                                     full_return=full_return)
 
     def salt_run(self, fun: str, arg: Sequence = (), kwarg: Optional[dict] = None,
-                 timeout: float = 120) -> Any:
-        """Run a runner on the master (RunnerClient.cmd)."""
-        return self._gw().call("run", timeout, fun=fun, arg=list(arg), kwarg=kwarg or {})
+                 timeout: float = 120, master: Optional[str] = None) -> Any:
+        """Run a runner on a master (RunnerClient.cmd; ``master``: default ``via``)."""
+        return self._gw(master).call("run", timeout, fun=fun, arg=list(arg), kwarg=kwarg or {})
 
     def salt_wheel(self, fun: str, arg: Sequence = (), kwarg: Optional[dict] = None,
-                   timeout: float = 60) -> Any:
-        return self._gw().call("wheel", timeout, fun=fun, arg=list(arg), kwarg=kwarg or {})
+                   timeout: float = 60, master: Optional[str] = None) -> Any:
+        return self._gw(master).call("wheel", timeout, fun=fun, arg=list(arg), kwarg=kwarg or {})
+
+    def owners(self, master: Optional[str] = None) -> dict:
+        """The failover record, {network: entry}, read the way the masters read it: the
+        etcd cluster (from inside a master's namespace) or the first master's file."""
+        record = self.record_opts
+        if record is None:
+            from _hanet import failover
+
+            return failover.read_owners(os.path.join(self.master_root_of(master), "var", "cache",
+                                                     "salt", "master"))
+        from _hanet import record as rec
+
+        from .etcd import in_netns
+
+        opts = {"cachedir": os.path.join(self.master_root_of(master), "var", "cache", "salt", "master"),
+                "hanet_record": dict(record, timeout=2)}
+        return in_netns(self.ns(master or self.via), lambda: rec.read_owners(opts), timeout=10)
+
+    def etcd_kill(self, member: str) -> None:
+        """SIGKILL one etcd member (its data dir stays: ``etcd_start`` brings it back)."""
+        if self.etcd is not None and self.etcd.procs.get(member) is not None:
+            self.etcd.kill(member)
+            return
+        for pid, cmd in self.processes(member).get(member, []):  # an attached lab
+            if "etcd" in cmd:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+    def etcd_running(self, member: str) -> bool:
+        return any("etcd" in c for _, c in self.processes(member).get(member, []))
+
+    def etcd_start(self, member: str, wait: bool = True) -> None:
+        """Start an etcd member again with its data dir (``wait``: until it is healthy)."""
+        if self.etcd is None:
+            from .etcd import EtcdCluster
+
+            members = [(name, self.ns(name), n.first_address(next(iter(n.addresses))))
+                       for name, n in self.topology.etcd.items()]
+            self.etcd = EtcdCluster(self.prefix, members, self.rundir)
+        self.etcd.start_member(member, wait=wait, timeout=self.start_timeout)
+        self.pids[f"etcd-{member}"] = self.etcd.procs[member].pid
+        if self._is_up:
+            self._write_state()
 
     def salt_call(self, host: str, fun: str, *args: str, local: bool = False,
                   timeout: float = 120) -> Any:
@@ -721,9 +879,10 @@ class Lab:
         got = self.salt(host, "hanet.serving", timeout=10).get(host)
         return got if isinstance(got, dict) else {}
 
-    def events(self) -> EventListener:
-        """A master event bus listener; use as a context manager, call ``.wait(tag, timeout)``."""
-        return EventListener(self)
+    def events(self, master: Optional[str] = None) -> EventListener:
+        """A master's event bus listener (``master``: default ``via``); use as a context
+        manager, call ``.wait(tag, timeout)``."""
+        return EventListener(self, master)
 
     def sync(self, tgt: str = "*", timeout: float = 120) -> dict:
         """saltutil.sync_all on minions (and saltutil.sync_all on the master for runners)."""
@@ -732,10 +891,13 @@ class Lab:
         missing = set(self.topology.hosts) - set(res) if tgt == "*" else set()
         if missing:
             raise LabError(f"saltutil.sync_all: no answer from {sorted(missing)}")
-        try:
-            self.salt_run("saltutil.sync_all", timeout=timeout)
-        except LabError as e:
-            log.warning("master-side saltutil.sync_all failed: %s", e)
+        for m in self.masters:
+            if not self.master_running(m):
+                continue
+            try:
+                self.salt_run("saltutil.sync_all", timeout=timeout, master=m)
+            except LabError as e:
+                log.warning("master-side saltutil.sync_all on %s failed: %s", m, e)
         self.progress(f"salt: saltutil.sync_all done ({time.monotonic() - t0:.1f} s)")
         return res
 
@@ -1026,7 +1188,8 @@ exit 0
         lines.append("")
         lines.append("nodes (one network namespace each):")
         for node in t.nodes().values():
-            kind = ("master" if t.master and node.name == t.master.name
+            kind = ("master" if node.name in self.masters
+                    else "etcd" if node.name in t.etcd
                     else "router" if node.name in t.routers else "host")
             addrs = ", ".join(f"{i} {a}" for i, al in node.addresses.items() for a in al)
             gw = f", default via {node.gateway}" if node.gateway else ""

@@ -18,6 +18,12 @@ built in Python (:func:`default_topology`, the dataclasses) or loaded from YAML:
     vms:
       web1: {host: compute1, bridge: br100, mac: 'fa:16:3e:00:00:01'}
       # several NICs:  web2: {host: compute1, nics: [{bridge: br100, mac: ...}, {bridge: br200, mac: ...}]}
+    # optional: more salt masters (hot multi-master: every minion signs in to all) and
+    # etcd members (then every master keeps the failover record in etcd)
+    extra_masters:
+      master2: {links: {mgmt0: mgmt}, addresses: {mgmt0: 192.0.2.2/24}}
+    etcd:
+      etcd1: {links: {eth0: mgmt}, addresses: {eth0: 192.0.2.31/24}}
 
 Addresses use documentation ranges: management 192.0.2.0/24, public 203.0.113.0/24,
 the VXLAN underlay / trunk segment 198.51.100.0/24.
@@ -136,12 +142,15 @@ class Topology:
     hosts: dict[str, Host] = field(default_factory=dict)
     routers: dict[str, Router] = field(default_factory=dict)
     vms: dict[str, VM] = field(default_factory=dict)
+    extra_masters: dict[str, Master] = field(default_factory=dict)  # after ``master``, same config
+    etcd: dict[str, Node] = field(default_factory=dict)  # etcd members (first address: client URL)
 
     # -- construction -------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict) -> "Topology":
         data = dict(data or {})
-        unknown = set(data) - {"segments", "master", "hosts", "routers", "router", "vms"}
+        unknown = set(data) - {"segments", "master", "hosts", "routers", "router", "vms",
+                               "extra_masters", "etcd"}
         if unknown:
             raise TopologyError(f"unknown topology keys: {sorted(unknown)}")
         master = data.get("master")
@@ -167,8 +176,12 @@ class Topology:
             if "nics" not in v:
                 v["nics"] = [{k: v.pop(k) for k in ("bridge", "mac", "mtu") if k in v}]
             vms[name] = VM(**{"name": name, **v})
+        extra = {name: m if isinstance(m, Master) else Master(**{"name": name, **(m or {})})
+                 for name, m in (data.get("extra_masters") or {}).items()}
+        etcd = {name: e if isinstance(e, Node) else Node(**{"name": name, **(e or {})})
+                for name, e in (data.get("etcd") or {}).items()}
         topo = cls(segments=list(data.get("segments") or []), master=master, hosts=hosts,
-                   routers=routers, vms=vms)
+                   routers=routers, vms=vms, extra_masters=extra, etcd=etcd)
         topo.validate()
         return topo
 
@@ -199,6 +212,11 @@ class Topology:
                                          for nic in v.nics]}
             for n, v in self.vms.items()
         }
+        if self.extra_masters:
+            out["extra_masters"] = {n: {k: v for k, v in clean(m).items() if k != "name"}
+                                    for n, m in self.extra_masters.items()}
+        if self.etcd:
+            out["etcd"] = {n: {k: v for k, v in clean(e).items() if k != "name"} for n, e in self.etcd.items()}
         return out
 
     def to_yaml(self) -> str:
@@ -212,9 +230,16 @@ class Topology:
         out: dict[str, Node] = {}
         if self.master:
             out[self.master.name] = self.master
+        out.update(self.extra_masters)
+        out.update(self.etcd)
         out.update(self.hosts)
         out.update(self.routers)
         return out
+
+    def masters(self) -> list[Master]:
+        """Every salt master: ``master`` first (the lab's default for salt calls), then
+        ``extra_masters``."""
+        return ([self.master] if self.master else []) + list(self.extra_masters.values())
 
     @property
     def router(self) -> Optional[Router]:
@@ -258,8 +283,14 @@ class Topology:
                     problems.append(f"{node.name}.{ifname}: bad MAC {mac!r}")
         if self.hosts and not self.master:
             problems.append("hosts need a master")
-        if self.master and not self.master.addresses:
-            problems.append("the master needs an address")
+        for m in self.masters():
+            if not m.addresses:
+                problems.append(f"the master {m.name} needs an address")
+        if self.extra_masters and not self.master:
+            problems.append("extra_masters need a master")
+        for e in self.etcd.values():
+            if not e.addresses:
+                problems.append(f"etcd member {e.name} needs an address")
         macs = {}
         for vm in self.vms.values():
             if vm.host not in self.hosts and vm.host not in self.routers:
@@ -314,14 +345,19 @@ def host_names(n: int) -> list[str]:
     return names
 
 
-def default_topology(hosts: int = 4, vms: bool = True, hardware_router: bool = True) -> Topology:
-    """1 master + ``hosts`` hosts (compute1, compute2, net1, net2, compute3...) + router + VMs.
+def default_topology(hosts: int = 4, vms: bool = True, hardware_router: bool = True,
+                     masters: int = 1, etcd: int = 0) -> Topology:
+    """``masters`` masters + ``hosts`` hosts (compute1, compute2, net1, net2, compute3...) + router + VMs.
 
     Host ``X`` (last octet 11, 12, 21, 22, then 13, 14, ...) gets mgmt0 192.0.2.X/24,
     eth0 203.0.113.X/24 (default route via the router 203.0.113.1), eth1 on seg-private,
     eth2 198.51.100.X/24 on seg-trunk, eth3 on seg-shared, eth4 on seg-hw. The router has
     eth0 203.0.113.1/24 and (``hardware_router``) eth1 172.16.100.1/24 on seg-hw.
+    ``masters`` > 1: master2, master3, ... on mgmt (192.0.2.2, .3, ...); ``etcd`` members
+    etcd1, etcd2, ... each in its own namespace on mgmt (192.0.2.31, .32, ...).
     """
+    if not 1 <= masters <= 9 or not 0 <= etcd <= 9:
+        raise TopologyError("masters: 1..9, etcd: 0..9")
     segments = list(DEFAULT_SEGMENTS)
     master = Master(name="master", links={"mgmt0": "mgmt"}, addresses={"mgmt0": ["192.0.2.1/24"]})
     used = set(_HOST_OCTET.values())
@@ -351,6 +387,11 @@ def default_topology(hosts: int = 4, vms: bool = True, hardware_router: bool = T
         for name, (host, bridge, mac) in DEFAULT_VMS.items():
             if host in hs:
                 vmd[name] = VM(name=name, host=host, nics=[Nic(bridge=bridge, mac=mac)])
-    topo = Topology(segments=segments, master=master, hosts=hs, routers={"router": router}, vms=vmd)
+    extra = {f"master{i}": Master(name=f"master{i}", links={"mgmt0": "mgmt"},
+                                  addresses={"mgmt0": [f"192.0.2.{i}/24"]}) for i in range(2, masters + 1)}
+    members = {f"etcd{i}": Node(name=f"etcd{i}", links={"eth0": "mgmt"},
+                                addresses={"eth0": [f"192.0.2.{30 + i}/24"]}) for i in range(1, etcd + 1)}
+    topo = Topology(segments=segments, master=master, hosts=hs, routers={"router": router}, vms=vmd,
+                    extra_masters=extra, etcd=members)
     topo.validate()
     return topo
