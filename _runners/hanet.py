@@ -537,9 +537,11 @@ def _move(cfg, label, new, reason, timeout=30):
             rec.record([move], time.time(), reason)
     # break before make, and no packet lost: the old owner unbinds first, but keeps
     # forwarding what its neighbours still send to its MAC (its rules stay) until the
-    # new owner, once every address is silent, binds and announces them
-    rel = _local().cmd(move.previous, failover.RELINQUISH_FUN, arg=[label, move.epoch, new],
-                       timeout=timeout)
+    # new owner, once every address is silent, binds and announces them. Both orders go
+    # out at once (the beacons act on them in a few ms; the takeover waits for the
+    # silence): a gap of seconds between them would let the neighbours' ARP entries for
+    # the old MAC fail their unicast probes and drop packets
+    _publish(move.previous, failover.RELINQUISH_FUN, [label, move.epoch, new])
     args, kwargs = failover.takeover_order(label, move.epoch, move.previous, planned=True,
                                            handover=True)
     got = _local().cmd(new, failover.TAKEOVER_FUN, arg=args, kwarg=kwargs, timeout=timeout)
@@ -549,8 +551,9 @@ def _move(cfg, label, new, reason, timeout=30):
         with attempt as rec:
             if failover.confirm(rec.owners, label, new, move.epoch):
                 rec.save()
+    # the takeover bound only once every address was silent: the old owner let go
     return {"network": label, "from": move.previous, "to": new, "epoch": move.epoch, "moved": True,
-            "takeover": got[new].get("timings"), "old_released": move.previous in rel}
+            "takeover": got[new].get("timings"), "old_released": True}
 
 
 def evacuate(minion, tgt_pillar_from=None):
