@@ -10,7 +10,7 @@
   ``hanet/failover/<network or "unknown">/rejected`` with the reason, and nothing moves.
 - ``hanet.evacuate <minion>`` / ``hanet.failback <network>``: planned moves. The old
   owner lets go first and keeps forwarding; the new one binds once every address is
-  silent and announces it: never two holders, no lost packet.
+  silent and announces it: never two holders, at most a packet in flight lost.
 - ``hanet.status``: per network who serves, who stands by, whether every host agrees;
   per floating IP where it lives.
 
@@ -560,7 +560,7 @@ def evacuate(minion, tgt_pillar_from=None):
     """Planned move of every network ``minion`` holds to its next standby: ``minion`` lets
     go first (it keeps forwarding what its neighbours still send to its MAC), then the
     new owner binds each address once it is silent and announces it: never two holders,
-    and no packet lost.
+    and at most a packet in flight lost.
 
     CLI example::
 

@@ -514,8 +514,9 @@ def failback(t: Tour) -> None:
         The host boots; its start-up apply finds in the record that the network moved,
         so it binds nothing and comes back as the standby (no automatic failback: the
         network does not flap back). Moving it back is an operator's decision: the runner
-        'hanet.evacuate <host>' makes every network it holds move to a standby, the new
-        owner binding and announcing before the old one lets go, so no packet is lost.""")
+        'hanet.evacuate <host>' makes every network it holds move to a standby: the old
+        owner lets go first but keeps forwarding, the new one binds once the addresses
+        are silent and announces them: never two holders, and at most a packet lost.""")
     from . import chaos
 
     if not getattr(t, "failed_over", None):

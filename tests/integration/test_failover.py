@@ -269,9 +269,12 @@ def test_forged_events_move_nothing(cluster, case):
     assert holders(lab, GATEWAY) == ["net2"]
 
 
-def test_planned_evacuation_loses_no_probe_and_never_has_two_holders(cluster):
+def test_planned_evacuation_loses_at_most_a_probe_and_never_has_two_holders(cluster):
     """Break before make: the old owner unbinds first (it keeps forwarding what is still
-    sent to its MAC), the new one binds once the addresses are silent and announces."""
+    sent to its MAC), the new one binds once the addresses are silent and announces. A
+    probe in flight at that moment may be lost (seen once in a full run: 1 of ~300,
+    the longest gap 0.03 s); before, with make before break, none was, but both hosts
+    held the addresses for a moment."""
     from hanet_lab import chaos
     from hanet_lab.arpwatch import ArpWatch
 
@@ -292,7 +295,7 @@ def test_planned_evacuation_loses_no_probe_and_never_has_two_holders(cluster):
     assert [(m["network"], m["to"], m["moved"]) for m in res] == [(NET, "net1", True)], res
     for pinger in (vm, up):
         gap, _, lost = pinger.outage()
-        assert lost == 0, f"{pinger.node} -> {pinger.target}: {lost} probes lost (longest gap {gap:.3f} s)"
+        assert lost <= 1 and gap < 0.2, f"{pinger.node} -> {pinger.target}: {lost} probes lost (longest gap {gap:.3f} s)"
         assert len(pinger.replies()) > 100
     assert holders(lab, GATEWAY) == ["net1"] and holders(lab, FLOATING) == ["net1"]
     st = wait_owner(lab, "net1")
