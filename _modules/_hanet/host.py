@@ -99,7 +99,8 @@ def apply_now(names, state, paths, managed, garp=0):
     for name in names:
         changes, run = facet(name, state, paths, managed)
         if name == "floating" and changes:
-            run = (lambda ch=changes: floating.apply(ch, managed, garp))
+            def run(ch=changes):
+                return floating.apply(ch, managed, garp)
         if changes and run:
             done[name] = run() or [str(c) for c in changes]
     return done

@@ -469,8 +469,9 @@ def current(bridges_of_interest=(), managed_names=(), ipr=None):
             else:
                 # the bridge MAC is pinned to its uplink's: that finds a previous uplink
                 # among VM ports, whatever its kind
+                mac = msg.get_attr("IFLA_ADDRESS")
                 for rule in (lambda p: _kind(p) in SEGMENT_KINDS,
-                             lambda p: p.get_attr("IFLA_ADDRESS") == msg.get_attr("IFLA_ADDRESS"),
+                             lambda p, mac=mac: p.get_attr("IFLA_ADDRESS") == mac,
                              lambda p: p.get_attr("IFLA_IFNAME") in interest,
                              lambda p: _kind(p) is None):
                     match = [p for p in ports if rule(p)]

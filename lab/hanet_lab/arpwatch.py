@@ -54,7 +54,7 @@ def probe_loop(out_path, targets, interval):
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))
     socks = {}
-    for seg, ip in targets:
+    for seg, _ip in targets:
         if seg not in socks:
             s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
             s.bind((seg, 0))

@@ -72,7 +72,7 @@ def lab_topology():
 
     topo = default_topology(hosts=2, vms=False, hardware_router=False)
     up = topo.routers["router"]
-    for net, (prefix, _, bridge, rname, under, public, _) in NETS.items():
+    for _net, (prefix, _, _bridge, rname, under, public, _) in NETS.items():
         up.routes.append({"dst": f"{prefix}.0/24", "via": public})
         topo.routers[rname] = Router(name=rname, links={"eth0": "seg-trunk", "eth1": "public"},
                                      addresses={"eth0": [f"{under}/24"], "eth1": [f"{public}/24"]},
@@ -186,7 +186,7 @@ def test_each_vm_gets_its_own_networks_router(lab, applied, client):
 
 def test_vms_reach_their_router_and_upstream_with_their_own_address(lab, applied):
     leases(lab, "udhcpc")
-    for vm, (host, net, _, _) in VMS.items():
+    for vm, (_host, net, _, _) in VMS.items():
         assert lab.ping(vm, router_ip(net), count=2), vm
         assert get(lab, vm, f"http://{router_ip(net)}/") == f"router {NETS[net][3]}"
         # through the hardware router to the upstream router: no SNAT on the host
@@ -247,7 +247,7 @@ def test_dnsmasq_config_file_gives_the_same_routers(lab, applied):
             for vm, lease in leases(lab, client).items():
                 assert lease["routers"] == [router_ip(VMS[vm][1])], (client, vm, lease)
         assert changes_of(state_apply(lab)) == {}
-        for vm, (host, net, _, _) in VMS.items():
+        for vm, (_host, net, _, _) in VMS.items():
             assert get(lab, vm, f"http://{router_ip(net)}/") == f"router {NETS[net][3]}"
     finally:
         lab.set_pillar(make_pillar())
