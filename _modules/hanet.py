@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import logging
 import os
 import pickle
@@ -116,11 +117,28 @@ def _cached(name, key, make):
     return value
 
 
-def _config(pillar=None):
-    """The validated model of ``pillar`` (default: this minion's ``hanet`` pillar)."""
+LAST_KNOWN = "pillar.json"  # under the state dir: the last valid hanet pillar this host saw
+
+
+def _config(pillar=None, last_known=False):
+    """The validated model of ``pillar`` (default: this minion's ``hanet`` pillar).
+
+    Every valid ``hanet`` pillar this host sees is kept (``<state_dir>/pillar.json``,
+    mode 0600, rewritten only when it changed). ``last_known``: when this minion object
+    has no pillar at all, use that copy. The failover path asks for it: with hot
+    multi-master Salt runs the beacon (and so the warm takeover, the fence and the
+    announcements) in the first master's minion object, whose pillar stays empty while
+    that master is down at start; the data plane was built from the last pillar, so
+    that is the one to fail over with."""
     model = _h("model")
-    if pillar is None:
+    from_pillar = pillar is None
+    if from_pillar:
         pillar = __pillar__.get("hanet", {})
+        if not pillar and last_known and not __pillar__:
+            # no pillar at all (never compiled: its master is down); a pillar without a
+            # hanet key (the host left hanet's targeting, a render error) means what it says
+            pillar = _last_known_pillar() or {}
+            from_pillar = False
 
     def load():
         try:
@@ -128,7 +146,36 @@ def _config(pillar=None):
         except model.PillarError as err:
             raise PillarInvalid(err.render()) from err
 
-    return _cached("hanet.config", _pillar_key(pillar), load)
+    key = _pillar_key(pillar)
+    cfg = _cached("hanet.config", key, load)
+    if from_pillar and pillar:
+        _remember_pillar(pillar, key)
+    return cfg
+
+
+def _remember_pillar(pillar, key):
+    if key is None or __context__.get("hanet.remembered") == key:
+        return
+    __context__["hanet.remembered"] = key  # tried once per pillar: one warning, not one per call
+    try:
+        text = json.dumps(pillar, sort_keys=True, default=str)
+        _h("common").write_atomic(_paths().state(LAST_KNOWN), text + "\n", mode=0o600)
+    except (OSError, TypeError, ValueError) as err:  # the failover path must not fail on it
+        log.warning("hanet: cannot keep the last hanet pillar in %s: %s", _paths().state(LAST_KNOWN), err)
+
+
+def _last_known_pillar():
+    path = _paths().state(LAST_KNOWN)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            pillar = json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        log.warning("hanet: the last hanet pillar %s cannot be read: %s", path, err)
+        return None
+    log.info("hanet: no hanet pillar in this minion object; using the last one seen (%s)", path)
+    return pillar if isinstance(pillar, dict) else None
 
 
 def _records():
@@ -278,7 +325,7 @@ def _takeover_context():
     def fire(tag, data):
         _h("events").send(__opts__, tag, data)
 
-    return _h("takeover").Context(me=__opts__["id"], cfg=_config(), paths=_paths(),
+    return _h("takeover").Context(me=__opts__["id"], cfg=_config(last_known=True), paths=_paths(),
                                   owners=_records, fire=fire)
 
 
