@@ -355,6 +355,16 @@ class OrderListener:
         if not opts.get("master_uri"):
             return False
         try:
+            # Salt keeps the credentials of each sign-in by (pki dir, id, master URI, key
+            # time): looking there has no side effect. Building an AsyncAuth to ask it
+            # would register one in the minion's loop under Salt's own key for that
+            # master, which the minion object then re-uses with our options.
+            return salt.crypt._auth_singleton_key(opts) in salt.crypt.AsyncAuth.creds_map  # pylint: disable=protected-access
+        except AttributeError:  # another Salt: ask an AsyncAuth
+            pass
+        except Exception:  # pylint: disable=broad-except
+            return False
+        try:
             return salt.crypt.AsyncAuth(opts, io_loop=asyncio.get_running_loop()).authenticated
         except Exception:  # pylint: disable=broad-except
             return False
