@@ -266,12 +266,6 @@ def _holds_gateway(ctx, network):
     return net is not None and net.gateway_cidr in links.addresses_by_link().get(net.bridge, [])
 
 
-def moved_addresses(net, state):
-    """[(ip, interface)]: what moves with ``net``: its gateway and its floating IPs."""
-    return [(net.gateway, net.bridge)] + [
-        (f.address, f.public_interface) for f in state.floating_ips if f.network == net.label]
-
-
 def bind_moved(net, state, managed):
     """Bind what moves, and only that: the gateway on the network's bridge and the
     network's floating IPs, as the links and floating planners would (the same changes,
@@ -292,7 +286,8 @@ def links_add(net, managed):
 
 
 def _as_owner(ctx, network):
-    """This host's desired state were it the owner of ``network`` (what it would bind)."""
+    """This host's desired state were it the owner of ``network`` (what it holds, and so
+    what a relinquish unbinds, once the record names another owner)."""
     return desired.compute(ctx.cfg, ctx.me, dict(ctx.owner_map(), **{network: ctx.me}))
 
 
@@ -347,15 +342,14 @@ def run(ctx, network, epoch, previous=None, detected_at=None, planned=False, dec
             if not bound:
                 mark("config")
                 _dad(net, planned, prechecked, mark,
-                     moved_addresses(net, _as_owner(ctx, network)) if handover
-                     else moving_addresses(net, ctx.desired()), handover)
+                     moving_addresses(net, ctx.desired()), handover)
                 unfence(ctx.paths, network)
                 write_local_owner(ctx.paths, network, ctx.me, epoch)
                 state = ctx.desired()
                 mark("desired")
                 done = bind_moved(net, state, managed)
                 mark("bound")
-                moved = moved_addresses(net, state)
+                moved = moving_addresses(net, state)
                 arp.garp_many(moved, max(state.garp_count, GARP_MIN))
                 mark("announced")
                 _merge(done, host.apply_now(("links", "floating"), state, ctx.paths, managed))
@@ -401,7 +395,7 @@ def announce(ctx):
                 or net.gateway_cidr not in held.get(net.bridge, []):
             continue
         state = state or ctx.desired()
-        out += moved_addresses(net, state)
+        out += moving_addresses(net, state)
     if out:
         arp.garp_many(out, GARP_MIN)
     return [ip for ip, _ in out]
