@@ -121,6 +121,7 @@ def power_off(lab, host):
     deadline = time.monotonic() + 5
     while any(lab.processes(host).values()) and time.monotonic() < deadline:
         time.sleep(0.05)
+    lab.reap()  # no zombie of ours left to look alive (lab.Lab.reap)
     return at
 
 
@@ -155,9 +156,7 @@ def power_on(lab, host, wait=True, timeout=60):
         nslib.add_route(ns, "default", node.gateway)
     for r in node.routes:
         nslib.add_route(ns, r["dst"], r["via"])
-    lab._spawn(host, f"salt-minion-{host}",  # pylint: disable=protected-access
-               [os.path.join(lab.checkout, ".venv", "bin", "salt-minion"), "-c",
-                lab.minion_conf_dir(host), "-l", "quiet"], env=lab._daemon_env())  # pylint: disable=protected-access
+    lab.start_minion(host)
     if not wait:
         return
     deadline = time.monotonic() + timeout

@@ -100,6 +100,14 @@ _PREV_HANDLERS: dict = {}
 _HANDLER_PID = None  # the process that installed the handlers (forked children inherit them)
 
 
+def _zombie_or_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
 def _cleanup_live():
     if os.getpid() != _HANDLER_PID:
         return  # a forked child (pyroute2's netns helpers, ...) must never tear the lab down
@@ -460,7 +468,15 @@ class Lab:
             self.progress(f"router {r.name}: forwarding {'on' if r.forwarding else 'off'}, "
                           f"http on :{r.http_port}")
 
+    def reap(self) -> None:
+        """Collect the exit status of every process of ours that has died (SIGKILLed by a
+        power loss or a test), so that none stays a zombie (see also
+        ``clear_stale_minion_claim``)."""
+        for p in list(self.procs.values()):
+            p.poll()
+
     def _spawn(self, node: str, name: str, argv: list[str], env: Optional[dict] = None) -> subprocess.Popen:
+        self.reap()
         out = open(os.path.join(self.rundir, "logs", f"{name}.out"), "ab")
         p = subprocess.Popen(["ip", "netns", "exec", self.ns(node)] + argv, stdin=subprocess.DEVNULL,
                              stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
@@ -652,11 +668,35 @@ class Lab:
                            [_venv_bin(self.checkout, "salt-master"), "-c", self.master_conf_dir_of(master),
                             "-l", "quiet"], env=self._daemon_env())
 
+    def clear_stale_minion_claim(self, host: str, wait: float = 5.0) -> None:
+        """Before a salt-minion starts again after its processes were SIGKILLed: Salt
+        keeps the pid of the running minion in ``process_responsibility_salt-minion.pid``
+        and a new minion exits at once ("An instance is already running") while that
+        process exists, a zombie included (psutil still names it). The killed minion's
+        worker is reparented and reaped by init a moment later; until then a restarted
+        minion died silently (seen in CI and here: every restarted minion gone). Waits
+        for that process to exit, then removes the claim of a dead or zombie one."""
+        path = os.path.join(self.minion_root(host), "var", "run", "process_responsibility_salt-minion.pid")
+        try:
+            with open(path) as f:
+                pid = int(json.load(f).get("pid"))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return
+        deadline = time.monotonic() + wait
+        while not _zombie_or_gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _zombie_or_gone(pid):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
     def start_minion(self, host: str):
         """Start ``host``'s salt-minion (the lab starts every minion at ``up``)."""
+        self.clear_stale_minion_claim(host)
         return self._spawn(host, f"salt-minion-{host}",
                            [_venv_bin(self.checkout, "salt-minion"), "-c", self.minion_conf_dir(host),
-                            "-l", "quiet"], env=self._daemon_env())
+                            "-l", "info"], env=self._daemon_env())  # its .out: why it stopped, if it does
 
     def _start_salt(self):
         t0 = time.monotonic()

@@ -12,6 +12,7 @@ compare-and-swap keeps that to one decision. The tests assert what an operator c
 who holds the gateway and the floating IP (exactly one host), the record (one epoch
 step per failure, the new owner confirmed), traffic back, and what both masters say.
 """
+import os
 import subprocess
 import threading
 import time
@@ -41,6 +42,35 @@ def lab_topology():
 @pytest.fixture(scope="module")
 def cluster(lab):
     return failover_cluster(lab, FLOATING, GATEWAY)
+
+
+@pytest.fixture(autouse=True)
+def on_both_masters(cluster):
+    """Each test starts with every minion answering through both masters. A test that
+    restarts masters and minions waits for that in its ``finally``; should a minion
+    still not answer (Salt's reconnection, not hanet, seen once in CI), it is started
+    again here, loudly, so that the next test judges hanet and not the one before."""
+    lab = cluster
+    for m in lab.masters:
+        if not lab.master_running(m):
+            lab.start_master(master=m, wait_minions=False)
+    for m in lab.masters:
+        try:
+            lab.wait_minions(sorted(lab.topology.hosts), master=m, timeout=180)
+        except Exception as err:  # noqa: BLE001 - a LabError naming the minions
+            print(f"NOTE: {err}; starting every minion again")
+            for h in lab.topology.hosts:
+                log = os.path.join(lab.minion_root(h), "var", "log", "salt", "minion")
+                if os.path.exists(log):
+                    with open(log, errors="replace") as fh:
+                        print(f"--- {h}: the end of its minion log\n" + "".join(fh.readlines()[-15:]))
+            _kill_minions(lab)
+            for h in lab.topology.hosts:
+                lab.start_minion(h)
+            for m2 in lab.masters:
+                lab.wait_minions(sorted(lab.topology.hosts), master=m2, timeout=300)
+    lab.via = "master"
+    yield
 
 
 def powered(lab, host):
@@ -210,11 +240,9 @@ def _kill_minions(lab):
                 subprocess.run(["kill", "-9", str(pid)])
     wait_for("minions gone", lambda: not any("salt-minion" in c for h in lab.topology.hosts
                                              for _, c in lab.processes(h).get(h, [])), 20)
+    lab.reap()  # a zombie minion would keep its successor from starting
 
 
-@pytest.mark.xfail(strict=False, reason="known, issue 11: with the first master down at start, a minion "
-                   "sometimes never answers through the second (compute2 not within 300 s on a quiet "
-                   "machine, 2026-12-02); not understood yet")
 def test_first_master_down_when_the_minions_start(cluster):
     """Salt runs a multi-master minion's beacons in the first master's minion object;
     with that master down at start they would wait for it. beacons_before_connect (the
@@ -246,7 +274,9 @@ def test_first_master_down_when_the_minions_start(cluster):
             record_of(lab)), 30)
         assert (rec["owner"], rec["epoch"]) == (new, epoch + 1), rec
         assert holders(lab, GATEWAY) == [new] and holders(lab, FLOATING) == [new]
-        print("bound by:", [e["data"].get("bound_by") for e in done])
+        # the warm path acted although the beacon's minion object (the first master's)
+        # has no pillar: the takeover used the last hanet pillar the host kept
+        assert [e["data"].get("bound_by") for e in done if not e["data"].get("repeated_at")] == ["warm"], done
         restore(lab, old)
     finally:
         if not lab.master_running("master"):
@@ -293,39 +323,98 @@ def test_etcd_member_down_then_quorum_lost_then_back(cluster):
                 lab.etcd_start(member)
 
 
-@pytest.mark.xfail(strict=False, reason="known, issue 11: failed after the first-master-down test left a "
-                   "minion unconnected (net2 not back within 60 s, 2026-12-02); passes on its own")
+SHARED2 = {"cidr": "10.30.1.0/24", "gateway": "10.30.1.1", "vni": 5301, "bridge": "br301",
+           "floating": "203.0.113.71", "owner": "compute2", "standby": "net2"}
+
+
+def two_network_pillar(lab):
+    """The module's pillar plus a second network-host network, ``shared2``, served by
+    compute2 with net2 standing by (a VXLAN segment over eth2: this kernel has no
+    802.1Q), and an instance vm2 on compute1 (no VM namespace) with a floating IP."""
+    from hanet_lab.pillar import lab_pillar
+
+    pillar = lab_pillar(lab.topology)
+    h = pillar["hanet"]
+    h["instances"]["app1"]["floating_ips"] = [FLOATING]
+    carriers = [SHARED2["owner"], SHARED2["standby"], "compute1"]
+    underlay = sorted(lab.topology.hosts[x].first_address("eth2") for x in carriers)
+    prefix = SHARED2["cidr"].rsplit(".", 1)[0]
+    h["networks"]["shared2"] = {"cidr": SHARED2["cidr"], "bridge": SHARED2["bridge"], "bridge_interface": "eth2",
+                                "vxlan": {"vni": SHARED2["vni"], "remotes": underlay}, "mtu": 1450,
+                                "multi_host": False, "gateway": SHARED2["gateway"],
+                                "network_hosts": [SHARED2["owner"], SHARED2["standby"]]}
+    for k, x in enumerate((SHARED2["owner"], SHARED2["standby"]), 2):
+        h["hosts"][x]["networks"]["shared2"] = {"address": f"{prefix}.{k}"}
+    h["instances"]["vm2"] = {"host": "compute1", "floating_ips": [SHARED2["floating"]],
+                             "nics": [{"network": "shared2", "mac": "fa:16:3e:00:31:01", "ip": f"{prefix}.10"}]}
+    return pillar
+
+
+def holders_among(lab, hosts, address):
+    return [h for h in hosts if powered(lab, h) and any(a.split("/")[0] == address for a in lab.addresses(h))]
+
+
 def test_evacuate_from_master2_while_master1_decides_a_failure(cluster):
-    """Not yet the issue's case (an evacuation on one network while the other master
-    decides a failure on another: this lab's pillar has one network with network
-    hosts). Here both act on `shared` at once: master2 evacuates the owner while the
-    owner loses power and master1 (or master2) decides it. Whatever order they land in
-    (under load the failure is often decided first and the evacuation finds nothing
-    to move), the record has one owner, at most one epoch step per decision, both
-    masters read the same record, and exactly one host holds the addresses."""
+    """The issue's case: master2 evacuates the owner of `shared` (net1 -> net2) while
+    the owner of another network, `shared2` (compute2, net2 standing by), loses power
+    and the masters' engines decide that failure (either may: the record's
+    compare-and-swap keeps it to one decision). Both moves complete, each network steps
+    its epoch once, both masters read the same record, and exactly one host holds each
+    gateway and floating IP."""
+    from hanet_checks import state_apply
     from hanet_lab import chaos
 
     lab = cluster
-    rec = record_of(lab)
-    old, epoch = rec["owner"], rec["epoch"]
+    nets = {"shared": (GATEWAY, FLOATING), "shared2": (SHARED2["gateway"], SHARED2["floating"])}
+    everyone = ["net1", "net2", SHARED2["owner"]]
+    lab.set_pillar(two_network_pillar(lab))
+    state_apply(lab, "*", timeout=300)
+    wait_for("compute2 holding shared2's gateway",
+             lambda: holders_among(lab, everyone, SHARED2["gateway"]) == [SHARED2["owner"]], 60)
+    time.sleep(3)  # the new beacons' first verdicts (peers up)
+    before = lab.owners()
+    old = record_of(lab)["owner"]
     new = "net2" if old == "net1" else "net1"
+    if new != SHARED2["standby"]:  # the two moves must land on one host: evacuate net1
+        lab.salt_run("hanet.failback", ["shared"], kwarg={"to": "net1"}, master="master")
+        old, new = "net1", "net2"
+        before = lab.owners()
+    epochs = {n: (before.get(n) or {}).get("epoch", 0) for n in nets}
+    buses = {m: Bus(lab, m) for m in lab.masters}
     out = {}
 
     def evacuate():
         try:
             out["evacuate"] = lab.salt_run("hanet.evacuate", [old], master="master2", timeout=120)
-        except Exception as err:  # noqa: BLE001 - the owner lost power under it: an honest error
+        except Exception as err:  # noqa: BLE001 - reported below
             out["evacuate"] = err
 
-    t = threading.Thread(target=evacuate)
-    t.start()
-    time.sleep(0.3)
-    chaos.power_off(lab, old)
-    t.join(150)
-    rec = wait_for("a confirmed owner", lambda: (lambda r: r if r.get("confirmed") else None)(record_of(lab)), 60)
-    assert rec["owner"] == new and epoch < rec["epoch"] <= epoch + 2, (rec, out)
-    wait_for(f"{new} holding the gateway", lambda: holders(lab, GATEWAY) == [new], 30)
-    assert holders(lab, FLOATING) == [new]
-    assert lab.owners(master="master") == lab.owners(master="master2")
-    print("evacuate:", out.get("evacuate"), "record:", rec)
-    restore(lab, old)
+    try:
+        t = threading.Thread(target=evacuate)
+        t.start()
+        time.sleep(0.2)
+        chaos.power_off(lab, SHARED2["owner"])
+        t.join(150)
+        assert isinstance(out.get("evacuate"), list), out
+        moved = {r["network"]: r for r in out["evacuate"]}
+        assert moved["shared"]["moved"] and moved["shared"]["to"] == new, out
+        for net in nets:
+            wait_for(f"{net} confirmed on {new}", lambda net=net: (lambda r: r.get("owner") == new
+                                                               and r.get("confirmed"))(lab.owners().get(net) or {}), 60)
+        rec = lab.owners()
+        assert {n: rec[n]["epoch"] for n in nets} == {n: e + 1 for n, e in epochs.items()}, (epochs, rec)
+        assert rec == lab.owners(master="master2")
+        for net, addresses in nets.items():
+            for address in addresses:
+                wait_for(f"{address} ({net}) on {new} alone",
+                         lambda a=address: holders_among(lab, everyone, a) == [new], 30)
+        decided = [e for b in buses.values() for e in b.tagged("hanet/failover/shared2/complete")
+                   if e["data"].get("epoch") == epochs["shared2"] + 1]
+        assert decided, "no complete event for shared2 on either master"
+        print("evacuate:", out["evacuate"], "record:", rec,
+              "shared2 decided via", {b.master: len(b.tagged("hanet/failover/shared2/complete")) for b in buses.values()})
+    finally:
+        for b in buses.values():
+            b.stop()
+        if not powered(lab, SHARED2["owner"]):
+            chaos.power_on(lab, SHARED2["owner"])
