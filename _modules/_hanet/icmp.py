@@ -130,6 +130,11 @@ class Watch:
             self._targets = {a: h for h, addrs in hosts.items() for a in addrs}
             self._state = {h: self._state.get(h, [0, False]) for h in hosts}
 
+    def addresses(self, host):
+        """The addresses watched for ``host`` (sorted)."""
+        with self._lock:
+            return tuple(sorted(a for a, h in self._targets.items() if h == host))
+
     def verdict(self, host):
         """"alive", "dead" or None (not watched, no address, or a view that may be stale)."""
         with self._lock:

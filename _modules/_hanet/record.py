@@ -235,14 +235,22 @@ def _endpoint_problem(url):
 # --------------------------------------------------------------------------- the interface
 
 
-def open(opts):  # pylint: disable=redefined-builtin  (record.open(opts), like a file)
+def open(opts, seed=None):  # pylint: disable=redefined-builtin  (record.open(opts), like a file)
     """The record of the master whose config is ``opts``, as a context manager that
     reads it on entry (file: ``failover.Record`` under ``<cachedir>/hanet``; etcd:
-    ``EtcdRecord``). Raises RecordConfigError for a bad ``hanet_record``."""
+    ``EtcdRecord``). Raises RecordConfigError for a bad ``hanet_record``. ``seed``: what
+    an earlier open of this decision read (``seed_of``): etcd takes it instead of
+    reading again (one round trip less; the compare-and-swap still catches a change
+    since, as a RecordConflict); the file, read under its lock, ignores it."""
     cfg = config(opts)
     if cfg.backend == "etcd":
-        return EtcdRecord(cfg, opts["cachedir"])
+        return EtcdRecord(cfg, opts["cachedir"], seed=seed)
     return failover.Record(opts["cachedir"])
+
+
+def seed_of(rec):
+    """What ``rec`` (an opened record) read, to seed the next open of the same decision."""
+    return rec.seed() if isinstance(rec, EtcdRecord) else None
 
 
 def read_owners(opts):
@@ -263,13 +271,13 @@ class Attempt:
     """One read-and-decide of ``attempts``: ``with attempt as rec`` opens the record; a
     RecordConflict raised in the block ends it quietly when another attempt follows."""
 
-    def __init__(self, opts, number, last):
-        self.opts, self.number, self.last = opts, number, last
+    def __init__(self, opts, number, last, seed=None):
+        self.opts, self.number, self.last, self.seed = opts, number, last, seed
         self.conflict = None
         self._rec = None
 
     def __enter__(self):
-        self._rec = open(self.opts)
+        self._rec = open(self.opts, seed=self.seed)
         return self._rec.__enter__()
 
     def __exit__(self, exc_type, exc, tb):
@@ -280,13 +288,14 @@ class Attempt:
         return False
 
 
-def attempts(opts, tries=CONFLICT_TRIES):
+def attempts(opts, tries=CONFLICT_TRIES, seed=None):
     """Yield up to ``tries`` Attempts: the next only when the one before ended in a
     RecordConflict (another master wrote first), so the block reads the record again
     and decides again. The last attempt's conflict propagates. ``attempt.number`` > 0:
-    this decision lost a race before (its record now has the winner's)."""
+    this decision lost a race before (its record now has the winner's). ``seed``
+    (``seed_of``): the first attempt uses that read; the others read afresh."""
     for number in range(tries):
-        attempt = Attempt(opts, number, number == tries - 1)
+        attempt = Attempt(opts, number, number == tries - 1, seed if number == 0 else None)
         yield attempt
         if attempt.conflict is None:
             return
@@ -586,15 +595,25 @@ class EtcdRecord(failover.Record):
 
     backend = "etcd"
 
-    def __init__(self, cfg, cachedir):
+    def __init__(self, cfg, cachedir, seed=None):
         super().__init__(cachedir)
         self.cfg = cfg
         self.store = EtcdStore(cfg)
         self._read = {}
+        self._seed = seed
 
     def _load(self):
-        owners, self._read = self.store.read_owners()
+        if self._seed is not None and self._seed[0] == self.cfg:
+            owners, self._read = copy.deepcopy(self._seed[1]), copy.deepcopy(self._seed[2])
+        else:
+            owners, self._read = self.store.read_owners()
+        self._seed = None
         return {"owners": owners}
+
+    def seed(self):
+        """(config, owners, {network: (entry, mod_revision)}) as read, for ``open(seed=)``."""
+        owners = {net: entry for net, (entry, _) in self._read.items()}
+        return (self.cfg, copy.deepcopy(owners), copy.deepcopy(self._read))
 
     def save(self):
         """Write what changed since the record was read, in one compare-and-swap

@@ -124,7 +124,9 @@ def test_the_master_watch_gives_no_verdict_from_a_stale_view():
     import time
 
     w = icmp.Watch(interval=0.05, dead_after=3)
-    w.watch({"b": ["192.0.2.99"]})
+    w.watch({"b": ["192.0.2.99", "198.51.100.9"], "c": ["192.0.2.98"]})
+    assert w.addresses("b") == ("192.0.2.99", "198.51.100.9")  # the evidence of a watch verdict
+    assert w.addresses("x") == ()
     hold = threading.Event()
     w._thread = threading.Thread(target=hold.wait)
     w._thread.start()

@@ -235,3 +235,45 @@ def test_unreachable_endpoints_are_unavailable_within_the_timeout(tmp_path):
     import fcntl
     with open(tmp_path / "hanet" / "owners.lock") as lock:  # the failed open let its lock go
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_seeded_first_attempt_reads_nothing_and_a_conflict_reads_again(tmp_path, monkeypatch):
+    """The decision reads the record once (``seed_of``) for its checks and decides on
+    that read; a change since is caught by the compare-and-swap, and the next attempt
+    reads afresh."""
+    opts = {"cachedir": str(tmp_path), "hanet_record": {"backend": "etcd", "endpoints": EPS}}
+    reads = []
+    stored = {"shared": ({"owner": "net1", "epoch": 1}, 5)}
+
+    def read_owners(self):
+        reads.append(1)
+        return ({n: dict(e) for n, (e, _) in stored.items()},
+                {n: (dict(e), r) for n, (e, r) in stored.items()})
+
+    monkeypatch.setattr(record.EtcdStore, "read_owners", read_owners)
+    saved = []
+
+    def transact(self, chg):
+        for c in chg:
+            if c.mod_revision != stored[c.network][1]:
+                raise record.RecordConflict("lost", {c.network: stored[c.network][0]})
+        saved.extend(chg)
+        return {c.network: 9 for c in chg}
+
+    monkeypatch.setattr(record.EtcdStore, "transact", transact)
+    with record.open(opts) as rec:
+        seed = record.seed_of(rec)
+    assert len(reads) == 1 and seed[1] == {"shared": {"owner": "net1", "epoch": 1}}
+    for attempt in record.attempts(opts, seed=seed):  # unchanged since: no read, saved
+        with attempt as rec:
+            rec.record([failover.Move("shared", "net1", "net2", 2)], 1.0, "down")
+    assert len(reads) == 1 and [c.network for c in saved] == ["shared"]
+    stored["shared"] = ({"owner": "net2", "epoch": 2}, 7)  # another master moved it meanwhile
+    numbers = []
+    for attempt in record.attempts(opts, seed=seed):
+        with attempt as rec:
+            numbers.append(attempt.number)
+            if rec.owners["shared"]["owner"] == "net1":
+                rec.record([failover.Move("shared", "net1", "net2", 2)], 1.0, "down")
+    assert numbers == [0, 1] and len(reads) == 2  # the stale seed lost; a fresh read found the move
+    assert record.seed_of(failover.Record(str(tmp_path))) is None  # the file backend: no seed
