@@ -29,11 +29,18 @@ Rows (same run, same lab, one after the other):
    nftables 1:1 NAT 203.0.113.60 <-> 10.20.0.10 on both hosts (what hanet's floating IP
    does); app1 keeps 10.20.0.10 with 10.20.0.1 as its gateway (static: keepalived does
    no DHCP). A rebooted host gets its address, NAT and keepalived back (its start-up).
+4. hanet with two salt-masters and the failover record in etcd (issue 11), in a second
+   lab built after the first is torn down (``--masters 2 --etcd 3``: master 192.0.2.1,
+   master2 192.0.2.2, etcd 192.0.2.31-33): both masters up; then the first master
+   SIGKILLed at the moment of each power loss (events heard on master2; the master is
+   started again after the trial). ``--no-two-masters`` skips both rows. The report
+   gives each row's p50 minus the one-master p50 (the target: within 0.1 s).
 
 Prints per system and direction p50 / p95 / max (and the ratio to keepalived), the hanet
 phase medians, and writes a PNG timeline of the median hanet trial (``--png``).
 
-    ./dev bench failover [--trials 10] [--no-fast] [--no-keepalived] [--png FILE] [--json FILE] [--md FILE]
+    ./dev bench failover [--trials 10] [--no-fast] [--no-keepalived] [--no-two-masters]
+                         [--png FILE] [--json FILE] [--md FILE]
 """
 from __future__ import annotations
 
@@ -45,6 +52,7 @@ import platform
 import shutil
 import statistics
 import subprocess
+import threading
 import sys
 import time
 import traceback
@@ -97,6 +105,46 @@ class BenchFailed(RuntimeError):
     pass
 
 
+class Events:
+    """The event buses of several masters as one (``wait`` like ``EventListener.wait``):
+    with two masters a ``complete`` event goes to the master that ordered the takeover,
+    either of them. An event both masters got (a liveness report) is returned once; a
+    master that dies is dropped."""
+
+    def __init__(self, lab, masters):
+        self.listeners = [lab.events(m) for m in masters]
+        self.seen = set()
+
+    def wait(self, pattern, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while self.listeners:
+            step = 0.05 if len(self.listeners) > 1 else max(0.05, deadline - time.monotonic())
+            for ev in list(self.listeners):
+                try:
+                    got = ev.wait(pattern, timeout=step)
+                except Exception:  # noqa: BLE001 - that master is gone
+                    self.listeners.remove(ev)
+                    continue
+                if got is None:
+                    continue
+                data = {k: v for k, v in (got.get("data") or {}).items() if k != "_stamp"}
+                key = (got["tag"], json.dumps(data, sort_keys=True, default=str))
+                if key in self.seen:
+                    continue
+                self.seen.add(key)
+                return got
+            if time.monotonic() >= deadline:
+                return None
+        return None
+
+    def close(self):
+        for ev in self.listeners:
+            try:
+                ev.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -109,10 +157,21 @@ class Bench:
         os.makedirs(self.outdir, exist_ok=True)
 
     # ------------------------------------------------------------------ lab
-    def up(self):
-        log("lab: building the default topology")
-        self.lab = Lab(default_topology(), progress=lambda m: None).up()
+    def up(self, masters=1, etcd=0):
+        log(f"lab: building the default topology ({masters} master(s)"
+            + (f", {etcd} etcd members: the record in etcd" if etcd else ", the record in the master's file") + ")")
+        self.lab = Lab(default_topology(masters=masters, etcd=etcd), progress=lambda m: None).up()
         log(f"lab {self.lab.prefix} up in {self.lab.timings.get('up', 0):.1f} s")
+
+    def down(self):
+        for host in list(self.ka_procs):
+            try:
+                self.ka_stop(host)
+            except Exception:  # noqa: BLE001
+                pass
+        if self.lab is not None:
+            self.lab.down()
+            self.lab = None
 
     def pillar(self, ha=None, keepalived=False):
         p = lab_pillar(self.lab.topology)
@@ -192,11 +251,9 @@ class Bench:
         time.sleep(2)  # beacons see their peers up (rise) before the first power loss
 
     def owner(self):
-        path = os.path.join(self.lab.rundir, "master", "var", "cache", "salt", "master", "hanet", "owners.json")
-        try:
-            with open(path) as f:
-                return json.load(f)["owners"]["shared"]["owner"]
-        except (OSError, ValueError, KeyError):
+        try:  # the master's file, or etcd (two masters)
+            return (self.lab.owners().get("shared") or {}).get("owner") or "net1"
+        except Exception:  # noqa: BLE001 - nothing recorded yet
             return "net1"
 
     def drain(self, ev, pattern, wait=0.3):
@@ -208,15 +265,26 @@ class Bench:
             out.append(got)
             wait = 0.05
 
-    def hanet_trial(self, active, row):
+    def hanet_trial(self, active, row, kill_master=None):
+        """One power loss of ``active``; ``kill_master``: that salt-master is killed at the
+        same moment (its events are then heard on another master)."""
         lab = self.lab
-        ev = lab.events()
+        # every master's bus (one master: the lab's own); a master killed at the power
+        # loss is not listened to
+        ev = Events(lab, [m for m in lab.masters if m != kill_master]) if len(lab.masters) > 1 \
+            else lab.events()
+        killer = None
         try:
             vm = chaos.Pinger(lab, VM, ROUTER_IP).start()
             up = chaos.Pinger(lab, "router", FIP).start()
             time.sleep(1)
+            if kill_master:  # the master dies with the owner: started together
+                killer = threading.Thread(target=lab.stop_master, args=(kill_master,))
+                killer.start()
             t0 = chaos.power_off(lab, active)
-            deadline = time.monotonic() + self.args.timeout
+            # a move decided by the killed master is finished by the other's reconcile
+            # loop (CONFIRM_S, 5 s, and a restarted takeover): give it time
+            deadline = time.monotonic() + self.args.timeout + (30 if kill_master else 0)
             complete = failed = None
             rejected = []
             while time.monotonic() < deadline:
@@ -240,6 +308,13 @@ class Bench:
             jobs = [e for e in self.drain(ev, "salt/job/*/new", 0.1) if (e["data"] or {}).get("fun") == "hanet.takeover"]
         finally:
             ev.close()
+            if killer is not None:
+                killer.join(30)
+                lab.start_master(master=kill_master, wait_minions=False)
+                # every minion but the powered-off host's (it boots after the trial)
+                lab.wait_minions(sorted(h for h in lab.topology.hosts if h != active),
+                                 master=kill_master, timeout=300)
+                lab.via = lab.masters[0]
         trial = {"system": "hanet", "row": row, "killed": active, "t0": t0,
                  "vm_replies": vm.replies(), "up_replies": up.replies()}
         for key, p in (("vm", vm), ("up", up)):
@@ -276,7 +351,9 @@ class Bench:
         if dec.get("received_at"):  # the master's own stamps (engine or runner)
             run_start, publish = dec["received_at"], dec.get("published_at", publish)
             ret = {"timings": {k: round(dec[a] - dec["received_at"], 4)
-                               for k, a in (("confirmed_s", "confirmed_at"), ("published_s", "published_at"))
+                               for k, a in (("validated_s", "validated_at"), ("checked_s", "checked_at"),
+                                            ("confirmed_s", "confirmed_at"), ("recorded_s", "recorded_at"),
+                                            ("published_s", "published_at"))
                                if dec.get(a)}}
         trial.update(via=dec.get("via"), second_opinion=dec.get("second_opinion"), bound_by=d.get("bound_by"))
         marks = {"power_off": t0, "detected": d.get("detected_at"), "runner_start": run_start,
@@ -301,7 +378,7 @@ class Bench:
     def reboot_hanet(self, host):
         """Power the host on and wait for its start-up highstate (its hanet.liveness state
         fires ``hanet/prime``), then for its beacon to see the peer up again (rise)."""
-        ev = self.lab.events()
+        ev = Events(self.lab, self.lab.masters) if len(self.lab.masters) > 1 else self.lab.events()
         try:
             chaos.power_on(self.lab, host)
             deadline = time.monotonic() + 30
@@ -317,13 +394,18 @@ class Bench:
             log(f"WARNING: no hanet/prime from {host} within 30 s of its power-on")
         time.sleep(1.5)
 
-    def hanet_row(self, label, ha):
+    def hanet_row(self, label, ha, kill_master=None):
         self.hanet_setup(ha)
-        row = {"system": "hanet", "label": label, "settings": ha or {"probe_interval_ms": 100, "probe_misses": 3},
+        settings = dict(ha or {"probe_interval_ms": 100, "probe_misses": 3})
+        if len(self.lab.masters) > 1:
+            settings["masters"] = len(self.lab.masters)
+            if kill_master:
+                settings["killed at the power loss"] = kill_master
+        row = {"system": "hanet", "label": label, "settings": settings,
                "trials": [], "load_before": loadavg()}
         active = self.owner()
         for i in range(self.args.trials):
-            tr = self.hanet_trial(active, label)
+            tr = self.hanet_trial(active, label, kill_master=kill_master)
             row["trials"].append(tr)
             if "failure" in tr:
                 self.reboot_hanet(active)
@@ -510,12 +592,26 @@ vrrp_instance shared {{
                              f"{f(s['p50'])} | {f(s['p95'])} | {f(s['max'])} | {f(s['lost_p50'], 0)} | "
                              f"{ratios[0]} | {ratios[1]} |")
         hanet_rows = [r for r in self.rows if r["system"] == "hanet"]
+        one = next((r for r in hanet_rows if r["label"] == "hanet defaults"), None)
+        two = [r for r in hanet_rows if r["settings"].get("masters", 1) > 1]
+        if one and two:
+            lines.append("")
+            lines.append("two masters against one (the same probe settings, same run): p50, its difference "
+                         "from the one-master p50, and max (s; the target: p50 within 0.1 s, max <= 1 s):")
+            lines.append("")
+            lines.append("| row | direction | p50 | p50 - one master | max |")
+            lines.append("|---|---|---|---|---|")
+            for r in two:
+                for key, name in DIRS:
+                    s, base = self.stats(r, key), self.stats(one, key)
+                    delta = s["p50"] - base["p50"] if s["p50"] is not None and base["p50"] is not None else None
+                    lines.append(f"| {r['label']} | {name} | {f(s['p50'])} | "
+                                 f"{'-' if delta is None else f'{delta:+.3f}'} | {f(s['max'])} |")
         if hanet_rows:
             lines.append("")
             lines.append("hanet outage by phase, median over the trials (s), from the events' stamps:")
             lines.append("")
-            lines.append("| phase | " + " | ".join(
-                f"{r['settings']['probe_interval_ms']} ms x {r['settings']['probe_misses']}" for r in hanet_rows) + " |")
+            lines.append("| phase | " + " | ".join(r["label"] for r in hanet_rows) + " |")
             lines.append("|---|" + "---|" * len(hanet_rows))
             for key, name in PHASES:
                 cells = []
@@ -608,6 +704,15 @@ vrrp_instance shared {{
             self.ka_setup()
             for adv in (1, 0.1):
                 self.ka_row(adv)
+        if not self.args.no_hanet and not self.args.no_two_masters and not shutil.which("etcd"):
+            log("two-master rows skipped: no etcd here (Debian's etcd-server; ./dev setup installs it)")
+        elif not self.args.no_hanet and not self.args.no_two_masters:
+            # the same trials with two masters and the record in etcd (issue 11), in a lab
+            # of their own, in the same run: compare with the first row (one master, file)
+            self.down()
+            self.up(masters=2, etcd=3)
+            self.hanet_row("hanet 2 masters", None)
+            self.hanet_row("hanet 2 masters, first killed", None, kill_master="master")
         self.elapsed = time.monotonic() - t_start
 
 
@@ -617,6 +722,8 @@ def main(argv=None):
     ap.add_argument("--no-fast", action="store_true", help="skip the hanet row with probe_interval_ms 50")
     ap.add_argument("--no-keepalived", action="store_true")
     ap.add_argument("--no-hanet", action="store_true")
+    ap.add_argument("--no-two-masters", action="store_true",
+                    help="skip the rows with two masters and the record in etcd (needs etcd)")
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for hanet's complete event")
     ap.add_argument("--outdir", default=f"/tmp/hanet-bench-failover-{time.strftime('%Y%m%d-%H%M%S')}",
                     help="where logs of failures, the JSON and (by default) the PNG go")
@@ -643,13 +750,7 @@ def main(argv=None):
             except Exception:  # noqa: BLE001
                 pass
     finally:
-        if bench.lab is not None:
-            for host in list(bench.ka_procs):
-                try:
-                    bench.ka_stop(host)
-                except Exception:  # noqa: BLE001
-                    pass
-            bench.lab.down()
+        bench.down()
     if bench.rows:
         table = bench.report()
         png = None
