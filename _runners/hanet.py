@@ -597,14 +597,26 @@ def failback(network, to=None):
     return _move(cfg, network, to or net.network_hosts[0], "failback")
 
 
-def status(timeout=10):
+def status(timeout=10, table=False):
     """The whole cluster: for each network who serves, who stands by, whether every host
-    agrees; for each floating IP, where it lives.
+    agrees; for each floating IP, where it lives; ``problems``, what to look at (two
+    holders, no holder, an unconfirmed move, no standby, a host that did not answer, a
+    dead dnsmasq, a floating IP on two hosts, a host's pillar problems). ``table=True``:
+    the same as one screen of text.
 
     CLI example::
 
         salt-run hanet.status
+        salt-run hanet.status table=True
+        salt-run hanet.status --out=json
     """
+    out = _status(timeout)
+    if table and "networks" in out:
+        return _lib("failover").status_table(out)
+    return out
+
+
+def _status(timeout):
     failover = _lib("failover")
     got = _local().cmd("*", "hanet.status", timeout=timeout)
     got = {k: v for k, v in got.items() if isinstance(v, dict)}
@@ -620,7 +632,8 @@ def status(timeout=10):
         for entry in out["networks"].values():
             if not entry["multi_host"]:
                 entry.update(owner=None, epoch=None, confirmed=None, agree=None)
-        out.update(record=None, record_error=str(err), record_backend=_record_backend())
+        out.update(record=None, record_error=str(err), record_backend=_record_backend(),
+                   problems=failover.cluster_problems(cfg, out["networks"], out["floating_ips"], got))
         return out
     out = failover.cluster_status(cfg, record, got)
     out["record_backend"] = _record_backend()

@@ -632,8 +632,90 @@ def cluster_status(cfg, owners, answers):
     for h, s in answers.items():
         for f in s.get("floating_ips", []):
             fips.setdefault(f["address"], []).append(h)
-    return {"networks": nets, "floating_ips": {a: sorted(h) for a, h in sorted(fips.items())},
-            "record": owners}
+    fips = {a: sorted(h) for a, h in sorted(fips.items())}
+    return {"networks": nets, "floating_ips": fips, "record": owners,
+            "problems": cluster_problems(cfg, nets, fips, answers)}
+
+
+def cluster_problems(cfg, nets, fips, answers):
+    """What an operator must look at, from ``cluster_status``'s networks and floating IPs
+    and the hosts' answers: ``[{"network"|"floating_ip"|"host": name, "problem": text}]``,
+    sorted. Pure."""
+    out = []
+    for label, e in nets.items():
+        net = cfg.networks[label]
+        def add(text, label=label):
+            out.append({"network": label, "problem": text})
+        for h in e["unreachable"]:
+            add(f"{h} did not answer")
+        if net.multi_host:
+            gone = sorted(h for h, s in answers.items()
+                          if label in s.get("networks", {}) and not s["networks"][label].get("present"))
+            if gone:
+                add(f"bridge {net.bridge} missing on {', '.join(gone)}")
+            continue
+        on, owner = e.get("gateway_on") or [], e.get("owner")
+        if len(on) > 1:
+            add(f"{len(on)} hosts hold the gateway {net.gateway}: {', '.join(on)}")
+        elif not on and owner is not None:
+            add(f"no host holds the gateway {net.gateway} (the record says {owner})")
+        elif owner is not None and on != [owner]:
+            add(f"the gateway {net.gateway} is on {on[0]}, the record says {owner}")
+        if e.get("confirmed") is False:
+            add(f"the move to {owner} (epoch {e.get('epoch')}) is not confirmed yet")
+        if not e["standby"]:
+            add("no standby answered")
+        for h in e["serving"]:
+            d = ((answers.get(h) or {}).get("networks", {}).get(label) or {}).get("dnsmasq")
+            if isinstance(d, dict) and not d.get("running"):
+                add(f"dnsmasq is not running on {h}")
+    for address, hosts in fips.items():
+        if len(hosts) > 1:
+            out.append({"floating_ip": address, "problem": f"held by {len(hosts)} hosts: {', '.join(hosts)}"})
+    for h, s in sorted(answers.items()):
+        for text in s.get("problems") or []:
+            out.append({"host": h, "problem": str(text)})
+    return sorted(out, key=lambda p: (sorted(p)[0], p.get("network") or p.get("floating_ip") or p.get("host"),
+                                      p["problem"]))
+
+
+def status_table(status, now=None):
+    """``salt-run hanet.status table=True``: ``cluster_status`` (with the runner's
+    ``record_error``) as the operator's one screen of text. Pure."""
+    import datetime
+
+    def when(t):
+        if not isinstance(t, (int, float)):
+            return "-"
+        return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+    record = status.get("record") or {}
+    rows = [("NETWORK", "KIND", "OWNER", "EPOCH", "SINCE (UTC)", "WHY", "GATEWAY ON", "SERVING", "STANDBY")]
+    for label, e in sorted(status.get("networks", {}).items()):
+        if e.get("multi_host"):
+            rows.append((label, "multi_host", "-", "-", "-", "-", "-", ",".join(e["serving"]) or "-",
+                         "-"))
+            continue
+        entry = record.get(label) or {}
+        epoch = e.get("epoch")
+        rows.append((label, "network hosts", e.get("owner") or "?", "?" if epoch is None else str(epoch),
+                     when(entry.get("since")), str(entry.get("reason") or "-")[:40],
+                     ",".join(e.get("gateway_on") or []) or "none", ",".join(e["serving"]) or "-",
+                     ",".join(e["standby"]) or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    if status.get("record_error"):
+        lines += ["", f"RECORD UNAVAILABLE ({status.get('record_backend')}): {status['record_error']}",
+                  "no failover is decided until it is back; owners keep serving"]
+    fips = status.get("floating_ips") or {}
+    if fips:
+        lines += ["", "FLOATING IP      ON"] + [f"{a:<16} {','.join(h)}" for a, h in fips.items()]
+    problems = status.get("problems") or []
+    lines += ["", f"PROBLEMS ({len(problems)})" if problems else "PROBLEMS: none"]
+    for p in problems:
+        what = next(f"{k} {p[k]}" for k in ("network", "floating_ip", "host") if k in p)
+        lines.append(f"  {what}: {p['problem']}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- reconcile

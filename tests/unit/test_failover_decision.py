@@ -436,8 +436,37 @@ def test_the_cluster_view_says_who_serves_and_whether_all_agree(cfg):
     assert shared["serving"] == ["net2"] and shared["standby"] == ["net1"] and shared["gateway_on"] == ["net2"]
     assert shared["unreachable"] == [] and got["floating_ips"] == {"203.0.113.50": ["net2"]}
     assert got["networks"]["private"]["unreachable"] == ["compute2"]
-    answers["net1"] = st("standby", ["10.20.0.11/24", "10.20.0.1/24"])  # a second holder
-    assert not failover.cluster_status(cfg, owners, answers)["networks"]["shared"]["agree"]
+    assert got["problems"] == [{"network": "private", "problem": "compute2 did not answer"}]
+    answers["net1"] = st("standby", ["10.20.0.11/24", "10.20.0.1/24"], ["203.0.113.50"])  # a second holder
+    got = failover.cluster_status(cfg, owners, answers)
+    assert not got["networks"]["shared"]["agree"]
+    assert {"network": "shared", "problem": "2 hosts hold the gateway 10.20.0.1: net1, net2"} in got["problems"]
+    assert {"floating_ip": "203.0.113.50", "problem": "held by 2 hosts: net1, net2"} in got["problems"]
+
+
+def test_the_operators_screen_names_owner_holders_and_problems(cfg):
+    def st(role, addrs, dnsmasq=True):
+        return {"networks": {"shared": {"role": role, "addresses": addrs, "present": True,
+                                        "dnsmasq": {"running": dnsmasq}}}, "floating_ips": []}
+
+    owners = {"shared": {"owner": "net2", "epoch": 3, "confirmed": False, "since": 0.0,
+                         "reason": "net1 down (seen by compute1)"}}
+    answers = {"net2": st("serving", ["10.20.0.1/24"], dnsmasq=False)}
+    got = failover.cluster_status(cfg, owners, answers)
+    problems = [p["problem"] for p in got["problems"] if p.get("network") == "shared"]
+    assert problems == ["compute1 did not answer", "dnsmasq is not running on net2", "net1 did not answer",
+                        "no standby answered", "the move to net2 (epoch 3) is not confirmed yet"]
+    text = failover.status_table(got)
+    row = next(line for line in text.splitlines() if line.startswith("shared"))
+    assert row.split()[:6] == ["shared", "network", "hosts", "net2", "3", "1970-01-01"]
+    assert "net1 down (seen by compute1)" in row
+    assert "PROBLEMS (" in text and "network shared: dnsmasq is not running on net2" in text
+    answers["net2"] = st("standby", [])  # nobody holds the gateway
+    got = failover.cluster_status(cfg, owners, answers)
+    assert {"network": "shared", "problem": "no host holds the gateway 10.20.0.1 (the record says net2)"} \
+        in got["problems"]
+    got.update(record_error="etcd cannot read the record", record_backend="etcd x")
+    assert "RECORD UNAVAILABLE (etcd x): etcd cannot read the record" in failover.status_table(got)
 
 
 def test_whom_the_reconcile_loop_asks(cfg3):
