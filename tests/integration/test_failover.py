@@ -150,6 +150,11 @@ def test_power_loss_moves_gateway_dhcp_nat_and_floating_ip(cluster):
     assert APP1_IP in leases.stdout
     st = wait_owner(lab, "net2")
     assert st["unreachable"] == ["net1"] and st["epoch"] >= 1
+    # the operator's screen says the same, and what to look at
+    text = lab.salt_run("hanet.status", kwarg={"table": True})
+    row = next(line for line in text.splitlines() if line.startswith(f"{NET} "))
+    assert row.split()[1:4] == ["network", "hosts", "net2"], text
+    assert f"network {NET}: net1 did not answer" in text, text
 
 
 def _arp_capture(lab, node, ifname, path):
