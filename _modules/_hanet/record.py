@@ -604,16 +604,16 @@ class EtcdRecord(failover.Record):
 
     def _load(self):
         if self._seed is not None and self._seed[0] == self.cfg:
-            owners, self._read = copy.deepcopy(self._seed[1]), copy.deepcopy(self._seed[2])
+            self._read = copy.deepcopy(self._seed[1])
+            owners = {net: copy.deepcopy(entry) for net, (entry, _) in self._read.items()}
         else:
             owners, self._read = self.store.read_owners()
         self._seed = None
         return {"owners": owners}
 
     def seed(self):
-        """(config, owners, {network: (entry, mod_revision)}) as read, for ``open(seed=)``."""
-        owners = {net: entry for net, (entry, _) in self._read.items()}
-        return (self.cfg, copy.deepcopy(owners), copy.deepcopy(self._read))
+        """(config, {network: (entry, mod_revision)}) as read, for ``open(seed=)``."""
+        return (self.cfg, copy.deepcopy(self._read))
 
     def save(self):
         """Write what changed since the record was read, in one compare-and-swap

@@ -100,14 +100,6 @@ _PREV_HANDLERS: dict = {}
 _HANDLER_PID = None  # the process that installed the handlers (forked children inherit them)
 
 
-def _zombie_or_gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (OSError, IndexError):
-        return True
-
-
 def _cleanup_live():
     if os.getpid() != _HANDLER_PID:
         return  # a forked child (pyroute2's netns helpers, ...) must never tear the lab down
@@ -341,7 +333,7 @@ class Lab:
                     pass
             self._gateways.clear()
             result = state.destroy(self.prefix, reap=self._reap)
-            self._reap()
+            self.reap()
             self._is_up = False
             _LIVE.discard(self)
             self.timings["down"] = round(time.monotonic() - t0, 3)
@@ -381,7 +373,9 @@ class Lab:
         lab._is_up = True
         return lab
 
-    def _reap(self):
+    def reap(self) -> None:
+        """Collect the exit status of every process of ours that has died (SIGKILLed by a
+        power loss or a test), so that none stays a zombie."""
         for p in list(self.procs.values()):
             try:
                 p.poll()
@@ -467,13 +461,6 @@ class Lab:
                              str(r.http_port), logf])
             self.progress(f"router {r.name}: forwarding {'on' if r.forwarding else 'off'}, "
                           f"http on :{r.http_port}")
-
-    def reap(self) -> None:
-        """Collect the exit status of every process of ours that has died (SIGKILLed by a
-        power loss or a test), so that none stays a zombie (see also
-        ``clear_stale_minion_claim``)."""
-        for p in list(self.procs.values()):
-            p.poll()
 
     def _spawn(self, node: str, name: str, argv: list[str], env: Optional[dict] = None) -> subprocess.Popen:
         self.reap()
@@ -682,10 +669,12 @@ class Lab:
                 pid = int(json.load(f).get("pid"))
         except (OSError, ValueError, TypeError, AttributeError):
             return
+        from _hanet.daemon import process_gone
+
         deadline = time.monotonic() + wait
-        while not _zombie_or_gone(pid) and time.monotonic() < deadline:
+        while not process_gone(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _zombie_or_gone(pid):
+        if process_gone(pid):
             try:
                 os.unlink(path)
             except FileNotFoundError:

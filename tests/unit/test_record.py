@@ -263,7 +263,7 @@ def test_a_seeded_first_attempt_reads_nothing_and_a_conflict_reads_again(tmp_pat
     monkeypatch.setattr(record.EtcdStore, "transact", transact)
     with record.open(opts) as rec:
         seed = record.seed_of(rec)
-    assert len(reads) == 1 and seed[1] == {"shared": {"owner": "net1", "epoch": 1}}
+    assert len(reads) == 1 and seed[1] == {"shared": ({"owner": "net1", "epoch": 1}, 5)}
     for attempt in record.attempts(opts, seed=seed):  # unchanged since: no read, saved
         with attempt as rec:
             rec.record([failover.Move("shared", "net1", "net2", 2)], 1.0, "down")
