@@ -332,7 +332,7 @@ class Lab:
                 except Exception:  # noqa: BLE001
                     pass
             self._gateways.clear()
-            result = state.destroy(self.prefix, reap=self._reap)
+            result = state.destroy(self.prefix, reap=self.reap)
             self.reap()
             self._is_up = False
             _LIVE.discard(self)
