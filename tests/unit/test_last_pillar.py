@@ -63,3 +63,13 @@ def test_an_invalid_pillar_is_not_kept(tmp_path, example):
 def test_without_a_kept_pillar_the_failover_path_has_no_networks(tmp_path):
     assert _module(tmp_path, {})._config(last_known=True).networks == {}
     assert not kept(tmp_path).exists()
+
+
+def test_a_test_mode_run_keeps_nothing(tmp_path, example):
+    mod = _module(tmp_path, {"hanet": example})
+    mod.__opts__["test"] = True
+    mod._config()
+    assert not kept(tmp_path).exists()
+    mod.__opts__["test"] = False
+    mod._config()
+    assert kept(tmp_path).exists()
