@@ -485,6 +485,7 @@ class _Running:
         self.supervisor = supervisor
         self.fence = None
         self.health = None
+        self.metrics = None
         self.save = save  # writes the peers' view (for hanet.status)
         self.parse_order = parse_order
         self.orders = {}  # master -> its OrderListener, once signed in to it; False: none
@@ -495,6 +496,8 @@ class _Running:
         return self.prober.alive
 
     def stop(self):
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.fence is not None:
             self.fence.stop()
         if self.health is not None:
@@ -518,7 +521,7 @@ def _real(dunder):
 def _start(cfg):
     opts = _real(__opts__)
     lib = {name: _lib(name) for name in ("liveness", "failover", "arp", "common", "model", "supervise",
-                                         "fence", "health")}
+                                         "fence", "health", "metrics")}
     _warm()
     _fork_safe_salt()
     liveness, paths = lib["liveness"], lib["common"].Paths(root_dir=opts.get("root_dir", "/"))
@@ -566,6 +569,7 @@ def _start(cfg):
     supervisor = None
     if cfg.get("supervise"):
         def restarted(kind, name, pid):
+            lib["metrics"].host_store(paths).add("hanet_daemon_restarts_total", {"daemon": kind, "name": name})
             sender.event(lib["supervise"].restarted_tag(opts["id"], kind, name),
                          {"host": opts["id"], "daemon": kind, "name": name, "pid": pid,
                           "at": time.time()})
@@ -591,6 +595,8 @@ def _start(cfg):
                        parse_order=lib["failover"].parse_order, supervisor=supervisor)
     running.fence = fence.start() if fence is not None else None
     running.health = holder["health"].start() if holder.get("health") is not None else None
+    salt_metrics = _real(__salt__)
+    running.metrics = lib["metrics"].Writer(lambda: salt_metrics["hanet.metrics"]()).start()
     return running
 
 

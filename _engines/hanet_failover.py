@@ -22,6 +22,9 @@ fast as the others, and it keeps the master's own watch of the network hosts run
 (an ICMP echo to each every half probe interval, ``_hanet.icmp.Watch``): when a report
 comes in, the master's second opinion is then already known and nobody waits for it.
 
+It writes the master's metrics file every few seconds (``runner.hanet.metrics``,
+docs/metrics.md).
+
 And it runs the reconcile loop (``runner.hanet.reconcile``, every ``reconcile_interval``
 seconds): the record against the master's watch and what the network hosts say they
 hold. One-shot events are the fast path; the loop makes a failover happen, or finish,
@@ -144,6 +147,7 @@ def start(workers=4, reconcile_interval=1.0, stop=None):
     os.makedirs(os.path.dirname(beat), exist_ok=True)
     pool = ThreadPoolExecutor(max_workers=int(workers), thread_name_prefix="hanet-failover")
     loop = None
+    writer = _lib("metrics").Writer(runners["hanet.metrics"]).start() if "hanet.metrics" in runners else None
     try:
         with salt.utils.event.get_master_event(opts, opts["sock_dir"], listen=True) as bus:
             primed = pool.submit(_call, runners["hanet.prime"], failover.PRIME_TAG, {})
@@ -163,6 +167,8 @@ def start(workers=4, reconcile_interval=1.0, stop=None):
                     handle(event, runners, pool, failover)
     finally:
         stop.set()
+        if writer is not None:
+            writer.stop()
         if loop is not None:
             loop.join(5)
         pool.shutdown(wait=False)

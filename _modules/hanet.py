@@ -117,28 +117,26 @@ def _cached(name, key, make):
     return value
 
 
-LAST_KNOWN = "pillar.json"  # under the state dir: the last valid hanet pillar this host saw
+LAST_KNOWN = "pillar.json"  # under the state dir: the last valid hanet pillar applied here
 
 
 def _config(pillar=None, last_known=False):
     """The validated model of ``pillar`` (default: this minion's ``hanet`` pillar).
 
-    Every valid ``hanet`` pillar this host sees outside test mode is kept
-    (``<state_dir>/pillar.json``, mode 0600, rewritten only when it changed). ``last_known``: when this minion object
-    has no pillar at all, use that copy. The failover path asks for it: with hot
+    ``last_known``: when this minion object has no pillar at all, use the copy of the
+    last pillar applied here (``<state_dir>/pillar.json``, mode 0600, kept by
+    ``apply_facet``; a test=True run keeps nothing). The failover path asks for it: with hot
     multi-master Salt runs the beacon (and so the warm takeover, the fence and the
     announcements) in the first master's minion object, whose pillar stays empty while
     that master is down at start; the data plane was built from the last pillar, so
     that is the one to fail over with."""
     model = _h("model")
-    from_pillar = pillar is None
-    if from_pillar:
+    if pillar is None:
         pillar = __pillar__.get("hanet", {})
         if not pillar and last_known and not __pillar__:
             # no pillar at all (never compiled: its master is down); a pillar without a
             # hanet key (the host left hanet's targeting, a render error) means what it says
             pillar = _last_known_pillar() or {}
-            from_pillar = False
 
     def load():
         try:
@@ -146,16 +144,19 @@ def _config(pillar=None, last_known=False):
         except model.PillarError as err:
             raise PillarInvalid(err.render()) from err
 
-    key = _pillar_key(pillar)
-    cfg = _cached("hanet.config", key, load)
-    if from_pillar and pillar and not __opts__.get("test"):
-        # a test=True run applies nothing, so it keeps nothing either
-        _remember_pillar(pillar, key)
-    return cfg
+    return _cached("hanet.config", _pillar_key(pillar), load)
+
+
+def _keep_applied(pillar=None):
+    """``pillar`` (default: this minion's hanet pillar), valid and being applied, is the
+    last one applied on this host."""
+    applied = __pillar__.get("hanet", {}) if pillar is None else pillar
+    _remember_pillar(applied, _pillar_key(applied))
 
 
 def _remember_pillar(pillar, key):
-    if key is None or __context__.get("hanet.remembered") == key:
+    """Keep ``pillar`` (valid, just applied) as the last one applied on this host."""
+    if not pillar or key is None or __context__.get("hanet.remembered") == key:
         return
     __context__["hanet.remembered"] = key  # tried once per pillar: one warning, not one per call
     try:
@@ -266,6 +267,8 @@ def apply_facet(facet, pillar=None, test=False):
     state = _desired(pillar)
     paths = _paths()
     paths.ensure()
+    if not test:  # the data plane is (being) made from this pillar: the failover path's copy
+        _keep_applied(pillar)
     changes, run = _facet(facet, state, paths, _h("common").Managed(paths))
     if test or not changes:
         return {"facet": facet, "changes": [str(c) for c in changes], "test": bool(test)}
@@ -304,6 +307,54 @@ def status():
     out = _h("host").status(__opts__["id"], state, cfg, paths, _h("liveness").read_view(paths))
     out["problems"] = problems
     return out
+
+
+def version():
+    """hanet's version on this host, and where Salt loads it from: ``installed`` when it
+    comes from the pip-installed extension (``saltext_hanet``), else the synced copy in
+    the minion's extmods (or a checkout). A synced copy shadows an installed one.
+
+    CLI example::
+
+        salt '*' hanet.version
+    """
+    installed = os.path.basename(os.path.dirname(_HERE)) == "saltext_hanet"
+    _h("common")  # the library, loaded the one way (its package carries the version)
+    return {"version": sys.modules["_hanet"].VERSION, "source": _HERE, "installed": installed}
+
+
+def metrics(write=True):
+    """This host's Prometheus metrics (text exposition format): what it holds (gateways,
+    floating IPs, leases, daemons, the ruleset), its beacon's view of its peers, and
+    what it counted (takeovers and their duration, GARPs, relinquishes, fences, daemon
+    restarts). With ``write`` (the default) also written, for node_exporter's textfile
+    collector, to ``<root_dir>/<metrics_textfile_dir>/hanet.prom`` (pillar
+    ``metrics_textfile_dir``, default ``/var/lib/hanet/metrics``; ``''``: no file). The
+    liveness beacon writes it every few seconds. Names and labels: docs/metrics.md.
+
+    CLI example::
+
+        salt compute1 hanet.metrics
+    """
+    m, paths = _h("metrics"), _paths()
+    try:
+        cfg = _config(last_known=True)
+    except PillarInvalid:
+        cfg = None
+    st, daemons, view = status(), _h("supervise").running(paths), _h("liveness").read_view(paths)
+    store = m.host_store(paths)
+    if not st["networks"] and not daemons and not view.get("peers"):
+        if write:
+            store.forget()  # hanet left this host (or never came): no file to scrape
+        return ""
+    fams = m.host_families(__opts__["id"], st, daemons, view)
+    text = m.render(m.merge(fams, store.families().values()).values())
+    directory = cfg.metrics_textfile_dir if cfg is not None else m.DEFAULT_DIR
+    if write and directory:
+        directory = os.path.join(paths.root_dir, directory.lstrip("/"))
+        m.write_textfile(directory, m.TEXTFILE, text)
+        store.note_textfile(os.path.join(directory, m.TEXTFILE))
+    return text
 
 
 def serving():

@@ -271,9 +271,20 @@ def prime(tag=None, data=None, via="reactor"):  # pylint: disable=unused-argumen
     return out
 
 
+def _counts():
+    """This master's counters (``hanet.metrics``)."""
+    return _lib("metrics").master_store(__opts__["cachedir"])
+
+
+def _count_moves(moves, reason):
+    for move in moves:
+        _counts().add("hanet_failovers_total", {"network": move.network, "reason": reason})
+
+
 def _reject(network, reason, tag, data):
     failover = _lib("failover")
     log.warning("hanet failover: rejected %s: %s", tag, reason)
+    _counts().add("hanet_reports_rejected_total", {"reason": failover.reject_kind(reason)})
     data = data if isinstance(data, dict) else {}
     _fire(failover.failover_tag(network, "rejected"),
           {"reason": reason, "event_tag": tag, "observer": data.get("observer"),
@@ -315,7 +326,10 @@ def liveness(tag=None, data=None, via="reactor"):
             if other:
                 return {"result": True, "action": "none", "reason": f"handled by the {other}"}
             stake = failover.at_stake(cfg, rec.owners, rep.observer, rep.peer)
+            late = not stake and failover.moved_away(cfg, rec.owners, rep.observer, rep.peer)
             seed = _lib("record").seed_of(rec)
+        if late:  # one of the many reports of one death, after the decision: nothing to say
+            return {"result": True, "action": "none", "reason": f"moved already: {', '.join(late)}"}
         if not stake:  # nothing to check the suspect for
             return _reject(None, failover.nothing_at_stake(rep), tag, data)
         t_check = time.time()
@@ -352,6 +366,8 @@ def liveness(tag=None, data=None, via="reactor"):
     if verdict.moves:
         log.warning("hanet failover: %s down (seen by %s): %s", rep.peer, rep.observer,
                     ", ".join(f"{m.network} -> {m.new}" for m in verdict.moves))
+        _counts().observe("hanet_decision_duration_seconds", time.time() - t0)
+        _count_moves(verdict.moves, "down")
     else:
         log.info("hanet failover: %s down (seen by %s): moved already", rep.peer, rep.observer)
     return {"result": True, "moved": {m.network: m.new for m in verdict.moves},
@@ -410,6 +426,7 @@ def _health(rep, tag, data, via, t0):
         for order in failover.handover_orders(move):
             _RECONCILE["issued"][order.key] = time.time()
             _send(order, via)
+    _count_moves(verdict.moves, "handover")
     if verdict.moves:
         log.warning("hanet failover: %s cannot serve %s: %s", rep.observer, ", ".join(rep.lost),
                     ", ".join(f"{m.network} -> {m.new}" for m in verdict.moves))
@@ -503,6 +520,7 @@ def reconcile(via="reconcile"):
         stale = {(m.network, m.epoch) for m in moves if m not in valid}
         orders = [o for o in orders if (o.network, o.epoch) not in stale]
         moves = valid
+        _count_moves(moves, "reconcile")
     for order in orders:
         _RECONCILE["issued"][order.key] = now
         _send(order, via)
@@ -522,7 +540,7 @@ def outcome(tag=None, data=None, via="engine"):  # pylint: disable=unused-argume
     try:
         for attempt in _records():
             with attempt as rec:
-                if failover.confirm(rec.owners, data.get("network"), data.get("to"), data.get("epoch")):
+                if failover.confirm(rec.owners, data.get("network"), data.get("to"), data.get("epoch"), data):
                     rec.save()
                     return {"result": True, "confirmed": [data.get("network"), data.get("epoch")]}
     except failover.RecordError as err:  # the reconcile loop orders it again, and it confirms then
@@ -542,6 +560,7 @@ def _move(cfg, label, new, reason, timeout=30):
             if move is None:
                 return {"network": label, "owner": new, "moved": False}
             rec.record([move], time.time(), reason)
+    _count_moves([move], reason.split()[0])  # evacuate | failback
     # break before make, and no packet lost: the old owner unbinds first, but keeps
     # forwarding what its neighbours still send to its MAC (its rules stay) until the
     # new owner, once every address is silent, binds and announces them. Both orders go
@@ -552,11 +571,12 @@ def _move(cfg, label, new, reason, timeout=30):
     args, kwargs = failover.takeover_order(label, move.epoch, move.previous, planned=True,
                                            handover=True)
     got = _local().cmd(new, failover.TAKEOVER_FUN, arg=args, kwarg=kwargs, timeout=timeout)
+    done = got.get(new) if isinstance(got.get(new), dict) else None
     if new not in got or not isinstance(got[new], dict):
         raise RuntimeError(f"{new} did not take {label} over: {got.get(new)}")
     for attempt in _records():
         with attempt as rec:
-            if failover.confirm(rec.owners, label, new, move.epoch):
+            if failover.confirm(rec.owners, label, new, move.epoch, done):
                 rec.save()
     # the takeover bound only once every address was silent: the old owner let go
     return {"network": label, "from": move.previous, "to": new, "epoch": move.epoch, "moved": True,
@@ -638,6 +658,35 @@ def _status(timeout):
     out = failover.cluster_status(cfg, record, got)
     out["record_backend"] = _record_backend()
     return out
+
+
+def metrics(write=True):
+    """This master's Prometheus metrics (text exposition format): the failover record
+    (owner, epoch, since, unconfirmed moves, whether it can be read) and what this master
+    counted (moves by reason, rejected reports by reason, decision durations). With
+    ``write`` also written, for node_exporter's textfile collector, to
+    ``<hanet_metrics_dir>/hanet_master.prom`` (master option; default
+    ``<cachedir>/hanet/metrics``; ``''``: no file). The hanet_failover engine writes
+    it every few seconds. Names and labels: docs/metrics.md.
+
+    CLI example::
+
+        salt-run hanet.metrics
+    """
+    m, failover = _lib("metrics"), _lib("failover")
+    backend = __opts__.get("hanet_record", {}).get("backend", "file") \
+        if isinstance(__opts__.get("hanet_record"), dict) else "file"
+    try:
+        owners, ok = _owners(), True
+    except failover.RecordError:
+        owners, ok = None, False
+    store = _counts()
+    fams = m.master_families(owners, backend, ok)
+    text = m.render(m.merge(fams, store.families().values()).values())
+    directory = __opts__.get("hanet_metrics_dir", os.path.join(__opts__["cachedir"], "hanet", "metrics"))
+    if write and directory:
+        m.write_textfile(directory, m.MASTER_TEXTFILE, text)
+    return text
 
 
 def _record_backend():

@@ -448,6 +448,32 @@ def at_stake(cfg, owners, observer, peer):
             and owner_of(cfg, owners, label) == peer and observer in cfg.hosts_carrying(label)]
 
 
+REJECT_KINDS = (  # (text the reason starts with or contains, metric label); first match wins
+    ("malformed", "malformed"), ("tag and data disagree", "malformed"), ("stale event", "stale"),
+    ("replayed", "replayed"), ("not from ", "forged"), ("watches no network", "not_at_stake"),
+    ("answers the master", "alive"), ("the master cannot check", "unchecked"),
+    ("no live standby", "no_standby"), ("pillar:", "pillar"), ("no decision:", "record"),
+)
+
+
+def reject_kind(reason):
+    """A rejected report's reason as a short label (``hanet_reports_rejected_total``)."""
+    text = str(reason or "")
+    for needle, kind in REJECT_KINDS:
+        if text.startswith(needle) or needle in text:
+            return kind
+    return "other"
+
+
+def moved_away(cfg, owners, observer, peer):
+    """The networks ``observer`` watches that the record already moved away from
+    ``peer``: a report of its death that arrives after the decision (every host that
+    carries one of its networks reports it) is late, not wrong."""
+    return [label for label, n in sorted(cfg.networks.items())
+            if not n.multi_host and (owners.get(label) or {}).get("previous") == peer
+            and owner_of(cfg, owners, label) != peer and observer in cfg.hosts_carrying(label)]
+
+
 def nothing_at_stake(rep):
     return f"{rep.observer} watches no network that {rep.peer} holds"
 
@@ -538,15 +564,38 @@ def record_move(owners, move, now, reason):
         owners[move.network]["handover"] = True
 
 
-def confirm(owners, network, owner, epoch):
+def confirm(owners, network, owner, epoch, complete=None):
     """Mark ``owner``'s hold of ``network`` at ``epoch`` confirmed (its ``complete``
-    event); True when that changed the record."""
+    event, ``complete``: that event's data); True when that changed the record. The
+    entry also keeps how the move went, for ``hanet.status``: ``took`` (seconds from
+    the detection, or from the order for a planned move, to DHCP served) and ``path``
+    (who decided, and who bound the addresses: ``engine/warm``, ``reconcile/job``, ...)."""
     entry = owners.get(network)
     if not entry or entry.get("owner") != owner or entry.get("epoch") != epoch \
             or entry.get("confirmed", True) is True:
         return False
     entry["confirmed"] = True
+    entry.update(move_summary(complete))
     return True
+
+
+def move_summary(complete):
+    """``{took, path}`` from a ``complete`` event's data (what it carries of them)."""
+    if not isinstance(complete, dict):
+        return {}
+    out = {}
+    done, seen = complete.get("completed_at"), complete.get("detected_at")
+    dhcp = (complete.get("timings") or {}).get("dhcp_s")
+    if isinstance(done, (int, float)) and isinstance(seen, (int, float)) and not complete.get("planned"):
+        out["took"] = round(max(0.0, done - seen), 3)
+    elif isinstance(dhcp, (int, float)):
+        out["took"] = round(dhcp, 3)
+    via = (complete.get("decision") or {}).get("via") if isinstance(complete.get("decision"), dict) else None
+    if complete.get("planned"):
+        via = "planned"
+    if via or complete.get("bound_by"):
+        out["path"] = f"{via or '?'}/{complete.get('bound_by') or '?'}"
+    return out
 
 
 def confirmed(owners, network):
@@ -690,17 +739,19 @@ def status_table(status, now=None):
         return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
     record = status.get("record") or {}
-    rows = [("NETWORK", "KIND", "OWNER", "EPOCH", "SINCE (UTC)", "WHY", "GATEWAY ON", "SERVING", "STANDBY")]
+    rows = [("NETWORK", "KIND", "OWNER", "EPOCH", "SINCE (UTC)", "WHY", "TOOK", "PATH", "GATEWAY ON", "SERVING",
+             "STANDBY")]
     for label, e in sorted(status.get("networks", {}).items()):
         if e.get("multi_host"):
-            rows.append((label, "multi_host", "-", "-", "-", "-", "-", ",".join(e["serving"]) or "-",
+            rows.append((label, "multi_host", "-", "-", "-", "-", "-", "-", "-", ",".join(e["serving"]) or "-",
                          "-"))
             continue
         entry = record.get(label) or {}
         epoch = e.get("epoch")
         rows.append((label, "network hosts", e.get("owner") or "?", "?" if epoch is None else str(epoch),
                      when(entry.get("since")), str(entry.get("reason") or "-")[:40],
-                     ",".join(e.get("gateway_on") or []) or "none", ",".join(e["serving"]) or "-",
+                     f"{entry['took']:.3f} s" if isinstance(entry.get("took"), (int, float)) else "-",
+                     str(entry.get("path") or "-"), ",".join(e.get("gateway_on") or []) or "none", ",".join(e["serving"]) or "-",
                      ",".join(e["standby"]) or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

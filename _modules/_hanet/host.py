@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from . import dnsmasq, floating, links, metadata, ruleset, sysctls
+from . import dnsmasq, floating, links, metadata, metrics, ruleset, sysctls
 from .common import Change, write_atomic
 from .failover import BEACON
 
@@ -57,7 +57,7 @@ def facet(name, state, paths, managed, salt=None, conf_dir=None):
         changes = metadata.plan(state.metadata, cur, state.instances)
         return changes, lambda: metadata.apply(changes, paths, managed)
     if name == "liveness":
-        return _liveness(state, salt)
+        return _liveness(state, salt, paths)
     if name == "startup":
         return _startup(state, conf_dir)
     raise ValueError(f"unknown facet {name!r}; one of {', '.join(FACETS)}")
@@ -136,7 +136,7 @@ def beacon_config(state):
     return out
 
 
-def _liveness(state, salt):
+def _liveness(state, salt, paths):
     want = beacon_config(state)
     have = (salt["beacons.list"](return_yaml=False, include_pillar=False) or {}).get(BEACON)
     if want == have:
@@ -151,6 +151,7 @@ def _liveness(state, salt):
     def run():
         if want is None:
             res = salt["beacons.delete"](BEACON)
+            metrics.host_store(paths).forget()  # the beacon wrote the metrics file
         elif have is None:
             res = salt["beacons.add"](BEACON, want)
         else:

@@ -119,6 +119,8 @@ class Peer:
         self.successes = 0
         self.answered = False
         self.last_seen = None
+        self.rtt = None  # seconds: the last answered probe's round trip
+        self.missed_total = 0  # rounds not answered since the prober started (metrics)
 
 
 class Prober(Worker):
@@ -140,6 +142,7 @@ class Prober(Worker):
         self._by_ip = {}  # (ifname, ip) -> Peer
         self._macs = {}  # (ifname, ip) -> the MAC that answers for it (bytes)
         self._warned = set()
+        self._sent_at = time.monotonic()
 
     # -- lifecycle -----------------------------------------------------------------
     def stop(self, timeout=2.0):
@@ -150,7 +153,8 @@ class Prober(Worker):
 
     def view(self):
         return {p.name: {"state": p.state, "last_seen": p.last_seen,
-                         "targets": [f"{i}:{a}" for i, a in p.targets]} for p in self.peers.values()}
+                         "targets": [f"{i}:{a}" for i, a in p.targets],
+                         "rtt": p.rtt, "missed_total": p.missed_total} for p in self.peers.values()}
 
     # -- probing -------------------------------------------------------------------
     def _sock(self, ifname):
@@ -168,6 +172,7 @@ class Prober(Worker):
         return entry
 
     def _send_round(self):
+        self._sent_at = time.monotonic()
         for peer in self.peers.values():
             peer.answered = False
             for ifname, ip in peer.targets:
@@ -210,6 +215,8 @@ class Prober(Worker):
                 ip = parse_arp_reply(frame)
                 peer = self._by_ip.get((ifname, ip)) if ip else None
                 if peer is not None and self._from_peer(ifname, ip, frame[22:28]):
+                    if not peer.answered:
+                        peer.rtt = time.monotonic() - self._sent_at
                     peer.answered = True
                     peer.last_seen = time.time()
         except BlockingIOError:
@@ -237,6 +244,7 @@ class Prober(Worker):
                 peer.misses = 0
             else:
                 peer.misses += 1
+                peer.missed_total += 1
                 peer.successes = 0
             new = None
             if peer.state != DOWN and peer.misses >= self.misses:

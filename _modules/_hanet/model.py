@@ -9,6 +9,7 @@ pillar path (``hanet:instances:web1:nics:0:ip``)::
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -30,6 +31,7 @@ GLOBAL_DEFAULTS = {
     "use_single_default_gateway": False,
     "firewall_driver": "nftables",
     "dnsmasq_config_file": "",
+    "metrics_textfile_dir": "/var/lib/hanet/metrics",
 }
 HA_DEFAULTS = {"probe_interval_ms": None, "probe_misses": None}  # None: Probe's defaults
 TOP_KEYS = set(GLOBAL_DEFAULTS) | {"ha", "networks", "hosts", "instances"}
@@ -201,14 +203,22 @@ class Config:
     use_single_default_gateway: bool
     firewall_driver: str
     dnsmasq_config_file: str
+    metrics_textfile_dir: str  # under the minion's root_dir; "" writes no metrics file
     ha: Ha
     networks: dict  # label -> Network
     hosts: dict  # name -> Host
     instances: dict  # name -> Instance
 
     def hosts_carrying(self, label):
+        """The hosts that need network ``label``'s bridge (``carrying``), computed once
+        per Config for every network: the failover decision asks for each network of
+        each report (100 reports x 64 networks in bench/decision.py)."""
+        return self._carrying[label]
+
+    @functools.cached_property
+    def _carrying(self):
         homes = {(i.host, n.network) for i in self.instances.values() for n in i.nics}
-        return carrying(self.networks, self.hosts, homes, label)
+        return {label: frozenset(carrying(self.networks, self.hosts, homes, label)) for label in self.networks}
 
 
 # --------------------------------------------------------------------------- checks
@@ -382,6 +392,7 @@ def load(pillar):
                                              p("use_single_default_gateway")),
         "firewall_driver": g["firewall_driver"],
         "dnsmasq_config_file": g["dnsmasq_config_file"],
+        "metrics_textfile_dir": g["metrics_textfile_dir"],
     }
     if glob["firewall_driver"] not in ("nftables", "iptables"):
         c.add(p("firewall_driver"), f"{glob['firewall_driver']!r} is not nftables or iptables")
@@ -389,6 +400,9 @@ def load(pillar):
         c.add(p("dnsmasq_config_file"), f"must be a file path, not {glob['dnsmasq_config_file']!r}")
     elif glob["dnsmasq_config_file"] and not glob["dnsmasq_config_file"].startswith("/"):
         c.add(p("dnsmasq_config_file"), f"{glob['dnsmasq_config_file']!r} must be an absolute path")
+    mdir = glob["metrics_textfile_dir"]
+    if not isinstance(mdir, str) or (mdir and not mdir.startswith("/")):
+        c.add(p("metrics_textfile_dir"), f"{mdir!r} must be an absolute directory path, or '' (no metrics file)")
 
     ha_in = c.mapping(top.get("ha"), p("ha"))
     c.unknown_keys(ha_in, set(HA_DEFAULTS), p("ha"))

@@ -77,7 +77,7 @@ FILTER_CHAINS = ("FORWARD", "INPUT")
 
 # --------------------------------------------------------------------------- helpers
 
-_TEMPLATES = {}
+_TEMPLATES: dict = {}
 
 
 def _template(source):
@@ -480,7 +480,7 @@ def _gettid():
         return os.getpid()
 
 
-_BRIDGE_META = {}
+_BRIDGE_META: dict = {}
 
 
 def bridge_meta_supported():
@@ -716,6 +716,11 @@ def apply(changes, paths: Paths, managed):
             stale = _present(_candidates(rs, state) | recorded) - new
             removed = _remove(stale)
             paths.ensure()
+            if state.get("digest") == digest(text) and state.get("ports") == ports:
+                # the same ruleset again: someone changed the kernel's (drift, put back)
+                from . import metrics
+
+                metrics.host_store(paths).add("hanet_ruleset_drift_repaired_total")
             snap = _snapshot(new)
             write_atomic(paths.state(STATE_FILE), json.dumps({
                 "driver": rs.driver, "table": rs.table, "digest": digest(text),

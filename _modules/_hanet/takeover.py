@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from . import arp, desired, failover, floating, host, links
+from . import arp, desired, failover, floating, host, links, metrics
 from .common import Change, FileLock, Managed, Paths, write_atomic
 
 PRECHECK_FRESH_S = 1.0  # how old the beacon's clear probe of a gateway may be
@@ -137,6 +137,9 @@ def fence(ctx):
     for label in mine:  # only what moves: nothing else on a cut-off host is touched
         _merge(done, unbind_moved(ctx.cfg.networks[label], serving, managed))
     _merge(done, host.apply_now(("dnsmasq",), ctx.desired(), ctx.paths, managed))
+    metrics.host_store(ctx.paths).add("hanet_fences_total")
+    for label in mine:
+        _transition(ctx, label)
     return {"fenced": sorted(mine), "changes": {k: v for k, v in done.items() if v}}
 
 
@@ -350,7 +353,7 @@ def run(ctx, network, epoch, previous=None, detected_at=None, planned=False, dec
                 done = bind_moved(net, state, managed)
                 mark("bound")
                 moved = moving_addresses(net, state)
-                arp.garp_many(moved, max(state.garp_count, GARP_MIN))
+                _garp(ctx, moved, max(state.garp_count, GARP_MIN))
                 mark("announced")
                 _merge(done, host.apply_now(("links", "floating"), state, ctx.paths, managed))
                 if warm:
@@ -371,12 +374,41 @@ def run(ctx, network, epoch, previous=None, detected_at=None, planned=False, dec
             ctx.fire(failover.failover_tag(network, "failed"),
                      dict(tag_base, reason=str(err), failed_at=time.time()))
             slot.write(epoch=int(epoch), outcome="failed", reason=str(err))
+            metrics.host_store(ctx.paths).add("hanet_takeovers_total", {
+                "network": network, "bound_by": "warm" if bound else "job", "result": "failed"})
             raise
         data = dict(tag_base, completed_at=time.time(), addresses=[ip for ip, _ in moved],
                     timings=mark.timings(), bound_by="warm" if bound else "job", changes=done)
         slot.write(epoch=int(epoch), outcome="complete", data=data)
     ctx.fire(failover.failover_tag(network, "complete"), data)
+    _count_takeover(ctx, data)
     return data
+
+
+def _count_takeover(ctx, data):
+    store = metrics.host_store(ctx.paths)
+    store.add("hanet_takeovers_total", {"network": data["network"], "bound_by": data["bound_by"],
+                                        "result": "complete"})
+    took = (data.get("timings") or {}).get("dhcp_s")  # from the order's arrival ("config")
+    if isinstance(took, (int, float)):
+        store.observe("hanet_takeover_duration_seconds", max(0.0, took), {"network": data["network"]})
+    _transition(ctx, data["network"])
+
+
+def _transition(ctx, network):
+    metrics.host_store(ctx.paths).set("hanet_gateway_last_transition_timestamp_seconds",
+                                      {"network": network}, time.time())
+
+
+def _garp(ctx, pairs, count):
+    """Announce ``pairs`` (``arp.garp_many``) and count the frames."""
+    try:
+        sent = arp.garp_many(pairs, count)
+    except OSError:
+        metrics.host_store(ctx.paths).add("hanet_garps_sent_total", {"result": "error"}, 1)
+        raise
+    metrics.host_store(ctx.paths).add("hanet_garps_sent_total", {"result": "sent"}, sent)
+    return sent
 
 
 def announce(ctx):
@@ -397,7 +429,7 @@ def announce(ctx):
         state = state or ctx.desired()
         out += moving_addresses(net, state)
     if out:
-        arp.garp_many(out, GARP_MIN)
+        _garp(ctx, out, GARP_MIN)
     return [ip for ip, _ in out]
 
 
@@ -413,5 +445,8 @@ def relinquish(ctx, network, epoch, owner):
         managed = Managed(ctx.paths)
         # silent first (a handover's new owner waits for it), then the rest
         done = unbind_moved(_network(ctx, network), _as_owner(ctx, network), managed)
-        return _merge(done, host.apply_now(("links", "floating", "dnsmasq", "metadata"), ctx.desired(),
-                                           ctx.paths, managed))
+        out = _merge(done, host.apply_now(("links", "floating", "dnsmasq", "metadata"), ctx.desired(),
+                                          ctx.paths, managed))
+    metrics.host_store(ctx.paths).add("hanet_relinquishes_total", {"network": network})
+    _transition(ctx, network)
+    return out

@@ -68,6 +68,12 @@ def fire_beacon_event(lab, sender, tag, data):
     assert got.get(sender) is True, got
 
 
+def failover_reject_kind(reason):
+    from _hanet import failover
+
+    return failover.reject_kind(reason)
+
+
 def owner(lab):
     return lab.salt_run("hanet.status")["networks"][NET]
 
@@ -157,6 +163,80 @@ def test_power_loss_moves_gateway_dhcp_nat_and_floating_ip(cluster):
     assert f"network {NET}: net1 did not answer" in text, text
 
 
+def scrape_text(text):
+    """Exposition text through Prometheus' own parser: {(sample name, frozenset(labels)): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def scrape(path):
+    """A textfile as node_exporter's textfile collector reads it."""
+    with open(path) as fh:
+        return scrape_text(fh.read())
+
+
+def master_metrics(lab):
+    return scrape(os.path.join(lab.master_root, "var", "cache", "salt", "master", "hanet", "metrics",
+                               "hanet_master.prom"))
+
+
+def host_metrics(lab, host):
+    return scrape(os.path.join(lab.minion_root(host), "var", "lib", "hanet", "metrics", "hanet.prom"))
+
+
+def wait_metric(read, key, want, timeout=15):
+    """``read()``'s sample ``key`` once it satisfies ``want`` (the files are rewritten
+    every few seconds); fails with the whole scrape otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            got = read()
+        except FileNotFoundError:
+            got = {}
+        if key in got and want(got[key]):
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{key}: {got.get(key)} after {timeout} s; scraped: {sorted(got.items())}")
+        time.sleep(0.5)
+
+
+def test_metrics_after_the_failover(cluster):
+    """What a Prometheus user alerts on, read from the textfiles the way node_exporter
+    reads them, after the power loss above."""
+    lab = cluster
+    net = ("network", NET)
+    new = wait_metric(lambda: host_metrics(lab, "net2"),
+                      ("hanet_gateway_held", frozenset({net, ("role", "serving")})), lambda v: v == 1)
+    assert new[("hanet_host_info", frozenset({("host", "net2")}))] == 1
+    assert new[("hanet_takeovers_total", frozenset({net, ("bound_by", "warm"), ("result", "complete")}))] == 1
+    assert new[("hanet_takeover_duration_seconds_count", frozenset({net}))] == 1
+    assert 0 < new[("hanet_takeover_duration_seconds_sum", frozenset({net}))] < 10
+    assert new[("hanet_garps_sent_total", frozenset({("result", "sent")}))] >= 2 * 2  # gateway + FIP
+    assert new[("hanet_gateway_last_transition_timestamp_seconds", frozenset({net}))] > time.time() - 300
+    assert new[("hanet_daemon_up", frozenset({("daemon", "dnsmasq"), ("name", NET)}))] == 1
+    assert new[("hanet_dhcp_leases", frozenset({net}))] >= 1  # app1 renewed from net2
+    assert new[("hanet_floating_ips_held", frozenset())] == 1
+    assert new[("hanet_peer_up", frozenset({("peer", "net1")}))] == 0
+    assert new[("hanet_peer_probe_misses_total", frozenset({("peer", "net1")}))] >= 3
+    assert new[("hanet_ruleset_in_place", frozenset())] == 1
+    # a VM host sees the dead host too, and holds no network-host gateway
+    vmhost = host_metrics(lab, "compute1")
+    assert vmhost[("hanet_peer_up", frozenset({("peer", "net1")}))] == 0
+    assert vmhost[("hanet_gateway_held", frozenset({net, ("role", "member")}))] == 0
+    # the master: the record, and the one decision it made
+    m = wait_metric(lambda: master_metrics(lab),
+                    ("hanet_gateway_owner", frozenset({net, ("host", "net2")})), lambda v: v == 1)
+    assert m[("hanet_failovers_total", frozenset({net, ("reason", "down")}))] == 1
+    assert m[("hanet_gateway_epoch", frozenset({net}))] >= 1
+    assert m[("hanet_decision_duration_seconds_count", frozenset())] == 1
+    assert m[("hanet_record_up", frozenset({("backend", "file")}))] == 1
+    assert ("hanet_gateway_owner", frozenset({net, ("host", "net1")})) not in m
+    # the same text on demand
+    assert "hanet_failovers_total{" in lab.salt_run("hanet.metrics", kwarg={"write": False})
+
+
 def _arp_capture(lab, node, ifname, path):
     return subprocess.Popen(["ip", "netns", "exec", lab.ns(node), "tcpdump", "-l", "-n", "-e", "-i",
                              ifname, "arp"], stdout=open(path, "w"), stderr=subprocess.DEVNULL,
@@ -232,8 +312,13 @@ def test_standby_with_a_broken_link_does_not_steal_the_network(cluster):
     assert wait_owner(lab, "net2")["agree"]
 
 
+KIND = {"wrong-observer": "not_at_stake", "impersonation": "forged", "no-network": "not_at_stake",
+        "unsigned": "forged", "malformed": "malformed", "stale": "stale", "replay": "replayed"}
+
+
 @pytest.mark.parametrize("case", ["wrong-observer", "impersonation", "no-network", "unsigned",
                                   "malformed", "stale", "replay"])
+
 def test_forged_events_move_nothing(cluster, case):
     lab = cluster
     before = owner(lab)
@@ -265,10 +350,15 @@ def test_forged_events_move_nothing(cluster, case):
             fire_beacon_event(lab, sender, t, data)
             first = ev.wait("hanet/failover/*/rejected", timeout=15)
         assert first and "answers the master" in first["data"]["reason"], first
+    kind = ("hanet_reports_rejected_total", frozenset({("reason", KIND[case])}))
+    counted = scrape_text(lab.salt_run("hanet.metrics", kwarg={"write": False})).get(kind, 0)  # fresh
     with lab.events() as ev:
         fire_beacon_event(lab, sender, t, data)
         rejected = ev.wait("hanet/failover/*/rejected", timeout=15)
     assert rejected and why in rejected["data"]["reason"], (case, rejected)
+    assert failover_reject_kind(rejected["data"]["reason"]) == KIND[case]
+    # counted by reason on the master: one more than before this case
+    wait_metric(lambda: master_metrics(lab), kind, lambda v: v == counted + 1)
     after = owner(lab)
     assert (after["owner"], after["epoch"]) == (before["owner"], before["epoch"])
     assert holders(lab, GATEWAY) == ["net2"]

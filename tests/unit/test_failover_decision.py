@@ -469,6 +469,34 @@ def test_the_operators_screen_names_owner_holders_and_problems(cfg):
     assert "RECORD UNAVAILABLE (etcd x): etcd cannot read the record" in failover.status_table(got)
 
 
+def test_a_report_after_the_decision_is_late_not_wrong(cfg):
+    owners = {"shared": {"owner": "net2", "epoch": 1, "previous": "net1", "confirmed": False}}
+    assert failover.at_stake(cfg, owners, "compute1", "net1") == []
+    assert failover.moved_away(cfg, owners, "compute1", "net1") == ["shared"]
+    assert failover.moved_away(cfg, owners, "compute2", "net1") == [], "compute2 carries no shared"
+    assert failover.moved_away(cfg, owners, "compute1", "net2") == [], "net2 holds it"
+    assert failover.moved_away(cfg, {}, "compute1", "net1") == []
+
+
+def test_a_confirmed_move_keeps_how_long_it_took_and_its_path():
+    owners = {"shared": {"owner": "net2", "epoch": 3, "since": 100.0, "confirmed": False}}
+    complete = {"network": "shared", "to": "net2", "epoch": 3, "detected_at": 100.2, "completed_at": 100.55,
+                "bound_by": "warm", "decision": {"via": "engine"}, "timings": {"dhcp_s": 0.21}}
+    assert not failover.confirm(owners, "shared", "net1", 3, complete), "not the owner"
+    assert failover.confirm(owners, "shared", "net2", 3, complete)
+    assert owners["shared"] == {"owner": "net2", "epoch": 3, "since": 100.0, "confirmed": True,
+                                "took": 0.35, "path": "engine/warm"}
+    assert not failover.confirm(owners, "shared", "net2", 3, complete), "once"
+    planned = dict(complete, planned=True, decision=None, bound_by="job")
+    assert failover.move_summary(planned) == {"took": 0.21, "path": "planned/job"}
+    assert failover.move_summary(None) == {}
+    status = {"networks": {"shared": {"multi_host": False, "owner": "net2", "epoch": 3, "gateway_on": ["net2"],
+                                      "serving": ["net2"], "standby": ["net1"]}},
+              "record": owners}
+    row = next(line for line in failover.status_table(status).splitlines() if line.startswith("shared"))
+    assert "0.350 s" in row and "engine/warm" in row, row
+
+
 def test_whom_the_reconcile_loop_asks(cfg3):
     verdicts = dict(ALIVE3)
     assert failover.to_ask(cfg3, {}, verdicts, audit=False) == set()

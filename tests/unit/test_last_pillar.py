@@ -14,6 +14,12 @@ HERE = os.path.dirname(__file__)
 EXAMPLE = os.path.join(HERE, "..", "..", "pillar", "hanet.sls")
 
 
+def _apply(mod, test=False):
+    """``hanet.apply_facet`` without touching the host (its facet does nothing)."""
+    mod._facet = lambda facet, state, paths, managed: ([], None)
+    return mod.apply_facet("links", test=test)
+
+
 def _module(tmp_path, pillar):
     spec = importlib.util.spec_from_file_location(
         "hanet_module_under_test", os.path.join(HERE, "..", "..", "_modules", "hanet.py"))
@@ -35,9 +41,11 @@ def kept(tmp_path):
     return tmp_path / "var" / "lib" / "hanet" / "pillar.json"
 
 
-def test_a_valid_pillar_is_kept_readable_by_root_only(tmp_path, example):
+def test_an_applied_pillar_is_kept_readable_by_root_only(tmp_path, example):
     mod = _module(tmp_path, {"hanet": example})
     cfg = mod._config()
+    assert not kept(tmp_path).exists(), "reading the pillar keeps nothing"
+    _apply(mod)
     assert json.loads(kept(tmp_path).read_text()) == json.loads(json.dumps(example, default=str))
     assert stat.S_IMODE(os.stat(kept(tmp_path)).st_mode) == 0o600
     # a minion object without the pillar: the failover path uses the kept one
@@ -51,12 +59,12 @@ def test_a_valid_pillar_is_kept_readable_by_root_only(tmp_path, example):
 
 
 def test_an_invalid_pillar_is_not_kept(tmp_path, example):
-    _module(tmp_path, {"hanet": example})._config()
+    _apply(_module(tmp_path, {"hanet": example}))
     before = kept(tmp_path).read_text()
     broken = dict(example, networks={"x": {"bridge": 7}})
     mod = _module(tmp_path, {"hanet": broken})
     with pytest.raises(mod.PillarInvalid):
-        mod._config()
+        _apply(mod)
     assert kept(tmp_path).read_text() == before
 
 
@@ -67,9 +75,7 @@ def test_without_a_kept_pillar_the_failover_path_has_no_networks(tmp_path):
 
 def test_a_test_mode_run_keeps_nothing(tmp_path, example):
     mod = _module(tmp_path, {"hanet": example})
-    mod.__opts__["test"] = True
-    mod._config()
+    _apply(mod, test=True)
     assert not kept(tmp_path).exists()
-    mod.__opts__["test"] = False
-    mod._config()
+    _apply(mod)
     assert kept(tmp_path).exists()
