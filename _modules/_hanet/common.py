@@ -137,7 +137,7 @@ class Managed:
         self.path = paths.state("managed.json")
         self.lock = paths.state("managed.lock")
         self.data = self._load()
-        self._mine = {}  # facet -> what this applier last wrote (the base of its next delta)
+        self._mine: dict = {}  # facet -> what this applier last wrote (the base of its next delta)
 
     def _load(self):
         try:

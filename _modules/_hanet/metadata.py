@@ -66,7 +66,8 @@ def records_text(records) -> str:
     """The records file's content for ``records`` (InstanceRecord or plain dicts)."""
     plain = []
     for rec in records:
-        data = dataclasses.asdict(rec) if dataclasses.is_dataclass(rec) else dict(rec)
+        data = dataclasses.asdict(rec) if dataclasses.is_dataclass(rec) and not isinstance(rec, type) \
+            else dict(rec)
         data["ips"] = list(data.get("ips", ()))
         data["public_keys"] = [list(k) for k in data.get("public_keys", ())]
         plain.append(data)

@@ -389,7 +389,7 @@ def _range_end(prefix):
 
 
 _LOCAL = threading.local()  # per thread: {(config, endpoint, pid): etcd3gw client}
-_PREFERRED = {}  # config -> the endpoint that answered last
+_PREFERRED: dict = {}  # config -> the endpoint that answered last
 
 
 def _cause(err, timeout):

@@ -250,18 +250,21 @@ class Lab:
 
     ``salt=False`` builds only the namespaces and wiring (no master/minions).
     ``progress``: a callable(str) told about each step (the CLI prints them).
+    ``minion_env``: {host: {variable: value}} added to that host's salt-minion environment
+    (tests/integration/test_install.py: a minion that loads hanet pip-installed).
     """
 
     def __init__(self, topology: Optional[Topology] = None, *, salt: bool = True,
                  sync: bool = True, prefix: Optional[str] = None,
                  checkout: Optional[str] = None, start_timeout: float = 120.0,
-                 progress=None):
+                 progress=None, minion_env: Optional[dict] = None):
         self.topology = topology if topology is not None else default_topology()
         if isinstance(self.topology, dict):
             self.topology = Topology.from_dict(self.topology)
         self.topology.validate()
         self.use_salt = salt and self.topology.master is not None
         self.do_sync = sync
+        self.minion_env = {h: dict(e) for h, e in (minion_env or {}).items()}  # host -> extra env
         self.prefix = prefix or state.new_prefix()
         if not state.PREFIX_RE.match(self.prefix):
             raise ValueError(f"bad prefix {self.prefix!r} (want hl-<6 hex>)")
@@ -293,7 +296,8 @@ class Lab:
         return self.up()
 
     def __exit__(self, *exc):
-        self.down()
+        if self._owner:  # not when detached (``hanet_lab demo --keep``, ``up``)
+            self.down()
 
     def up(self) -> "Lab":
         """Build the lab. On any failure (or KeyboardInterrupt) everything made is removed."""
@@ -685,7 +689,8 @@ class Lab:
         self.clear_stale_minion_claim(host)
         return self._spawn(host, f"salt-minion-{host}",
                            [_venv_bin(self.checkout, "salt-minion"), "-c", self.minion_conf_dir(host),
-                            "-l", "info"], env=self._daemon_env())  # its .out: why it stopped, if it does
+                            "-l", "info"],  # its .out: why it stopped, if it does
+                           env=dict(self._daemon_env(), **self.minion_env.get(host, {})))
 
     def _start_salt(self):
         t0 = time.monotonic()
