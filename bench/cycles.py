@@ -42,12 +42,15 @@ def run(lab, args):
         log(f"warm-up: one {name} cycle")
         fn(lab, args.networks)
     baseline = leaks.snapshot(lab, nodes)
+    run.details = {"baseline": {n: leaks.details(lab, n) for n in nodes}}
     for fn, name, n in kinds:
         t0 = time.monotonic()
         for i in range(n):
             fn(lab, args.networks)
             log(f"{name} cycle {i + 1}/{n} done ({(time.monotonic() - t0) / (i + 1):.1f} s per cycle)")
-    return baseline, leaks.snapshot(lab, nodes)
+    after = leaks.snapshot(lab, nodes)
+    run.details["after"] = {n: leaks.details(lab, n) for n in nodes}
+    return baseline, after
 
 
 def main(argv=None):
@@ -83,6 +86,11 @@ def main(argv=None):
               f"networks, wall time {(time.monotonic() - t_start) / 60:.1f} min")
     text = header + "\n\n" + leaks.table(rows) + "\n\n" + (
         f"{len(bad)} resources grew or could not be compared" if bad else "nothing leaked")
+    details = getattr(run, "details", {})
+    if bad and "after" in details:  # what the growth is made of (process pids may differ)
+        what = leaks.grew(details["baseline"], details["after"])
+        text += "\n\nmore after than before (process, thread name, fd target):\n" + \
+            ("\n".join(f"- {line}" for line in what) or "- (nothing by name: only counts differ)")
     print("\n" + text)
     if args.md:
         with open(args.md, "w") as fh:

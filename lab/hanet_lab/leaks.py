@@ -124,6 +124,65 @@ def count(lab, node) -> dict:
     return out
 
 
+def _fd_kind(target: str) -> str:
+    """An fd's target, without what differs between two fds of one kind (socket inodes,
+    pipe numbers)."""
+    for kind in ("socket:", "pipe:", "anon_inode:"):
+        if target.startswith(kind):
+            return target if kind == "anon_inode:" else kind.rstrip(":")
+    return target
+
+
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return None
+
+
+def details(lab, node) -> dict:
+    """What ``count`` counts, item by item, for what can be named: {"processes":
+    Counter(command lines), "threads": Counter(thread names), "fds": Counter(fd
+    targets)} (threads and fds of the same processes ``count`` sums)."""
+    from collections import Counter
+
+    procs = lab.processes(node)[node]
+    out = {"processes": Counter(cmd[:160] for _, cmd in procs), "threads": Counter(), "fds": Counter()}
+    if node == lab.topology.master.name:
+        pids = [pid for pid, cmd in procs if ENGINE in cmd]
+    else:
+        main = [pid for pid, cmd in procs if pid == lab.pids.get(f"salt-minion-{node}")]
+        pids = main + [c for m in main for c in _children(m)]
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for tid in tids:
+            out["threads"][f"{pid}:{_read(f'/proc/{pid}/task/{tid}/comm') or '?'}"] += 1
+        for fd in fds:
+            try:
+                out["fds"][f"{pid}:{_fd_kind(os.readlink(f'/proc/{pid}/fd/{fd}'))}"] += 1
+            except OSError:
+                pass
+    return out
+
+
+def grew(baseline_details: dict, after_details: dict) -> list[str]:
+    """One line per (node, resource, item) there is more of after than in the baseline:
+    what a growing count is made of."""
+    lines = []
+    for node in sorted(after_details):
+        before = baseline_details.get(node, {})
+        for res, items in sorted(after_details[node].items()):
+            more = items - before.get(res, type(items)())
+            for item, n in sorted(more.items()):
+                lines.append(f"{node} {res}: +{n} {item}")
+    return lines
+
+
 def snapshot(lab, nodes, samples=3, every=2.0) -> dict:
     """{(resource, node): the least count over ``samples`` samples ``every`` s apart}."""
     best: dict = {}

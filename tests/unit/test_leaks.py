@@ -27,3 +27,19 @@ def test_table():
     text = table([Row("links", "net2", 14, 15), Row("fds", "net1", None, 3)])
     assert text.splitlines() == ["| resource | host | baseline | after | leaked |", "|---|---|---|---|---|",
                                  "| links | net2 | 14 | 15 | 1 |", "| fds | net1 | ? | 3 | ? |"]
+
+
+def test_grew_names_what_there_is_more_of():
+    from collections import Counter
+
+    from hanet_lab import leaks as mod
+
+    base = {"net2": {"processes": Counter({"salt-minion": 1, "dnsmasq --conf-file=a": 1}),
+                     "fds": Counter({"1:socket": 10, "1:/dev/null": 1})}}
+    after = {"net2": {"processes": Counter({"salt-minion": 1, "dnsmasq --conf-file=a": 2}),
+                      "fds": Counter({"1:socket": 12, "1:/dev/null": 1, "1:pipe": 1})}}
+    assert mod.grew(base, after) == ["net2 fds: +1 1:pipe", "net2 fds: +2 1:socket",
+                                       "net2 processes: +1 dnsmasq --conf-file=a"]
+    assert mod.grew(after, base) == []
+    assert mod._fd_kind("socket:[12345]") == "socket" and mod._fd_kind("pipe:[9]") == "pipe"
+    assert mod._fd_kind("anon_inode:[eventpoll]") == "anon_inode:[eventpoll]"
