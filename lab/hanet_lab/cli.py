@@ -11,7 +11,7 @@
     plug [--prefix P] VM [--host HOST]             plug a VM into its bridge (the bridge must exist)
     dhcp [--prefix P] VM [--client dhclient|udhcpc]  run a DHCP client once in a VM
     topology [--hosts N]                           print the default topology as YAML
-    demo [--hosts N]                               a guided tour, then tear down
+    demo [--hosts N] [--step] [--keep]             a guided tour, then tear down (--keep: leave it up)
     measure [--runs N] [--hosts N]                 time up/down, measure daemon PSS
 """
 from __future__ import annotations
@@ -215,7 +215,7 @@ def cmd_topology(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(hosts=args.hosts, pause=args.pause)
+    return run_demo(hosts=args.hosts, pause=args.pause, keep=args.keep)
 
 
 def cmd_measure(args) -> int:
@@ -308,7 +308,10 @@ def main(argv=None) -> int:
 
     sp = sub.add_parser("demo", help="a guided tour of the lab and hanet, then tear down")
     sp.add_argument("--hosts", type=int, default=4)
-    sp.add_argument("--pause", action="store_true", help="wait for Enter between sections")
+    sp.add_argument("--pause", "--step", action="store_true", help="wait for Enter between sections")
+    sp.add_argument("--keep", action="store_true",
+                    help="leave the lab up at the end (poke around with ./dev lab exec; remove it with "
+                         "./dev lab down)")
     sp.set_defaults(func=cmd_demo)
 
     sp = sub.add_parser("measure", help="time up/down and measure daemon memory (PSS)")

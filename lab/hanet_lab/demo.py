@@ -454,6 +454,24 @@ def _timeline(events, t_off):
     return [f"  +{(at - t_off) * 1000:6.0f} ms  {what}" for at, what in sorted(out)]
 
 
+SHOWN_METRICS = ("hanet_gateway_held{", "hanet_takeovers_total{", "hanet_takeover_duration_seconds_sum",
+                 "hanet_failovers_total{", "hanet_gateway_owner{", "hanet_peer_up{")
+
+
+def _scrape(t: Tour, label: str, hosts) -> list:
+    """A few of the lines node_exporter would serve from the hosts' and the master's
+    metrics files (docs/metrics.md), about network ``label``."""
+    out = []
+    for host in hosts:
+        text = (t.lab.salt(host, "hanet.metrics", kwarg={"write": False}) or {}).get(host) or ""
+        out += [f"{host}: {line}" for line in text.splitlines()
+                if line.startswith(SHOWN_METRICS) and (f'network="{label}"' in line or "peer=" in line)]
+    text = t.lab.salt_run("hanet.metrics", kwarg={"write": False}) or ""
+    out += [f"master: {line}" for line in text.splitlines()
+            if line.startswith(SHOWN_METRICS) and f'network="{label}"' in line]
+    return out
+
+
 def failover(t: Tour) -> None:
     t.section("A network host dies: its standby takes over", """
         'shared' is a network-host network: one host (net1) is the gateway, DHCP server
@@ -478,6 +496,9 @@ def failover(t: Tour) -> None:
     print(f"  {label}: gateway {gateway} held by {old}; {new} stands by")
     print(f"  {vm}'s ARP cache: {gateway} is at {(lab.arp_cache(vm).get(gateway) or {}).get('mac')} "
           f"({old}'s)")
+    print(f"$ salt {new} hanet.metrics; salt-run hanet.metrics   (a few lines, before)")
+    for line in _scrape(t, label, [new]):
+        print(f"  {line}")
     events = []
     with lab.events() as ev, chaos.Pinger(lab, vm, ROUTER, interval=0.01) as ping:
         time.sleep(1.0)
@@ -505,6 +526,9 @@ def failover(t: Tour) -> None:
         raise DemoFailed(f"{vm} did not reach the router again after {old} died")
     lease = lab.dhcp(vm, client="udhcpc")
     print(f"  {vm} renews its lease: {lease['address']} from {lease['server']} (dnsmasq on {new} now)")
+    print("  the same metrics after (what Prometheus scrapes through node_exporter's textfile collector):")
+    for line in _scrape(t, label, [new]):
+        print(f"  {line}")
     t.failed_over = (label, old, new, vm)
     t.wait()
 
@@ -573,7 +597,7 @@ SECTIONS = (show_topology, show_minions, show_router, show_desired, apply_highst
             failover, failback, teardown_note)
 
 
-def run_demo(hosts: int = 4, pause: bool = False) -> int:
+def run_demo(hosts: int = 4, pause: bool = False, keep: bool = False) -> int:
     hosts = max(hosts, 3)
     t0 = time.monotonic()
     section(1, "What this is", """
@@ -592,7 +616,16 @@ def run_demo(hosts: int = 4, pause: bool = False) -> int:
         with lab:  # down() on leaving: normally, on an exception, on Ctrl-C
             tour = Tour(lab, topo, pause)
             for step in SECTIONS:
+                if keep and step is teardown_note:
+                    break
                 step(tour)
+            if keep:
+                lab.detach()  # leaving the with block does not remove it now
+                print(f"\nThe lab {lab.prefix} stays up. Try:\n"
+                      f"  ./dev lab exec net2 -- ip -br addr\n"
+                      f"  ./dev lab salt '*' hanet.status\n"
+                      f"  ./dev lab exec net2 -- cat {lab.minion_root('net2')}/var/lib/hanet/metrics/hanet.prom\n"
+                      f"and remove it with: ./dev lab down --prefix {lab.prefix}")
     except DemoFailed as e:
         print(f"\nDEMO FAILED: {e}")
         rc = 1
