@@ -166,8 +166,8 @@ def validate(config):
     offset = cfg.get("clock_offset_s", 0)
     if isinstance(offset, bool) or not isinstance(offset, (int, float)):
         return False, "hanet_liveness: clock_offset_s must be a number of seconds"
-    for key in ("interval_ms", "misses", "rise"):
-        if key in cfg and (not isinstance(cfg[key], int) or cfg[key] < 1):
+    for key in ("interval_ms", "misses", "rise", "garp_refresh_s"):
+        if key in cfg and (isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1):
             return False, f"hanet_liveness: {key} must be a positive integer"
     return True, "valid"
 
@@ -486,6 +486,7 @@ class _Running:
         self.fence = None
         self.health = None
         self.metrics = None
+        self.refresh = None
         self.save = save  # writes the peers' view (for hanet.status)
         self.parse_order = parse_order
         self.orders = {}  # master -> its OrderListener, once signed in to it; False: none
@@ -498,6 +499,8 @@ class _Running:
     def stop(self):
         if self.metrics is not None:
             self.metrics.stop()
+        if self.refresh is not None:
+            self.refresh.stop()
         if self.fence is not None:
             self.fence.stop()
         if self.health is not None:
@@ -597,6 +600,11 @@ def _start(cfg):
     running.health = holder["health"].start() if holder.get("health") is not None else None
     salt_metrics = _real(__salt__)
     running.metrics = lib["metrics"].Writer(lambda: salt_metrics["hanet.metrics"]()).start()
+    if cfg.get("orders") and cfg.get("garp_refresh_s"):
+        # ha:garp_refresh_s: the owner says again who holds its gateways and floating IPs
+        # (one round), before a switch's MAC table or a neighbour's ARP cache forgets it
+        running.refresh = lib["metrics"].Writer(lambda: salt_metrics["hanet.announce"](rounds=1),
+                                                 float(cfg["garp_refresh_s"]), first=False).start()
     return running
 
 

@@ -305,7 +305,7 @@ def status():
     except PillarInvalid as err:
         state, cfg, problems = None, None, str(err).splitlines()[1:]
     out = _h("host").status(__opts__["id"], state, cfg, paths, _h("liveness").read_view(paths))
-    out["problems"] = problems
+    out["problems"] = problems + out["problems"]
     return out
 
 
@@ -416,15 +416,17 @@ def relinquish(network, epoch, owner):
     return _h("takeover").relinquish(_takeover_context(), network, epoch, owner)
 
 
-def announce():
-    """Announce again (gratuitous ARP) the gateway and floating IPs of every network this
-    host serves. The beacon calls it when a peer comes back after a partition.
+def announce(rounds=None):
+    """Announce again (gratuitous ARP, ``rounds`` rounds, default 3) the gateway and
+    floating IPs of every network this host serves. The beacon calls it when a peer comes
+    back after a partition, and every ``ha:garp_refresh_s`` seconds (one round) when set.
 
     CLI example::
 
         salt net1 hanet.announce
     """
-    return _h("takeover").announce(_takeover_context())
+    tk = _h("takeover")
+    return tk.announce(_takeover_context(), tk.GARP_MIN if rounds is None else int(rounds))
 
 
 def fence():

@@ -638,25 +638,28 @@ def status(timeout=10, table=False):
 
 def _status(timeout):
     failover = _lib("failover")
+    asked_at = time.time()
     got = _local().cmd("*", "hanet.status", timeout=timeout)
     got = {k: v for k, v in got.items() if isinstance(v, dict)}
     if not got:
         return {"error": "no minion answered hanet.status"}
+    skew = failover.clock_skew(got, asked_at, time.time())
     cfg, _ = _config(_canonical(), fresh=True)
     try:
         record = _owners()
     except failover.RecordError as err:
         # fail static: no move is made while the record cannot be read; who serves now
         # is still shown, the record's side (owner, epoch, agree) is not known
-        out = failover.cluster_status(cfg, {}, got)
+        out = failover.cluster_status(cfg, {}, got, skew)
         for entry in out["networks"].values():
             if not entry["multi_host"]:
                 entry.update(owner=None, epoch=None, confirmed=None, agree=None)
         out.update(record=None, record_error=str(err), record_backend=_record_backend(),
-                   problems=failover.cluster_problems(cfg, out["networks"], out["floating_ips"], got))
+                   problems=failover.cluster_problems(cfg, out["networks"], out["floating_ips"], got, skew),
+                   clock_skew=skew)
         return out
-    out = failover.cluster_status(cfg, record, got)
-    out["record_backend"] = _record_backend()
+    out = failover.cluster_status(cfg, record, got, skew)
+    out.update(record_backend=_record_backend(), clock_skew=skew)
     return out
 
 

@@ -181,6 +181,7 @@ class HostState:
     probe: Probe = field(default_factory=Probe)  # how this host probes the peers in ``liveness``
     standby_for: tuple = ()  # (peer, ((ifname, ip), ...)): the gateways and floating IPs it would take over
     orders: bool = False  # a network host of a network-host network: takeover orders come here
+    garp_refresh_s: int = 0  # an owner re-announces its gateways and floating IPs this often (0: never)
     # what this network host watches of its own links (``_hanet.health``): its uplink, and
     # the segment link (bridge_interface) of each network-host network it is a network host of
     health_uplink: str = ""
@@ -340,7 +341,7 @@ def compute(cfg, host, owners=None):
                      liveness=tuple((p, tuple(sorted(t))) for p, t in sorted(watch.items())),
                      probe=cfg.ha.probe,
                      standby_for=tuple((p, tuple(sorted(t))) for p, t in sorted(standby_for.items())),
-                     orders=bool(own),
+                     orders=bool(own), garp_refresh_s=cfg.ha.garp_refresh_s if own else 0,
                      health_uplink=me.public_interface if own else "",
                      health_segments=tuple((label, cfg.networks[label].bridge_interface or "")
                                            for label in own))

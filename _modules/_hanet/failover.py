@@ -658,7 +658,7 @@ class Opinion:
 # --------------------------------------------------------------------------- the cluster's view
 
 
-def cluster_status(cfg, owners, answers):
+def cluster_status(cfg, owners, answers, skew=None):
     """``salt-run hanet.status``: for each network who serves, who stands by, who did not
     answer and whether every host agrees with the record; for each floating IP where it
     lives. ``answers``: {minion: its ``hanet.status``}. Pure."""
@@ -683,10 +683,25 @@ def cluster_status(cfg, owners, answers):
             fips.setdefault(f["address"], []).append(h)
     fips = {a: sorted(h) for a, h in sorted(fips.items())}
     return {"networks": nets, "floating_ips": fips, "record": owners,
-            "problems": cluster_problems(cfg, nets, fips, answers)}
+            "problems": cluster_problems(cfg, nets, fips, answers, skew)}
 
 
-def cluster_problems(cfg, nets, fips, answers):
+CLOCK_WARN_S = 5.0  # a host's clock this far from the master's is a problem (reports go stale at FRESH_S)
+
+
+def clock_skew(answers, asked_at, returned_at):
+    """{host: seconds its clock is off the master's} (pure), from the ``time`` each host
+    put in its ``hanet.status`` answer: it must lie between when the master asked and when
+    the answers were back; the skew is how far outside that window it is (0 inside)."""
+    out = {}
+    for h, s in answers.items():
+        t = s.get("time") if isinstance(s, dict) else None
+        if isinstance(t, (int, float)) and not isinstance(t, bool):
+            out[h] = round(t - asked_at if t < asked_at else t - returned_at if t > returned_at else 0.0, 3)
+    return out
+
+
+def cluster_problems(cfg, nets, fips, answers, skew=None):
     """What an operator must look at, from ``cluster_status``'s networks and floating IPs
     and the hosts' answers: ``[{"network"|"floating_ip"|"host": name, "problem": text}]``,
     sorted. Pure."""
@@ -724,6 +739,10 @@ def cluster_problems(cfg, nets, fips, answers):
     for h, s in sorted(answers.items()):
         for text in s.get("problems") or []:
             out.append({"host": h, "problem": str(text)})
+    for h, off in sorted((skew or {}).items()):
+        if abs(off) > CLOCK_WARN_S:
+            out.append({"host": h, "problem": f"its clock is {abs(off):.1f} s {'ahead of' if off > 0 else 'behind'} "
+                                              f"the master's: its reports go stale past {FRESH_S:.0f} s (NTP)"})
     return sorted(out, key=lambda p: (sorted(p)[0], p.get("network") or p.get("floating_ip") or p.get("host"),
                                       p["problem"]))
 

@@ -11,6 +11,7 @@ all go through it. Two facets configure Salt itself rather than the kernel: the
 from __future__ import annotations
 
 import os
+import time
 
 from . import dnsmasq, floating, links, metadata, metrics, ruleset, sysctls
 from .common import Change, write_atomic
@@ -125,6 +126,8 @@ def beacon_config(state):
     ]
     if state.orders:
         out.append({"orders": True})
+        if state.garp_refresh_s:
+            out.append({"garp_refresh_s": state.garp_refresh_s})
     if supervise:
         out.append({"supervise": True})
     if state.standby_for:
@@ -192,7 +195,7 @@ def _startup(state, conf_dir):
 def status(host, state, cfg, paths, peers):
     """What this host holds now (``hanet.status``); ``state``/``cfg`` None when the
     pillar is invalid (then only what runs is reported)."""
-    out = {"host": host, "networks": {}, "floating_ips": [], "problems": []}
+    out = {"host": host, "networks": {}, "floating_ips": [], "problems": [], "time": time.time()}
     daemons = dnsmasq.status(paths)
     held = links.addresses_by_link()
     if state is not None:
@@ -217,6 +220,11 @@ def status(host, state, cfg, paths, peers):
             for a in held.get(ifname, []):
                 if a.split("/")[0] in fl:
                     out["floating_ips"].append({"address": a.split("/")[0], "interface": ifname})
+        if state.ruleset.guards:
+            ports = ruleset.ports_now(state.ruleset.guards)
+            out["ports"] = {k: [list(x) for x in v] for k, v in ports.items()}
+            out["problems"] += [f"port {p} on {b} (MAC {m}) is no instance NIC's: it may send nothing"
+                                for b, p, m in ports["unknown"]]
     out["ruleset"] = ruleset.handle(paths)
     out["peers"] = peers
     return out

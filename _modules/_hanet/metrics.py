@@ -334,16 +334,18 @@ WRITE_S = 5.0  # how often the beacon rewrites the host's textfile
 
 
 class Writer:
-    """The beacon's thread that rewrites the host's textfile every ``interval`` seconds
-    (``write``: ``hanet.metrics``), first right away."""
+    """A beacon's (or the engine's) thread that calls ``write`` every ``interval`` seconds,
+    first right away (``first``) or after one interval: the textfile (``hanet.metrics``),
+    the periodic re-announcement (``hanet.announce``)."""
 
     thread_name = "hanet-metrics"
 
-    def __init__(self, write, interval=WRITE_S):
+    def __init__(self, write, interval=WRITE_S, first=True):
         import threading
 
         self.write = write
         self.interval = float(interval)
+        self.first = first
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
 
@@ -356,6 +358,8 @@ class Writer:
 
         log = logging.getLogger(__name__)
         failed = False
+        if not self.first and self._stop.wait(self.interval):
+            return
         while True:
             try:
                 self.write()

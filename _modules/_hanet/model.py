@@ -33,7 +33,8 @@ GLOBAL_DEFAULTS = {
     "dnsmasq_config_file": "",
     "metrics_textfile_dir": "/var/lib/hanet/metrics",
 }
-HA_DEFAULTS = {"probe_interval_ms": None, "probe_misses": None}  # None: Probe's defaults
+HA_DEFAULTS = {"probe_interval_ms": None, "probe_misses": None,  # None: Probe's defaults
+               "garp_refresh_s": 0}
 TOP_KEYS = set(GLOBAL_DEFAULTS) | {"ha", "networks", "hosts", "instances"}
 NETWORK_KEYS = {
     "cidr", "bridge", "bridge_interface", "multi_host", "gateway", "dhcp_start", "mtu",
@@ -183,6 +184,7 @@ class Probe:
 class Ha:
     probe_interval_ms: int = Probe.interval_ms
     probe_misses: int = Probe.misses
+    garp_refresh_s: int = 0  # the owner announces what it holds again every so often; 0: never
 
     @property
     def probe(self):
@@ -412,7 +414,8 @@ def load(pillar):
         if ha_v["probe_interval_ms"] is not None else None,
         c.int(ha_v["probe_misses"], p("ha:probe_misses"), 1, 100)
         if ha_v["probe_misses"] is not None else None)
-    ha = Ha(probe_interval_ms=probe.interval_ms, probe_misses=probe.misses)
+    refresh = c.int(ha_v["garp_refresh_s"], p("ha:garp_refresh_s"), 0, 86400)
+    ha = Ha(probe_interval_ms=probe.interval_ms, probe_misses=probe.misses, garp_refresh_s=refresh or 0)
 
     raw_networks = c.mapping(top.get("networks"), p("networks"))
     raw_hosts = c.mapping(top.get("hosts"), p("hosts"))

@@ -510,6 +510,29 @@ def _bridge_port_macs(bridges):
     return {b: dict(sorted(p.items())) for b, p in ports.items()}
 
 
+def port_report(guards, port_macs):
+    """Which VM ports are bound (pure): ``{"unknown": [(bridge, port, mac)], "unplugged":
+    [(bridge, mac, ip)]}``. ``unknown``: a port on a guarded bridge that belongs to no
+    instance NIC of this host (not trusted, not named, no NIC's MAC by libvirt's rule):
+    it may send nothing, which is right for a stray port and wrong for a VM the pillar
+    does not know (or knows with another MAC). ``unplugged``: a NIC of this host whose
+    port is not on its bridge (the VM is not running, or its port cannot be found)."""
+    unknown, unplugged = [], []
+    for g in sorted(guards, key=lambda g: g.bridge):
+        present = port_macs.get(g.bridge) or {}
+        bound = _bindings(g, present)
+        ports, macs = {p for p, _, _ in bound}, {m for _, m, _ in bound}
+        unknown += [(g.bridge, p, m) for p, m in sorted(present.items())
+                    if p not in g.trusted_ports and p not in ports]
+        unplugged += sorted((g.bridge, _mac(m), str(ip)) for m, ip in g.pairs if _mac(m) not in macs)
+    return {"unknown": unknown, "unplugged": unplugged}
+
+
+def ports_now(guards):
+    """``port_report`` for this host's ``guards`` and the ports on their bridges now."""
+    return port_report(guards, _bridge_port_macs(sorted({g.bridge for g in guards})))
+
+
 def _bridge_ports(bridges):
     """{bridge: sorted port names} for the bridges that exist (pyroute2, this netns)."""
     return {b: sorted(p) for b, p in _bridge_port_macs(bridges).items()}

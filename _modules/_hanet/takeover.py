@@ -411,7 +411,7 @@ def _garp(ctx, pairs, count):
     return sent
 
 
-def announce(ctx):
+def announce(ctx, rounds=GARP_MIN):
     """Announce (gratuitous ARP, ``GARP_MIN`` rounds) the gateway and floating IPs of
     every network-host network this host owns by its record and holds now. The beacon
     calls it when a peer comes back (a healed partition): whatever the neighbours
@@ -429,7 +429,7 @@ def announce(ctx):
         state = state or ctx.desired()
         out += moving_addresses(net, state)
     if out:
-        _garp(ctx, out, GARP_MIN)
+        _garp(ctx, out, max(1, int(rounds)))
     return [ip for ip, _ in out]
 
 

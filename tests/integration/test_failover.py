@@ -395,3 +395,36 @@ def test_planned_evacuation_loses_at_most_a_probe_and_never_has_two_holders(clus
     assert holders(lab, GATEWAY) == ["net1"] and holders(lab, FLOATING) == ["net1"]
     st = wait_owner(lab, "net1")
     assert st["standby"] == ["net2"]
+
+
+def test_the_owner_re_announces_every_garp_refresh_s(cluster):
+    """ha:garp_refresh_s (keepalived's garp_master_refresh): the owner sends one GARP
+    round for the addresses it holds every N s, so that a switch's MAC table or a
+    neighbour's ARP cache never forgets it; by default (0) it sends none."""
+    from hanet_checks import state_apply
+    from hanet_lab.pillar import lab_pillar
+
+    lab = cluster
+    own = owner(lab)["owner"]
+
+    def sent():
+        text = lab.salt(own, "hanet.metrics", kwarg={"write": False})[own]
+        return scrape_text(text).get(("hanet_garps_sent_total", frozenset({("result", "sent")})), 0)
+
+    before = sent()
+    time.sleep(3)
+    assert sent() == before, "GARPs sent while nothing moved and garp_refresh_s is 0"
+    pillar = lab_pillar(lab.topology)
+    pillar["hanet"]["instances"]["app1"]["floating_ips"] = [FLOATING]
+    pillar["hanet"].setdefault("ha", {})["garp_refresh_s"] = 1
+    lab.set_pillar(pillar)
+    try:
+        state_apply(lab, ["net1", "net2"], timeout=300)
+        first = sent()
+        time.sleep(3.5)
+        assert sent() - first >= 2 * 2 * 2, "at least 2 rounds of 2 frames for the gateway and the floating IP"
+        assert holders(lab, GATEWAY) == [own] and holders(lab, FLOATING) == [own]
+    finally:
+        del pillar["hanet"]["ha"]["garp_refresh_s"]
+        lab.set_pillar(pillar)
+        state_apply(lab, ["net1", "net2"], timeout=300)

@@ -219,6 +219,24 @@ def test_removing_a_network_leaves_nothing(lab, base):
     assert changes(state_apply(lab)) == {h: {} for h in HOSTS}
 
 
+def test_status_names_a_vm_port_that_is_no_instance_nics(lab, base):
+    """web2 is plugged into compute1's br100 but is not in the pillar: its port may send
+    nothing, and the operator's screens say so (and stop saying so once it is)."""
+    problem = "(MAC fe:16:3e:00:00:03) is no instance NIC's: it may send nothing"
+    st = lab.salt("compute1", "hanet.status")["compute1"]
+    assert [p for p in st["problems"] if problem in p and "on br100" in p], st["problems"]
+    assert any(u[1] == "fe:16:3e:00:00:03" for u in st["ports"]["unknown"]), st["ports"]
+    cluster = lab.salt_run("hanet.status")
+    assert [p for p in cluster["problems"] if p.get("host") == "compute1" and problem in p["problem"]]
+    assert set(cluster["clock_skew"]) == set(HOSTS) and all(abs(v) < 5 for v in cluster["clock_skew"].values())
+    p = base
+    p["hanet"]["instances"]["web2"] = copy.deepcopy(WEB2)
+    lab.set_pillar(p)
+    state_apply(lab)
+    st = lab.salt("compute1", "hanet.status")["compute1"]
+    assert not [p for p in st["problems"] if problem in p] and st["ports"]["unknown"] == [], st
+
+
 def test_adding_an_instance_sighups_dnsmasq_and_keeps_leases(lab, base):
     files = dnsmasq_files(lab, "compute1", "private")
     lease = lab.dhcp("web1", "dhclient")

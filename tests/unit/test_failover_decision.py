@@ -469,6 +469,20 @@ def test_the_operators_screen_names_owner_holders_and_problems(cfg):
     assert "RECORD UNAVAILABLE (etcd x): etcd cannot read the record" in failover.status_table(got)
 
 
+def test_clock_skew_is_a_problem_past_five_seconds(cfg):
+    answers = {"net1": {"time": 1000.0}, "net2": {"time": 1012.0}, "compute1": {"time": 990.0},
+               "compute2": {"time": 1001.0}, "old": {}}
+    skew = failover.clock_skew(answers, 1000.0, 1002.0)
+    assert skew == {"net1": 0.0, "net2": 10.0, "compute1": -10.0, "compute2": 0.0}
+    got = failover.cluster_status(cfg, {}, {h: {"networks": {}} for h in answers}, skew)
+    clocks = [p for p in got["problems"] if "clock" in p["problem"]]
+    assert clocks == [
+        {"host": "compute1", "problem": "its clock is 10.0 s behind the master's: its reports go stale past "
+                                        "30 s (NTP)"},
+        {"host": "net2", "problem": "its clock is 10.0 s ahead of the master's: its reports go stale past "
+                                    "30 s (NTP)"}]
+
+
 def test_a_report_after_the_decision_is_late_not_wrong(cfg):
     owners = {"shared": {"owner": "net2", "epoch": 1, "previous": "net1", "confirmed": False}}
     assert failover.at_stake(cfg, owners, "compute1", "net1") == []

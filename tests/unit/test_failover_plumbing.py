@@ -105,11 +105,27 @@ def test_network_hosts_listen_for_orders_and_a_standby_probes_its_gateway():
     assert flat["net1"]["health"] == {"uplink": "eth0", "segments": {"shared": "eth3"}}
 
 
+def test_garp_refresh_reaches_the_network_hosts_beacons_only():
+    ex = _example()
+    assert "garp_refresh_s" not in str(host.beacon_config(desired.compute(model.load(ex), "net1")))
+    ex["ha"]["garp_refresh_s"] = 30
+    cfg = model.load(ex)
+    flat = {h: {k: v for item in host.beacon_config(desired.compute(cfg, h)) for k, v in item.items()}
+            for h in ("net1", "net2", "compute1")}
+    assert flat["net1"]["garp_refresh_s"] == flat["net2"]["garp_refresh_s"] == 30
+    assert "garp_refresh_s" not in flat["compute1"]
+    ex["ha"]["garp_refresh_s"] = -1
+    with pytest.raises(model.PillarError, match="hanet:ha:garp_refresh_s"):
+        model.load(ex)
+
+
 @pytest.mark.parametrize("item,word", [
     ({"health": {"uplink": "eth0", "segments": ["shared"]}}, "health"),
     ({"health": "eth0"}, "health"),
     ({"clock_offset_s": "60"}, "clock_offset_s"),
     ({"clock_offset_s": True}, "clock_offset_s"),
+    ({"garp_refresh_s": 0}, "garp_refresh_s"),
+    ({"garp_refresh_s": True}, "garp_refresh_s"),
 ])
 def test_a_bad_health_or_clock_item_is_named(item, word):
     ok, why = beacon.validate([{"peers": {}}, item])

@@ -564,3 +564,16 @@ def test_netns_binding_follows_plugged_nics(env, monkeypatch):
     with open(paths.state("ruleset.json"), "w") as fh:
         json.dump(state, fh)
     assert R.plan(sample(), R.current(sample(), paths)) != []
+
+
+def test_port_report_names_unknown_ports_and_unplugged_nics():
+    guards = sample().guards
+    port_macs = {"br100": {"eth1": "52:54:00:aa:bb:cc",  # the uplink: trusted
+                           "tap1": R.tap_mac(MAC1),  # MAC1's port by libvirt's rule
+                           "tap9": "fe:16:3e:00:00:99"},  # a VM the pillar does not know
+                 "br101": {}}
+    got = R.port_report(guards, port_macs)
+    assert got["unknown"] == [("br100", "tap9", "fe:16:3e:00:00:99")]
+    assert got["unplugged"] == [("br100", MAC2, "192.168.0.11")]
+    assert R.port_report(guards, {}) == {"unknown": [], "unplugged": [("br100", MAC1, "192.168.0.10"),
+                                                                      ("br100", MAC2, "192.168.0.11")]}
