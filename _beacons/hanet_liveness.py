@@ -55,6 +55,7 @@ the lab's hosts share one clock, and this is how a test shows what the master do
 a host whose clock is off (it refuses the report, says why, and the reconcile loop
 moves what the report would have).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -85,8 +86,11 @@ def _lib(name):
     the directory this module was loaded from (a checkout's ``_modules``, a minion's
     synced ``extmods/modules``), or in ``<extension_modules>/modules``."""
     up = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for cand in (os.path.join(up, "_modules"), os.path.join(up, "modules"),
-                 os.path.join(__opts__["extension_modules"], "modules")):
+    for cand in (
+        os.path.join(up, "_modules"),
+        os.path.join(up, "modules"),
+        os.path.join(__opts__["extension_modules"], "modules"),
+    ):
         if os.path.isdir(os.path.join(cand, "_hanet")):
             if cand not in sys.path:
                 sys.path.append(cand)
@@ -127,8 +131,7 @@ def master_opts(opts, name, ip):
     """``opts`` for talking to master ``name`` at ``ip`` (its own master_uri: Salt keys
     a sign-in by it)."""
     out = dict(opts)
-    out.update(master=name, master_ip=ip,
-               master_uri=f"tcp://{ip}:{opts.get('master_port', 4506)}")
+    out.update(master=name, master_ip=ip, master_uri=f"tcp://{ip}:{opts.get('master_port', 4506)}")
     return out
 
 
@@ -146,22 +149,24 @@ def validate(config):
     if not isinstance(peers, dict):
         return False, "hanet_liveness: 'peers' must map a peer to [[interface, ip], ...]"
     for name, targets in peers.items():
-        if not isinstance(targets, list) or not all(
-                isinstance(t, (list, tuple)) and len(t) == 2 for t in targets):
+        if not isinstance(targets, list) or not all(isinstance(t, (list, tuple)) and len(t) == 2 for t in targets):
             return False, f"hanet_liveness: peers:{name} must be a list of [interface, ip]"
     for key in ("orders", "supervise"):
         if key in cfg and not isinstance(cfg[key], bool):
             return False, f"hanet_liveness: {key} must be true or false"
     standby_for = cfg.get("standby_for", {})
     if not isinstance(standby_for, dict) or not all(
-            isinstance(t, list) and all(isinstance(x, (list, tuple)) and len(x) == 2 for x in t)
-            for t in standby_for.values()):
+        isinstance(t, list) and all(isinstance(x, (list, tuple)) and len(x) == 2 for x in t)
+        for t in standby_for.values()
+    ):
         return False, "hanet_liveness: standby_for must map a peer to [[bridge, gateway], ...]"
     health = cfg.get("health")
     if health is not None and not (
-            isinstance(health, dict) and isinstance(health.get("uplink", ""), str)
-            and isinstance(health.get("segments"), dict)
-            and all(isinstance(k, str) and isinstance(v, str) for k, v in health["segments"].items())):
+        isinstance(health, dict)
+        and isinstance(health.get("uplink", ""), str)
+        and isinstance(health.get("segments"), dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in health["segments"].items())
+    ):
         return False, "hanet_liveness: health must be {uplink: ifname, segments: {network: ifname}}"
     offset = cfg.get("clock_offset_s", 0)
     if isinstance(offset, bool) or not isinstance(offset, (int, float)):
@@ -377,8 +382,7 @@ class OrderListener:
             self._loop.run_until_complete(self._connect())
             self._loop.run_forever()
         except Exception as err:  # pylint: disable=broad-except
-            log.warning("hanet_liveness: not listening for takeover orders (%s); "
-                        "takeover jobs alone will do", err)
+            log.warning("hanet_liveness: not listening for takeover orders (%s); takeover jobs alone will do", err)
         finally:
             if self._channel is not None:
                 try:
@@ -409,8 +413,7 @@ class OrderListener:
         # both run, and the takeover and the relinquish are idempotent by epoch
         # (takeover.Slot: the second finds the first's outcome)
         self._seen[:] = self._seen[-31:] + [order["jid"]]
-        threading.Thread(target=self._takeover, args=(order,), name="hanet-takeover",
-                         daemon=True).start()
+        threading.Thread(target=self._takeover, args=(order,), name="hanet-takeover", daemon=True).start()
 
     def _takeover(self, order):
         what = "relinquish" if order.get("fun") == "hanet.relinquish" else "takeover"
@@ -418,12 +421,14 @@ class OrderListener:
             if what == "relinquish":
                 got = self.salt["hanet.relinquish"](*order["args"])
             else:
-                got = self.salt["hanet.takeover"](*order["args"], warm=True,
-                                                  prechecked=dict(self.prechecked), **order["kwargs"])
+                got = self.salt["hanet.takeover"](
+                    *order["args"], warm=True, prechecked=dict(self.prechecked), **order["kwargs"]
+                )
             log.info("hanet_liveness: warm %s %s: %s", what, order["args"], got)
         except Exception as err:  # pylint: disable=broad-except
-            log.warning("hanet_liveness: warm %s %s failed (%s); the job will retry",
-                        what, order["args"], err, exc_info=True)
+            log.warning(
+                "hanet_liveness: warm %s %s failed (%s); the job will retry", what, order["args"], err, exc_info=True
+            )
 
     def stop(self, timeout=2.0):
         if self._loop.is_running():
@@ -436,9 +441,20 @@ def _warm():
     from it, so ``hanet.takeover`` then starts with them loaded."""
     import importlib
 
-    for name in ("_hanet.model", "_hanet.desired", "_hanet.common", "_hanet.links",
-                 "_hanet.floating", "_hanet.dnsmasq", "_hanet.metadata", "_hanet.arp",
-                 "_hanet.host", "_hanet.failover", "_hanet.takeover", "pyroute2"):
+    for name in (
+        "_hanet.model",
+        "_hanet.desired",
+        "_hanet.common",
+        "_hanet.links",
+        "_hanet.floating",
+        "_hanet.dnsmasq",
+        "_hanet.metadata",
+        "_hanet.arp",
+        "_hanet.host",
+        "_hanet.failover",
+        "_hanet.takeover",
+        "pyroute2",
+    ):
         try:
             importlib.import_module(name)
         except Exception as err:  # pylint: disable=broad-except
@@ -461,8 +477,7 @@ def _fork_safe_salt():
     cls = salt.cache.Cache
     if getattr(cls, "_hanet_fork_safe", False):
         return
-    props = [v for v in vars(cls).values()
-             if isinstance(v, functools.cached_property) and hasattr(v, "lock")]
+    props = [v for v in vars(cls).values() if isinstance(v, functools.cached_property) and hasattr(v, "lock")]
 
     def fresh_locks():
         import threading
@@ -523,15 +538,18 @@ def _real(dunder):
 
 def _start(cfg):
     opts = _real(__opts__)
-    lib = {name: _lib(name) for name in ("liveness", "failover", "arp", "common", "model", "supervise",
-                                         "fence", "health", "metrics")}
+    lib = {
+        name: _lib(name)
+        for name in ("liveness", "failover", "arp", "common", "model", "supervise", "fence", "health", "metrics")
+    }
     _warm()
     _fork_safe_salt()
     liveness, paths = lib["liveness"], lib["common"].Paths(root_dir=opts.get("root_dir", "/"))
     known = liveness.known_states(paths)
     holder = {}
-    sender = Sender(opts, lib, {peer: [tuple(t) for t in targets]
-                                for peer, targets in (cfg.get("standby_for") or {}).items()})
+    sender = Sender(
+        opts, lib, {peer: [tuple(t) for t in targets] for peer, targets in (cfg.get("standby_for") or {}).items()}
+    )
     sender.warm()
 
     def save():
@@ -571,31 +589,43 @@ def _start(cfg):
     holder["prober"] = liveness.Prober(peers, on_change, probe)
     supervisor = None
     if cfg.get("supervise"):
+
         def restarted(kind, name, pid):
             lib["metrics"].host_store(paths).add("hanet_daemon_restarts_total", {"daemon": kind, "name": name})
-            sender.event(lib["supervise"].restarted_tag(opts["id"], kind, name),
-                         {"host": opts["id"], "daemon": kind, "name": name, "pid": pid,
-                          "at": time.time()})
+            sender.event(
+                lib["supervise"].restarted_tag(opts["id"], kind, name),
+                {"host": opts["id"], "daemon": kind, "name": name, "pid": pid, "at": time.time()},
+            )
 
         supervisor = lib["supervise"].Supervisor(paths, restarted).start()
     fence = None
     if cfg.get("orders"):  # a network host: rule 2, an isolated owner stops answering
         salt_funcs = _real(__salt__)
         # every master: an owner that still hears one of them is not isolated
-        fence = lib["fence"].Fence(holder["prober"], probe, [ip for _, ip in masters(opts)] or [opts.get("master_ip")],
-                                   lambda: log.warning("hanet_liveness: fenced: %s", salt_funcs["hanet.fence"]()))
+        fence = lib["fence"].Fence(
+            holder["prober"],
+            probe,
+            [ip for _, ip in masters(opts)] or [opts.get("master_ip")],
+            lambda: log.warning("hanet_liveness: fenced: %s", salt_funcs["hanet.fence"]()),
+        )
     health_cfg = cfg.get("health")
     if health_cfg:  # a network host: can it serve its networks? (rule 3: hand over)
+
         def on_health(lost, at):
             sender.health(lost, at + skew)
             save()
 
         view = liveness.read_view(paths).get("health")
         holder["health"] = lib["health"].Health(
-            health_cfg.get("uplink") or None, health_cfg.get("segments") or {}, probe, on_health,
-            known=view.get("lost") if isinstance(view, dict) else None)
-    running = _Running(holder["prober"].start(), sender, save=save,
-                       parse_order=lib["failover"].parse_order, supervisor=supervisor)
+            health_cfg.get("uplink") or None,
+            health_cfg.get("segments") or {},
+            probe,
+            on_health,
+            known=view.get("lost") if isinstance(view, dict) else None,
+        )
+    running = _Running(
+        holder["prober"].start(), sender, save=save, parse_order=lib["failover"].parse_order, supervisor=supervisor
+    )
     running.fence = fence.start() if fence is not None else None
     running.health = holder["health"].start() if holder.get("health") is not None else None
     salt_metrics = _real(__salt__)
@@ -603,8 +633,11 @@ def _start(cfg):
     if cfg.get("orders") and cfg.get("garp_refresh_s"):
         # ha:garp_refresh_s: the owner says again who holds its gateways and floating IPs
         # (one round), before a switch's MAC table or a neighbour's ARP cache forgets it
-        running.refresh = lib["metrics"].Writer(lambda: salt_metrics["hanet.announce"](rounds=1),
-                                                 float(cfg["garp_refresh_s"]), first=False).start()
+        running.refresh = (
+            lib["metrics"]
+            .Writer(lambda: salt_metrics["hanet.announce"](rounds=1), float(cfg["garp_refresh_s"]), first=False)
+            .start()
+        )
     return running
 
 
@@ -632,8 +665,9 @@ def beacon(config):
             if not OrderListener.minion_signed_in(mopts):
                 continue
             try:
-                running.orders[name] = OrderListener(mopts, _real(__salt__), running.parse_order,
-                                                     running.sender.prechecked, running.seen)
+                running.orders[name] = OrderListener(
+                    mopts, _real(__salt__), running.parse_order, running.sender.prechecked, running.seen
+                )
             except Exception as err:  # pylint: disable=broad-except  (the job path still works)
                 running.orders[name] = False  # takeover jobs alone will do
                 log.warning("hanet_liveness: cannot listen for takeover orders from %s: %s", name, err)

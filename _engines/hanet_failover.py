@@ -44,6 +44,7 @@ Master configuration (``/etc/salt/master.d/hanet.conf``):
           workers: 4
           reconcile_interval: 1     # seconds between reconcile rounds (0: none)
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -73,8 +74,11 @@ def _lib(name):
     the directory this module was loaded from (a checkout's ``_modules``, a master's
     synced ``extmods/modules``), or in ``<extension_modules>/modules``."""
     up = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for cand in (os.path.join(up, "_modules"), os.path.join(up, "modules"),
-                 os.path.join(__opts__["extension_modules"], "modules")):
+    for cand in (
+        os.path.join(up, "_modules"),
+        os.path.join(up, "modules"),
+        os.path.join(__opts__["extension_modules"], "modules"),
+    ):
         if os.path.isdir(os.path.join(cand, "_hanet")):
             if cand not in sys.path:
                 sys.path.append(cand)
@@ -87,8 +91,9 @@ def _runner(opts):
 
     runners = salt.loader.runner(opts)
     if "hanet.liveness" not in runners:
-        raise RuntimeError("hanet_failover: runner hanet.liveness is not loaded "
-                           "(runner_dirs or saltutil.sync_runners on the master)")
+        raise RuntimeError(
+            "hanet_failover: runner hanet.liveness is not loaded (runner_dirs or saltutil.sync_runners on the master)"
+        )
     return runners
 
 
@@ -152,9 +157,12 @@ def start(workers=4, reconcile_interval=1.0, stop=None):
         with salt.utils.event.get_master_event(opts, opts["sock_dir"], listen=True) as bus:
             primed = pool.submit(_call, runners["hanet.prime"], failover.PRIME_TAG, {})
             if float(reconcile_interval) > 0:
-                loop = threading.Thread(target=_reconcile_loop, name="hanet-reconcile", daemon=True,
-                                        args=(runners["hanet.reconcile"], stop,
-                                              float(reconcile_interval), primed))
+                loop = threading.Thread(
+                    target=_reconcile_loop,
+                    name="hanet-reconcile",
+                    daemon=True,
+                    args=(runners["hanet.reconcile"], stop, float(reconcile_interval), primed),
+                )
                 loop.start()
             log.info("hanet_failover: listening for %s", failover.LIVENESS_GLOB)
             last = 0.0

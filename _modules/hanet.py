@@ -15,6 +15,7 @@ CLI examples::
     salt compute1 hanet.status
     salt compute1 hanet.garp 192.168.0.3 br100 3
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -183,8 +184,7 @@ def _last_known_pillar():
 def _records():
     """The failover record as this host knows it: the master's (pillar ``hanet_owners``,
     from hanet's ext_pillar) merged with this host's own copy, the higher epoch winning."""
-    return _h("failover").merge(__pillar__.get("hanet_owners") or {},
-                                _h("takeover").local_owners(_paths()))
+    return _h("failover").merge(__pillar__.get("hanet_owners") or {}, _h("takeover").local_owners(_paths()))
 
 
 def _desired(pillar=None):
@@ -236,8 +236,9 @@ def desired(pillar=None):
 
 
 def _facet(facet, state, paths, managed):
-    return _h("host").facet(facet, state, paths, managed, salt=__salt__,
-                            conf_dir=os.path.dirname(__opts__["conf_file"]))
+    return _h("host").facet(
+        facet, state, paths, managed, salt=__salt__, conf_dir=os.path.dirname(__opts__["conf_file"])
+    )
 
 
 def plan(facet=None, pillar=None):
@@ -251,8 +252,7 @@ def plan(facet=None, pillar=None):
     state = _desired(pillar)
     paths = _paths()
     managed = _h("common").Managed(paths)
-    return {f: [str(c) for c in _facet(f, state, paths, managed)[0]]
-            for f in ([facet] if facet else _h("host").FACETS)}
+    return {f: [str(c) for c in _facet(f, state, paths, managed)[0]] for f in ([facet] if facet else _h("host").FACETS)}
 
 
 def apply_facet(facet, pillar=None, test=False):
@@ -377,12 +377,22 @@ def _takeover_context():
     def fire(tag, data):
         _h("events").send(__opts__, tag, data)
 
-    return _h("takeover").Context(me=__opts__["id"], cfg=_config(last_known=True), paths=_paths(),
-                                  owners=_records, fire=fire)
+    return _h("takeover").Context(
+        me=__opts__["id"], cfg=_config(last_known=True), paths=_paths(), owners=_records, fire=fire
+    )
 
 
-def takeover(network, epoch, previous=None, detected_at=None, planned=False, decision=None,
-             warm=False, prechecked=None, handover=False):
+def takeover(
+    network,
+    epoch,
+    previous=None,
+    detected_at=None,
+    planned=False,
+    decision=None,
+    warm=False,
+    prechecked=None,
+    handover=False,
+):
     """Become the holder of network-host network ``network`` at ``epoch`` (ordered by
     the master after a confirmed failure, or for a planned move): probe the gateway
     (duplicate address detection; skipped when planned), record the new owner, bind the
@@ -399,9 +409,18 @@ def takeover(network, epoch, previous=None, detected_at=None, planned=False, dec
 
         salt net2 hanet.takeover shared 7 previous=net1
     """
-    return _h("takeover").run(_takeover_context(), network, epoch, previous=previous,
-                              detected_at=detected_at, planned=planned, decision=decision,
-                              warm=warm, prechecked=prechecked, handover=handover)
+    return _h("takeover").run(
+        _takeover_context(),
+        network,
+        epoch,
+        previous=previous,
+        detected_at=detected_at,
+        planned=planned,
+        decision=decision,
+        warm=warm,
+        prechecked=prechecked,
+        handover=handover,
+    )
 
 
 def relinquish(network, epoch, owner):

@@ -15,6 +15,7 @@ Master configuration (``pillar_dirs`` pointing at the checkout's ``_pillar``, or
     ext_pillar:
       - hanet_owners: {}
 """
+
 from __future__ import annotations
 
 import importlib
@@ -37,8 +38,11 @@ def _lib(name):
     the directory this module was loaded from (a checkout's ``_modules``, a master's
     synced ``extmods/modules``), or in ``<extension_modules>/modules``."""
     up = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for cand in (os.path.join(up, "_modules"), os.path.join(up, "modules"),
-                 os.path.join(__opts__["extension_modules"], "modules")):
+    for cand in (
+        os.path.join(up, "_modules"),
+        os.path.join(up, "modules"),
+        os.path.join(__opts__["extension_modules"], "modules"),
+    ):
         if os.path.isdir(os.path.join(cand, "_hanet")):
             if cand not in sys.path:
                 sys.path.append(cand)

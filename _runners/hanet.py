@@ -24,6 +24,7 @@ CLI examples::
     salt-run hanet.evacuate net1
     salt-run hanet.failback shared
 """
+
 from __future__ import annotations
 
 import importlib
@@ -60,8 +61,11 @@ def _lib(name):
     the directory this module was loaded from (a checkout's ``_modules``, a master's
     synced ``extmods/modules``), or in ``<extension_modules>/modules``."""
     up = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for cand in (os.path.join(up, "_modules"), os.path.join(up, "modules"),
-                 os.path.join(__opts__["extension_modules"], "modules")):
+    for cand in (
+        os.path.join(up, "_modules"),
+        os.path.join(up, "modules"),
+        os.path.join(__opts__["extension_modules"], "modules"),
+    ):
         if os.path.isdir(os.path.join(cand, "_hanet")):
             if cand not in sys.path:
                 sys.path.append(cand)
@@ -98,21 +102,21 @@ def _publish(tgt, fun, arg, kwarg=None):
         try:
             chan = _clients.get("publish")
             if chan is None:
-                uri = "tcp://{}:{}".format(salt.utils.network.ip_bracket(opts["interface"]),
-                                           opts["ret_port"])
+                uri = "tcp://{}:{}".format(salt.utils.network.ip_bracket(opts["interface"]), opts["ret_port"])
                 chan = salt.channel.client.ReqChannel.factory(opts, crypt="clear", master_uri=uri)
                 _clients["publish"] = chan
             load = local._prep_pub(  # pylint: disable=protected-access
-                tgt, fun, salt.utils.args.condition_input(list(arg), kwarg or {}),
-                "glob", "", "", 10)
+                tgt, fun, salt.utils.args.condition_input(list(arg), kwarg or {}), "glob", "", "", 10
+            )
             got = chan.send(load, timeout=10)
             jid = ((got or {}).get("load") or {}).get("jid") if isinstance(got, dict) else None
             if not jid:
                 raise RuntimeError(f"the master did not publish it: {got!r}")
             return jid
         except (salt.exceptions.SaltException, OSError, RuntimeError) as err:
-            log.warning("hanet: publishing %s to %s on the kept channel failed (%s); "
-                        "using LocalClient.cmd_async", fun, tgt, err)
+            log.warning(
+                "hanet: publishing %s to %s on the kept channel failed (%s); using LocalClient.cmd_async", fun, tgt, err
+            )
             chan = _clients.pop("publish", None)
             if chan is not None:
                 try:
@@ -147,8 +151,7 @@ def _config(minion_id, fresh=False):
         return hit[1]
     import salt.pillar
 
-    pillar = salt.pillar.get_pillar(__opts__, _grains(minion_id), minion_id,
-                                    saltenv="base").compile_pillar()
+    pillar = salt.pillar.get_pillar(__opts__, _grains(minion_id), minion_id, saltenv="base").compile_pillar()
     out = (_lib("model").load(pillar.get("hanet", {})), pillar)
     _CACHE[minion_id] = (time.monotonic(), out)
     return out
@@ -286,9 +289,16 @@ def _reject(network, reason, tag, data):
     log.warning("hanet failover: rejected %s: %s", tag, reason)
     _counts().add("hanet_reports_rejected_total", {"reason": failover.reject_kind(reason)})
     data = data if isinstance(data, dict) else {}
-    _fire(failover.failover_tag(network, "rejected"),
-          {"reason": reason, "event_tag": tag, "observer": data.get("observer"),
-           "peer": data.get("peer"), "at": time.time()})
+    _fire(
+        failover.failover_tag(network, "rejected"),
+        {
+            "reason": reason,
+            "event_tag": tag,
+            "observer": data.get("observer"),
+            "peer": data.get("peer"),
+            "at": time.time(),
+        },
+    )
     return {"result": False, "reason": reason}
 
 
@@ -341,8 +351,7 @@ def liveness(tag=None, data=None, via="reactor"):
                 verdict = failover.decide(cfg, rec.owners, rep, opinion.verdict, opinion.evidence, dead)
                 rec.record(verdict.moves, time.time(), f"{rep.peer} down (seen by {rep.observer})")
         t_recorded = time.time()
-        if not verdict.moves and (attempt.number or not failover.at_stake(cfg, rec.owners, rep.observer,
-                                                                        rep.peer)):
+        if not verdict.moves and (attempt.number or not failover.at_stake(cfg, rec.owners, rep.observer, rep.peer)):
             # decided meanwhile (another master, or this one's other path): its move stands
             log.info("hanet failover: %s down (seen by %s): decided meanwhile", rep.peer, rep.observer)
             return {"result": True, "action": "none", "reason": "decided meanwhile (another master)"}
@@ -355,25 +364,42 @@ def liveness(tag=None, data=None, via="reactor"):
     if verdict.rejected and not verdict.moves:
         return out
     for move in verdict.moves:
-        decision = {"via": via, "received_at": t0, "validated_at": t_valid, "checked_at": t_check,
-                    "confirmed_at": t_confirmed, "recorded_at": t_recorded,
-                    "second_opinion": opinion.source, "published_at": time.time()}
-        args, kwargs = failover.takeover_order(move.network, move.epoch, move.previous,
-                                               detected_at=rep.detected_at, decision=decision)
+        decision = {
+            "via": via,
+            "received_at": t0,
+            "validated_at": t_valid,
+            "checked_at": t_check,
+            "confirmed_at": t_confirmed,
+            "recorded_at": t_recorded,
+            "second_opinion": opinion.source,
+            "published_at": time.time(),
+        }
+        args, kwargs = failover.takeover_order(
+            move.network, move.epoch, move.previous, detected_at=rep.detected_at, decision=decision
+        )
         _publish(move.new, failover.TAKEOVER_FUN, args, kwargs)
         # Fencing: should the suspect be alive after all, it gives the network up.
         _publish(move.previous, failover.RELINQUISH_FUN, [move.network, move.epoch, move.new])
     if verdict.moves:
-        log.warning("hanet failover: %s down (seen by %s): %s", rep.peer, rep.observer,
-                    ", ".join(f"{m.network} -> {m.new}" for m in verdict.moves))
+        log.warning(
+            "hanet failover: %s down (seen by %s): %s",
+            rep.peer,
+            rep.observer,
+            ", ".join(f"{m.network} -> {m.new}" for m in verdict.moves),
+        )
         _counts().observe("hanet_decision_duration_seconds", time.time() - t0)
         _count_moves(verdict.moves, "down")
     else:
         log.info("hanet failover: %s down (seen by %s): moved already", rep.peer, rep.observer)
-    return {"result": True, "moved": {m.network: m.new for m in verdict.moves},
-            "timings": {"validated_s": round(t_check - t0, 4),
-                        "confirmed_s": round(t_confirmed - t0, 4),
-                        "published_s": round(time.time() - t0, 4)}}
+    return {
+        "result": True,
+        "moved": {m.network: m.new for m in verdict.moves},
+        "timings": {
+            "validated_s": round(t_check - t0, 4),
+            "confirmed_s": round(t_confirmed - t0, 4),
+            "published_s": round(time.time() - t0, 4),
+        },
+    }
 
 
 def _learn_health(host, lost, now):
@@ -428,10 +454,17 @@ def _health(rep, tag, data, via, t0):
             _send(order, via)
     _count_moves(verdict.moves, "handover")
     if verdict.moves:
-        log.warning("hanet failover: %s cannot serve %s: %s", rep.observer, ", ".join(rep.lost),
-                    ", ".join(f"{m.network} -> {m.new}" for m in verdict.moves))
-    return {"result": True, "moved": {m.network: m.new for m in verdict.moves},
-            "rejected": [r for _, r in verdict.rejected]}
+        log.warning(
+            "hanet failover: %s cannot serve %s: %s",
+            rep.observer,
+            ", ".join(rep.lost),
+            ", ".join(f"{m.network} -> {m.new}" for m in verdict.moves),
+        )
+    return {
+        "result": True,
+        "moved": {m.network: m.new for m in verdict.moves},
+        "rejected": [r for _, r in verdict.rejected],
+    }
 
 
 # --------------------------------------------------------------------------- reconcile
@@ -456,9 +489,13 @@ def _ask(tgt, fun, timeout=2):
 def _send(order, via):
     failover = _lib("failover")
     if order.kind == "takeover":
-        args, kwargs = failover.takeover_order(order.network, order.epoch, order.previous,
-                                               decision={"via": via, "published_at": time.time()},
-                                               handover=order.handover)
+        args, kwargs = failover.takeover_order(
+            order.network,
+            order.epoch,
+            order.previous,
+            decision={"via": via, "published_at": time.time()},
+            handover=order.handover,
+        )
         return _publish(order.host, failover.TAKEOVER_FUN, args, kwargs)
     return _publish(order.host, failover.RELINQUISH_FUN, [order.network, order.epoch, order.owner])
 
@@ -506,8 +543,9 @@ def reconcile(via="reconcile"):
     for h, r in got.items():
         if h in hosts and isinstance(r.get("lost"), list):
             _learn_health(h, r["lost"], now)
-    moves, orders = failover.reconcile(cfg, owners, verdicts, views, holdings, now,
-                                       _RECONCILE["issued"], health=_HEALTH)
+    moves, orders = failover.reconcile(
+        cfg, owners, verdicts, views, holdings, now, _RECONCILE["issued"], health=_HEALTH
+    )
     if moves:
         try:
             for attempt in _records():
@@ -525,10 +563,12 @@ def reconcile(via="reconcile"):
         _RECONCILE["issued"][order.key] = now
         _send(order, via)
     if moves or orders:
-        log.warning("hanet reconcile: moved %s; sent %s", [(m.network, m.new, m.epoch) for m in moves],
-                    [order.key for order in orders])
-    return {"result": True, "moved": {m.network: m.new for m in moves},
-            "orders": [list(order.key) for order in orders]}
+        log.warning(
+            "hanet reconcile: moved %s; sent %s",
+            [(m.network, m.new, m.epoch) for m in moves],
+            [order.key for order in orders],
+        )
+    return {"result": True, "moved": {m.network: m.new for m in moves}, "orders": [list(order.key) for order in orders]}
 
 
 def outcome(tag=None, data=None, via="engine"):  # pylint: disable=unused-argument
@@ -568,8 +608,7 @@ def _move(cfg, label, new, reason, timeout=30):
     # silence): a gap of seconds between them would let the neighbours' ARP entries for
     # the old MAC fail their unicast probes and drop packets
     _publish(move.previous, failover.RELINQUISH_FUN, [label, move.epoch, new])
-    args, kwargs = failover.takeover_order(label, move.epoch, move.previous, planned=True,
-                                           handover=True)
+    args, kwargs = failover.takeover_order(label, move.epoch, move.previous, planned=True, handover=True)
     got = _local().cmd(new, failover.TAKEOVER_FUN, arg=args, kwarg=kwargs, timeout=timeout)
     done = got.get(new) if isinstance(got.get(new), dict) else None
     if new not in got or not isinstance(got[new], dict):
@@ -579,8 +618,15 @@ def _move(cfg, label, new, reason, timeout=30):
             if failover.confirm(rec.owners, label, new, move.epoch, done):
                 rec.save()
     # the takeover bound only once every address was silent: the old owner let go
-    return {"network": label, "from": move.previous, "to": new, "epoch": move.epoch, "moved": True,
-            "takeover": got[new].get("timings"), "old_released": True}
+    return {
+        "network": label,
+        "from": move.previous,
+        "to": new,
+        "epoch": move.epoch,
+        "moved": True,
+        "takeover": got[new].get("timings"),
+        "old_released": True,
+    }
 
 
 def evacuate(minion, tgt_pillar_from=None):
@@ -654,9 +700,13 @@ def _status(timeout):
         for entry in out["networks"].values():
             if not entry["multi_host"]:
                 entry.update(owner=None, epoch=None, confirmed=None, agree=None)
-        out.update(record=None, record_error=str(err), record_backend=_record_backend(),
-                   problems=failover.cluster_problems(cfg, out["networks"], out["floating_ips"], got, skew),
-                   clock_skew=skew)
+        out.update(
+            record=None,
+            record_error=str(err),
+            record_backend=_record_backend(),
+            problems=failover.cluster_problems(cfg, out["networks"], out["floating_ips"], got, skew),
+            clock_skew=skew,
+        )
         return out
     out = failover.cluster_status(cfg, record, got, skew)
     out.update(record_backend=_record_backend(), clock_skew=skew)
@@ -677,8 +727,11 @@ def metrics(write=True):
         salt-run hanet.metrics
     """
     m, failover = _lib("metrics"), _lib("failover")
-    backend = __opts__.get("hanet_record", {}).get("backend", "file") \
-        if isinstance(__opts__.get("hanet_record"), dict) else "file"
+    backend = (
+        __opts__.get("hanet_record", {}).get("backend", "file")
+        if isinstance(__opts__.get("hanet_record"), dict)
+        else "file"
+    )
     try:
         owners, ok = _owners(), True
     except failover.RecordError:

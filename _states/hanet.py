@@ -83,7 +83,8 @@ def validated(name, pillar_key="hanet"):
         ret["result"] = False
         ret["comment"] = "\n".join(
             [f"hanet pillar has {len(res['problems'])} problem(s); nothing was changed:"]
-            + [f"  {p}" for p in res["problems"]])
+            + [f"  {p}" for p in res["problems"]]
+        )
     return ret
 
 

@@ -26,6 +26,7 @@ median over ``--runs`` runs (default 3). Prints a table with the targets beside 
 
     ./dev bench apply [--runs 3] [--networks 16] [--instances 1000] [--uplinks vxlan|hostonly] [--json FILE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,18 +44,23 @@ from hanet_lab.topology import Host, Master, Topology
 
 HOST = "compute1"
 TARGETS = {"first": 15.0, "noop": 5.0, "add": 3.0}  # seconds, issue 3
-STEPS = [("first", "first apply"), ("noop", "no-op re-apply"), ("add", "add one instance"),
-         ("empty", "empty SLS (salt only)"), ("remove", "remove everything")]
+STEPS = [
+    ("first", "first apply"),
+    ("noop", "no-op re-apply"),
+    ("add", "add one instance"),
+    ("empty", "empty SLS (salt only)"),
+    ("remove", "remove everything"),
+]
 
 
 def topology() -> Topology:
-    host = Host(name=HOST,
-                links={"mgmt0": "mgmt", "eth0": "public", "eth2": "seg-trunk"},
-                addresses={"mgmt0": ["192.0.2.11/24"], "eth0": ["203.0.113.11/24"],
-                           "eth2": ["198.51.100.11/24"]})
+    host = Host(
+        name=HOST,
+        links={"mgmt0": "mgmt", "eth0": "public", "eth2": "seg-trunk"},
+        addresses={"mgmt0": ["192.0.2.11/24"], "eth0": ["203.0.113.11/24"], "eth2": ["198.51.100.11/24"]},
+    )
     master = Master(name="master", links={"mgmt0": "mgmt"}, addresses={"mgmt0": ["192.0.2.1/24"]})
-    topo = Topology(segments=["mgmt", "public", "seg-trunk"], master=master,
-                    hosts={HOST: host}, routers={}, vms={})
+    topo = Topology(segments=["mgmt", "public", "seg-trunk"], master=master, hosts={HOST: host}, routers={}, vms={})
     topo.validate()
     return topo
 
@@ -63,19 +69,28 @@ def pillar(networks: int, instances: int, uplinks: str = "vxlan") -> dict:
     nets, insts = {}, {}
     for n in range(networks):
         label = f"net{n:02d}"
-        spec = {"cidr": f"10.128.{n}.0/24", "bridge": f"br{100 + n}", "multi_host": True,
-                "gateway": f"10.128.{n}.1"}
+        spec = {"cidr": f"10.128.{n}.0/24", "bridge": f"br{100 + n}", "multi_host": True, "gateway": f"10.128.{n}.1"}
         if uplinks == "vxlan":
             spec.update(bridge_interface="eth2", vxlan={"vni": 5000 + n, "remotes": ["198.51.100.12"]})
         nets[label] = spec
     for i in range(instances):
         n, k = i % networks, i // networks
         name = f"vm{i:04d}"
-        insts[name] = {"host": HOST, "nics": [{
-            "network": f"net{n:02d}", "mac": f"fa:16:3e:{n:02x}:{k // 256:02x}:{k % 256:02x}",
-            "ip": f"10.128.{n}.{10 + k}"}]}
-    host = {"public_interface": "eth0", "routing_source_ip": "203.0.113.11",
-            "networks": {label: {"address": f"10.128.{n}.2"} for n, label in enumerate(nets)}}
+        insts[name] = {
+            "host": HOST,
+            "nics": [
+                {
+                    "network": f"net{n:02d}",
+                    "mac": f"fa:16:3e:{n:02x}:{k // 256:02x}:{k % 256:02x}",
+                    "ip": f"10.128.{n}.{10 + k}",
+                }
+            ],
+        }
+    host = {
+        "public_interface": "eth0",
+        "routing_source_ip": "203.0.113.11",
+        "networks": {label: {"address": f"10.128.{n}.2"} for n, label in enumerate(nets)},
+    }
     return {"hanet": {"networks": nets, "hosts": {HOST: host}, "instances": insts}}
 
 
@@ -131,14 +146,17 @@ def one_run(lab, args, i) -> dict:
     assert not ch, f"no-op apply reported changes: {json.dumps(ch)[:2000]}"
     # one more instance on the first network
     k = args.instances // args.networks + 1
-    big["hanet"]["instances"]["vmnew"] = {"host": HOST, "nics": [{
-        "network": "net00", "mac": f"fa:16:3e:ff:{k // 256:02x}:{k % 256:02x}", "ip": "10.128.0.250"}]}
+    big["hanet"]["instances"]["vmnew"] = {
+        "host": HOST,
+        "nics": [{"network": "net00", "mac": f"fa:16:3e:ff:{k // 256:02x}:{k % 256:02x}", "ip": "10.128.0.250"}],
+    }
     lab.set_pillar(big, refresh=False)
     row["add"], row["add_states"], ch = apply(lab)
     # a new instance needs its DHCP host entry (SIGHUP), its anti-spoofing pair (ruleset) and
     # its metadata record; nothing else may change, and no dnsmasq restarts
-    assert set(ch) <= {"hanet-dnsmasq", "hanet-ruleset", "hanet-metadata"}, \
+    assert set(ch) <= {"hanet-dnsmasq", "hanet-ruleset", "hanet-metadata"}, (
         f"adding one instance changed {sorted(ch)}: {json.dumps(ch)[:2000]}"
+    )
     dn = ch.get("hanet-dnsmasq", {}).get("dnsmasq", [])
     assert len(dn) == 1 and "SIGHUP" in dn[0] and "net00" in dn[0], f"dnsmasq changes: {dn}"
     after = dnsmasq_pids(lab)
@@ -158,24 +176,31 @@ def hardware() -> str:
     except (OSError, StopIteration):
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    salt = subprocess.run([sys.executable, "-c", "import salt.version; print(salt.version.__version__)"],
-                          capture_output=True, text=True).stdout.strip()
-    return (f"{os.cpu_count()} vCPU {cpu}, {mem:.0f} GiB, kernel {platform.release()}, "
-            f"Python {platform.python_version()}, salt {salt}")
+    salt = subprocess.run(
+        [sys.executable, "-c", "import salt.version; print(salt.version.__version__)"], capture_output=True, text=True
+    ).stdout.strip()
+    return (
+        f"{os.cpu_count()} vCPU {cpu}, {mem:.0f} GiB, kernel {platform.release()}, "
+        f"Python {platform.python_version()}, salt {salt}"
+    )
 
 
 def report(rows, args) -> str:
     med = {k: statistics.median(r[k] for r in rows) for k, _ in STEPS}
-    out = [f"state.apply hanet on {HOST}: {args.networks} networks ({args.uplinks}), "
-           f"{args.instances} instances; median of {len(rows)} run(s)", ""]
+    out = [
+        f"state.apply hanet on {HOST}: {args.networks} networks ({args.uplinks}), "
+        f"{args.instances} instances; median of {len(rows)} run(s)",
+        "",
+    ]
     out.append(f"| {'step':<24} | {'median':>8} | {'runs':<24} | {'target':>7} | result |")
     out.append(f"|{'-' * 26}|{'-' * 10}|{'-' * 26}|{'-' * 9}|--------|")
     for key, title in STEPS:
         runs = ", ".join(f"{r[key]:.2f}" for r in rows)
         tgt = TARGETS.get(key)
         res = ("pass" if med[key] <= tgt else "MISS") if tgt else ""
-        out.append(f"| {title:<24} | {med[key]:>6.2f} s | {runs:<24} | "
-                   f"{('≤ %g s' % tgt) if tgt else '':>7} | {res:<6} |")
+        out.append(
+            f"| {title:<24} | {med[key]:>6.2f} s | {runs:<24} | {('≤ %g s' % tgt) if tgt else '':>7} | {res:<6} |"
+        )
     out += ["", "hanet states' own durations (median, s), as Salt reports them:", ""]
     ids = list(rows[0]["first_states"])
     out.append(f"| {'state':<16} | {'first':>7} | {'no-op':>7} | {'add one':>7} | {'remove':>7} |")
@@ -191,9 +216,11 @@ def report(rows, args) -> str:
     r0 = rows[-1]
     out += ["", "add one instance, changes reported (last run):"]
     out += [f"  {facet}: {line}" for facet, lines in r0["add_changes"].items() for line in lines]
-    out += [f"dnsmasq net00 pid before/after: {r0['dnsmasq_pid_net00'][0]} / "
-            f"{r0['dnsmasq_pid_net00'][1]} (every dnsmasq pid unchanged, asserted in every run)",
-            f"hardware: {hardware()}"]
+    out += [
+        f"dnsmasq net00 pid before/after: {r0['dnsmasq_pid_net00'][0]} / "
+        f"{r0['dnsmasq_pid_net00'][1]} (every dnsmasq pid unchanged, asserted in every run)",
+        f"hardware: {hardware()}",
+    ]
     return "\n".join(out)
 
 
@@ -204,8 +231,10 @@ def main(argv=None) -> int:
     ap.add_argument("--instances", type=int, default=1000)
     ap.add_argument("--uplinks", choices=("vxlan", "hostonly"), default="vxlan")
     ap.add_argument("--json", help="also write every run's figures to this file")
-    ap.add_argument("--prefix", help="use a running lab (./dev lab up --topology FILE, FILE from "
-                                     "--print-topology) instead of building one")
+    ap.add_argument(
+        "--prefix",
+        help="use a running lab (./dev lab up --topology FILE, FILE from --print-topology) instead of building one",
+    )
     ap.add_argument("--print-topology", action="store_true", help="print the lab topology as YAML")
     args = ap.parse_args(argv)
     if args.networks > 200 or args.instances > args.networks * 230:
@@ -217,15 +246,19 @@ def main(argv=None) -> int:
     rows = []
     progress = lambda m: print(f"  .. {m}", file=sys.stderr, flush=True)  # noqa: E731
     lab = Lab.attach(args.prefix) if args.prefix else Lab(topology(), progress=progress)
-    with (contextlib.nullcontext(lab) if args.prefix else lab):
+    with contextlib.nullcontext(lab) if args.prefix else lab:
         if args.prefix:
             lab.sync()  # the checkout may have changed since that lab synced
         for i in range(1, args.runs + 1):
             row = one_run(lab, args, i)
             rows.append(row)
-            print(f"run {i}: first {row['first']:.2f} s, no-op {row['noop']:.2f} s, "
-                  f"add one {row['add']:.2f} s, empty SLS {row['empty']:.2f} s, "
-                  f"remove {row['remove']:.2f} s", file=sys.stderr, flush=True)
+            print(
+                f"run {i}: first {row['first']:.2f} s, no-op {row['noop']:.2f} s, "
+                f"add one {row['add']:.2f} s, empty SLS {row['empty']:.2f} s, "
+                f"remove {row['remove']:.2f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     text = report(rows, args)
     print(text)
     print(f"\n(whole benchmark {time.monotonic() - t0:.0f} s, {time.strftime('%Y-%m-%d')})")

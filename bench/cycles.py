@@ -16,6 +16,7 @@ resource | host | baseline | after | leaked and exits 1 if anything grew.
 
     ./dev bench cycles [--cycles 100] [--planned N] [--networks 8] [--md FILE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,16 +82,24 @@ def main(argv=None):
             lab.down()
     rows = leaks.compare(baseline, after)
     bad = leaks.leaks(rows)
-    header = (f"failover cycles {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({os.cpu_count()} CPUs): "
-              f"{args.planned} planned + {args.cycles} power-loss cycles after the warm-up, {args.networks} "
-              f"networks, wall time {(time.monotonic() - t_start) / 60:.1f} min")
-    text = header + "\n\n" + leaks.table(rows) + "\n\n" + (
-        f"{len(bad)} resources grew or could not be compared" if bad else "nothing leaked")
+    header = (
+        f"failover cycles {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({os.cpu_count()} CPUs): "
+        f"{args.planned} planned + {args.cycles} power-loss cycles after the warm-up, {args.networks} "
+        f"networks, wall time {(time.monotonic() - t_start) / 60:.1f} min"
+    )
+    text = (
+        header
+        + "\n\n"
+        + leaks.table(rows)
+        + "\n\n"
+        + (f"{len(bad)} resources grew or could not be compared" if bad else "nothing leaked")
+    )
     details = getattr(run, "details", {})
     if bad and "after" in details:  # what the growth is made of (process pids may differ)
         what = leaks.grew(details["baseline"], details["after"])
-        text += "\n\nmore after than before (process, thread name, fd target):\n" + \
-            ("\n".join(f"- {line}" for line in what) or "- (nothing by name: only counts differ)")
+        text += "\n\nmore after than before (process, thread name, fd target):\n" + (
+            "\n".join(f"- {line}" for line in what) or "- (nothing by name: only counts differ)"
+        )
     print("\n" + text)
     if args.md:
         with open(args.md, "w") as fh:

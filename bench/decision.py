@@ -17,6 +17,7 @@ is handled soon after the first).
 
     ./dev bench decision [--reports 100] [--networks 64] [--workers 4] [--trials 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,21 +47,38 @@ def pillar(computes, networks):
     ``computes`` compute hosts, each with an instance on network ``i % networks``."""
     nets, hosts, instances = {}, {}, {}
     for n in range(networks):
-        nets[f"n{n}"] = {"cidr": f"10.{100 + n // 250}.{n % 250}.0/24", "bridge": f"br{n}",
-                         "bridge_interface": f"eth{n + 1}", "multi_host": False,
-                         "gateway": f"10.{100 + n // 250}.{n % 250}.1", "network_hosts": ["net1", "net2"]}
+        nets[f"n{n}"] = {
+            "cidr": f"10.{100 + n // 250}.{n % 250}.0/24",
+            "bridge": f"br{n}",
+            "bridge_interface": f"eth{n + 1}",
+            "multi_host": False,
+            "gateway": f"10.{100 + n // 250}.{n % 250}.1",
+            "network_hosts": ["net1", "net2"],
+        }
     for i, h in enumerate(["net1", "net2"]):
-        hosts[h] = {"public_interface": "eth0", "routing_source_ip": f"203.0.113.{10 + i}",
-                    "networks": {f"n{n}": {"address": f"10.{100 + n // 250}.{n % 250}.{2 + i}"}
-                                 for n in range(networks)}}
+        hosts[h] = {
+            "public_interface": "eth0",
+            "routing_source_ip": f"203.0.113.{10 + i}",
+            "networks": {f"n{n}": {"address": f"10.{100 + n // 250}.{n % 250}.{2 + i}"} for n in range(networks)},
+        }
     for c in range(computes):
         n = c % networks
         name = f"compute{c:03d}"
-        hosts[name] = {"public_interface": "eth0", "routing_source_ip": f"198.51.{100 + c // 250}.{c % 250 + 1}",
-                       "networks": {}}
-        instances[f"vm{c:03d}"] = {"host": name, "nics": [{
-            "network": f"n{n}", "mac": f"fa:16:3e:{c // 65536:02x}:{c // 256 % 256:02x}:{c % 256:02x}",
-            "ip": f"10.{100 + n // 250}.{n % 250}.{10 + c // networks}"}]}
+        hosts[name] = {
+            "public_interface": "eth0",
+            "routing_source_ip": f"198.51.{100 + c // 250}.{c % 250 + 1}",
+            "networks": {},
+        }
+        instances[f"vm{c:03d}"] = {
+            "host": name,
+            "nics": [
+                {
+                    "network": f"n{n}",
+                    "mac": f"fa:16:3e:{c // 65536:02x}:{c // 256 % 256:02x}:{c % 256:02x}",
+                    "ip": f"10.{100 + n // 250}.{n % 250}.{10 + c // networks}",
+                }
+            ],
+        }
     return {"networks": nets, "hosts": hosts, "instances": instances}
 
 
@@ -113,8 +131,13 @@ def scenario(name, computes, networks, workers, trials, tmp):
     for trial in range(trials):
         cachedir = os.path.join(tmp, name, f"cache{trial}")
         os.makedirs(cachedir)
-        opts = {"cachedir": cachedir, "pki_dir": pki, "extension_modules": os.path.join(tmp, "extmods"),
-                "sock_dir": cachedir, "id": "master"}
+        opts = {
+            "cachedir": cachedir,
+            "pki_dir": pki,
+            "extension_modules": os.path.join(tmp, "extmods"),
+            "sock_dir": cachedir,
+            "id": "master",
+        }
         runner = _runner(opts)
         published, fired, lock = [], [], threading.Lock()
 
@@ -132,14 +155,16 @@ def scenario(name, computes, networks, workers, trials, tmp):
         runner._config = lambda minion_id, fresh=False: (cfg, {})
         runner._second_opinion = lambda cfg_, peer: failover.Opinion("dead", "watch", ("192.0.2.21",))
         now = time.time()
-        burst = [keys.sign(failover.report(o, "net1", failover.DOWN, now - 0.05, [], uuid.uuid4().hex))
-                 for o in observers]
+        burst = [
+            keys.sign(failover.report(o, "net1", failover.DOWN, now - 0.05, [], uuid.uuid4().hex)) for o in observers
+        ]
         took = []
 
         def handle(data, runner=runner, took=took):
             t0 = time.perf_counter()
-            out = runner.liveness(tag=f"salt/beacon/{data['observer']}/hanet_liveness/net1/down", data=data,
-                                  via="engine")
+            out = runner.liveness(
+                tag=f"salt/beacon/{data['observer']}/hanet_liveness/net1/down", data=data, via="engine"
+            )
             took.append((time.perf_counter() - t0, out))
 
         t_start = time.time()
@@ -151,17 +176,26 @@ def scenario(name, computes, networks, workers, trials, tmp):
         moved = {n: e for n, e in owners.items() if e.get("owner") == "net2"}
         deciders = [t for t, out in took if isinstance(out, dict) and out.get("moved")]
         takeovers = [p for p in published if p[2] == failover.TAKEOVER_FUN]
-        rows.append({"moves": len(moved), "epochs": sorted({e.get("epoch") for e in moved.values()}),
-                     "takeovers": len(takeovers), "deciders": len(deciders),
-                     "decision": min(deciders) if deciders else None,
-                     "first_order": (min(p[0] for p in takeovers) - t_start) if takeovers else None,
-                     "each": sorted(t for t, _ in took), "drained": drained,
-                     "rejected": sum(1 for tag in fired if tag.endswith("/rejected"))})
+        rows.append(
+            {
+                "moves": len(moved),
+                "epochs": sorted({e.get("epoch") for e in moved.values()}),
+                "takeovers": len(takeovers),
+                "deciders": len(deciders),
+                "decision": min(deciders) if deciders else None,
+                "first_order": (min(p[0] for p in takeovers) - t_start) if takeovers else None,
+                "each": sorted(t for t, _ in took),
+                "drained": drained,
+                "rejected": sum(1 for tag in fired if tag.endswith("/rejected")),
+            }
+        )
         r = rows[-1]
-        log(f"{name} #{trial + 1}: {r['moves']}/{networks} networks moved (epochs {r['epochs']}) by "
+        log(
+            f"{name} #{trial + 1}: {r['moves']}/{networks} networks moved (epochs {r['epochs']}) by "
             f"{r['deciders']} report(s), {r['takeovers']} takeover orders; first order after "
             f"{(r['first_order'] or 0) * 1000:.1f} ms; burst drained in {drained * 1000:.0f} ms; "
-            f"{r['rejected']} rejected events")
+            f"{r['rejected']} rejected events"
+        )
     return rows
 
 
@@ -182,14 +216,19 @@ def main(argv=None):
         results = {
             f"{args.reports} reports, 1 network": scenario("one", args.reports, 1, args.workers, args.trials, tmp),
             f"{args.reports} reports, {args.networks} networks": scenario(
-                "many", args.reports, args.networks, args.workers, args.trials, tmp),
+                "many", args.reports, args.networks, args.workers, args.trials, tmp
+            ),
         }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"\nthe master's decision under a burst of signed reports ({args.workers} engine workers, "
-          f"{args.trials} trials, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}); seconds\n")
-    print("| scenario | networks moved | orders | decision p50 | decision max | first order p50 | "
-          "each report p50 / p95 / max | burst drained p50 / max |")
+    print(
+        f"\nthe master's decision under a burst of signed reports ({args.workers} engine workers, "
+        f"{args.trials} trials, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}); seconds\n"
+    )
+    print(
+        "| scenario | networks moved | orders | decision p50 | decision max | first order p50 | "
+        "each report p50 / p95 / max | burst drained p50 / max |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     ok = True
     for name, rows in results.items():
@@ -201,12 +240,20 @@ def main(argv=None):
         first = [r["first_order"] for r in rows if r["first_order"] is not None]
         each = [t for r in rows for t in r["each"]]
         drained = [r["drained"] for r in rows]
-        print(f"| {name} | {'/'.join(map(str, moves))} | {'/'.join(map(str, orders))} | "
-              f"{statistics.median(dec):.4f} | {max(dec):.4f} | {statistics.median(first):.4f} | "
-              f"{pct(each, 0.5):.4f} / {pct(each, 0.95):.4f} / {max(each):.4f} | "
-              f"{statistics.median(drained):.3f} / {max(drained):.3f} |")
-    print("\n" + ("every trial: each network moved exactly once (one epoch step), one takeover order each"
-                  if ok else "A TRIAL MOVED A NETWORK MORE OR LESS THAN ONCE"))
+        print(
+            f"| {name} | {'/'.join(map(str, moves))} | {'/'.join(map(str, orders))} | "
+            f"{statistics.median(dec):.4f} | {max(dec):.4f} | {statistics.median(first):.4f} | "
+            f"{pct(each, 0.5):.4f} / {pct(each, 0.95):.4f} / {max(each):.4f} | "
+            f"{statistics.median(drained):.3f} / {max(drained):.3f} |"
+        )
+    print(
+        "\n"
+        + (
+            "every trial: each network moved exactly once (one epoch step), one takeover order each"
+            if ok
+            else "A TRIAL MOVED A NETWORK MORE OR LESS THAN ONCE"
+        )
+    )
     return 0 if ok else 1
 
 

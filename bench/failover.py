@@ -42,6 +42,7 @@ phase medians, and writes a PNG timeline of the median hanet trial (``--png``).
     ./dev bench failover [--trials 10] [--no-fast] [--no-keepalived] [--no-two-masters]
                          [--png FILE] [--json FILE] [--md FILE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,13 +67,15 @@ VM, VM_IP, GW, ROUTER_IP, FIP = "app1", "10.20.0.10", "10.20.0.1", "203.0.113.1"
 NETHOSTS = ("net1", "net2")
 HOST_IP = {"net1": "10.20.0.2", "net2": "10.20.0.3"}
 DIRS = [("vm", f"VM -> router (via gateway {GW})"), ("up", f"router -> floating IP {FIP}")]
-PHASES = [("detection", "detection (power-off -> detected_at)"),
-          ("to_runner", "event -> decision start (engine, or the reactor's runner)"),
-          ("runner", "decision (validate, 2nd opinion, record, publish)"),
-          ("to_takeover", "publish -> takeover start (warm path, or the job)"),
-          ("to_bound", "takeover start -> bound (DAD probe, addresses)"),
-          ("to_garp", "bound -> announced (GARPs sent)"),
-          ("to_announced", "power-off -> announced (sum)")]
+PHASES = [
+    ("detection", "detection (power-off -> detected_at)"),
+    ("to_runner", "event -> decision start (engine, or the reactor's runner)"),
+    ("runner", "decision (validate, 2nd opinion, record, publish)"),
+    ("to_takeover", "publish -> takeover start (warm path, or the job)"),
+    ("to_bound", "takeover start -> bound (DAD probe, addresses)"),
+    ("to_garp", "bound -> announced (GARPs sent)"),
+    ("to_announced", "power-off -> announced (sum)"),
+]
 
 
 def log(msg):
@@ -158,8 +161,11 @@ class Bench:
 
     # ------------------------------------------------------------------ lab
     def up(self, masters=1, etcd=0):
-        log(f"lab: building the default topology ({masters} master(s)"
-            + (f", {etcd} etcd members: the record in etcd" if etcd else ", the record in the master's file") + ")")
+        log(
+            f"lab: building the default topology ({masters} master(s)"
+            + (f", {etcd} etcd members: the record in etcd" if etcd else ", the record in the master's file")
+            + ")"
+        )
         self.lab = Lab(default_topology(masters=masters, etcd=etcd), progress=lambda m: None).up()
         log(f"lab {self.lab.prefix} up in {self.lab.timings.get('up', 0):.1f} s")
 
@@ -205,8 +211,10 @@ class Bench:
         ok_vm = self.lab.ping(VM, ROUTER_IP, count=3, timeout=2.0)
         ok_up = self.lab.ping("router", FIP, count=3, timeout=2.0)
         if not (ok_vm and ok_up):
-            raise BenchFailed(f"before the trials: VM -> router {'ok' if ok_vm else 'FAILS'}, "
-                              f"router -> {FIP} {'ok' if ok_up else 'FAILS'}")
+            raise BenchFailed(
+                f"before the trials: VM -> router {'ok' if ok_vm else 'FAILS'}, "
+                f"router -> {FIP} {'ok' if ok_up else 'FAILS'}"
+            )
 
     def holder(self, address, ifname=None, hosts=NETHOSTS):
         """The network hosts (of ``hosts``) that have ``address`` bound."""
@@ -271,8 +279,7 @@ class Bench:
         lab = self.lab
         # every master's bus (one master: the lab's own); a master killed at the power
         # loss is not listened to
-        ev = Events(lab, [m for m in lab.masters if m != kill_master]) if len(lab.masters) > 1 \
-            else lab.events()
+        ev = Events(lab, [m for m in lab.masters if m != kill_master]) if len(lab.masters) > 1 else lab.events()
         killer = None
         try:
             vm = chaos.Pinger(lab, VM, ROUTER_IP).start()
@@ -303,32 +310,54 @@ class Bench:
             up.stop()
             rejected += [e for e in self.drain(ev, "hanet/failover/*", 0.2) if e["tag"].endswith("/rejected")]
             downs = self.drain(ev, f"salt/beacon/*/hanet_liveness/{active}/down")
-            runs = [e for e in self.drain(ev, "salt/run/*/new") if (e["data"] or {}).get("fun") == "runner.hanet.liveness"]
+            runs = [
+                e for e in self.drain(ev, "salt/run/*/new") if (e["data"] or {}).get("fun") == "runner.hanet.liveness"
+            ]
             rets = {e["tag"].split("/")[2]: e["data"] for e in self.drain(ev, "salt/run/*/ret", 0.1)}
-            jobs = [e for e in self.drain(ev, "salt/job/*/new", 0.1) if (e["data"] or {}).get("fun") == "hanet.takeover"]
+            jobs = [
+                e for e in self.drain(ev, "salt/job/*/new", 0.1) if (e["data"] or {}).get("fun") == "hanet.takeover"
+            ]
         finally:
             ev.close()
             if killer is not None:
                 killer.join(30)
                 lab.start_master(master=kill_master, wait_minions=False)
                 # every minion but the powered-off host's (it boots after the trial)
-                lab.wait_minions(sorted(h for h in lab.topology.hosts if h != active),
-                                 master=kill_master, timeout=300)
+                lab.wait_minions(sorted(h for h in lab.topology.hosts if h != active), master=kill_master, timeout=300)
                 lab.via = lab.masters[0]
-        trial = {"system": "hanet", "row": row, "killed": active, "t0": t0,
-                 "vm_replies": vm.replies(), "up_replies": up.replies()}
+        trial = {
+            "system": "hanet",
+            "row": row,
+            "killed": active,
+            "t0": t0,
+            "vm_replies": vm.replies(),
+            "up_replies": up.replies(),
+        }
         for key, p in (("vm", vm), ("up", up)):
             gap, began, lost = p.outage(after=t0)
             trial[key] = {"outage": gap, "began": began, "lost": lost}
-        trial["downs"] = [{"observer": e["tag"].split("/")[2], "detected_at": e["data"].get("detected_at"),
-                           "stamp": stamp(e["data"].get("_stamp"))} for e in downs]
-        trial["rejected"] = [{"tag": e["tag"], "reason": e["data"].get("reason"),
-                              "observer": e["data"].get("observer")} for e in rejected]
+        trial["downs"] = [
+            {
+                "observer": e["tag"].split("/")[2],
+                "detected_at": e["data"].get("detected_at"),
+                "stamp": stamp(e["data"].get("_stamp")),
+            }
+            for e in downs
+        ]
+        trial["rejected"] = [
+            {"tag": e["tag"], "reason": e["data"].get("reason"), "observer": e["data"].get("observer")}
+            for e in rejected
+        ]
         if complete is None:
-            why = (f"{row} trial: power-off of {active}: "
-                   + (f"FAILED event {failed['tag']}: {failed['data'].get('reason')}" if failed
-                      else f"no complete event within {self.args.timeout} s")
-                   + f"; rejected: {trial['rejected']}; down events: {trial['downs']}")
+            why = (
+                f"{row} trial: power-off of {active}: "
+                + (
+                    f"FAILED event {failed['tag']}: {failed['data'].get('reason')}"
+                    if failed
+                    else f"no complete event within {self.args.timeout} s"
+                )
+                + f"; rejected: {trial['rejected']}; down events: {trial['downs']}"
+            )
             trial["failure"] = why
             trial["logs"] = self.capture_logs(why + "\n" + json.dumps(trial["downs"], default=str))
             log(f"FAILURE: {why} (logs in {trial['logs']})")
@@ -350,27 +379,50 @@ class Bench:
         dec = d.get("decision") if isinstance(d.get("decision"), dict) else {}
         if dec.get("received_at"):  # the master's own stamps (engine or runner)
             run_start, publish = dec["received_at"], dec.get("published_at", publish)
-            ret = {"timings": {k: round(dec[a] - dec["received_at"], 4)
-                               for k, a in (("validated_s", "validated_at"), ("checked_s", "checked_at"),
-                                            ("confirmed_s", "confirmed_at"), ("recorded_s", "recorded_at"),
-                                            ("published_s", "published_at"))
-                               if dec.get(a)}}
+            ret = {
+                "timings": {
+                    k: round(dec[a] - dec["received_at"], 4)
+                    for k, a in (
+                        ("validated_s", "validated_at"),
+                        ("checked_s", "checked_at"),
+                        ("confirmed_s", "confirmed_at"),
+                        ("recorded_s", "recorded_at"),
+                        ("published_s", "published_at"),
+                    )
+                    if dec.get(a)
+                }
+            }
         trial.update(via=dec.get("via"), second_opinion=dec.get("second_opinion"), bound_by=d.get("bound_by"))
-        marks = {"power_off": t0, "detected": d.get("detected_at"), "runner_start": run_start,
-                 "published": publish, "takeover_start": t_start,
-                 "bound": t_start + tm["bound_s"] if "bound_s" in tm else None,
-                 "announced": t_start + tm["announced_s"] if "announced_s" in tm else None,
-                 "completed": d["completed_at"]}
-        trial.update(marks=marks, to=d.get("to"), epoch=d.get("epoch"), takeover_timings=tm,
-                     runner_timings=(ret or {}).get("timings") if isinstance(ret, dict) else None)
+        marks = {
+            "power_off": t0,
+            "detected": d.get("detected_at"),
+            "runner_start": run_start,
+            "published": publish,
+            "takeover_start": t_start,
+            "bound": t_start + tm["bound_s"] if "bound_s" in tm else None,
+            "announced": t_start + tm["announced_s"] if "announced_s" in tm else None,
+            "completed": d["completed_at"],
+        }
+        trial.update(
+            marks=marks,
+            to=d.get("to"),
+            epoch=d.get("epoch"),
+            takeover_timings=tm,
+            runner_timings=(ret or {}).get("timings") if isinstance(ret, dict) else None,
+        )
 
         def diff(a, b):
             return None if marks.get(a) is None or marks.get(b) is None else marks[b] - marks[a]
 
-        trial["phases"] = {"detection": diff("power_off", "detected"), "to_runner": diff("detected", "runner_start"),
-                           "runner": diff("runner_start", "published"), "to_takeover": diff("published", "takeover_start"),
-                           "to_bound": diff("takeover_start", "bound"), "to_garp": diff("bound", "announced"),
-                           "to_announced": diff("power_off", "announced")}
+        trial["phases"] = {
+            "detection": diff("power_off", "detected"),
+            "to_runner": diff("detected", "runner_start"),
+            "runner": diff("runner_start", "published"),
+            "to_takeover": diff("published", "takeover_start"),
+            "to_bound": diff("takeover_start", "bound"),
+            "to_garp": diff("bound", "announced"),
+            "to_announced": diff("power_off", "announced"),
+        }
         for r in trial["rejected"]:
             self.benign.append(dict(r, row=row, killed=active))
         return trial
@@ -401,8 +453,7 @@ class Bench:
             settings["masters"] = len(self.lab.masters)
             if kill_master:
                 settings["killed at the power loss"] = kill_master
-        row = {"system": "hanet", "label": label, "settings": settings,
-               "trials": [], "load_before": loadavg()}
+        row = {"system": "hanet", "label": label, "settings": settings, "trials": [], "load_before": loadavg()}
         active = self.owner()
         for i in range(self.args.trials):
             tr = self.hanet_trial(active, label, kill_master=kill_master)
@@ -414,11 +465,13 @@ class Bench:
                 time.sleep(3)
                 continue
             ph = tr["phases"]
-            log(f"{label} #{i + 1}: {active} off -> {tr['to']}: VM {tr['vm']['outage']:.3f} s "
+            log(
+                f"{label} #{i + 1}: {active} off -> {tr['to']}: VM {tr['vm']['outage']:.3f} s "
                 f"({tr['vm']['lost']} lost), FIP {tr['up']['outage']:.3f} s ({tr['up']['lost']} lost); "
                 f"detect {ph['detection']:.3f} event->decision {ph['to_runner'] or 0:.3f} "
                 f"decision {ph['runner'] or 0:.3f} publish->start {ph['to_takeover'] or 0:.3f} "
-                f"start->bound {ph['to_bound'] or 0:.3f} bound->announced {ph['to_garp'] or 0:.3f}")
+                f"start->bound {ph['to_bound'] or 0:.3f} bound->announced {ph['to_garp'] or 0:.3f}"
+            )
             killed, active = active, tr["to"]
             self.reboot_hanet(killed)
             both = self.holder(GW)
@@ -460,15 +513,30 @@ vrrp_instance shared {{
         lab, ns = self.lab, self.lab.ns(host)
         subprocess.run(["ip", "-n", ns, "addr", "replace", f"{HOST_IP[host]}/24", "dev", "eth3"], check=True)
         subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True)
-        nft = (f"table ip kabench\ndelete table ip kabench\ntable ip kabench {{\n"
-               f" chain pre {{ type nat hook prerouting priority dstnat; ip daddr {FIP} dnat to {VM_IP}; }}\n"
-               f" chain post {{ type nat hook postrouting priority srcnat; ip saddr {VM_IP} oifname \"eth0\" snat to {FIP}; }}\n"
-               f"}}\n")
+        nft = (
+            f"table ip kabench\ndelete table ip kabench\ntable ip kabench {{\n"
+            f" chain pre {{ type nat hook prerouting priority dstnat; ip daddr {FIP} dnat to {VM_IP}; }}\n"
+            f' chain post {{ type nat hook postrouting priority srcnat; ip saddr {VM_IP} oifname "eth0" snat to {FIP}; }}\n'
+            f"}}\n"
+        )
         subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=nft, text=True, check=True)
         conf, d = self.ka_conf(host, advert)
         logf = open(os.path.join(d, f"{host}.log"), "ab")
-        argv = ["keepalived", "--vrrp", "-n", "-l", "-D", "-f", conf, "-p", os.path.join(d, f"{host}.pid"),
-                "-r", os.path.join(d, f"{host}-vrrp.pid"), "-c", os.path.join(d, f"{host}-checkers.pid")]
+        argv = [
+            "keepalived",
+            "--vrrp",
+            "-n",
+            "-l",
+            "-D",
+            "-f",
+            conf,
+            "-p",
+            os.path.join(d, f"{host}.pid"),
+            "-r",
+            os.path.join(d, f"{host}-vrrp.pid"),
+            "-c",
+            os.path.join(d, f"{host}-checkers.pid"),
+        ]
         self.ka_procs[host] = lab.popen(host, argv, name=f"keepalived-{host}", stdout=logf, stderr=subprocess.STDOUT)
         logf.close()
 
@@ -503,8 +571,10 @@ vrrp_instance shared {{
         self.lab.unplug_vm(VM)
         ns = self.lab.ns("compute1")
         if subprocess.run(["ip", "-n", ns, "link", "show", "br200"], capture_output=True).returncode:
-            subprocess.run(["ip", "-n", ns, "link", "add", "br200", "type", "bridge", "stp_state", "0",
-                            "forward_delay", "0"], check=True)
+            subprocess.run(
+                ["ip", "-n", ns, "link", "add", "br200", "type", "bridge", "stp_state", "0", "forward_delay", "0"],
+                check=True,
+            )
         subprocess.run(["ip", "-n", ns, "link", "set", "eth3", "master", "br200", "up"], check=True)
         subprocess.run(["ip", "-n", ns, "link", "set", "br200", "up"], check=True)
         self.lab.plug_vm(VM)
@@ -525,9 +595,13 @@ vrrp_instance shared {{
         if self.holder(GW, "eth3") != ["net1"] or self.holder(FIP, "eth0") != ["net1"]:
             raise BenchFailed(f"keepalived: VIPs on {self.holder(GW, 'eth3')} / {self.holder(FIP, 'eth0')}")
         self.check_paths()
-        row = {"system": "keepalived", "label": label, "settings": {"advert_int": advert, "vrrp_version": 3,
-                                                                    "priority": 100, "nopreempt": True},
-               "trials": [], "load_before": loadavg()}
+        row = {
+            "system": "keepalived",
+            "label": label,
+            "settings": {"advert_int": advert, "vrrp_version": 3, "priority": 100, "nopreempt": True},
+            "trials": [],
+            "load_before": loadavg(),
+        }
         active = "net1"
         for i in range(self.args.trials):
             other = [h for h in NETHOSTS if h != active][0]
@@ -548,8 +622,10 @@ vrrp_instance shared {{
                 tr["failure"] = f"{other} did not bind {GW} after {active}'s power-off"
                 log(f"FAILURE (keepalived): {tr['failure']}")
             row["trials"].append(tr)
-            log(f"{label} #{i + 1}: {active} off -> {other}: VM {tr['vm']['outage']:.3f} s ({tr['vm']['lost']} lost), "
-                f"FIP {tr['up']['outage']:.3f} s ({tr['up']['lost']} lost)")
+            log(
+                f"{label} #{i + 1}: {active} off -> {other}: VM {tr['vm']['outage']:.3f} s ({tr['vm']['lost']} lost), "
+                f"FIP {tr['up']['outage']:.3f} s ({tr['up']['lost']} lost)"
+            )
             chaos.power_on(self.lab, active)
             self.ka_boot(active, advert)
             time.sleep(3 * advert + 1)
@@ -565,8 +641,13 @@ vrrp_instance shared {{
     # ------------------------------------------------------------------ report
     def stats(self, row, key):
         vals = [t[key]["outage"] for t in row["trials"] if "failure" not in t and t[key]["outage"] is not None]
-        return {"n": len(vals), "p50": pctl(vals, 50), "p95": pctl(vals, 95), "max": max(vals) if vals else None,
-                "lost_p50": pctl([t[key]["lost"] for t in row["trials"] if "failure" not in t], 50)}
+        return {
+            "n": len(vals),
+            "p50": pctl(vals, 50),
+            "p95": pctl(vals, 95),
+            "max": max(vals) if vals else None,
+            "lost_p50": pctl([t[key]["lost"] for t in row["trials"] if "failure" not in t], 50),
+        }
 
     def report(self):
         def f(x, nd=3):
@@ -576,8 +657,10 @@ vrrp_instance shared {{
         ka = {r["label"]: r for r in self.rows if r["system"] == "keepalived"}
         ka_fast = next((r for r in ka.values() if r["settings"]["advert_int"] < 1), None)
         ka_slow = next((r for r in ka.values() if r["settings"]["advert_int"] >= 1), None)
-        lines.append("| system | settings | direction | trials | p50 (s) | p95 (s) | max (s) | lost p50 | "
-                     "p50 vs keepalived 1 s | p50 vs keepalived 0.1 s |")
+        lines.append(
+            "| system | settings | direction | trials | p50 (s) | p95 (s) | max (s) | lost p50 | "
+            "p50 vs keepalived 1 s | p50 vs keepalived 0.1 s |"
+        )
         lines.append("|---|---|---|---|---|---|---|---|---|---|")
         for row in self.rows:
             sett = ", ".join(f"{k} {v}" for k, v in row["settings"].items())
@@ -588,16 +671,20 @@ vrrp_instance shared {{
                     r = self.stats(ref, key) if ref else None
                     ratios.append(f"{s['p50'] / r['p50']:.2f}x" if r and r["p50"] and s["p50"] is not None else "-")
                 fails = sum(1 for t in row["trials"] if "failure" in t)
-                lines.append(f"| {row['system']} | {sett} | {name} | {s['n']}{f' (+{fails} failed)' if fails else ''} | "
-                             f"{f(s['p50'])} | {f(s['p95'])} | {f(s['max'])} | {f(s['lost_p50'], 0)} | "
-                             f"{ratios[0]} | {ratios[1]} |")
+                lines.append(
+                    f"| {row['system']} | {sett} | {name} | {s['n']}{f' (+{fails} failed)' if fails else ''} | "
+                    f"{f(s['p50'])} | {f(s['p95'])} | {f(s['max'])} | {f(s['lost_p50'], 0)} | "
+                    f"{ratios[0]} | {ratios[1]} |"
+                )
         hanet_rows = [r for r in self.rows if r["system"] == "hanet"]
         one = next((r for r in hanet_rows if r["label"] == "hanet defaults"), None)
         two = [r for r in hanet_rows if r["settings"].get("masters", 1) > 1]
         if one and two:
             lines.append("")
-            lines.append("two masters against one (the same probe settings, same run): p50, its difference "
-                         "from the one-master p50, and max (s; the target: p50 within 0.1 s, max <= 1 s):")
+            lines.append(
+                "two masters against one (the same probe settings, same run): p50, its difference "
+                "from the one-master p50, and max (s; the target: p50 within 0.1 s, max <= 1 s):"
+            )
             lines.append("")
             lines.append("| row | direction | p50 | p50 - one master | max |")
             lines.append("|---|---|---|---|---|")
@@ -605,8 +692,10 @@ vrrp_instance shared {{
                 for key, name in DIRS:
                     s, base = self.stats(r, key), self.stats(one, key)
                     delta = s["p50"] - base["p50"] if s["p50"] is not None and base["p50"] is not None else None
-                    lines.append(f"| {r['label']} | {name} | {f(s['p50'])} | "
-                                 f"{'-' if delta is None else f'{delta:+.3f}'} | {f(s['max'])} |")
+                    lines.append(
+                        f"| {r['label']} | {name} | {f(s['p50'])} | "
+                        f"{'-' if delta is None else f'{delta:+.3f}'} | {f(s['max'])} |"
+                    )
         if hanet_rows:
             lines.append("")
             lines.append("hanet outage by phase, median over the trials (s), from the events' stamps:")
@@ -625,34 +714,53 @@ vrrp_instance shared {{
                     s = self.stats(r, key)
                     cells.append(f(s["p50"]))
                 lines.append(f"| outage p50, {name} | " + " | ".join(cells) + " |")
-            steps = sorted({k for r in hanet_rows for t in r["trials"] for k in (t.get("takeover_timings") or {})},
-                           key=lambda k: statistics.median([t["takeover_timings"][k] for r in hanet_rows
-                                                            for t in r["trials"] if k in (t.get("takeover_timings") or {})]))
+            steps = sorted(
+                {k for r in hanet_rows for t in r["trials"] for k in (t.get("takeover_timings") or {})},
+                key=lambda k: statistics.median(
+                    [
+                        t["takeover_timings"][k]
+                        for r in hanet_rows
+                        for t in r["trials"]
+                        if k in (t.get("takeover_timings") or {})
+                    ]
+                ),
+            )
             if steps:
                 lines.append("")
-                lines.append("hanet.takeover steps, median time from the takeover's start (s): " + ", ".join(
-                    f"{k[:-2]} {statistics.median([t['takeover_timings'][k] for r in hanet_rows for t in r['trials'] if k in (t.get('takeover_timings') or {})]):.3f}"
-                    for k in steps))
+                lines.append(
+                    "hanet.takeover steps, median time from the takeover's start (s): "
+                    + ", ".join(
+                        f"{k[:-2]} {statistics.median([t['takeover_timings'][k] for r in hanet_rows for t in r['trials'] if k in (t.get('takeover_timings') or {})]):.3f}"
+                        for k in steps
+                    )
+                )
             rt = [t["runner_timings"] for r in hanet_rows for t in r["trials"] if t.get("runner_timings")]
             if rt:
-                lines.append("the master's decision, median from the event's arrival (s): " + ", ".join(
-                    f"{k[:-2]} {statistics.median([x[k] for x in rt if k in x]):.3f}" for k in rt[0]))
+                lines.append(
+                    "the master's decision, median from the event's arrival (s): "
+                    + ", ".join(f"{k[:-2]} {statistics.median([x[k] for x in rt if k in x]):.3f}" for k in rt[0])
+                )
             paths = {}
             for r in hanet_rows:
                 for t in r["trials"]:
                     if "vm" in t:
-                        key = (f"decided by {t.get('via') or 'runner'}, second opinion "
-                               f"{t.get('second_opinion') or 'icmp'}, bound by {t.get('bound_by') or 'job'}")
+                        key = (
+                            f"decided by {t.get('via') or 'runner'}, second opinion "
+                            f"{t.get('second_opinion') or 'icmp'}, bound by {t.get('bound_by') or 'job'}"
+                        )
                         paths[key] = paths.get(key, 0) + 1
             if paths:
                 lines.append("paths taken (trials): " + "; ".join(f"{k}: {n}" for k, n in sorted(paths.items())))
         lines.append("")
-        lines.append("load average (1/5/15 min) before -> after each row: " + "; ".join(
-            f"{r['label']}: {r['load_before']} -> {r.get('load_after', '?')}" for r in self.rows))
+        lines.append(
+            "load average (1/5/15 min) before -> after each row: "
+            + "; ".join(f"{r['label']}: {r['load_before']} -> {r.get('load_after', '?')}" for r in self.rows)
+        )
         return "\n".join(lines)
 
     def plot(self, path):
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
@@ -664,30 +772,49 @@ vrrp_instance shared {{
         tr = good[len(good) // 2]  # the median trial (by the VM direction)
         t0 = tr["t0"]
         fig, ax = plt.subplots(figsize=(13, 4.2))
-        for y, key, name, color in ((1, "vm_replies", DIRS[0][1], "tab:blue"), (0, "up_replies", DIRS[1][1], "tab:green")):
+        for y, key, name, color in (
+            (1, "vm_replies", DIRS[0][1], "tab:blue"),
+            (0, "up_replies", DIRS[1][1], "tab:green"),
+        ):
             xs = [t - t0 for t, _ in tr[key] if -0.5 <= t - t0 <= 3.0]
             ax.eventplot([xs], lineoffsets=y, linelengths=0.6, colors=color, linewidths=0.8)
-            ax.text(-0.48, y + 0.36, f"{name}: outage {tr['vm' if key == 'vm_replies' else 'up']['outage']:.3f} s",
-                    fontsize=8, color=color)
-        names = {"power_off": "power off", "detected": "detected_at (beacon)", "runner_start": "decision start",
-                 "published": "takeover published", "takeover_start": "takeover start", "bound": "bound",
-                 "announced": "announced (GARP)", "completed": "complete (dnsmasq up)"}
+            ax.text(
+                -0.48,
+                y + 0.36,
+                f"{name}: outage {tr['vm' if key == 'vm_replies' else 'up']['outage']:.3f} s",
+                fontsize=8,
+                color=color,
+            )
+        names = {
+            "power_off": "power off",
+            "detected": "detected_at (beacon)",
+            "runner_start": "decision start",
+            "published": "takeover published",
+            "takeover_start": "takeover start",
+            "bound": "bound",
+            "announced": "announced (GARP)",
+            "completed": "complete (dnsmasq up)",
+        }
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         for i, (k, label) in enumerate(names.items()):
             t = tr["marks"].get(k)
             if t is None:
                 continue
-            ax.axvline(t - t0, color=colors[i % len(colors)], linestyle="--", linewidth=1.2,
-                       label=f"{label}: {t - t0:+.3f} s")
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="marks (from the events)",
-                  title_fontsize=8)
+            ax.axvline(
+                t - t0, color=colors[i % len(colors)], linestyle="--", linewidth=1.2, label=f"{label}: {t - t0:+.3f} s"
+            )
+        ax.legend(
+            loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="marks (from the events)", title_fontsize=8
+        )
         ax.set_yticks([0, 1], ["router -> FIP", "VM -> router"])
         ax.set_ylim(-0.5, 1.6)
         last = min(max(t for t, _ in tr["vm_replies"]), max(t for t, _ in tr["up_replies"])) - t0
         ax.set_xlim(-0.5, min(3.0, last + 0.05))
         ax.set_xlabel(f"seconds since power-off of {tr['killed']} (ping -i 0.01 replies)")
-        ax.set_title(f"hanet failover {tr['killed']} -> {tr['to']} ({row['settings']['probe_interval_ms']} ms x "
-                     f"{row['settings']['probe_misses']}), median trial of {len(good)}, {time.strftime('%Y-%m-%d')}")
+        ax.set_title(
+            f"hanet failover {tr['killed']} -> {tr['to']} ({row['settings']['probe_interval_ms']} ms x "
+            f"{row['settings']['probe_misses']}), median trial of {len(good)}, {time.strftime('%Y-%m-%d')}"
+        )
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -722,11 +849,17 @@ def main(argv=None):
     ap.add_argument("--no-fast", action="store_true", help="skip the hanet row with probe_interval_ms 50")
     ap.add_argument("--no-keepalived", action="store_true")
     ap.add_argument("--no-hanet", action="store_true")
-    ap.add_argument("--no-two-masters", action="store_true",
-                    help="skip the rows with two masters and the record in etcd (needs etcd)")
+    ap.add_argument(
+        "--no-two-masters",
+        action="store_true",
+        help="skip the rows with two masters and the record in etcd (needs etcd)",
+    )
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for hanet's complete event")
-    ap.add_argument("--outdir", default=f"/tmp/hanet-bench-failover-{time.strftime('%Y%m%d-%H%M%S')}",
-                    help="where logs of failures, the JSON and (by default) the PNG go")
+    ap.add_argument(
+        "--outdir",
+        default=f"/tmp/hanet-bench-failover-{time.strftime('%Y%m%d-%H%M%S')}",
+        help="where logs of failures, the JSON and (by default) the PNG go",
+    )
     ap.add_argument("--png", help="timeline PNG of the median hanet trial (default OUTDIR/failover-timeline.png)")
     ap.add_argument("--json", help="every trial's figures (default OUTDIR/failover.json)")
     ap.add_argument("--md", help="also write the tables (markdown) to this file")
@@ -735,8 +868,10 @@ def main(argv=None):
         print("bench failover: needs root (the namespace lab)", file=sys.stderr)
         return 2
     bench = Bench(args)
-    log(f"failover benchmark: {args.trials} trials per row; load {loadavg()}; {os.cpu_count()} CPUs; "
-        f"outdir {args.outdir}")
+    log(
+        f"failover benchmark: {args.trials} trials per row; load {loadavg()}; {os.cpu_count()} CPUs; "
+        f"outdir {args.outdir}"
+    )
     rc = 0
     try:
         bench.run()
@@ -758,15 +893,19 @@ def main(argv=None):
             png = bench.plot(args.png or os.path.join(args.outdir, "failover-timeline.png"))
         except Exception as err:  # noqa: BLE001
             log(f"timeline: {err!r}")
-        header = (f"failover benchmark {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} "
-                  f"({os.cpu_count()} CPUs, kernel {platform.release()}), {args.trials} power-loss trials per row, "
-                  f"wall time {getattr(bench, 'elapsed', 0) / 60:.1f} min")
+        header = (
+            f"failover benchmark {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} "
+            f"({os.cpu_count()} CPUs, kernel {platform.release()}), {args.trials} power-loss trials per row, "
+            f"wall time {getattr(bench, 'elapsed', 0) / 60:.1f} min"
+        )
         print("\n" + header + "\n\n" + table)
         if png:
             print(f"\ntimeline: {png}")
         if bench.benign:
-            print(f"\n{len(bench.benign)} rejected liveness reports that did not stop a failover (reasons: "
-                  f"{sorted({b['reason'] for b in bench.benign})})")
+            print(
+                f"\n{len(bench.benign)} rejected liveness reports that did not stop a failover (reasons: "
+                f"{sorted({b['reason'] for b in bench.benign})})"
+            )
         if bench.failures:
             rc = 1
             print(f"\n{len(bench.failures)} FAILED failovers:")
@@ -774,7 +913,9 @@ def main(argv=None):
                 print(f"  - {t['failure']}\n    logs: {t['logs']}")
         jpath = args.json or os.path.join(args.outdir, "failover.json")
         with open(jpath, "w") as fh:
-            json.dump({"header": header, "rows": bench.rows, "benign_rejections": bench.benign}, fh, default=str, indent=1)
+            json.dump(
+                {"header": header, "rows": bench.rows, "benign_rejections": bench.benign}, fh, default=str, indent=1
+            )
         print(f"every trial: {jpath}")
         if args.md:
             with open(args.md, "w") as fh:

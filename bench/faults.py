@@ -19,6 +19,7 @@ VM app1 sits on compute1's br200 with the floating IP 203.0.113.60. For each fau
 
 A fault whose expected outcome is not met prints FAIL in its row (the run still goes on).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,8 +78,9 @@ class Matrix:
 
     def apply(self, tgt):
         got = self.lab.salt(tgt, "state.apply", ["hanet"], timeout=300)
-        bad = {m: r for m, r in got.items() if not isinstance(r, dict)
-               or any(v.get("result") is False for v in r.values())}
+        bad = {
+            m: r for m, r in got.items() if not isinstance(r, dict) or any(v.get("result") is False for v in r.values())
+        }
         if bad or set(got) != set(tgt):
             raise RuntimeError(f"state.apply failed: {json.dumps(bad, default=str)[:2000]}")
 
@@ -100,8 +102,13 @@ class Matrix:
         for host in NETWORK_HOSTS:
             # powered: mgmt0 administratively up (a powered-off host keeps its kernel state
             # in the lab, every link down; an unplugged one only lost its carrier)
-            flags = subprocess.run(["ip", "-n", self.lab.ns(host), "-o", "link", "show", "mgmt0"],
-                                   capture_output=True, text=True).stdout.split("<", 1)[-1].split(">", 1)[0]
+            flags = (
+                subprocess.run(
+                    ["ip", "-n", self.lab.ns(host), "-o", "link", "show", "mgmt0"], capture_output=True, text=True
+                )
+                .stdout.split("<", 1)[-1]
+                .split(">", 1)[0]
+            )
             if "UP" in flags.split(",") and any(a.split("/")[0] == address for a in self.lab.addresses(host)):
                 out.append(host)
         return out
@@ -118,13 +125,17 @@ class Matrix:
     def served_by(self, hosts, timeout=60):
         """One of ``hosts`` alone holds the gateway and the floating IP, and the record
         confirms it; returns it."""
+
         def one():
             got = self.holders(GATEWAY)
             return len(got) == 1 and got[0] in hosts and self.holders(FLOATING) == got and got[0]
 
         host = self.wait(f"one of {hosts} alone holding the gateway", one, timeout)
-        self.wait(f"the record confirming {host}", lambda: self.owner() == host
-                  and self.record()[NET].get("confirmed", True) is True, timeout)
+        self.wait(
+            f"the record confirming {host}",
+            lambda: self.owner() == host and self.record()[NET].get("confirmed", True) is True,
+            timeout,
+        )
         return host
 
     def serving(self, host):
@@ -132,8 +143,7 @@ class Matrix:
         return got if isinstance(got, dict) else {}  # an error string while it starts
 
     def standby_again(self, host):
-        self.wait(f"{host} back as a standby",
-                  lambda: self.serving(host).get("networks", {}).get(NET) is False, 90)
+        self.wait(f"{host} back as a standby", lambda: self.serving(host).get("networks", {}).get(NET) is False, 90)
 
     def healthy(self, host):
         self.wait(f"{host} healthy", lambda: self.serving(host).get("lost") == [], 60)
@@ -244,8 +254,12 @@ class Matrix:
             chaos.power_off(self.lab, old)
             cachedir = os.path.join(self.lab.master_root, "var", "cache", "salt", "master")
             with failover.Record(cachedir) as rec:
-                failover.record_move(rec.owners, failover.Move(NET, old, new, before + 1), time.time(),
-                                     "bench: decided, then the master died")
+                failover.record_move(
+                    rec.owners,
+                    failover.Move(NET, old, new, before + 1),
+                    time.time(),
+                    "bench: decided, then the master died",
+                )
                 rec.save()
         finally:
             self.lab.start_master()
@@ -306,19 +320,35 @@ class Matrix:
         ("uplink", "owner loses only its public uplink", "a standby serves; owner gives up"),
         ("segment", "owner loses only its VM-segment link", "a standby serves; owner gives up"),
         ("observer_only", "master cannot reach the owner (VMs and standbys can)", "no move"),
-        ("healed_partition", "owner isolated 30 s, then back with its kernel state",
-         "standby serves; loser holds nothing after the heal"),
-        ("cut_off_but_router", "owner cut off from all but the router 15 s (carriers up)",
-         "owner falls silent; standby serves; never two holders"),
+        (
+            "healed_partition",
+            "owner isolated 30 s, then back with its kernel state",
+            "standby serves; loser holds nothing after the heal",
+        ),
+        (
+            "cut_off_but_router",
+            "owner cut off from all but the router 15 s (carriers up)",
+            "owner falls silent; standby serves; never two holders",
+        ),
         ("master_down", "master down when the owner dies, back 20 s later", "failover completes after"),
         ("master_restart_mid_decision", "master restarted between decision and order", "one owner, same epoch"),
         ("two_die", "owner and first standby die together", "the third serves"),
         ("dnsmasq_killed", "dnsmasq killed on the owner", "restarted, lease kept"),
         ("flapping_uplink", "flapping uplink (2 s down / 2 s up, 32 s)", "at most one move"),
     ]
-    MAX_MOVES = {"observer_only": 0, "dnsmasq_killed": 0, "flapping_uplink": 1, "uplink": 1, "segment": 1,
-                 "power_loss": 1, "healed_partition": 1, "cut_off_but_router": 1, "master_down": 1, "two_die": 2,
-                 "master_restart_mid_decision": 1}
+    MAX_MOVES = {
+        "observer_only": 0,
+        "dnsmasq_killed": 0,
+        "flapping_uplink": 1,
+        "uplink": 1,
+        "segment": 1,
+        "power_loss": 1,
+        "healed_partition": 1,
+        "cut_off_but_router": 1,
+        "master_down": 1,
+        "two_die": 2,
+        "master_restart_mid_decision": 1,
+    }
 
     def run_fault(self, name, title, expected):
         lab = self.lab
@@ -368,9 +398,11 @@ class Matrix:
             log(f"WARNING: restoring after {name} failed: {err!r}")
             self.restore()
         self.rows.append(row)
-        log(f"{name}: {'ok' if row['ok'] else 'NOT OK'} - {row['outcome']}; VM outage {fmt(row['vm_outage_s'])} s, "
+        log(
+            f"{name}: {'ok' if row['ok'] else 'NOT OK'} - {row['outcome']}; VM outage {fmt(row['vm_outage_s'])} s, "
             f"router outage {fmt(row['up_outage_s'])} s, gateway silent on the wire "
-            f"{fmt(row['gateway_silent_s'])} s, two holders {row['two_holders_s']} s, moves {row['moves']}")
+            f"{fmt(row['gateway_silent_s'])} s, two holders {row['two_holders_s']} s, moves {row['moves']}"
+        )
         for what, detail in row["events"]:
             log(f"    {what}: {detail}")
 
@@ -421,13 +453,18 @@ class Matrix:
             self.run_fault(name, title, expected)
 
     def table(self):
-        lines = ["| fault | expected | outcome | VM outage (s) | router outage (s) | gateway silent (s) | "
-                 "two holders (s) | moves |", "|---|---|---|---|---|---|---|---|"]
+        lines = [
+            "| fault | expected | outcome | VM outage (s) | router outage (s) | gateway silent (s) | "
+            "two holders (s) | moves |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in self.rows:
-            lines.append(f"| {r['title']} | {r['expected']} | {'' if r['ok'] else '**'}{r['outcome']}"
-                         f"{'' if r['ok'] else '**'} | {fmt(r['vm_outage_s'])} | {fmt(r['up_outage_s'])} | "
-                         f"{fmt(r['gateway_silent_s'])} | "
-                         f"{r['two_holders_s']} | {r['moves']} |")
+            lines.append(
+                f"| {r['title']} | {r['expected']} | {'' if r['ok'] else '**'}{r['outcome']}"
+                f"{'' if r['ok'] else '**'} | {fmt(r['vm_outage_s'])} | {fmt(r['up_outage_s'])} | "
+                f"{fmt(r['gateway_silent_s'])} | "
+                f"{r['two_holders_s']} | {r['moves']} |"
+            )
         return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ table with the ratios built-in / hanet.
 
     ./dev bench floating [--count 1000] [--json FILE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,41 +45,72 @@ FIXED_NET = ipaddress.ip_network("10.0.0.0/20")
 
 
 def topology() -> Topology:
-    host = Host(name=HOST, links={"mgmt0": "mgmt", "eth0": "public", "eth1": "seg-private"},
-                addresses={"mgmt0": ["192.0.2.11/24"], "eth0": ["203.0.113.11/24"]},
-                gateway="203.0.113.1")
+    host = Host(
+        name=HOST,
+        links={"mgmt0": "mgmt", "eth0": "public", "eth1": "seg-private"},
+        addresses={"mgmt0": ["192.0.2.11/24"], "eth0": ["203.0.113.11/24"]},
+        gateway="203.0.113.1",
+    )
     master = Master(name="master", links={"mgmt0": "mgmt"}, addresses={"mgmt0": ["192.0.2.1/24"]})
-    router = Router(name="router", links={"eth0": "public"}, addresses={"eth0": ["203.0.113.1/24"]},
-                    http_port=0)
-    topo = Topology(segments=["mgmt", "public", "seg-private"], master=master, hosts={HOST: host},
-                    routers={"router": router}, vms={})
+    router = Router(name="router", links={"eth0": "public"}, addresses={"eth0": ["203.0.113.1/24"]}, http_port=0)
+    topo = Topology(
+        segments=["mgmt", "public", "seg-private"],
+        master=master,
+        hosts={HOST: host},
+        routers={"router": router},
+        vms={},
+    )
     topo.validate()
     return topo
 
 
 def pairs(count):
-    fips = list(FIP_NET.hosts())[10:10 + count]
-    fixed = list(FIXED_NET.hosts())[9:9 + count]
+    fips = list(FIP_NET.hosts())[10 : 10 + count]
+    fixed = list(FIXED_NET.hosts())[9 : 9 + count]
     return [(str(f), str(x)) for f, x in zip(fips, fixed)]
 
 
 def hanet_pillar(count):
     insts = {}
     for i, (fip, fixed) in enumerate(pairs(count)):
-        insts[f"vm{i:04d}"] = {"host": HOST, "floating_ips": [fip], "nics": [{
-            "network": "private", "mac": f"fa:16:3e:10:{i // 256:02x}:{i % 256:02x}", "ip": fixed}]}
-    return {"hanet": {
-        "send_arp_for_ha": True,
-        "networks": {"private": {"cidr": str(FIXED_NET), "bridge": "br100", "bridge_interface": "eth1",
-                                 "multi_host": True, "gateway": "10.0.0.1"}},
-        "hosts": {HOST: {"public_interface": "eth0", "routing_source_ip": "203.0.113.11",
-                         "networks": {"private": {"address": "10.0.0.2"}}}},
-        "instances": insts}}
+        insts[f"vm{i:04d}"] = {
+            "host": HOST,
+            "floating_ips": [fip],
+            "nics": [{"network": "private", "mac": f"fa:16:3e:10:{i // 256:02x}:{i % 256:02x}", "ip": fixed}],
+        }
+    return {
+        "hanet": {
+            "send_arp_for_ha": True,
+            "networks": {
+                "private": {
+                    "cidr": str(FIXED_NET),
+                    "bridge": "br100",
+                    "bridge_interface": "eth1",
+                    "multi_host": True,
+                    "gateway": "10.0.0.1",
+                }
+            },
+            "hosts": {
+                HOST: {
+                    "public_interface": "eth0",
+                    "routing_source_ip": "203.0.113.11",
+                    "networks": {"private": {"address": "10.0.0.2"}},
+                }
+            },
+            "instances": insts,
+        }
+    }
 
 
 def builtin_pillar(count, root):
-    return {"bench_floating": {"interface": "eth0", "cidr": str(FIXED_NET), "root": root,
-                               "floating": [{"address": f, "fixed_ip": x} for f, x in pairs(count)]}}
+    return {
+        "bench_floating": {
+            "interface": "eth0",
+            "cidr": str(FIXED_NET),
+            "root": root,
+            "floating": [{"address": f, "fixed_ip": x} for f, x in pairs(count)],
+        }
+    }
 
 
 def apply(lab, sls, timeout=3600):
@@ -105,8 +137,7 @@ class Reach:
 
     def run(self):
         while not self.stop.is_set():
-            cp = self.lab.exec("router", ["arping", "-q", "-c", "1", "-w", "0.1", "-I", "eth0", self.ip],
-                               timeout=10)
+            cp = self.lab.exec("router", ["arping", "-q", "-c", "1", "-w", "0.1", "-I", "eth0", self.ip], timeout=10)
             if cp.returncode == 0:
                 self.at = time.monotonic()
                 return
@@ -122,8 +153,12 @@ def holds(lab, ip):
 
 
 def clean_builtin(lab, count):
-    script = ["iptables -t nat -F PREROUTING", "iptables -t nat -F OUTPUT", "iptables -t nat -F POSTROUTING",
-              "iptables -F FORWARD"]
+    script = [
+        "iptables -t nat -F PREROUTING",
+        "iptables -t nat -F OUTPUT",
+        "iptables -t nat -F POSTROUTING",
+        "iptables -F FORWARD",
+    ]
     lab.exec(HOST, " ; ".join(script))
     batch = "".join(f"address del {f}/32 dev eth0\n" for f, _ in pairs(count))
     lab.exec(HOST, ["ip", "-force", "-batch", "-"], input=batch)
@@ -139,8 +174,14 @@ def run_one(lab, name, sls, pillar, count):
     _, noop, noop_changed, _ = apply(lab, sls)
     if name == "hanet" and noop_changed:
         raise RuntimeError(f"hanet no-op apply changed {noop_changed} state(s)")
-    return {"first": first, "reach": (at - t0) if at else None, "noop": noop, "states": nstates,
-            "first_changed": changed, "noop_changed": noop_changed}
+    return {
+        "first": first,
+        "reach": (at - t0) if at else None,
+        "noop": noop,
+        "states": nstates,
+        "first_changed": changed,
+        "noop_changed": noop_changed,
+    }
 
 
 def main(argv=None) -> int:
@@ -159,8 +200,9 @@ def main(argv=None) -> int:
         apply(lab, "hanet")
         assert not holds(lab, pairs(args.count)[-1][0]), "hanet left an address"
         print("built-in states ...", file=sys.stderr, flush=True)
-        rows["builtin"] = run_one(lab, "builtin", "bench.floating_builtin",
-                                  builtin_pillar(args.count, root), args.count)
+        rows["builtin"] = run_one(
+            lab, "builtin", "bench.floating_builtin", builtin_pillar(args.count, root), args.count
+        )
         clean_builtin(lab, args.count)
     print(report(rows, args.count))
     if args.json:
@@ -176,18 +218,29 @@ def _s(v):
 def report(rows, count):
     h, b = rows["hanet"], rows["builtin"]
     cpu = platform.processor() or platform.machine()
-    lines = [f"{count} floating IPs on one host ({os.cpu_count()} vCPU {cpu}, kernel {platform.release()})", "",
-             "| | hanet | built-in states | built-in / hanet |", "|---|---|---|---|"]
-    for key, label in (("first", "first apply"), ("reach", "router reaches the last floating IP (from apply start)"),
-                       ("noop", "no-op re-apply")):
+    lines = [
+        f"{count} floating IPs on one host ({os.cpu_count()} vCPU {cpu}, kernel {platform.release()})",
+        "",
+        "| | hanet | built-in states | built-in / hanet |",
+        "|---|---|---|---|",
+    ]
+    for key, label in (
+        ("first", "first apply"),
+        ("reach", "router reaches the last floating IP (from apply start)"),
+        ("noop", "no-op re-apply"),
+    ):
         ratio = f"{b[key] / h[key]:.1f}x" if h[key] and b[key] else "-"
         lines.append(f"| {label} | {_s(h[key])} | {_s(b[key])} | {ratio} |")
     lines.append(f"| states in the run | {h['states']} | {b['states']} | |")
-    lines.append(f"| states changed: first / no-op | {h['first_changed']} / {h['noop_changed']} | "
-                 f"{b['first_changed']} / {b['noop_changed']} | |")
+    lines.append(
+        f"| states changed: first / no-op | {h['first_changed']} / {h['noop_changed']} | "
+        f"{b['first_changed']} / {b['noop_changed']} | |"
+    )
     ok = h["noop"] and b["noop"] and b["noop"] / h["noop"] >= 10
-    lines += ["", f"target: hanet's no-op re-apply at least 10x faster than the built-in way's: "
-                  f"{'met' if ok else 'NOT met'}"]
+    lines += [
+        "",
+        f"target: hanet's no-op re-apply at least 10x faster than the built-in way's: {'met' if ok else 'NOT met'}",
+    ]
     return "\n".join(lines)
 
 

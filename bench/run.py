@@ -9,6 +9,7 @@ by ``./dev bench``) and a ``main()`` / ``if __name__ == "__main__"`` block.
     ./dev bench                  # list the benchmarks
     ./dev bench apply --runs 3   # bench/apply_scale.py: state.apply at 16 networks x 1,000 instances
 """
+
 from __future__ import annotations
 
 import ast
@@ -45,8 +46,10 @@ def main(argv=None) -> int:
     name = ALIASES.get(argv[0], argv[0]).replace("-", "_")
     path = os.path.join(HERE, f"{name}.py")
     if not os.path.exists(path):
-        print(f"bench: no benchmark {argv[0]!r}; one of: {', '.join(sorted(set(_benchmarks()) | set(ALIASES)))}",
-              file=sys.stderr)
+        print(
+            f"bench: no benchmark {argv[0]!r}; one of: {', '.join(sorted(set(_benchmarks()) | set(ALIASES)))}",
+            file=sys.stderr,
+        )
         return 2
     sys.argv = [path] + argv[1:]
     sys.path.insert(0, HERE)

@@ -3,6 +3,7 @@
 Tests marked ``lab`` need root (network namespaces, netlink, nftables) and the lab's
 tools; without them they are skipped with the reason, instead of failing.
 """
+
 import os
 import sys
 

@@ -8,6 +8,7 @@ frames are built by hand and sent on raw sockets, the interface's MAC read with 
 ioctl on that socket (no netlink dump, no scapy: ``garp_frames`` keeps scapy's version,
 which the unit tests compare the hand-built frames with).
 """
+
 from __future__ import annotations
 
 import time
@@ -132,8 +133,9 @@ def garp_bytes(ip, mac):
     from . import liveness
 
     bcast, addr = b"\xff" * 6, socket.inet_aton(ip)
-    reply = bcast + mac + struct.pack("!H", 0x0806) + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 2) \
-        + mac + addr + bcast + addr
+    reply = (
+        bcast + mac + struct.pack("!H", 0x0806) + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 2) + mac + addr + bcast + addr
+    )
     return [liveness.arp_request(mac, ip, ip), reply]
 
 

@@ -1,6 +1,7 @@
 """Shared plumbing of the appliers: where hanet keeps its files, what a change is,
 and the record of what hanet made on this host (so that removing something from the
 pillar removes it from the host)."""
+
 from __future__ import annotations
 
 import fcntl
@@ -167,8 +168,7 @@ class Managed:
 # Held while a child process is being created, and by every os.fork() of this process
 # before it forks (os.register_at_fork): see run().
 _SPAWNING = threading.RLock()
-os.register_at_fork(before=_SPAWNING.acquire, after_in_parent=_SPAWNING.release,
-                    after_in_child=_SPAWNING.release)
+os.register_at_fork(before=_SPAWNING.acquire, after_in_parent=_SPAWNING.release, after_in_child=_SPAWNING.release)
 
 
 def run(cmd, timeout=None, **popen_kwargs):

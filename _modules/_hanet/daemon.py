@@ -8,6 +8,7 @@ reused by another process is never mistaken for ours, and never signalled.
 
 Deadlines are ``time.monotonic()`` values; timeouts are seconds.
 """
+
 from __future__ import annotations
 
 import os
@@ -131,8 +132,7 @@ def launch(cmd, retry_until, retry_if=None, **run_kwargs):
 
     while True:
         proc = run(cmd, stdin=subprocess.DEVNULL, **run_kwargs)
-        if proc.returncode == 0 or (retry_if is not None and not retry_if(proc)) \
-                or time.monotonic() > retry_until:
+        if proc.returncode == 0 or (retry_if is not None and not retry_if(proc)) or time.monotonic() > retry_until:
             return proc
         time.sleep(RETRY_POLL)
 

@@ -5,6 +5,7 @@ desired state compares with ``==``, hashes, and turns into JSON with ``to_dict``
 appliers (``links``, ``ruleset``, ``dnsmasq``, ``metadata``) read the host's current
 state into the same shapes, and the planners compare the two.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -240,17 +241,28 @@ def compute(cfg, host, owners=None):
             addresses.append(f"{own.address}/{net.prefixlen}")
         if role == SERVING and not net.multi_host:
             addresses.append(net.gateway_cidr)
-        bridges.append(Bridge(name=net.bridge, network=label, uplink=uplink, segment=segment,
-                              mtu=net.mtu, addresses=tuple(addresses),
-                              guarded=(net.gateway_cidr,) if role == SERVING and not net.multi_host else ()))
+        bridges.append(
+            Bridge(
+                name=net.bridge,
+                network=label,
+                uplink=uplink,
+                segment=segment,
+                mtu=net.mtu,
+                addresses=tuple(addresses),
+                guarded=(net.gateway_cidr,) if role == SERVING and not net.multi_host else (),
+            )
+        )
 
-        local = [(i, n) for i in cfg.instances.values() for n in i.nics
-                 if n.network == label and i.host == host]
-        guards.append(PortGuard(bridge=net.bridge, trusted_ports=(uplink,) if uplink else (),
-                                pairs=tuple(sorted((n.mac, n.ip) for _, n in local)),
-                                dhcp_isolated=net.multi_host,
-                                ports=tuple(sorted((n.mac, n.port) for _, n in local
-                                                   if getattr(n, "port", None)))))
+        local = [(i, n) for i in cfg.instances.values() for n in i.nics if n.network == label and i.host == host]
+        guards.append(
+            PortGuard(
+                bridge=net.bridge,
+                trusted_ports=(uplink,) if uplink else (),
+                pairs=tuple(sorted((n.mac, n.ip) for _, n in local)),
+                dhcp_isolated=net.multi_host,
+                ports=tuple(sorted((n.mac, n.port) for _, n in local if getattr(n, "port", None))),
+            )
+        )
         if role == MEMBER:
             continue
         # A standby is hot: it holds the network's rules (SNAT, forward, metadata, the
@@ -259,24 +271,44 @@ def compute(cfg, host, owners=None):
         # nothing.
         serving = role == SERVING
 
-        served = local if net.multi_host else \
-            [(i, n) for i in cfg.instances.values() for n in i.nics if n.network == label]
+        served = (
+            local if net.multi_host else [(i, n) for i in cfg.instances.values() for n in i.nics if n.network == label]
+        )
         for inst, _ in served:
             served_instances[inst.name] = inst
         listen = own.address if net.multi_host else net.gateway
         router = net.gateway if net.hardware else listen
         if serving:
-            dnsmasqs.append(Dnsmasq(
-                network=label, bridge=net.bridge, listen_address=listen,
-                range_start=net.dhcp_start, netmask=net.netmask, lease_time=cfg.dhcp_lease_time,
-                lease_max=net.net.size, domain=domain, router=router,
-                dns_servers=net.dns_servers or cfg.dns_servers, conf_file=cfg.dnsmasq_config_file,
-                mtu=net.mtu if net.mtu != 1500 else None,
-                hosts=tuple(sorted(
-                    (DhcpHost(mac=n.mac, hostname=f"{i.hostname}.{domain}", ip=n.ip,
-                              default_route=not (cfg.use_single_default_gateway and n.index != 0))
-                     for i, n in served), key=lambda h: (h.mac, h.ip))),
-            ))
+            dnsmasqs.append(
+                Dnsmasq(
+                    network=label,
+                    bridge=net.bridge,
+                    listen_address=listen,
+                    range_start=net.dhcp_start,
+                    netmask=net.netmask,
+                    lease_time=cfg.dhcp_lease_time,
+                    lease_max=net.net.size,
+                    domain=domain,
+                    router=router,
+                    dns_servers=net.dns_servers or cfg.dns_servers,
+                    conf_file=cfg.dnsmasq_config_file,
+                    mtu=net.mtu if net.mtu != 1500 else None,
+                    hosts=tuple(
+                        sorted(
+                            (
+                                DhcpHost(
+                                    mac=n.mac,
+                                    hostname=f"{i.hostname}.{domain}",
+                                    ip=n.ip,
+                                    default_route=not (cfg.use_single_default_gateway and n.index != 0),
+                                )
+                                for i, n in served
+                            ),
+                            key=lambda h: (h.mac, h.ip),
+                        )
+                    ),
+                )
+            )
         service.append(net.bridge)
         exempt = list(cfg.dmz_cidr) + [net.cidr]
         if cfg.metadata_host != "127.0.0.1":
@@ -288,28 +320,51 @@ def compute(cfg, host, owners=None):
         # host's address instead breaks: the host answers the VM directly, on the shared L2.
         meta_bridges.append(net.bridge)
         if not net.hardware or cfg.force_snat_range:
-            snat.append(Snat(network=label, cidr=net.cidr, source=me.routing_source_ip,
-                             out_interface=me.public_interface, exempt=tuple(exempt),
-                             force=cfg.force_snat_range, all_destinations=not net.hardware))
+            snat.append(
+                Snat(
+                    network=label,
+                    cidr=net.cidr,
+                    source=me.routing_source_ip,
+                    out_interface=me.public_interface,
+                    exempt=tuple(exempt),
+                    force=cfg.force_snat_range,
+                    all_destinations=not net.hardware,
+                )
+            )
         for inst, nic in served:
             for f in inst.floating_ips:
                 if f.fixed_ip == nic.ip:
-                    fip = FloatingIp(address=f.address, fixed_ip=f.fixed_ip, instance=inst.name,
-                                     network=label, public_interface=me.public_interface,
-                                     cidr=net.cidr)
+                    fip = FloatingIp(
+                        address=f.address,
+                        fixed_ip=f.fixed_ip,
+                        instance=inst.name,
+                        network=label,
+                        public_interface=me.public_interface,
+                        cidr=net.cidr,
+                    )
                     nat_floating.append(fip)
                     if serving:
                         floating.append(fip)
 
     metadata = None
     if meta_bridges or (served_instances and cfg.metadata_host == "127.0.0.1"):
-        metadata = Metadata(bridges=tuple(meta_bridges), host=cfg.metadata_host,
-                            port=cfg.metadata_port, local_service=cfg.metadata_host == "127.0.0.1")
+        metadata = Metadata(
+            bridges=tuple(meta_bridges),
+            host=cfg.metadata_host,
+            port=cfg.metadata_port,
+            local_service=cfg.metadata_host == "127.0.0.1",
+        )
     floating = tuple(sorted(floating, key=lambda f: f.address))
-    ruleset = Ruleset(driver=cfg.firewall_driver, table="hanet", snat=tuple(snat), metadata=metadata,
-                      forward_bridges=tuple(forward), service_bridges=tuple(service),
-                      guards=tuple(guards),
-                      floating=tuple(sorted(nat_floating, key=lambda f: f.address)))
+    ruleset = Ruleset(
+        driver=cfg.firewall_driver,
+        table="hanet",
+        snat=tuple(snat),
+        metadata=metadata,
+        forward_bridges=tuple(forward),
+        service_bridges=tuple(service),
+        guards=tuple(guards),
+        floating=tuple(sorted(nat_floating, key=lambda f: f.address)),
+    )
     sysctls = (("net.ipv4.ip_forward", "1"),) if (forward or floating or snat) else ()
     watch, standby_for = {}, {}
     for label, role in roles:
@@ -321,38 +376,57 @@ def compute(cfg, host, owners=None):
                 continue
             if role == "standby":  # what moves here with the network: DAD-probed early
                 standby_for.setdefault(peer, set()).add((net.bridge, net.gateway))
-                standby_for[peer].update((f.public_interface, f.address)
-                                         for f in nat_floating if f.network == label)
+                standby_for[peer].update((f.public_interface, f.address) for f in nat_floating if f.network == label)
             targets = watch.setdefault(peer, set())
             targets.add((net.bridge, cfg.hosts[peer].networks[label].address))
             if cfg.hosts[peer].routing_source_ip:
                 targets.add((me.public_interface, cfg.hosts[peer].routing_source_ip))
-    own = sorted(label for label, n in cfg.networks.items()
-                 if not n.multi_host and host in n.network_hosts)
+    own = sorted(label for label, n in cfg.networks.items() if not n.multi_host and host in n.network_hosts)
     records = tuple(
-        InstanceRecord(name=i.name, uuid=i.uuid, hostname=f"{i.hostname}.{domain}",
-                       ips=tuple(n.ip for n in i.nics), public_keys=i.public_keys,
-                       user_data=i.user_data, availability_zone=i.availability_zone)
-        for _, i in sorted(served_instances.items()))
-    return HostState(host=host, bridges=tuple(bridges), sysctls=sysctls, ruleset=ruleset,
-                     dnsmasqs=tuple(dnsmasqs), metadata=metadata, floating_ips=floating,
-                     roles=tuple(roles), instances=records,
-                     garp_count=cfg.send_arp_for_ha_count if cfg.send_arp_for_ha else 0,
-                     liveness=tuple((p, tuple(sorted(t))) for p, t in sorted(watch.items())),
-                     probe=cfg.ha.probe,
-                     standby_for=tuple((p, tuple(sorted(t))) for p, t in sorted(standby_for.items())),
-                     orders=bool(own), garp_refresh_s=cfg.ha.garp_refresh_s if own else 0,
-                     health_uplink=me.public_interface if own else "",
-                     health_segments=tuple((label, cfg.networks[label].bridge_interface or "")
-                                           for label in own))
+        InstanceRecord(
+            name=i.name,
+            uuid=i.uuid,
+            hostname=f"{i.hostname}.{domain}",
+            ips=tuple(n.ip for n in i.nics),
+            public_keys=i.public_keys,
+            user_data=i.user_data,
+            availability_zone=i.availability_zone,
+        )
+        for _, i in sorted(served_instances.items())
+    )
+    return HostState(
+        host=host,
+        bridges=tuple(bridges),
+        sysctls=sysctls,
+        ruleset=ruleset,
+        dnsmasqs=tuple(dnsmasqs),
+        metadata=metadata,
+        floating_ips=floating,
+        roles=tuple(roles),
+        instances=records,
+        garp_count=cfg.send_arp_for_ha_count if cfg.send_arp_for_ha else 0,
+        liveness=tuple((p, tuple(sorted(t))) for p, t in sorted(watch.items())),
+        probe=cfg.ha.probe,
+        standby_for=tuple((p, tuple(sorted(t))) for p, t in sorted(standby_for.items())),
+        orders=bool(own),
+        garp_refresh_s=cfg.ha.garp_refresh_s if own else 0,
+        health_uplink=me.public_interface if own else "",
+        health_segments=tuple((label, cfg.networks[label].bridge_interface or "") for label in own),
+    )
 
 
 def _segment(net):
     if net.vlan is not None:
-        return Segment(kind="vlan", name=f"vlan{net.vlan}", parent=net.bridge_interface,
-                       vlan_id=net.vlan, mtu=net.mtu)
+        return Segment(kind="vlan", name=f"vlan{net.vlan}", parent=net.bridge_interface, vlan_id=net.vlan, mtu=net.mtu)
     if net.vxlan is not None:
-        return Segment(kind="vxlan", name=f"vx{net.vxlan.vni}", parent=net.bridge_interface,
-                       vni=net.vxlan.vni, group=net.vxlan.group, remotes=net.vxlan.remotes,
-                       port=net.vxlan.port, mtu=net.mtu)
+        return Segment(
+            kind="vxlan",
+            name=f"vx{net.vxlan.vni}",
+            parent=net.bridge_interface,
+            vni=net.vxlan.vni,
+            group=net.vxlan.group,
+            remotes=net.vxlan.remotes,
+            port=net.vxlan.port,
+            mtu=net.mtu,
+        )
     return None

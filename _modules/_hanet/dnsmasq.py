@@ -47,6 +47,7 @@ dnsmasq NAKs every request for an address it has no lease for, so one DHCP reque
 crossed hosts (a misconfigured guard, the uplink during a failover) would knock another
 host's instance off its address. Static ranges already make our answers deterministic.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -152,8 +153,7 @@ def hostsfile(spec: Dnsmasq) -> str:
     No ``set:`` tags here (see the module doc): the no-default-route NICs are tagged by
     ``--dhcp-mac`` in ``argv``.
     """
-    lines = [f"{h.mac.lower()},{h.hostname},{h.ip}"
-             for h in sorted(spec.hosts, key=lambda h: (h.mac.lower(), h.ip))]
+    lines = [f"{h.mac.lower()},{h.hostname},{h.ip}" for h in sorted(spec.hosts, key=lambda h: (h.mac.lower(), h.ip))]
     return "".join(line + "\n" for line in lines)
 
 
@@ -248,7 +248,7 @@ def _labels(paths, managed):
     try:
         for name in os.listdir(paths.run_dir):
             if name.startswith("dnsmasq-") and name.endswith(".pid"):
-                labels.add(name[len("dnsmasq-"): -len(".pid")])
+                labels.add(name[len("dnsmasq-") : -len(".pid")])
     except FileNotFoundError:
         pass
     return labels
@@ -323,14 +323,27 @@ def plan(desired, current) -> list:
             for mac, ip in sorted(leased):
                 if new_hosts.get(mac) == ip:
                     continue
-                releases.append(Change(FACET, "release", f"{label}/{ip}/{mac}", {
-                    "network": label, "bridge": bridge, "ip": ip, "mac": mac, "pid": cur.get("pid"),
-                    "server": cur.get("listen_address") or spec.listen_address}))
+                releases.append(
+                    Change(
+                        FACET,
+                        "release",
+                        f"{label}/{ip}/{mac}",
+                        {
+                            "network": label,
+                            "bridge": bridge,
+                            "ip": ip,
+                            "mac": mac,
+                            "pid": cur.get("pid"),
+                            "server": cur.get("listen_address") or spec.listen_address,
+                        },
+                    )
+                )
         if not cur.get("alive") or cur.get("argv_digest") != options_digest(spec):
             reason = "dead" if not cur.get("alive") else "options changed"
             changes.extend(releases)
-            changes.append(Change(FACET, "restart", label, {
-                "spec": spec_to_dict(spec), "pid": cur.get("pid"), "reason": reason}))
+            changes.append(
+                Change(FACET, "restart", label, {"spec": spec_to_dict(spec), "pid": cur.get("pid"), "reason": reason})
+            )
         elif (cur.get("hosts_text") or "") != hostsfile(spec):
             changes.extend(releases)
             changes.append(Change(FACET, "reload", label, {"spec": spec_to_dict(spec), "pid": cur.get("pid")}))
@@ -405,17 +418,20 @@ def _started_meanwhile(spec, paths):
 def _launch(cmd, label, paths):
     f = files(label, paths)
     # a dnsmasq that is still exiting may hold the address a moment longer: retry "in use"
-    proc = daemon.launch(cmd, time.monotonic() + START_TIMEOUT / 2,
-                         retry_if=lambda proc: "in use" in proc.stdout,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         timeout=START_TIMEOUT)
+    proc = daemon.launch(
+        cmd,
+        time.monotonic() + START_TIMEOUT / 2,
+        retry_if=lambda proc: "in use" in proc.stdout,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=START_TIMEOUT,
+    )
     if proc.returncode != 0:
-        raise RuntimeError(f"dnsmasq for {label} failed to start "
-                           f"(exit {proc.returncode}): {proc.stdout.strip()}")
+        raise RuntimeError(f"dnsmasq for {label} failed to start (exit {proc.returncode}): {proc.stdout.strip()}")
     pid = daemon.wait_for_pid(f["pid"], f"--pid-file={f['pid']}", time.monotonic() + START_TIMEOUT)
     if pid is None:
-        raise RuntimeError(f"dnsmasq for {label} did not come up within {START_TIMEOUT}s "
-                           f"(see {f['log']})")
+        raise RuntimeError(f"dnsmasq for {label} did not come up within {START_TIMEOUT}s (see {f['log']})")
     return pid
 
 
@@ -429,8 +445,11 @@ def revive(paths, label):
             record = json.loads(_read(f["record"]) or "null")
         except ValueError:
             return None
-        if not isinstance(record, dict) or not record.get("argv") \
-                or process_matches(daemon.read_pid(f["pid"]), f"--pid-file={f['pid']}"):
+        if (
+            not isinstance(record, dict)
+            or not record.get("argv")
+            or process_matches(daemon.read_pid(f["pid"]), f"--pid-file={f['pid']}")
+        ):
             return None
         try:
             os.unlink(f["pid"])
@@ -445,9 +464,24 @@ def release_packet(server, ip, mac, client_id=None):
     import struct
 
     chaddr = bytes.fromhex(mac.replace(":", "").replace("-", ""))
-    head = struct.pack("!BBBBIHH4s4s4s4s16s64s128sI", 1, 1, len(chaddr), 0, 0, 0, 0,
-                       socket.inet_aton(ip), bytes(4), bytes(4), bytes(4), chaddr.ljust(16, b"\0"),
-                       bytes(64), bytes(128), 0x63825363)
+    head = struct.pack(
+        "!BBBBIHH4s4s4s4s16s64s128sI",
+        1,
+        1,
+        len(chaddr),
+        0,
+        0,
+        0,
+        0,
+        socket.inet_aton(ip),
+        bytes(4),
+        bytes(4),
+        bytes(4),
+        chaddr.ljust(16, b"\0"),
+        bytes(64),
+        bytes(128),
+        0x63825363,
+    )
     options = bytes([53, 1, 7, 54, 4]) + socket.inet_aton(server)
     if client_id:
         clid = bytes.fromhex(client_id.replace(":", ""))
@@ -554,9 +588,14 @@ def _apply(changes, paths, managed):
                 except OSError as err:
                     error = str(err)
             else:
-                proc = subprocess.run([DHCP_RELEASE, d["bridge"], d["ip"], d["mac"]],
-                                      stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                      timeout=10, check=False)
+                proc = subprocess.run(
+                    [DHCP_RELEASE, d["bridge"], d["ip"], d["mac"]],
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                    check=False,
+                )
                 if proc.returncode != 0:
                     error = (proc.stderr or proc.stdout).strip()
             if error:
@@ -564,8 +603,7 @@ def _apply(changes, paths, managed):
             elif _wait_released(paths, d["network"], d["mac"], d["ip"], resend=resend):
                 done.append(f"released lease {d['ip']} {d['mac']} on {d['bridge']}")
             else:
-                done.append(f"sent dhcp_release {d['ip']} {d['mac']} on {d['bridge']} "
-                            "(lease still listed)")
+                done.append(f"sent dhcp_release {d['ip']} {d['mac']} on {d['bridge']} (lease still listed)")
         elif change.action == "stop":
             pid = _stop(label, paths)
             for path in files(label, paths).values():

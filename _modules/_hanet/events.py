@@ -7,7 +7,6 @@ sends for its beacons, on the minion's own authenticated request channel. Salt's
 def send(opts, tag, data, timeout=5):
     import salt.channel.client
 
-    load = {"id": opts["id"], "cmd": "_minion_event", "pretag": None,
-            "events": [{"tag": tag, "data": data}]}
+    load = {"id": opts["id"], "cmd": "_minion_event", "pretag": None, "events": [{"tag": tag, "data": data}]}
     with salt.channel.client.ReqChannel.factory(opts) as channel:
         channel.send(load, tries=2, timeout=timeout)

@@ -15,6 +15,7 @@ The flow (docs/architecture.md walks it file by file)::
     minion: parse_order (warm path in the beacon) / hanet.takeover job -> takeover.run
             -> failover_tag(network, "complete" | "failed")
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -55,8 +56,7 @@ def liveness_tag(observer, peer, state):
 def parse_liveness_tag(tag):
     """(observer, peer, state) of a liveness tag, or None."""
     parts = tag.split("/") if isinstance(tag, str) else []
-    if len(parts) != 6 or parts[:2] != ["salt", "beacon"] or parts[3] != BEACON \
-            or parts[5] not in STATES:
+    if len(parts) != 6 or parts[:2] != ["salt", "beacon"] or parts[3] != BEACON or parts[5] not in STATES:
         return None
     return parts[2], parts[4], parts[5]
 
@@ -91,8 +91,15 @@ def report(observer, peer, state, detected_at, targets=(), nonce=None):
     """A liveness report's data, unsigned (``sign`` adds ``sig``)."""
     import uuid
 
-    return {"peer": peer, "state": state, "detected_at": detected_at, "observer": observer,
-            "targets": list(targets), "id": observer, "nonce": nonce or uuid.uuid4().hex}
+    return {
+        "peer": peer,
+        "state": state,
+        "detected_at": detected_at,
+        "observer": observer,
+        "targets": list(targets),
+        "id": observer,
+        "nonce": nonce or uuid.uuid4().hex,
+    }
 
 
 def health_report(host, lost, detected_at, nonce=None):
@@ -162,19 +169,31 @@ def parse_report(tag, data, now, fresh_s=FRESH_S):
     if data.get("observer") != observer or data.get("peer") != peer or data.get("state") != state:
         raise Rejected("tag and data disagree")
     detected_at = data.get("detected_at")
-    if isinstance(detected_at, bool) or not isinstance(detected_at, (int, float)) \
-            or not isinstance(data.get("nonce"), str):
+    if (
+        isinstance(detected_at, bool)
+        or not isinstance(detected_at, (int, float))
+        or not isinstance(data.get("nonce"), str)
+    ):
         raise Rejected("malformed data (detected_at, nonce)")
     if abs(now - detected_at) > fresh_s:
-        raise Rejected(f"stale event (detected {now - detected_at:.1f} s "
-                       + ("ago: held up on the way, or the observer's clock is behind"
-                          if now >= detected_at else "in the future: the observer's clock is ahead")
-                       + f"; hanet needs the hosts' clocks within {fresh_s:.0f} s of the master's)")
+        raise Rejected(
+            f"stale event (detected {now - detected_at:.1f} s "
+            + (
+                "ago: held up on the way, or the observer's clock is behind"
+                if now >= detected_at
+                else "in the future: the observer's clock is ahead"
+            )
+            + f"; hanet needs the hosts' clocks within {fresh_s:.0f} s of the master's)"
+        )
     lost = ()
     if state in (IMPAIRED, HEALTHY):
         lost = data.get("lost")
-        if observer != peer or not isinstance(lost, list) or not all(isinstance(x, str) for x in lost) \
-                or bool(lost) != (state == IMPAIRED):
+        if (
+            observer != peer
+            or not isinstance(lost, list)
+            or not all(isinstance(x, str) for x in lost)
+            or bool(lost) != (state == IMPAIRED)
+        ):
             raise Rejected("malformed health report")
         lost = tuple(sorted(lost))
     return Report(observer, peer, state, float(detected_at), data["nonce"], lost)
@@ -183,8 +202,7 @@ def parse_report(tag, data, now, fresh_s=FRESH_S):
 # --------------------------------------------------------------------------- orders
 
 
-def takeover_order(network, epoch, previous, detected_at=None, planned=False, decision=None,
-                   handover=False):
+def takeover_order(network, epoch, previous, detected_at=None, planned=False, decision=None, handover=False):
     """(args, kwargs) of a ``hanet.takeover`` order. ``handover``: the previous owner is
     alive and has been told to let go; wait for the gateway to fall silent, then bind."""
     kwargs = {"previous": previous}
@@ -268,8 +286,9 @@ def load_record(path):
     try:
         data = json.loads(text)
     except ValueError as err:
-        raise RecordError(f"the failover record {path} is not JSON ({err}); "
-                          "restore it or remove it deliberately") from err
+        raise RecordError(
+            f"the failover record {path} is not JSON ({err}); restore it or remove it deliberately"
+        ) from err
     if not isinstance(data, dict) or not isinstance(data.get("owners", {}), dict):
         raise RecordError(f"the failover record {path} is not a record")
     data.setdefault("owners", {})
@@ -443,16 +462,29 @@ class Verdict:
 
 def at_stake(cfg, owners, observer, peer):
     """The networks that ``peer`` holds and ``observer`` watches it for."""
-    return [label for label, n in sorted(cfg.networks.items())
-            if not n.multi_host and peer in n.network_hosts and observer != peer
-            and owner_of(cfg, owners, label) == peer and observer in cfg.hosts_carrying(label)]
+    return [
+        label
+        for label, n in sorted(cfg.networks.items())
+        if not n.multi_host
+        and peer in n.network_hosts
+        and observer != peer
+        and owner_of(cfg, owners, label) == peer
+        and observer in cfg.hosts_carrying(label)
+    ]
 
 
 REJECT_KINDS = (  # (text the reason starts with or contains, metric label); first match wins
-    ("malformed", "malformed"), ("tag and data disagree", "malformed"), ("stale event", "stale"),
-    ("replayed", "replayed"), ("not from ", "forged"), ("watches no network", "not_at_stake"),
-    ("answers the master", "alive"), ("the master cannot check", "unchecked"),
-    ("no live standby", "no_standby"), ("pillar:", "pillar"), ("no decision:", "record"),
+    ("malformed", "malformed"),
+    ("tag and data disagree", "malformed"),
+    ("stale event", "stale"),
+    ("replayed", "replayed"),
+    ("not from ", "forged"),
+    ("watches no network", "not_at_stake"),
+    ("answers the master", "alive"),
+    ("the master cannot check", "unchecked"),
+    ("no live standby", "no_standby"),
+    ("pillar:", "pillar"),
+    ("no decision:", "record"),
 )
 
 
@@ -469,9 +501,14 @@ def moved_away(cfg, owners, observer, peer):
     """The networks ``observer`` watches that the record already moved away from
     ``peer``: a report of its death that arrives after the decision (every host that
     carries one of its networks reports it) is late, not wrong."""
-    return [label for label, n in sorted(cfg.networks.items())
-            if not n.multi_host and (owners.get(label) or {}).get("previous") == peer
-            and owner_of(cfg, owners, label) != peer and observer in cfg.hosts_carrying(label)]
+    return [
+        label
+        for label, n in sorted(cfg.networks.items())
+        if not n.multi_host
+        and (owners.get(label) or {}).get("previous") == peer
+        and owner_of(cfg, owners, label) != peer
+        and observer in cfg.hosts_carrying(label)
+    ]
 
 
 def nothing_at_stake(rep):
@@ -499,11 +536,20 @@ def decide(cfg, owners, rep, opinion, evidence="", dead=()):
     if not nets:
         return Verdict(rejected=[(None, nothing_at_stake(rep))])
     if opinion == "alive":
-        return Verdict(rejected=[(nets[0], f"second opinion: {rep.peer} answers the master"
-                                           + (f" ({evidence})" if evidence else ""))])
+        return Verdict(
+            rejected=[
+                (nets[0], f"second opinion: {rep.peer} answers the master" + (f" ({evidence})" if evidence else ""))
+            ]
+        )
     if opinion != "dead":
-        return Verdict(rejected=[(nets[0], f"second opinion: the master cannot check {rep.peer}"
-                                           + (f" ({evidence})" if evidence else ""))])
+        return Verdict(
+            rejected=[
+                (
+                    nets[0],
+                    f"second opinion: the master cannot check {rep.peer}" + (f" ({evidence})" if evidence else ""),
+                )
+            ]
+        )
     verdict = Verdict()
     for label in nets:
         new = choose_standby(cfg.networks[label], rep.peer, rep.observer, dead)
@@ -536,12 +582,18 @@ def handover(cfg, owners, host, lost, health, dead=(), now=0.0, dwell_s=DWELL_S)
         net = cfg.networks.get(label)
         if net is None or net.multi_host or owner_of(cfg, owners, label) != host:
             continue
-        ready = [h for h in net.network_hosts if h != host and h not in dead
-                 and can_serve(health, h, label, now, dwell_s)]
+        ready = [
+            h for h in net.network_hosts if h != host and h not in dead and can_serve(health, h, label, now, dwell_s)
+        ]
         if not ready:
-            verdict.rejected.append((label, f"{host} cannot serve {label}, and no live standby can "
-                                            f"(lost it too, or changed within {dwell_s:.0f} s): "
-                                            f"{host} keeps it"))
+            verdict.rejected.append(
+                (
+                    label,
+                    f"{host} cannot serve {label}, and no live standby can "
+                    f"(lost it too, or changed within {dwell_s:.0f} s): "
+                    f"{host} keeps it",
+                )
+            )
             continue
         verdict.moves.append(Move(label, host, ready[0], epoch_of(owners, label) + 1, handover=True))
     return verdict
@@ -550,16 +602,23 @@ def handover(cfg, owners, host, lost, health, dead=(), now=0.0, dwell_s=DWELL_S)
 def handover_orders(move):
     """The orders of a handover, in the order they are sent: the old owner lets go, the
     new one waits for the gateway to fall silent and binds (never two holders)."""
-    return [Order("relinquish", move.previous, move.network, move.epoch, owner=move.new),
-            Order("takeover", move.new, move.network, move.epoch, previous=move.previous,
-                  handover=True)]
+    return [
+        Order("relinquish", move.previous, move.network, move.epoch, owner=move.new),
+        Order("takeover", move.new, move.network, move.epoch, previous=move.previous, handover=True),
+    ]
 
 
 def record_move(owners, move, now, reason):
     """Write ``move`` into the record's ``owners``; it is unconfirmed until the new
     owner's ``complete`` event for that epoch arrives (``confirm``)."""
-    owners[move.network] = {"owner": move.new, "epoch": move.epoch, "since": now, "reason": reason,
-                            "previous": move.previous, "confirmed": False}
+    owners[move.network] = {
+        "owner": move.new,
+        "epoch": move.epoch,
+        "since": now,
+        "reason": reason,
+        "previous": move.previous,
+        "confirmed": False,
+    }
     if move.handover:  # sent again as a handover: the old owner lets go, the new one waits
         owners[move.network]["handover"] = True
 
@@ -571,8 +630,7 @@ def confirm(owners, network, owner, epoch, complete=None):
     the detection, or from the order for a planned move, to DHCP served) and ``path``
     (who decided, and who bound the addresses: ``engine/warm``, ``reconcile/job``, ...)."""
     entry = owners.get(network)
-    if not entry or entry.get("owner") != owner or entry.get("epoch") != epoch \
-            or entry.get("confirmed", True) is True:
+    if not entry or entry.get("owner") != owner or entry.get("epoch") != epoch or entry.get("confirmed", True) is True:
         return False
     entry["confirmed"] = True
     entry.update(move_summary(complete))
@@ -623,8 +681,7 @@ def evacuation(cfg, owners, minion):
         if net.multi_host or owner_of(cfg, owners, label) != minion:
             continue
         standbys = [h for h in net.network_hosts if h != minion]
-        out.append((label, Move(label, minion, standbys[0], epoch_of(owners, label) + 1)
-                    if standbys else None))
+        out.append((label, Move(label, minion, standbys[0], epoch_of(owners, label) + 1) if standbys else None))
     return out
 
 
@@ -666,14 +723,22 @@ def cluster_status(cfg, owners, answers, skew=None):
     for label, net in sorted(cfg.networks.items()):
         holders = {h: s["networks"][label] for h, s in answers.items() if label in s.get("networks", {})}
         serving = sorted(h for h, n in holders.items() if n.get("role") == "serving")
-        entry = {"multi_host": net.multi_host, "serving": serving,
-                 "standby": sorted(h for h, n in holders.items() if n.get("role") == "standby"),
-                 "unreachable": sorted(h for h in cfg.hosts_carrying(label) if h not in answers)}
+        entry = {
+            "multi_host": net.multi_host,
+            "serving": serving,
+            "standby": sorted(h for h, n in holders.items() if n.get("role") == "standby"),
+            "unreachable": sorted(h for h in cfg.hosts_carrying(label) if h not in answers),
+        }
         if not net.multi_host:
             owner = owner_of(cfg, owners, label)
             with_gw = sorted(h for h, n in holders.items() if net.gateway_cidr in n.get("addresses", []))
-            entry.update(owner=owner, epoch=epoch_of(owners, label), confirmed=confirmed(owners, label),
-                         gateway_on=with_gw, agree=with_gw == [owner] and serving == [owner])
+            entry.update(
+                owner=owner,
+                epoch=epoch_of(owners, label),
+                confirmed=confirmed(owners, label),
+                gateway_on=with_gw,
+                agree=with_gw == [owner] and serving == [owner],
+            )
         else:
             entry["agree"] = all(n.get("present") for n in holders.values())
         nets[label] = entry
@@ -682,8 +747,12 @@ def cluster_status(cfg, owners, answers, skew=None):
         for f in s.get("floating_ips", []):
             fips.setdefault(f["address"], []).append(h)
     fips = {a: sorted(h) for a, h in sorted(fips.items())}
-    return {"networks": nets, "floating_ips": fips, "record": owners,
-            "problems": cluster_problems(cfg, nets, fips, answers, skew)}
+    return {
+        "networks": nets,
+        "floating_ips": fips,
+        "record": owners,
+        "problems": cluster_problems(cfg, nets, fips, answers, skew),
+    }
 
 
 CLOCK_WARN_S = 5.0  # a host's clock this far from the master's is a problem (reports go stale at FRESH_S)
@@ -708,13 +777,18 @@ def cluster_problems(cfg, nets, fips, answers, skew=None):
     out = []
     for label, e in nets.items():
         net = cfg.networks[label]
+
         def add(text, label=label):
             out.append({"network": label, "problem": text})
+
         for h in e["unreachable"]:
             add(f"{h} did not answer")
         if net.multi_host:
-            gone = sorted(h for h, s in answers.items()
-                          if label in s.get("networks", {}) and not s["networks"][label].get("present"))
+            gone = sorted(
+                h
+                for h, s in answers.items()
+                if label in s.get("networks", {}) and not s["networks"][label].get("present")
+            )
             if gone:
                 add(f"bridge {net.bridge} missing on {', '.join(gone)}")
             continue
@@ -741,10 +815,16 @@ def cluster_problems(cfg, nets, fips, answers, skew=None):
             out.append({"host": h, "problem": str(text)})
     for h, off in sorted((skew or {}).items()):
         if abs(off) > CLOCK_WARN_S:
-            out.append({"host": h, "problem": f"its clock is {abs(off):.1f} s {'ahead of' if off > 0 else 'behind'} "
-                                              f"the master's: its reports go stale past {FRESH_S:.0f} s (NTP)"})
-    return sorted(out, key=lambda p: (sorted(p)[0], p.get("network") or p.get("floating_ip") or p.get("host"),
-                                      p["problem"]))
+            out.append(
+                {
+                    "host": h,
+                    "problem": f"its clock is {abs(off):.1f} s {'ahead of' if off > 0 else 'behind'} "
+                    f"the master's: its reports go stale past {FRESH_S:.0f} s (NTP)",
+                }
+            )
+    return sorted(
+        out, key=lambda p: (sorted(p)[0], p.get("network") or p.get("floating_ip") or p.get("host"), p["problem"])
+    )
 
 
 def status_table(status, now=None):
@@ -758,25 +838,38 @@ def status_table(status, now=None):
         return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
     record = status.get("record") or {}
-    rows = [("NETWORK", "KIND", "OWNER", "EPOCH", "SINCE (UTC)", "WHY", "TOOK", "PATH", "GATEWAY ON", "SERVING",
-             "STANDBY")]
+    rows = [
+        ("NETWORK", "KIND", "OWNER", "EPOCH", "SINCE (UTC)", "WHY", "TOOK", "PATH", "GATEWAY ON", "SERVING", "STANDBY")
+    ]
     for label, e in sorted(status.get("networks", {}).items()):
         if e.get("multi_host"):
-            rows.append((label, "multi_host", "-", "-", "-", "-", "-", "-", "-", ",".join(e["serving"]) or "-",
-                         "-"))
+            rows.append((label, "multi_host", "-", "-", "-", "-", "-", "-", "-", ",".join(e["serving"]) or "-", "-"))
             continue
         entry = record.get(label) or {}
         epoch = e.get("epoch")
-        rows.append((label, "network hosts", e.get("owner") or "?", "?" if epoch is None else str(epoch),
-                     when(entry.get("since")), str(entry.get("reason") or "-")[:40],
-                     f"{entry['took']:.3f} s" if isinstance(entry.get("took"), (int, float)) else "-",
-                     str(entry.get("path") or "-"), ",".join(e.get("gateway_on") or []) or "none", ",".join(e["serving"]) or "-",
-                     ",".join(e["standby"]) or "-"))
+        rows.append(
+            (
+                label,
+                "network hosts",
+                e.get("owner") or "?",
+                "?" if epoch is None else str(epoch),
+                when(entry.get("since")),
+                str(entry.get("reason") or "-")[:40],
+                f"{entry['took']:.3f} s" if isinstance(entry.get("took"), (int, float)) else "-",
+                str(entry.get("path") or "-"),
+                ",".join(e.get("gateway_on") or []) or "none",
+                ",".join(e["serving"]) or "-",
+                ",".join(e["standby"]) or "-",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     if status.get("record_error"):
-        lines += ["", f"RECORD UNAVAILABLE ({status.get('record_backend')}): {status['record_error']}",
-                  "no failover is decided until it is back; owners keep serving"]
+        lines += [
+            "",
+            f"RECORD UNAVAILABLE ({status.get('record_backend')}): {status['record_error']}",
+            "no failover is decided until it is back; owners keep serving",
+        ]
     fips = status.get("floating_ips") or {}
     if fips:
         lines += ["", "FLOATING IP      ON"] + [f"{a:<16} {','.join(h)}" for a, h in fips.items()]
@@ -811,8 +904,7 @@ class Order:
         return (self.kind, self.host, self.network, self.epoch)
 
 
-def reconcile(cfg, owners, verdicts, views, holdings, now, issued, confirm_s=CONFIRM_S,
-              health=None, dwell_s=DWELL_S):
+def reconcile(cfg, owners, verdicts, views, holdings, now, issued, confirm_s=CONFIRM_S, health=None, dwell_s=DWELL_S):
     """One round of the master's reconcile loop: what makes the hosts converge on the
     record, and the record follow what the master can prove. Pure.
 
@@ -846,8 +938,11 @@ def reconcile(cfg, owners, verdicts, views, holdings, now, issued, confirm_s=CON
         owner, epoch = owner_of(cfg, owners, label), epoch_of(owners, label)
         entry = owners.get(label) or {}
         if verdicts.get(owner) == DEAD_VERDICT:
-            seen_down = {o for o, v in views.items() if verdicts.get(o) != DEAD_VERDICT
-                         and (v or {}).get(owner) == DOWN and o in cfg.hosts_carrying(label)}
+            seen_down = {
+                o
+                for o, v in views.items()
+                if verdicts.get(o) != DEAD_VERDICT and (v or {}).get(owner) == DOWN and o in cfg.hosts_carrying(label)
+            }
             live = [h for h in net.network_hosts if h != owner and verdicts.get(h) == ALIVE_VERDICT]
             if seen_down and live:
                 new = next((h for h in live if h in seen_down), live[0])
@@ -856,8 +951,7 @@ def reconcile(cfg, owners, verdicts, views, holdings, now, issued, confirm_s=CON
                 orders.append(Order("takeover", new, label, move.epoch, previous=owner))
                 orders.append(Order("relinquish", owner, label, move.epoch, owner=new))
             continue
-        if health and label in ((health.get(owner) or {}).get("lost") or ()) \
-                and verdicts.get(owner) != DEAD_VERDICT:
+        if health and label in ((health.get(owner) or {}).get("lost") or ()) and verdicts.get(owner) != DEAD_VERDICT:
             dead = {h for h, v in verdicts.items() if v == DEAD_VERDICT}
             got = handover(cfg, owners, owner, [label], health, dead, now, dwell_s)
             if got.moves:
@@ -867,8 +961,16 @@ def reconcile(cfg, owners, verdicts, views, holdings, now, issued, confirm_s=CON
         if not confirmed(owners, label) and now - float(entry.get("since") or 0) >= confirm_s:
             if entry.get("handover") and entry.get("previous") and entry["previous"] != owner:
                 send(Order("relinquish", entry["previous"], label, epoch, owner=owner))
-            send(Order("takeover", owner, label, epoch, previous=entry.get("previous"),
-                       handover=bool(entry.get("handover"))))
+            send(
+                Order(
+                    "takeover",
+                    owner,
+                    label,
+                    epoch,
+                    previous=entry.get("previous"),
+                    handover=bool(entry.get("handover")),
+                )
+            )
         if holdings is None:
             continue
         for host in sorted(holdings):
@@ -883,8 +985,11 @@ def to_ask(cfg, owners, verdicts, audit):
     """The hosts the reconcile loop asks what they hold and see (``hanet.serving``): the
     network hosts when it is time for an ``audit``, and every live host carrying a
     network whose owner the master sees dead (its witnesses)."""
-    dead = [label for label, n in cfg.networks.items() if not n.multi_host and n.network_hosts
-            and verdicts.get(owner_of(cfg, owners, label)) == DEAD_VERDICT]
+    dead = [
+        label
+        for label, n in cfg.networks.items()
+        if not n.multi_host and n.network_hosts and verdicts.get(owner_of(cfg, owners, label)) == DEAD_VERDICT
+    ]
     ask = set(watched_hosts(cfg)) if audit else set()
     ask |= {h for label in dead for h in cfg.hosts_carrying(label)}
     return {h for h in ask if verdicts.get(h) != DEAD_VERDICT}
@@ -892,8 +997,7 @@ def to_ask(cfg, owners, verdicts, audit):
 
 def still_valid(cfg, owners, move):
     """Whether ``move`` (decided on an earlier copy of the record) still applies to it."""
-    return owner_of(cfg, owners, move.network) == move.previous \
-        and epoch_of(owners, move.network) + 1 == move.epoch
+    return owner_of(cfg, owners, move.network) == move.previous and epoch_of(owners, move.network) + 1 == move.epoch
 
 
 ALIVE_VERDICT, DEAD_VERDICT = "alive", "dead"

@@ -24,6 +24,7 @@ A target that cannot be checked is no evidence of isolation, and with none known
 never fences. After it fenced it stays quiet until a peer answers again; the master's
 order (a takeover) brings the addresses back.
 """
+
 from __future__ import annotations
 
 import logging

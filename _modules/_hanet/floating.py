@@ -5,6 +5,7 @@ its conntrack entries, so that no flow keeps using the old host's NAT.
 The NAT for floating IPs (DNAT in, SNAT out, hairpin) is part of the ruleset; this
 facet holds the addresses.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -68,8 +69,15 @@ def flush_conntrack(address):
     exe = shutil.which("conntrack") or "/usr/sbin/conntrack"
     for args in (["-D", "--orig-dst", address], ["-D", "--reply-dst", address]):
         try:
-            subprocess.run([exe, *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, close_fds=False, timeout=10, check=False)
+            subprocess.run(
+                [exe, *args],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                close_fds=False,
+                timeout=10,
+                check=False,
+            )
         except (OSError, subprocess.TimeoutExpired):
             return  # no conntrack tool, or it hangs: the entries time out on their own
 

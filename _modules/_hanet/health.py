@@ -21,6 +21,7 @@ nothing moves.
 ``Tracker`` is the pure part (counts and transitions); ``Health`` is the thread that
 reads the kernel (netlink, ICMP) and feeds it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -157,8 +158,14 @@ class Health(Worker):
 
     def _why(self):
         t = self.tracker
-        return ", ".join(sorted("uplink " + str(self.uplink) if i == UPLINK else
-                                f"{i} link {self.segments.get(i)}" for i in t.lost)) or "-"
+        return (
+            ", ".join(
+                sorted(
+                    "uplink " + str(self.uplink) if i == UPLINK else f"{i} link {self.segments.get(i)}" for i in t.lost
+                )
+            )
+            or "-"
+        )
 
     def _links(self, ipr):
         """{ifname: flags} of the watched links only (a dump of every link, parsed in

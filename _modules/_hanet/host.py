@@ -8,6 +8,7 @@ all go through it. Two facets configure Salt itself rather than the kernel: the
 (``startup``); for them the caller hands in Salt's functions (``salt``: the
 ``__salt__`` mapping) and the minion's config directory.
 """
+
 from __future__ import annotations
 
 import os
@@ -73,8 +74,7 @@ def apply_links(changes, guarded, managed):
     port) reaches nobody who could hold the address, and the address is bound."""
     from . import arp
 
-    later = [c for c in changes if c.action == "add" and
-             (c.detail.get("link"), c.detail.get("address")) in guarded]
+    later = [c for c in changes if c.action == "add" and (c.detail.get("link"), c.detail.get("address")) in guarded]
     done = links.apply([c for c in changes if c not in later], managed)
     refused = []
     for change in later:
@@ -88,8 +88,10 @@ def apply_links(changes, guarded, managed):
         else:
             done += links.apply([change], managed)
     if refused:
-        raise RuntimeError("not bound (duplicate address detection; the master's reconcile loop "
-                           "decides who serves): " + "; ".join(refused))
+        raise RuntimeError(
+            "not bound (duplicate address detection; the master's reconcile loop "
+            "decides who serves): " + "; ".join(refused)
+        )
     return done
 
 
@@ -100,8 +102,10 @@ def apply_now(names, state, paths, managed, garp=0):
     for name in names:
         changes, run = facet(name, state, paths, managed)
         if name == "floating" and changes:
+
             def run(ch=changes):
                 return floating.apply(ch, managed, garp)
+
         if changes and run:
             done[name] = run() or [str(c) for c in changes]
     return done
@@ -131,11 +135,9 @@ def beacon_config(state):
     if supervise:
         out.append({"supervise": True})
     if state.standby_for:
-        out.append({"standby_for": {peer: [list(t) for t in targets]
-                                    for peer, targets in state.standby_for}})
+        out.append({"standby_for": {peer: [list(t) for t in targets] for peer, targets in state.standby_for}})
     if state.health_segments:
-        out.append({"health": {"uplink": state.health_uplink,
-                               "segments": {n: i for n, i in state.health_segments}}})
+        out.append({"health": {"uplink": state.health_uplink, "segments": {n: i for n, i in state.health_segments}}})
     return out
 
 
@@ -148,8 +150,7 @@ def _liveness(state, salt, paths):
         changes = [Change("liveness", "remove", f"{BEACON} beacon")]
     else:
         peers = ", ".join(p for p, _ in state.liveness)
-        changes = [Change("liveness", "configure" if have is None else "update",
-                          f"{BEACON} beacon watching {peers}")]
+        changes = [Change("liveness", "configure" if have is None else "update", f"{BEACON} beacon watching {peers}")]
 
     def run():
         if want is None:
@@ -210,8 +211,8 @@ def status(host, state, cfg, paths, peers):
                 "present": br.name in present,
                 "addresses": addrs,
                 "role": role,
-                "active_gateway": not net.hardware and (
-                    net.gateway_cidr in addrs if not net.multi_host else role == "serving"),
+                "active_gateway": not net.hardware
+                and (net.gateway_cidr in addrs if not net.multi_host else role == "serving"),
                 "dnsmasq": daemons.get(br.network),
             }
         public = {h.public_interface for h in cfg.hosts.values()}
@@ -223,8 +224,9 @@ def status(host, state, cfg, paths, peers):
         if state.ruleset.guards:
             ports = ruleset.ports_now(state.ruleset.guards)
             out["ports"] = {k: [list(x) for x in v] for k, v in ports.items()}
-            out["problems"] += [f"port {p} on {b} (MAC {m}) is no instance NIC's: it may send nothing"
-                                for b, p, m in ports["unknown"]]
+            out["problems"] += [
+                f"port {p} on {b} (MAC {m}) is no instance NIC's: it may send nothing" for b, p, m in ports["unknown"]
+            ]
     out["ruleset"] = ruleset.handle(paths)
     out["peers"] = peers
     return out
@@ -244,8 +246,11 @@ def serving(host, cfg, owners, view):
         nets[label] = net.gateway_cidr in held.get(net.bridge, [])
         epochs[label] = int((owners.get(label) or {}).get("epoch", 0))
     peers = view.get("peers") if isinstance(view.get("peers"), dict) else {}
-    out = {"networks": nets, "epochs": epochs,
-           "peers": {p: v.get("state") for p, v in peers.items() if isinstance(v, dict)}}
+    out = {
+        "networks": nets,
+        "epochs": epochs,
+        "peers": {p: v.get("state") for p, v in peers.items() if isinstance(v, dict)},
+    }
     health = view.get("health")
     if isinstance(health, dict) and isinstance(health.get("lost"), list):
         out["lost"] = health["lost"]

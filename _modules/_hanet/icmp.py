@@ -6,6 +6,7 @@ the answer is already known. Both say "alive", "dead" or None: None whenever no 
 could be made (no address to ask, no raw socket, a watch that stalled or has not
 judged the host yet). None never counts as dead.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,7 +45,7 @@ def parse_reply(pkt):
     ihl = (pkt[0] & 0x0F) * 4
     if len(pkt) < ihl + 8:
         return None
-    typ, _, _, rid, rseq = struct.unpack("!BBHHH", pkt[ihl:ihl + 8])
+    typ, _, _, rid, rseq = struct.unpack("!BBHHH", pkt[ihl : ihl + 8])
     return (rid, rseq) if typ == 0 else None
 
 
@@ -68,7 +69,7 @@ def _drain(sock, ident, sources, seq=None):
 
 
 def check(addresses, timeout=0.05, tries=2):
-    """"alive" when any of ``addresses`` answers an ICMP echo within ``timeout`` (echoes
+    """ "alive" when any of ``addresses`` answers an ICMP echo within ``timeout`` (echoes
     sent ``tries`` times, spread over it), "dead" when none does, None when no check
     could be made (no address, no raw socket). A reply that arrived while this process
     was not scheduled is still read before the verdict."""
@@ -136,7 +137,7 @@ class Watch:
             return tuple(sorted(a for a, h in self._targets.items() if h == host))
 
     def verdict(self, host):
-        """"alive", "dead" or None (not watched, no address, or a view that may be stale)."""
+        """ "alive", "dead" or None (not watched, no address, or a view that may be stale)."""
         with self._lock:
             st = self._state.get(host)
             if st is None or self._thread is None or not self._thread.is_alive():

@@ -38,6 +38,7 @@ desired ``Bridge`` with the same fields, and additionally carries what the shape
 hold (link state, STP, forward delay, MACs, the uplink's and the segment parent's MTU).
 ``plan`` given plain ``Bridge`` objects as current assumes those settings are right.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -241,8 +242,7 @@ def plan(desired, current, managed):
 
 def _segment_same(d, c):
     cseg = c.segment if c is not None else None
-    return cseg is not None and d.segment is not None and \
-        _segment_identity(cseg) == _segment_identity(d.segment)
+    return cseg is not None and d.segment is not None and _segment_identity(cseg) == _segment_identity(d.segment)
 
 
 def _plan_bridge(d, c, desired_uplinks, deleted, mtu_touched):
@@ -287,14 +287,12 @@ def _plan_bridge(d, c, desired_uplinks, deleted, mtu_touched):
     enslaving = False
     cur_uplink = c.uplink if c is not None else None
     if d.uplink and (d.uplink != cur_uplink or fresh_seg):
-        if cur_uplink and cur_uplink != d.uplink and cur_uplink not in desired_uplinks \
-                and cur_uplink not in deleted:
+        if cur_uplink and cur_uplink != d.uplink and cur_uplink not in desired_uplinks and cur_uplink not in deleted:
             out.append(Change(FACET, "release", cur_uplink, {"master": d.name}))
         port_mtu_moves = port_mtu_moves or bool(cur_uplink and cur_uplink != d.uplink)
         out.append(Change(FACET, "enslave", d.uplink, {"master": d.name}))
         enslaving = True
-    elif not d.uplink and cur_uplink and cur_uplink not in desired_uplinks \
-            and cur_uplink not in deleted:
+    elif not d.uplink and cur_uplink and cur_uplink not in desired_uplinks and cur_uplink not in deleted:
         out.append(Change(FACET, "release", cur_uplink, {"master": d.name}))
         port_mtu_moves = True
 
@@ -314,8 +312,9 @@ def _plan_bridge(d, c, desired_uplinks, deleted, mtu_touched):
         want.update(stp_state=0, forward_delay=0)
     if fresh or enslaving or port_mtu_moves or c.mtu != d.mtu:
         want["mtu"] = d.mtu  # after enslaving: an explicit MTU is not auto-adjusted
-    if d.uplink and (fresh or enslaving or fresh_seg or (
-            obs is not None and obs.uplink_mac and obs.mac != obs.uplink_mac)):
+    if d.uplink and (
+        fresh or enslaving or fresh_seg or (obs is not None and obs.uplink_mac and obs.mac != obs.uplink_mac)
+    ):
         want["address_of"] = d.uplink
     if fresh or (obs is not None and not obs.up):
         want["state"] = "up"
@@ -367,7 +366,7 @@ def _addresses(ipr, index, dump=None):
     """``index``'s addresses; ``dump``: the result of ``ipr.get_addr()`` when the caller
     already has it (one dump per ``current``, not one per bridge)."""
     v4, v6 = [], []
-    for msg in (ipr.get_addr() if dump is None else dump):
+    for msg in ipr.get_addr() if dump is None else dump:
         if msg["index"] != index:
             continue
         addr = msg.get_attr("IFA_ADDRESS")
@@ -383,7 +382,7 @@ def _addresses(ipr, index, dump=None):
 
 def _remotes(ipr, index, group=None, dump=None):
     out = []
-    for msg in (ipr.fdb("dump") if dump is None else dump()):
+    for msg in ipr.fdb("dump") if dump is None else dump():
         if msg["ifindex"] != index or msg.get_attr("NDA_LLADDR") != ZERO_MAC:
             continue
         dst = msg.get_attr("NDA_DST")
@@ -403,18 +402,29 @@ def _read_segment(ipr, msg, links, desired_seg=None, fdb=None):
         return parent.get_attr("IFLA_IFNAME") if parent is not None else None
 
     if kind == "vlan":
-        return Segment(kind="vlan", name=name, parent=name_of(msg.get_attr("IFLA_LINK")),
-                       vlan_id=data.get_attr("IFLA_VLAN_ID") if data else None, mtu=mtu)
+        return Segment(
+            kind="vlan",
+            name=name,
+            parent=name_of(msg.get_attr("IFLA_LINK")),
+            vlan_id=data.get_attr("IFLA_VLAN_ID") if data else None,
+            mtu=mtu,
+        )
     if kind == "vxlan":
         group = (data.get_attr("IFLA_VXLAN_GROUP") or data.get_attr("IFLA_VXLAN_GROUP6")) if data else None
         remotes = _remotes(ipr, msg["index"], group, fdb)
         if desired_seg is not None:  # report them in the desired order when they match
             order = list(desired_seg.remotes)
             remotes.sort(key=lambda r: (order.index(r) if r in order else len(order), r))
-        return Segment(kind="vxlan", name=name, parent=name_of(data.get_attr("IFLA_VXLAN_LINK")) if data else None,
-                       vni=data.get_attr("IFLA_VXLAN_ID") if data else None, group=group or None,
-                       remotes=tuple(remotes), port=(data.get_attr("IFLA_VXLAN_PORT") if data else None) or 4789,
-                       mtu=mtu)
+        return Segment(
+            kind="vxlan",
+            name=name,
+            parent=name_of(data.get_attr("IFLA_VXLAN_LINK")) if data else None,
+            vni=data.get_attr("IFLA_VXLAN_ID") if data else None,
+            group=group or None,
+            remotes=tuple(remotes),
+            port=(data.get_attr("IFLA_VXLAN_PORT") if data else None) or 4789,
+            mtu=mtu,
+        )
     return None
 
 
@@ -453,8 +463,7 @@ def current(bridges_of_interest=(), managed_names=(), ipr=None):
 
         interest = set(names)
         for d in desired.values():
-            interest.update(n for n in (d.uplink, d.segment and d.segment.name,
-                                        d.segment and d.segment.parent) if n)
+            interest.update(n for n in (d.uplink, d.segment and d.segment.name, d.segment and d.segment.parent) if n)
         result = []
         for name in names:
             msg = by_name.get(name)
@@ -470,10 +479,12 @@ def current(bridges_of_interest=(), managed_names=(), ipr=None):
                 # the bridge MAC is pinned to its uplink's: that finds a previous uplink
                 # among VM ports, whatever its kind
                 mac = msg.get_attr("IFLA_ADDRESS")
-                for rule in (lambda p: _kind(p) in SEGMENT_KINDS,
-                             lambda p, mac=mac: p.get_attr("IFLA_ADDRESS") == mac,
-                             lambda p: p.get_attr("IFLA_IFNAME") in interest,
-                             lambda p: _kind(p) is None):
+                for rule in (
+                    lambda p: _kind(p) in SEGMENT_KINDS,
+                    lambda p, mac=mac: p.get_attr("IFLA_ADDRESS") == mac,
+                    lambda p: p.get_attr("IFLA_IFNAME") in interest,
+                    lambda p: _kind(p) is None,
+                ):
                     match = [p for p in ports if rule(p)]
                     if match:
                         uplink = match[0].get_attr("IFLA_IFNAME")
@@ -487,24 +498,26 @@ def current(bridges_of_interest=(), managed_names=(), ipr=None):
             if d is not None and d.segment is not None and d.segment.parent in by_name:
                 parent_mtu = by_name[d.segment.parent].get_attr("IFLA_MTU")
             data = _info_data(msg)
-            result.append(Observed(
-                name=name,
-                network=d.network if d is not None else "",
-                uplink=uplink,
-                segment=segment,
-                mtu=msg.get_attr("IFLA_MTU"),
-                addresses=tuple(_addresses(ipr, msg["index"], addr_dump)),
-                up=_up(msg),
-                stp_state=data.get_attr("IFLA_BR_STP_STATE") if data else 0,
-                forward_delay=data.get_attr("IFLA_BR_FORWARD_DELAY") if data else 0,
-                mac=msg.get_attr("IFLA_ADDRESS"),
-                uplink_mac=up_msg.get_attr("IFLA_ADDRESS") if up_msg is not None else None,
-                uplink_mtu=up_msg.get_attr("IFLA_MTU") if up_msg is not None else None,
-                uplink_up=_up(up_msg) if up_msg is not None else True,
-                segment_up=_up(by_name[uplink]) if segment is not None else True,
-                parent_mtu=parent_mtu,
-                ports=tuple(port_names),
-            ))
+            result.append(
+                Observed(
+                    name=name,
+                    network=d.network if d is not None else "",
+                    uplink=uplink,
+                    segment=segment,
+                    mtu=msg.get_attr("IFLA_MTU"),
+                    addresses=tuple(_addresses(ipr, msg["index"], addr_dump)),
+                    up=_up(msg),
+                    stp_state=data.get_attr("IFLA_BR_STP_STATE") if data else 0,
+                    forward_delay=data.get_attr("IFLA_BR_FORWARD_DELAY") if data else 0,
+                    mac=msg.get_attr("IFLA_ADDRESS"),
+                    uplink_mac=up_msg.get_attr("IFLA_ADDRESS") if up_msg is not None else None,
+                    uplink_mtu=up_msg.get_attr("IFLA_MTU") if up_msg is not None else None,
+                    uplink_up=_up(up_msg) if up_msg is not None else True,
+                    segment_up=_up(by_name[uplink]) if segment is not None else True,
+                    parent_mtu=parent_mtu,
+                    ports=tuple(port_names),
+                )
+            )
         present = {n for n in interest if n in by_name}
     return Snapshot(result, present)
 
@@ -589,16 +602,21 @@ def link_request(change, index_of):
     d = change.detail
     kind = d["kind"]
     if kind == "bridge":
-        return dict(ifname=change.target, kind="bridge", br_stp_state=0, br_forward_delay=0,
-                    mtu=d.get("mtu", 1500))
+        return dict(ifname=change.target, kind="bridge", br_stp_state=0, br_forward_delay=0, mtu=d.get("mtu", 1500))
     if kind == "vlan":
-        return dict(ifname=change.target, kind="vlan", vlan_id=int(d["vlan_id"]),
-                    link=index_of(d["parent"]), mtu=int(d["mtu"]))
+        return dict(
+            ifname=change.target, kind="vlan", vlan_id=int(d["vlan_id"]), link=index_of(d["parent"]), mtu=int(d["mtu"])
+        )
     if kind == "vxlan":
-        req = dict(ifname=change.target, kind="vxlan", vxlan_id=int(d["vni"]),
-                   vxlan_link=index_of(d["parent"]), vxlan_port=int(d.get("port") or 4789),
-                   vxlan_learning=1 if d.get("learning", VXLAN_LEARNING) else 0,
-                   mtu=int(d["mtu"]))
+        req = dict(
+            ifname=change.target,
+            kind="vxlan",
+            vxlan_id=int(d["vni"]),
+            vxlan_link=index_of(d["parent"]),
+            vxlan_port=int(d.get("port") or 4789),
+            vxlan_learning=1 if d.get("learning", VXLAN_LEARNING) else 0,
+            mtu=int(d["mtu"]),
+        )
         if d.get("group"):
             if ipaddress.ip_address(d["group"]).version == 6:
                 req["vxlan_group6"] = d["group"]
@@ -635,8 +653,11 @@ def _do(ipr, change, made):
         index = _need(ipr, target)
         if d["kind"] != "bridge":
             ipr.link("set", index=index, state="up")
-        what = {"bridge": "bridge", "vlan": f"VLAN {d.get('vlan_id')} on {d.get('parent')}",
-                "vxlan": f"VXLAN {d.get('vni')} on {d.get('parent')}"}[d["kind"]]
+        what = {
+            "bridge": "bridge",
+            "vlan": f"VLAN {d.get('vlan_id')} on {d.get('parent')}",
+            "vxlan": f"VXLAN {d.get('vni')} on {d.get('parent')}",
+        }[d["kind"]]
         return f"created {what} {target}" if d["kind"] == "bridge" else f"created {target} ({what})"
     if action == "forget":
         made.discard(target)

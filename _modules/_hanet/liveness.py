@@ -14,6 +14,7 @@ detection forward by half a period without probing more often). The first verdic
 ``initial=True`` so that a caller restarting the prober (a beacon refresh) can compare
 it with what it knew and fire nothing when nothing changed.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -54,8 +55,13 @@ def _own_ip(ifname):
 def arp_request(src_mac, src_ip, dst_ip):
     """An Ethernet broadcast ARP request frame (bytes)."""
     eth = BROADCAST + src_mac + struct.pack("!H", ETH_P_ARP)
-    arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + src_mac + socket.inet_aton(src_ip or "0.0.0.0") \
-        + b"\x00" * 6 + socket.inet_aton(dst_ip)
+    arp = (
+        struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1)
+        + src_mac
+        + socket.inet_aton(src_ip or "0.0.0.0")
+        + b"\x00" * 6
+        + socket.inet_aton(dst_ip)
+    )
     return eth + arp
 
 
@@ -89,8 +95,7 @@ def read_view(paths):
 def known_states(paths):
     """{peer: state} as the beacon last saw them (a restarted beacon compares with it)."""
     peers = read_view(paths).get("peers")
-    return {k: v.get("state") for k, v in peers.items() if isinstance(v, dict)} \
-        if isinstance(peers, dict) else {}
+    return {k: v.get("state") for k, v in peers.items() if isinstance(v, dict)} if isinstance(peers, dict) else {}
 
 
 def save_view(paths, observer, view, health=None):
@@ -152,9 +157,16 @@ class Prober(Worker):
         self._socks.clear()
 
     def view(self):
-        return {p.name: {"state": p.state, "last_seen": p.last_seen,
-                         "targets": [f"{i}:{a}" for i, a in p.targets],
-                         "rtt": p.rtt, "missed_total": p.missed_total} for p in self.peers.values()}
+        return {
+            p.name: {
+                "state": p.state,
+                "last_seen": p.last_seen,
+                "targets": [f"{i}:{a}" for i, a in p.targets],
+                "rtt": p.rtt,
+                "missed_total": p.missed_total,
+            }
+            for p in self.peers.values()
+        }
 
     # -- probing -------------------------------------------------------------------
     def _sock(self, ifname):
@@ -232,8 +244,13 @@ class Prober(Worker):
         known = self._macs.setdefault((ifname, ip), mac)
         if known != mac and (ifname, ip) not in self._warned:
             self._warned.add((ifname, ip))
-            log.warning("hanet liveness: %s on %s answered by %s, not %s: not the peer",
-                        ip, ifname, mac.hex(":"), known.hex(":"))
+            log.warning(
+                "hanet liveness: %s on %s answered by %s, not %s: not the peer",
+                ip,
+                ifname,
+                mac.hex(":"),
+                known.hex(":"),
+            )
         return known == mac
 
     def _judge(self):
@@ -276,4 +293,3 @@ class Prober(Worker):
                 break
             self._judge()
             self._collect(next_round)
-

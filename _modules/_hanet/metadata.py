@@ -26,6 +26,7 @@ Files: ``var/lib/hanet/metadata/records.json`` (the records),
 ``var/lib/hanet/metadata/service.json`` (what runs: port, bind),
 ``var/lib/hanet/metadata/metadata.log``, ``run/hanet/metadata.pid``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,7 @@ def records_text(records) -> str:
     """The records file's content for ``records`` (InstanceRecord or plain dicts)."""
     plain = []
     for rec in records:
-        data = dataclasses.asdict(rec) if dataclasses.is_dataclass(rec) and not isinstance(rec, type) \
-            else dict(rec)
+        data = dataclasses.asdict(rec) if dataclasses.is_dataclass(rec) and not isinstance(rec, type) else dict(rec)
         data["ips"] = list(data.get("ips", ()))
         data["public_keys"] = [list(k) for k in data.get("public_keys", ())]
         plain.append(data)
@@ -204,7 +204,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             source = self.client_address[0]
             if source.startswith("::ffff:"):
-                source = source[len("::ffff:"):]
+                source = source[len("::ffff:") :]
             rec = self.server.records.lookup(source)
             if rec is None:
                 status, ctype, body = 404, "text/plain; charset=utf-8", "unknown instance\n"
@@ -283,8 +283,16 @@ def main(argv=None):
 
 def argv(port, paths, bind=BIND) -> list:
     f = files(paths)
-    return [sys.executable, "-m", "_hanet.metadata", f"--records={f['records']}", f"--port={port}",
-            f"--bind={bind}", f"--pidfile={f['pid']}", "--daemonize"]
+    return [
+        sys.executable,
+        "-m",
+        "_hanet.metadata",
+        f"--records={f['records']}",
+        f"--port={port}",
+        f"--bind={bind}",
+        f"--pidfile={f['pid']}",
+        "--daemonize",
+    ]
 
 
 def _read(path):
@@ -312,8 +320,13 @@ def current(paths, managed=None) -> dict:
     except ValueError:
         info = {}
     pid = daemon.parse_pid(pid_text)
-    return {"pid": pid, "alive": _alive(pid, f["pid"]), "port": info.get("port"),
-            "bind": info.get("bind"), "records_text": _read(f["records"])}
+    return {
+        "pid": pid,
+        "alive": _alive(pid, f["pid"]),
+        "port": info.get("port"),
+        "bind": info.get("bind"),
+        "records_text": _read(f["records"]),
+    }
 
 
 def plan(desired, current, records=()) -> list:
@@ -366,15 +379,17 @@ def _start(port, paths, bind=BIND):
         pass
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
-        [_package_parent()] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        [_package_parent()] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
     cmd = argv(port, paths, bind)
     deadline = time.monotonic() + START_TIMEOUT
     retry_until = time.monotonic() + START_TIMEOUT / 2
     with open(f["log"], "ab") as log:
         # the child binds, forks the server into a new session and exits: 0 = listening;
         # any failure is retried (the previous server may hold the port a moment longer)
-        proc = daemon.launch(cmd, retry_until, stdout=log, stderr=log, env=env, cwd="/",
-                             start_new_session=True, timeout=START_TIMEOUT)
+        proc = daemon.launch(
+            cmd, retry_until, stdout=log, stderr=log, env=env, cwd="/", start_new_session=True, timeout=START_TIMEOUT
+        )
     if proc.returncode != 0:
         raise RuntimeError(f"metadata service failed to start on port {port} (see {f['log']})")
     pid = daemon.wait_for_pid(f["pid"], f"--pidfile={f['pid']}", deadline, errors=OSError)
@@ -410,8 +425,11 @@ def _apply(changes, paths, managed) -> list:
             done.append(f"metadata records: {len(change.detail['records'])} instance(s)")
         elif change.action in ("start", "restart"):
             cur = current(paths) if change.action == "start" else {}
-            if cur.get("alive") and cur.get("port") == change.detail["port"] \
-                    and cur.get("bind") == change.detail.get("bind", BIND):
+            if (
+                cur.get("alive")
+                and cur.get("port") == change.detail["port"]
+                and cur.get("bind") == change.detail.get("bind", BIND)
+            ):
                 # planned before this lock was taken: another applier (a takeover of
                 # another network on this host) started it since; a second one would
                 # fail on the port in use
@@ -424,8 +442,10 @@ def _apply(changes, paths, managed) -> list:
             if managed is not None:
                 managed.set(FACET, managed.get(FACET) | {NAME})
             if change.action == "restart":
-                done.append(f"restarted metadata service ({change.detail.get('reason')}): pid {old} -> {pid}, "
-                            f"port {change.detail['port']}")
+                done.append(
+                    f"restarted metadata service ({change.detail.get('reason')}): pid {old} -> {pid}, "
+                    f"port {change.detail['port']}"
+                )
             else:
                 done.append(f"started metadata service: pid {pid}, port {change.detail['port']}")
         elif change.action == "stop":
@@ -448,8 +468,12 @@ def status(paths, managed=None) -> dict:
     cur = current(paths, managed)
     if not cur:
         return {}
-    return {"pid": cur["pid"] if cur["alive"] else None, "running": cur["alive"], "port": cur["port"],
-            "instances": len({r["name"] for r in load_records(files(paths)["records"]).values()})}
+    return {
+        "pid": cur["pid"] if cur["alive"] else None,
+        "running": cur["alive"],
+        "port": cur["port"],
+        "instances": len({r["name"] for r in load_records(files(paths)["records"]).values()}),
+    }
 
 
 if __name__ == "__main__":

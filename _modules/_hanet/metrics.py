@@ -18,6 +18,7 @@ for counters, ``_timestamp_seconds`` for points in time, ``_info`` for labels wo
 joining on. The catalogue (``CATALOGUE``) documents every family once; docs/metrics.md
 is generated from it.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,62 +37,139 @@ MASTER_TEXTFILE = "hanet_master.prom"  # the master's file
 
 # name -> (type, help, labels, where: minion | master)
 CATALOGUE = {
-    "hanet_host_info": ("gauge", "Always 1; the minion id of the host that wrote the file.",
-                        ("host",), "minion"),
-    "hanet_gateway_held": ("gauge", "1 when this host answers for the network's gateway now.",
-                           ("network", "role"), "minion"),
+    "hanet_host_info": ("gauge", "Always 1; the minion id of the host that wrote the file.", ("host",), "minion"),
+    "hanet_gateway_held": (
+        "gauge",
+        "1 when this host answers for the network's gateway now.",
+        ("network", "role"),
+        "minion",
+    ),
     "hanet_gateway_last_transition_timestamp_seconds": (
-        "gauge", "When this host last took or gave up the network's gateway (takeover, "
-                 "relinquish, fence).", ("network",), "minion"),
-    "hanet_network_servable": ("gauge", "0 while this host's own health watch says it cannot "
-                                        "serve the network (uplink or segment link lost).",
-                               ("network",), "minion"),
-    "hanet_floating_ips_held": ("gauge", "Floating IPs bound on this host's public interface now.",
-                                (), "minion"),
-    "hanet_takeovers_total": ("counter", "Takeovers this host completed or failed, by how the "
-                                         "addresses were bound (warm: the beacon; job) and result.",
-                              ("network", "bound_by", "result"), "minion"),
-    "hanet_takeover_duration_seconds": ("histogram", "A takeover on this host, from the order's "
-                                                     "arrival to DHCP served (config -> dhcp).",
-                                        ("network",), "minion"),
-    "hanet_relinquishes_total": ("counter", "Networks this host gave up on the master's order.",
-                                 ("network",), "minion"),
-    "hanet_fences_total": ("counter", "Times this host fenced itself (isolated: it stopped "
-                                      "answering for every network it served).", (), "minion"),
-    "hanet_garps_sent_total": ("counter", "Gratuitous ARP frames sent (takeovers, announcements), "
-                                          "by result.", ("result",), "minion"),
+        "gauge",
+        "When this host last took or gave up the network's gateway (takeover, relinquish, fence).",
+        ("network",),
+        "minion",
+    ),
+    "hanet_network_servable": (
+        "gauge",
+        "0 while this host's own health watch says it cannot serve the network (uplink or segment link lost).",
+        ("network",),
+        "minion",
+    ),
+    "hanet_floating_ips_held": ("gauge", "Floating IPs bound on this host's public interface now.", (), "minion"),
+    "hanet_takeovers_total": (
+        "counter",
+        "Takeovers this host completed or failed, by how the addresses were bound (warm: the beacon; job) and result.",
+        ("network", "bound_by", "result"),
+        "minion",
+    ),
+    "hanet_takeover_duration_seconds": (
+        "histogram",
+        "A takeover on this host, from the order's arrival to DHCP served (config -> dhcp).",
+        ("network",),
+        "minion",
+    ),
+    "hanet_relinquishes_total": (
+        "counter",
+        "Networks this host gave up on the master's order.",
+        ("network",),
+        "minion",
+    ),
+    "hanet_fences_total": (
+        "counter",
+        "Times this host fenced itself (isolated: it stopped answering for every network it served).",
+        (),
+        "minion",
+    ),
+    "hanet_garps_sent_total": (
+        "counter",
+        "Gratuitous ARP frames sent (takeovers, announcements), by result.",
+        ("result",),
+        "minion",
+    ),
     "hanet_peer_up": ("gauge", "1 while the liveness beacon sees the peer up.", ("peer",), "minion"),
-    "hanet_peer_probe_rtt_seconds": ("gauge", "Round trip of the last answered ARP probe to the peer.",
-                                     ("peer",), "minion"),
-    "hanet_peer_probe_misses_total": ("counter", "Probe rounds the peer did not answer since the "
-                                                 "beacon started.", ("peer",), "minion"),
-    "hanet_daemon_up": ("gauge", "1 while the daemon hanet runs here is alive.",
-                        ("daemon", "name"), "minion"),
-    "hanet_daemon_restarts_total": ("counter", "Restarts of a dead daemon by the beacon's supervisor.",
-                                    ("daemon", "name"), "minion"),
+    "hanet_peer_probe_rtt_seconds": (
+        "gauge",
+        "Round trip of the last answered ARP probe to the peer.",
+        ("peer",),
+        "minion",
+    ),
+    "hanet_peer_probe_misses_total": (
+        "counter",
+        "Probe rounds the peer did not answer since the beacon started.",
+        ("peer",),
+        "minion",
+    ),
+    "hanet_daemon_up": ("gauge", "1 while the daemon hanet runs here is alive.", ("daemon", "name"), "minion"),
+    "hanet_daemon_restarts_total": (
+        "counter",
+        "Restarts of a dead daemon by the beacon's supervisor.",
+        ("daemon", "name"),
+        "minion",
+    ),
     "hanet_dhcp_leases": ("gauge", "Leases in the network's dnsmasq lease file.", ("network",), "minion"),
-    "hanet_ruleset_in_place": ("gauge", "1 when the kernel holds exactly the ruleset hanet applied, "
-                                        "0 when it drifted (changed by someone else).", (), "minion"),
-    "hanet_ruleset_drift_repaired_total": ("counter", "Applies that put back a ruleset changed by "
-                                                      "someone else (the pillar had not changed).",
-                                           (), "minion"),
-    "hanet_gateway_owner": ("gauge", "1 for the host the failover record names as the network's "
-                                     "owner.", ("network", "host"), "master"),
-    "hanet_gateway_epoch": ("gauge", "The network's epoch in the failover record (one step per move).",
-                            ("network",), "master"),
-    "hanet_gateway_owner_since_timestamp_seconds": ("gauge", "When the record's owner became owner.",
-                                                    ("network",), "master"),
-    "hanet_gateway_move_unconfirmed": ("gauge", "1 while the last move's takeover has not reported "
-                                                "complete.", ("network",), "master"),
-    "hanet_failovers_total": ("counter", "Moves this master decided, by reason (down: a liveness "
-                                         "report; handover: the owner's own health; reconcile; "
-                                         "evacuate; failback).", ("network", "reason"), "master"),
-    "hanet_reports_rejected_total": ("counter", "Liveness reports this master refused, by reason.",
-                                     ("reason",), "master"),
-    "hanet_decision_duration_seconds": ("histogram", "A down report's path on the master, from "
-                                                     "receipt to the orders published.", (), "master"),
-    "hanet_record_up": ("gauge", "1 when this master can read the failover record (etcd: quorum).",
-                        ("backend",), "master"),
+    "hanet_ruleset_in_place": (
+        "gauge",
+        "1 when the kernel holds exactly the ruleset hanet applied, 0 when it drifted (changed by someone else).",
+        (),
+        "minion",
+    ),
+    "hanet_ruleset_drift_repaired_total": (
+        "counter",
+        "Applies that put back a ruleset changed by someone else (the pillar had not changed).",
+        (),
+        "minion",
+    ),
+    "hanet_gateway_owner": (
+        "gauge",
+        "1 for the host the failover record names as the network's owner.",
+        ("network", "host"),
+        "master",
+    ),
+    "hanet_gateway_epoch": (
+        "gauge",
+        "The network's epoch in the failover record (one step per move).",
+        ("network",),
+        "master",
+    ),
+    "hanet_gateway_owner_since_timestamp_seconds": (
+        "gauge",
+        "When the record's owner became owner.",
+        ("network",),
+        "master",
+    ),
+    "hanet_gateway_move_unconfirmed": (
+        "gauge",
+        "1 while the last move's takeover has not reported complete.",
+        ("network",),
+        "master",
+    ),
+    "hanet_failovers_total": (
+        "counter",
+        "Moves this master decided, by reason (down: a liveness "
+        "report; handover: the owner's own health; reconcile; "
+        "evacuate; failback).",
+        ("network", "reason"),
+        "master",
+    ),
+    "hanet_reports_rejected_total": (
+        "counter",
+        "Liveness reports this master refused, by reason.",
+        ("reason",),
+        "master",
+    ),
+    "hanet_decision_duration_seconds": (
+        "histogram",
+        "A down report's path on the master, from receipt to the orders published.",
+        (),
+        "master",
+    ),
+    "hanet_record_up": (
+        "gauge",
+        "1 when this master can read the failover record (etcd: quorum).",
+        ("backend",),
+        "master",
+    ),
 }
 
 
@@ -121,7 +199,7 @@ def _number(value):
         return "NaN"
     if math.isinf(value):
         return "+Inf" if value > 0 else "-Inf"
-    return repr(int(value)) if value.is_integer() and abs(value) < 2 ** 53 else repr(value)
+    return repr(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
 
 
 def render(families) -> str:
@@ -185,8 +263,7 @@ class Store:
         except OSError:
             import logging
 
-            logging.getLogger(__name__).warning("hanet metrics: cannot count in %s", self.path,
-                                                exc_info=True)
+            logging.getLogger(__name__).warning("hanet metrics: cannot count in %s", self.path, exc_info=True)
 
     def add(self, name, labels=None, value=1.0):
         if value == 0:
@@ -195,11 +272,13 @@ class Store:
         def fn(data):
             fam = data.setdefault("counters", {}).setdefault(name, {})
             fam[_key(labels)] = fam.get(_key(labels), 0) + value
+
         self._change(fn)
 
     def set(self, name, labels=None, value=0.0):
         def fn(data):
             data.setdefault("gauges", {}).setdefault(name, {})[_key(labels)] = value
+
         self._change(fn)
 
     def observe(self, name, value, labels=None, buckets=BUCKETS):
@@ -214,6 +293,7 @@ class Store:
             h["sum"] += float(value)
             h["count"] += 1
             fam[_key(labels)] = h
+
         self._change(fn)
 
     def families(self):
@@ -273,8 +353,9 @@ def host_families(host, status, daemons, view):
     fams["hanet_host_info"].add({"host": host}, 1)
     nets = status.get("networks") or {}
     for label, n in sorted(nets.items()):
-        fams["hanet_gateway_held"].add({"network": label, "role": n.get("role") or ""},
-                                       1 if n.get("active_gateway") else 0)
+        fams["hanet_gateway_held"].add(
+            {"network": label, "role": n.get("role") or ""}, 1 if n.get("active_gateway") else 0
+        )
         d = n.get("dnsmasq")
         if isinstance(d, dict):
             fams["hanet_dhcp_leases"].add({"network": label}, d.get("leases") or 0)
@@ -304,9 +385,16 @@ def host_families(host, status, daemons, view):
 def master_families(owners, backend, record_ok):
     """The record's gauges on a master (pure): ``owners`` {network: entry} (None when the
     record cannot be read), ``backend`` file or etcd."""
-    fams = {name: Family(name) for name in ("hanet_gateway_owner", "hanet_gateway_epoch",
-                                            "hanet_gateway_owner_since_timestamp_seconds",
-                                            "hanet_gateway_move_unconfirmed", "hanet_record_up")}
+    fams = {
+        name: Family(name)
+        for name in (
+            "hanet_gateway_owner",
+            "hanet_gateway_epoch",
+            "hanet_gateway_owner_since_timestamp_seconds",
+            "hanet_gateway_move_unconfirmed",
+            "hanet_record_up",
+        )
+    }
     fams["hanet_record_up"].add({"backend": backend}, 1 if record_ok else 0)
     for label, entry in sorted((owners or {}).items()):
         if not isinstance(entry, dict) or not entry.get("owner"):

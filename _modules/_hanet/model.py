@@ -7,6 +7,7 @@ pillar path (``hanet:instances:web1:nics:0:ip``)::
     from _hanet import model
     cfg = model.load(pillar["hanet"])
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,18 +34,30 @@ GLOBAL_DEFAULTS = {
     "dnsmasq_config_file": "",
     "metrics_textfile_dir": "/var/lib/hanet/metrics",
 }
-HA_DEFAULTS = {"probe_interval_ms": None, "probe_misses": None,  # None: Probe's defaults
-               "garp_refresh_s": 0}
+HA_DEFAULTS = {
+    "probe_interval_ms": None,
+    "probe_misses": None,  # None: Probe's defaults
+    "garp_refresh_s": 0,
+}
 TOP_KEYS = set(GLOBAL_DEFAULTS) | {"ha", "networks", "hosts", "instances"}
 NETWORK_KEYS = {
-    "cidr", "bridge", "bridge_interface", "multi_host", "gateway", "dhcp_start", "mtu",
-    "vlan", "vxlan", "gateway_mode", "network_hosts", "dns_servers",
+    "cidr",
+    "bridge",
+    "bridge_interface",
+    "multi_host",
+    "gateway",
+    "dhcp_start",
+    "mtu",
+    "vlan",
+    "vxlan",
+    "gateway_mode",
+    "network_hosts",
+    "dns_servers",
 }
 VXLAN_KEYS = {"vni", "group", "remotes", "port"}
 HOST_KEYS = {"public_interface", "routing_source_ip", "networks"}
 HOST_NET_KEYS = {"address"}
-INSTANCE_KEYS = {"host", "nics", "floating_ips", "uuid", "hostname", "public_keys", "user_data",
-                 "availability_zone"}
+INSTANCE_KEYS = {"host", "nics", "floating_ips", "uuid", "hostname", "public_keys", "user_data", "availability_zone"}
 NIC_KEYS = {"network", "mac", "ip", "port"}
 FLOAT_KEYS = {"address", "fixed_ip"}
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
@@ -176,8 +189,7 @@ class Probe:
         is never below ``misses`` (coming back takes as long as going)."""
         d = cls()
         misses = misses or d.misses
-        return cls(interval_ms=interval_ms or d.interval_ms, misses=misses,
-                   rise=rise or max(d.rise, misses))
+        return cls(interval_ms=interval_ms or d.interval_ms, misses=misses, rise=rise or max(d.rise, misses))
 
 
 @dataclass(frozen=True)
@@ -341,9 +353,15 @@ class _Checker:
 
 
 def _kind(value):
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
-            int: "an integer", float: "a number", type(None): "empty"}.get(type(value),
-                                                                          type(value).__name__)
+    return {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        type(None): "empty",
+    }.get(type(value), type(value).__name__)
 
 
 def _close(word, options):
@@ -382,16 +400,23 @@ def load(pillar):
         "metadata_host": c.ip(g["metadata_host"], p("metadata_host")),
         "metadata_port": c.int(g["metadata_port"], p("metadata_port"), 1, 65535),
         "dhcp_lease_time": c.int(g["dhcp_lease_time"], p("dhcp_lease_time"), 120, 2**31 - 1),
-        "dhcp_domain": c.str(g["dhcp_domain"], p("dhcp_domain"),
-                             re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$"), "a DNS domain"),
-        "dns_servers": tuple(x for i, v in enumerate(c.list(g["dns_servers"], p("dns_servers")))
-                             if (x := c.ip(v, f"{p('dns_servers')}:{i}"))),
-        "dmz_cidr": tuple(x for i, v in enumerate(c.list(g["dmz_cidr"], p("dmz_cidr")))
-                          if (x := c.cidr(v, f"{p('dmz_cidr')}:{i}"))),
-        "force_snat_range": tuple(x for i, v in enumerate(c.list(g["force_snat_range"], p("force_snat_range")))
-                                  if (x := c.cidr(v, f"{p('force_snat_range')}:{i}"))),
-        "use_single_default_gateway": c.bool(g["use_single_default_gateway"],
-                                             p("use_single_default_gateway")),
+        "dhcp_domain": c.str(
+            g["dhcp_domain"], p("dhcp_domain"), re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$"), "a DNS domain"
+        ),
+        "dns_servers": tuple(
+            x
+            for i, v in enumerate(c.list(g["dns_servers"], p("dns_servers")))
+            if (x := c.ip(v, f"{p('dns_servers')}:{i}"))
+        ),
+        "dmz_cidr": tuple(
+            x for i, v in enumerate(c.list(g["dmz_cidr"], p("dmz_cidr"))) if (x := c.cidr(v, f"{p('dmz_cidr')}:{i}"))
+        ),
+        "force_snat_range": tuple(
+            x
+            for i, v in enumerate(c.list(g["force_snat_range"], p("force_snat_range")))
+            if (x := c.cidr(v, f"{p('force_snat_range')}:{i}"))
+        ),
+        "use_single_default_gateway": c.bool(g["use_single_default_gateway"], p("use_single_default_gateway")),
         "firewall_driver": g["firewall_driver"],
         "dnsmasq_config_file": g["dnsmasq_config_file"],
         "metrics_textfile_dir": g["metrics_textfile_dir"],
@@ -411,9 +436,10 @@ def load(pillar):
     ha_v = dict(HA_DEFAULTS, **{k: v for k, v in ha_in.items() if k in HA_DEFAULTS})
     probe = Probe.of(
         c.int(ha_v["probe_interval_ms"], p("ha:probe_interval_ms"), 10, 60000)
-        if ha_v["probe_interval_ms"] is not None else None,
-        c.int(ha_v["probe_misses"], p("ha:probe_misses"), 1, 100)
-        if ha_v["probe_misses"] is not None else None)
+        if ha_v["probe_interval_ms"] is not None
+        else None,
+        c.int(ha_v["probe_misses"], p("ha:probe_misses"), 1, 100) if ha_v["probe_misses"] is not None else None,
+    )
     refresh = c.int(ha_v["garp_refresh_s"], p("ha:garp_refresh_s"), 0, 86400)
     ha = Ha(probe_interval_ms=probe.interval_ms, probe_misses=probe.misses, garp_refresh_s=refresh or 0)
 
@@ -436,8 +462,10 @@ def _networks(c, raw):
     for label, spec in sorted(raw.items()):
         path = f"{ROOT}:networks:{label}"
         if not LABEL_RE.fullmatch(label):
-            c.add(path, "a network label must be letters, digits, '-' or '_' (at most 32), "
-                        "starting with a letter or digit")
+            c.add(
+                path,
+                "a network label must be letters, digits, '-' or '_' (at most 32), starting with a letter or digit",
+            )
             continue
         spec = c.mapping(spec, path, required=True)
         c.unknown_keys(spec, NETWORK_KEYS, path)
@@ -460,8 +488,9 @@ def _networks(c, raw):
         elif mode == "hardware":
             c.add(f"{path}:gateway", "is required with gateway_mode: hardware (the router's address)")
         elif multi_host is False:
-            c.add(f"{path}:gateway", "is required for a network with network_hosts "
-                                     "(the address that moves on failover)")
+            c.add(
+                f"{path}:gateway", "is required for a network with network_hosts (the address that moves on failover)"
+            )
         mtu = c.int(spec.get("mtu", 1500), f"{path}:mtu", 576, 65535) or 1500
         vlan = None
         if spec.get("vlan") is not None:
@@ -496,20 +525,38 @@ def _networks(c, raw):
                     else:
                         nh.append(h)
         if multi_host is True and nh:
-            c.add(f"{path}:network_hosts", "a multi_host network has no network hosts "
-                                           "(every compute host serves its own instances)")
+            c.add(
+                f"{path}:network_hosts",
+                "a multi_host network has no network hosts (every compute host serves its own instances)",
+            )
         if multi_host is False and not nh:
-            c.add(f"{path}:network_hosts", "is required when multi_host is false "
-                                           "(ordered: the first live one serves)")
-        servers = tuple(x for i, v in enumerate(c.list(spec.get("dns_servers"), f"{path}:dns_servers"))
-                        if (x := c.ip(v, f"{path}:dns_servers:{i}")))
-        if None in (cidr, bridge, multi_host, mode, dhcp_start) or (spec.get("vlan") is not None and vlan is None) \
-                or (spec.get("vxlan") is not None and vx is None):
+            c.add(f"{path}:network_hosts", "is required when multi_host is false (ordered: the first live one serves)")
+        servers = tuple(
+            x
+            for i, v in enumerate(c.list(spec.get("dns_servers"), f"{path}:dns_servers"))
+            if (x := c.ip(v, f"{path}:dns_servers:{i}"))
+        )
+        if (
+            None in (cidr, bridge, multi_host, mode, dhcp_start)
+            or (spec.get("vlan") is not None and vlan is None)
+            or (spec.get("vxlan") is not None and vx is None)
+        ):
             continue
-        out[label] = Network(label=label, cidr=cidr, bridge=bridge, bridge_interface=bif,
-                             multi_host=multi_host, gateway=gateway, dhcp_start=dhcp_start, mtu=mtu,
-                             vlan=vlan, vxlan=vx, gateway_mode=mode, network_hosts=tuple(nh),
-                             dns_servers=servers)
+        out[label] = Network(
+            label=label,
+            cidr=cidr,
+            bridge=bridge,
+            bridge_interface=bif,
+            multi_host=multi_host,
+            gateway=gateway,
+            dhcp_start=dhcp_start,
+            mtu=mtu,
+            vlan=vlan,
+            vxlan=vx,
+            gateway_mode=mode,
+            network_hosts=tuple(nh),
+            dns_servers=servers,
+        )
     return out
 
 
@@ -544,8 +591,9 @@ def _hosts(c, raw, networks):
         path = f"{ROOT}:hosts:{name}"
         spec = c.mapping(spec, path, required=True)
         c.unknown_keys(spec, HOST_KEYS, path)
-        pub = c.str(spec.get("public_interface"), f"{path}:public_interface", IFNAME_RE,
-                    "an interface name (1-15 chars)")
+        pub = c.str(
+            spec.get("public_interface"), f"{path}:public_interface", IFNAME_RE, "an interface name (1-15 chars)"
+        )
         rsi = None
         if spec.get("routing_source_ip") is not None:
             rsi = c.ip(spec.get("routing_source_ip"), f"{path}:routing_source_ip")
@@ -563,8 +611,11 @@ def _hosts(c, raw, networks):
                 c.add(f"{npath}:address", f"{addr} is {why} network {label}'s cidr {net.cidr}")
                 continue
             if addr and not net.multi_host and addr == net.gateway:
-                c.add(f"{npath}:address", f"{addr} is network {label}'s gateway, which moves between "
-                                          "network hosts; give the host an address of its own")
+                c.add(
+                    f"{npath}:address",
+                    f"{addr} is network {label}'s gateway, which moves between "
+                    "network hosts; give the host an address of its own",
+                )
                 continue
             if addr and net.hardware and addr == net.gateway:
                 c.add(f"{npath}:address", f"{addr} is network {label}'s hardware router")
@@ -603,12 +654,14 @@ def _instances(c, raw, networks, hosts):
             label = c.str(nic.get("network"), f"{npath}:network", what="a network label")
             mac = c.mac(nic.get("mac"), f"{npath}:mac")
             ip = c.ip(nic.get("ip"), f"{npath}:ip")
-            port = c.str(nic.get("port"), f"{npath}:port", IFNAME_RE,
-                         "an interface name (1-15 chars)") if "port" in nic else None
+            port = (
+                c.str(nic.get("port"), f"{npath}:port", IFNAME_RE, "an interface name (1-15 chars)")
+                if "port" in nic
+                else None
+            )
             if port is not None:
                 if (host, port) in ports_seen:
-                    c.add(f"{npath}:port", f"port {port} on host {host} is already "
-                                           f"{ports_seen[(host, port)]}")
+                    c.add(f"{npath}:port", f"port {port} on host {host} is already {ports_seen[(host, port)]}")
                 else:
                     ports_seen[(host, port)] = f"{npath}:port"
             all_nics.append((name, i, mac, ip, host, label))
@@ -628,9 +681,12 @@ def _instances(c, raw, networks, hosts):
                 c.add(f"{npath}:ip", f"{ip} is network {label}'s gateway")
                 ip = None
             if host in hosts and net.multi_host and label not in hosts[host].networks:
-                c.add(f"{npath}:network", f"host {host} serves multi_host network {label} for this "
-                                          f"instance but has no address on it "
-                                          f"(add {ROOT}:hosts:{host}:networks:{label}:address)")
+                c.add(
+                    f"{npath}:network",
+                    f"host {host} serves multi_host network {label} for this "
+                    f"instance but has no address on it "
+                    f"(add {ROOT}:hosts:{host}:networks:{label}:address)",
+                )
             if mac and ip:
                 nics.append(Nic(index=i, network=label, mac=mac, ip=ip, port=port))
         fips = []
@@ -642,8 +698,9 @@ def _instances(c, raw, networks, hosts):
                 f = c.mapping(f, fpath, required=True)
                 c.unknown_keys(f, FLOAT_KEYS, fpath)
                 addr = c.ip(f.get("address"), f"{fpath}:address")
-                fixed = c.ip(f.get("fixed_ip"), f"{fpath}:fixed_ip") if "fixed_ip" in f else \
-                    (nics[0].ip if nics else None)
+                fixed = (
+                    c.ip(f.get("fixed_ip"), f"{fpath}:fixed_ip") if "fixed_ip" in f else (nics[0].ip if nics else None)
+                )
                 if fixed and fixed not in {n.ip for n in nics} and len(nics) == len(raw_nics):
                     c.add(f"{fpath}:fixed_ip", f"{fixed} is not one of instance {name}'s NIC addresses")
                     fixed = None
@@ -653,9 +710,10 @@ def _instances(c, raw, networks, hosts):
                 fips.append(FloatingIp(address=addr, fixed_ip=fixed))
         hostname = spec.get("hostname", name)
         if not isinstance(hostname, str) or not HOSTNAME_RE.fullmatch(hostname):
-            c.add(f"{path}:hostname" if "hostname" in spec else path,
-                  f"{hostname!r} is not a valid hostname (letters, digits, '-'); "
-                  "set hanet:instances:<name>:hostname")
+            c.add(
+                f"{path}:hostname" if "hostname" in spec else path,
+                f"{hostname!r} is not a valid hostname (letters, digits, '-'); set hanet:instances:<name>:hostname",
+            )
             hostname = None
         keys = c.mapping(spec.get("public_keys"), f"{path}:public_keys")
         for k, v in keys.items():
@@ -673,7 +731,10 @@ def _instances(c, raw, networks, hosts):
         if host is None or hostname is None or len(nics) != len(raw_nics):
             continue
         out[name] = Instance(
-            name=name, host=host, nics=tuple(nics), floating_ips=tuple(fips),
+            name=name,
+            host=host,
+            nics=tuple(nics),
+            floating_ips=tuple(fips),
             uuid=uuid if isinstance(uuid, str) and uuid else _uuid_for(name),
             hostname=hostname,
             public_keys=tuple(sorted((k, v) for k, v in keys.items() if isinstance(v, str))),
@@ -696,19 +757,19 @@ def _network_hosts(c, networks, hosts):
             if h not in hosts:
                 c.unknown("hosts", h, path, "host")
             elif label not in hosts[h].networks:
-                c.add(path, f"network host {h} has no address on {label} "
-                            f"(add {ROOT}:hosts:{h}:networks:{label}:address)")
+                c.add(
+                    path, f"network host {h} has no address on {label} (add {ROOT}:hosts:{h}:networks:{label}:address)"
+                )
 
 
 def _cross_checks(c, networks, hosts, instances, nics, fips):
     # Overlapping fixed ranges.
     labels = sorted(networks)
     for i, a in enumerate(labels):
-        for b in labels[i + 1:]:
+        for b in labels[i + 1 :]:
             na, nb = networks[a].net, networks[b].net
             if na.first <= nb.last and nb.first <= na.last:
-                c.add(f"{ROOT}:networks:{b}:cidr",
-                      f"{nb} overlaps network {a}'s cidr {na}")
+                c.add(f"{ROOT}:networks:{b}:cidr", f"{nb} overlaps network {a}'s cidr {na}")
     # Bridges are per network.
     seen = {}
     for label in labels:
@@ -723,25 +784,31 @@ def _cross_checks(c, networks, hosts, instances, nics, fips):
         if n.vlan is not None:
             key = (n.bridge_interface, n.vlan)
             if key in vlans:
-                c.add(f"{ROOT}:networks:{label}:vlan",
-                      f"VLAN {n.vlan} on {n.bridge_interface} is already network {vlans[key]}'s")
+                c.add(
+                    f"{ROOT}:networks:{label}:vlan",
+                    f"VLAN {n.vlan} on {n.bridge_interface} is already network {vlans[key]}'s",
+                )
             vlans.setdefault(key, label)
         if n.vxlan is not None:
             if n.vxlan.vni in vnis:
-                c.add(f"{ROOT}:networks:{label}:vxlan:vni", f"VNI {n.vxlan.vni} is already network {vnis[n.vxlan.vni]}'s")
+                c.add(
+                    f"{ROOT}:networks:{label}:vxlan:vni", f"VNI {n.vxlan.vni} is already network {vnis[n.vxlan.vni]}'s"
+                )
             vnis.setdefault(n.vxlan.vni, label)
     # A flat uplink can sit in one bridge only, on any host that carries both networks.
     flat = [lab for lab in labels if not networks[lab].segmented and networks[lab].bridge_interface]
     for i, a in enumerate(flat):
-        for b in flat[i + 1:]:
+        for b in flat[i + 1 :]:
             if networks[a].bridge_interface != networks[b].bridge_interface:
                 continue
             homes = {(h, lab) for *_, h, lab in nics}
             both = sorted(carrying(networks, hosts, homes, a) & carrying(networks, hosts, homes, b))
             if both:
-                c.add(f"{ROOT}:networks:{b}:bridge_interface",
-                      f"uplink {networks[b].bridge_interface} is already in network {a}'s bridge "
-                      f"{networks[a].bridge} on host {both[0]}; one uplink fits one bridge")
+                c.add(
+                    f"{ROOT}:networks:{b}:bridge_interface",
+                    f"uplink {networks[b].bridge_interface} is already in network {a}'s bridge "
+                    f"{networks[a].bridge} on host {both[0]}; one uplink fits one bridge",
+                )
     # A flat uplink or a segment parent must not be the public interface? (allowed: real sites do it)
     # IPs: unique per network across gateways, host addresses and instances; MACs unique.
     owners = {}  # ip -> path
@@ -777,8 +844,7 @@ def _cross_checks(c, networks, hosts, instances, nics, fips):
         else:
             for label in labels:
                 if netaddr.IPAddress(addr) in networks[label].net:
-                    c.add(path, f"floating IP {addr} is inside network {label}'s cidr "
-                                f"{networks[label].cidr}")
+                    c.add(path, f"floating IP {addr} is inside network {label}'s cidr {networks[label].cidr}")
                     break
         if addr in fseen:
             c.add(path, f"floating IP {addr} is already used at {fseen[addr]}")

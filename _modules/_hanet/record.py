@@ -52,6 +52,7 @@ The interface (the runner, the ext_pillar)::
 The client is etcd3gw (OpenStack's etcd v3 client over etcd's HTTP/JSON gateway):
 docs/record.md says why.
 """
+
 from __future__ import annotations
 
 import base64
@@ -132,8 +133,10 @@ def config(opts):
     if raw is None or raw == {}:
         return Config()
     if not isinstance(raw, dict):
-        raise RecordConfigError(f"{OPTION}: must be a mapping such as {{backend: etcd, endpoints: "
-                                f"[http://192.0.2.21:2379]}}, not {type(raw).__name__} {raw!r}")
+        raise RecordConfigError(
+            f"{OPTION}: must be a mapping such as {{backend: etcd, endpoints: "
+            f"[http://192.0.2.21:2379]}}, not {type(raw).__name__} {raw!r}"
+        )
     problems = []
     backend = raw.get("backend", "file")
     if backend not in BACKENDS:
@@ -152,8 +155,10 @@ def config(opts):
     if isinstance(endpoints, str):
         endpoints = [endpoints]
     if not isinstance(endpoints, (list, tuple)) or not endpoints:
-        problems.append(f"{OPTION}.endpoints: a list of etcd client URLs (http://host:2379) is "
-                        f"needed for backend etcd, not {endpoints!r}")
+        problems.append(
+            f"{OPTION}.endpoints: a list of etcd client URLs (http://host:2379) is "
+            f"needed for backend etcd, not {endpoints!r}"
+        )
         endpoints = []
     norm = []
     for i, url in enumerate(endpoints):
@@ -167,17 +172,16 @@ def config(opts):
 
     prefix = raw.get("prefix", DEFAULT_PREFIX)
     if not isinstance(prefix, str) or not prefix or not prefix.isascii() or not prefix.isprintable():
-        problems.append(f"{OPTION}.prefix: must be a non-empty printable ASCII string such as "
-                        f"{DEFAULT_PREFIX}, not {prefix!r}")
+        problems.append(
+            f"{OPTION}.prefix: must be a non-empty printable ASCII string such as {DEFAULT_PREFIX}, not {prefix!r}"
+        )
         prefix = DEFAULT_PREFIX
     elif not prefix.endswith("/"):
         prefix += "/"
 
     timeout = raw.get("timeout", DEFAULT_TIMEOUT)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
-            or not 0 < timeout <= MAX_TIMEOUT:
-        problems.append(f"{OPTION}.timeout: must be a number of seconds in (0, {MAX_TIMEOUT:g}], "
-                        f"not {timeout!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_TIMEOUT:
+        problems.append(f"{OPTION}.timeout: must be a number of seconds in (0, {MAX_TIMEOUT:g}], not {timeout!r}")
         timeout = DEFAULT_TIMEOUT
 
     for key in ("ca_cert", "cert_cert", "cert_key"):
@@ -185,9 +189,11 @@ def config(opts):
             _path_problem(key, raw[key], problems)
     if (raw.get("cert_cert") is None) != (raw.get("cert_key") is None):
         missing = "cert_key" if raw.get("cert_key") is None else "cert_cert"
-        problems.append(f"{OPTION}.{missing}: needed with "
-                        f"{'cert_cert' if missing == 'cert_key' else 'cert_key'} (a client "
-                        "certificate and its key)")
+        problems.append(
+            f"{OPTION}.{missing}: needed with "
+            f"{'cert_cert' if missing == 'cert_key' else 'cert_key'} (a client "
+            "certificate and its key)"
+        )
     tls = [k for k in ("ca_cert", "cert_cert", "cert_key") if raw.get(k) is not None]
     if tls and norm and not any(u.startswith("https://") for u in norm):
         problems.append(f"{OPTION}.{tls[0]}: set, but no endpoint is https://")
@@ -201,16 +207,23 @@ def config(opts):
 
     if problems:
         raise RecordConfigError(_problems(problems))
-    return Config(backend="etcd", endpoints=tuple(norm), prefix=prefix, timeout=float(timeout),
-                  ca_cert=raw.get("ca_cert"), cert_cert=raw.get("cert_cert"),
-                  cert_key=raw.get("cert_key"), user=raw.get("user"), password=raw.get("password"))
+    return Config(
+        backend="etcd",
+        endpoints=tuple(norm),
+        prefix=prefix,
+        timeout=float(timeout),
+        ca_cert=raw.get("ca_cert"),
+        cert_cert=raw.get("cert_cert"),
+        cert_key=raw.get("cert_key"),
+        user=raw.get("user"),
+        password=raw.get("password"),
+    )
 
 
 def _problems(problems):
     if len(problems) == 1:
         return f"{problems[0]}; no decision is made"
-    return (f"{OPTION} has {len(problems)} problems; no decision is made:\n  "
-            + "\n  ".join(problems))
+    return f"{OPTION} has {len(problems)} problems; no decision is made:\n  " + "\n  ".join(problems)
 
 
 def _endpoint_problem(url):
@@ -318,12 +331,19 @@ def decode_entry(key, value):
     try:
         entry = json.loads(value.decode("utf-8") if isinstance(value, (bytes, bytearray)) else value)
     except (ValueError, UnicodeDecodeError) as err:
-        raise failover.RecordError(f"the failover record's key {key} in etcd is not JSON ({err}); "
-                                   "restore it or delete it deliberately") from err
-    if not isinstance(entry, dict) or not isinstance(entry.get("owner"), str) \
-            or isinstance(entry.get("epoch"), bool) or not isinstance(entry.get("epoch"), int):
-        raise failover.RecordError(f"the failover record's key {key} in etcd is not an entry "
-                                   f"{{owner, epoch, ...}}: {entry!r}; restore it or delete it deliberately")
+        raise failover.RecordError(
+            f"the failover record's key {key} in etcd is not JSON ({err}); restore it or delete it deliberately"
+        ) from err
+    if (
+        not isinstance(entry, dict)
+        or not isinstance(entry.get("owner"), str)
+        or isinstance(entry.get("epoch"), bool)
+        or not isinstance(entry.get("epoch"), int)
+    ):
+        raise failover.RecordError(
+            f"the failover record's key {key} in etcd is not an entry "
+            f"{{owner, epoch, ...}}: {entry!r}; restore it or delete it deliberately"
+        )
     return entry
 
 
@@ -366,11 +386,9 @@ def txn_payload(prefix, chg):
     for c in chg:
         key = _b64(owners_key(prefix, c.network))
         if c.mod_revision:
-            compare.append({"key": key, "result": "EQUAL", "target": "MOD",
-                            "mod_revision": str(c.mod_revision)})
+            compare.append({"key": key, "result": "EQUAL", "target": "MOD", "mod_revision": str(c.mod_revision)})
         else:
-            compare.append({"key": key, "result": "EQUAL", "target": "CREATE",
-                            "create_revision": "0"})
+            compare.append({"key": key, "result": "EQUAL", "target": "CREATE", "create_revision": "0"})
         if c.value is None:
             success.append({"request_delete_range": {"key": key}})
         else:
@@ -400,8 +418,9 @@ def _cause(err, timeout):
         from etcd3gw import exceptions as ex
     except ImportError:  # pragma: no cover
         ex = None
-    timed_out = isinstance(err, requests.exceptions.Timeout) \
-        or (ex is not None and isinstance(err, ex.ConnectionTimeoutError))
+    timed_out = isinstance(err, requests.exceptions.Timeout) or (
+        ex is not None and isinstance(err, ex.ConnectionTimeoutError)
+    )
     if timed_out:
         text = getattr(err, "detail_text", "") or str(err)
         if text.lstrip().startswith("{"):
@@ -410,12 +429,14 @@ def _cause(err, timeout):
     text = getattr(err, "detail_text", None) or str(err) or type(err).__name__
     if text.lstrip().startswith("{"):
         return _etcd_message(text)
-    for mark, short in (("Connection refused", "connection refused"),
-                        ("No route to host", "no route to host"),
-                        ("Network is unreachable", "network unreachable"),
-                        ("Name or service not known", "unknown host"),
-                        ("CERTIFICATE_VERIFY_FAILED", "TLS: certificate verify failed"),
-                        ("SSLError", "TLS error")):
+    for mark, short in (
+        ("Connection refused", "connection refused"),
+        ("No route to host", "no route to host"),
+        ("Network is unreachable", "network unreachable"),
+        ("Name or service not known", "unknown host"),
+        ("CERTIFICATE_VERIFY_FAILED", "TLS: certificate verify failed"),
+        ("SSLError", "TLS error"),
+    ):
         if mark in text:
             return short
     return " ".join(text.split())[:200]
@@ -458,14 +479,21 @@ class EtcdStore:
                 session.verify = self.cfg.ca_cert
             if self.cfg.cert_cert:
                 session.cert = (self.cfg.cert_cert, self.cfg.cert_key)
-            client = Etcd3Client(host=parts.hostname, port=parts.port, protocol=parts.scheme,
-                                 api_path=API_PATH, session=session, timeout=self.cfg.timeout)
+            client = Etcd3Client(
+                host=parts.hostname,
+                port=parts.port,
+                protocol=parts.scheme,
+                api_path=API_PATH,
+                session=session,
+                timeout=self.cfg.timeout,
+            )
             cache[key] = client
         return client
 
     def _authenticate(self, client):
-        got = client.post(client.get_url("/auth/authenticate"),
-                          json={"name": self.cfg.user, "password": self.cfg.password})
+        got = client.post(
+            client.get_url("/auth/authenticate"), json={"name": self.cfg.user, "password": self.cfg.password}
+        )
         token = (got or {}).get("token")
         if not token:
             raise _Refused(f"etcd gave user {self.cfg.user} no token")
@@ -533,8 +561,7 @@ class EtcdStore:
                 continue
             _PREFERRED[self.cfg] = ep
             return got
-        raise RecordUnavailable(f"etcd cannot {what} (no decision is made, nothing is written): "
-                                + "; ".join(causes))
+        raise RecordUnavailable(f"etcd cannot {what} (no decision is made, nothing is written): " + "; ".join(causes))
 
     def read_owners(self):
         """({network: entry}, {network: (entry, mod_revision)}), read linearizably."""
@@ -547,7 +574,7 @@ class EtcdStore:
         owners, read = {}, {}
         for value, meta in got:
             key = meta["key"].decode("utf-8", "replace")
-            net = key[len(prefix):]
+            net = key[len(prefix) :]
             entry = decode_entry(key, value)
             owners[net] = entry
             read[net] = (copy.deepcopy(entry), int(meta.get("mod_revision", 0)))
@@ -568,17 +595,21 @@ class EtcdStore:
             key = owners_key(self.cfg.prefix, c.network)
             current[c.network] = decode_entry(key, base64.b64decode(kvs[0].get("value", ""))) if kvs else None
             revs[c.network] = int(kvs[0].get("mod_revision", 0)) if kvs else 0
-        ours = all((current.get(c.network) is None) if c.value is None
-                   else current.get(c.network) == json.loads(c.value) for c in chg)
+        ours = all(
+            (current.get(c.network) is None) if c.value is None else current.get(c.network) == json.loads(c.value)
+            for c in chg
+        )
         if ours and len(current) == len(chg):
             # what we meant to write is there already: an earlier try of this same save
             # that timed out on another endpoint had gone through (or the same change
             # made elsewhere); nothing to undo, nothing lost
             return revs
-        moved = ", ".join(f"{c.network} (now {_brief(current.get(c.network))})" for c in chg
-                          if current.get(c.network) != (None if c.value is None else json.loads(c.value)))
-        raise RecordConflict(f"the record changed since it was read (another master decided): {moved}",
-                             current)
+        moved = ", ".join(
+            f"{c.network} (now {_brief(current.get(c.network))})"
+            for c in chg
+            if current.get(c.network) != (None if c.value is None else json.loads(c.value))
+        )
+        raise RecordConflict(f"the record changed since it was read (another master decided): {moved}", current)
 
 
 def _brief(entry):

@@ -53,6 +53,7 @@ table``, hanet's lines of ``iptables-save``) is stored in ``<state_dir>/ruleset.
 the rendered text. ``current`` lists the kernel again and returns the stored text only when
 the listing is identical, so a deleted table or a tampered rule shows up as a difference.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -86,8 +87,7 @@ def _template(source):
     if tpl is None:
         import jinja2
 
-        env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                                 autoescape=False)
+        env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
         tpl = _TEMPLATES[source] = env.from_string(source)
     return tpl
 
@@ -163,8 +163,9 @@ def is_empty(ruleset: D.Ruleset) -> bool:
 
 
 def _has_ip_part(rs):
-    return bool(rs.snat or rs.floating or rs.forward_bridges or rs.service_bridges
-                or (rs.metadata and rs.metadata.bridges))
+    return bool(
+        rs.snat or rs.floating or rs.forward_bridges or rs.service_bridges or (rs.metadata and rs.metadata.bridges)
+    )
 
 
 def _sorted_snat(rs):
@@ -182,6 +183,7 @@ def _hairpin_sources(rs, fip):
 
 # --------------------------------------------------------------------------- nftables
 
+
 def _nft_ip_table(rs):
     pre, out, post, fwd, inp = [], [], [], [], []
     for f in _sorted_floating(rs):
@@ -195,7 +197,7 @@ def _nft_ip_table(rs):
         else:
             pre.append(f"{match} dnat to {md.host}:{md.port}")
     for f in _sorted_floating(rs):
-        oif = f'oifname {_q(f.public_interface)} ' if f.public_interface else ""
+        oif = f"oifname {_q(f.public_interface)} " if f.public_interface else ""
         post.append(f"ip saddr {f.fixed_ip} {oif}snat to {f.address}")
     for f in _sorted_floating(rs):
         src = _nft_set(_hairpin_sources(rs, f))
@@ -229,9 +231,13 @@ def _nft_ip_table(rs):
         dict(name="forward", type="filter", hook="forward", priority=0, rules=fwd),
         dict(name="input", type="filter", hook="input", priority=0, rules=inp),
     ]
-    return dict(family="ip", name=rs.table, sets=[],
-                comment="hanet: NAT and filter; replaced as a whole by hanet",
-                chains=[c for c in chains if c["rules"]])
+    return dict(
+        family="ip",
+        name=rs.table,
+        sets=[],
+        comment="hanet: NAT and filter; replaced as a whole by hanet",
+        chains=[c for c in chains if c["rules"]],
+    )
 
 
 def _nft_bridge_table(rs, ports=None, port_macs=None):
@@ -244,18 +250,23 @@ def _nft_bridge_table(rs, ports=None, port_macs=None):
         bound = _bindings(g, (port_macs or {}).get(g.bridge))
         if port_macs is None:  # render: the pairs the applier binds by libvirt's MAC rule
             named = {_mac(m) for m, _ in g.ports}
-            notes += sorted(f"{g.bridge}: {_mac(m)} . {ip} from the port with MAC {tap_mac(m)}"
-                            for m, ip in g.pairs if _mac(m) not in named)
+            notes += sorted(
+                f"{g.bridge}: {_mac(m)} . {ip} from the port with MAC {tap_mac(m)}"
+                for m, ip in g.pairs
+                if _mac(m) not in named
+            )
         macs = sorted({(p, m) for p, m, _ in bound})
-        arp = sorted({f"{_q(p)} . {m} . {m} . {ip}" for p, m, ip in bound}
-                     | {f"{_q(p)} . {m} . {m} . 0.0.0.0" for p, m in macs})
+        arp = sorted(
+            {f"{_q(p)} . {m} . {m} . {ip}" for p, m, ip in bound} | {f"{_q(p)} . {m} . {m} . 0.0.0.0" for p, m in macs}
+        )
         sets += [
-            dict(name=f"{ident}_pairs", type="ifname . ether_addr . ipv4_addr",
-                 elements=[f"{_q(p)} . {m} . {ip}" for p, m, ip in bound]),
-            dict(name=f"{ident}_arp", type="ifname . ether_addr . ether_addr . ipv4_addr",
-                 elements=arp),
-            dict(name=f"{ident}_macs", type="ifname . ether_addr",
-                 elements=[f"{_q(p)} . {m}" for p, m in macs]),
+            dict(
+                name=f"{ident}_pairs",
+                type="ifname . ether_addr . ipv4_addr",
+                elements=[f"{_q(p)} . {m} . {ip}" for p, m, ip in bound],
+            ),
+            dict(name=f"{ident}_arp", type="ifname . ether_addr . ether_addr . ipv4_addr", elements=arp),
+            dict(name=f"{ident}_macs", type="ifname . ether_addr", elements=[f"{_q(p)} . {m}" for p, m in macs]),
         ]
         vm = f"{ident}_vm"
         if ports is None:
@@ -265,14 +276,20 @@ def _nft_bridge_table(rs, ports=None, port_macs=None):
             vm_ports = sorted(set(ports.get(g.bridge, ())) - set(g.trusted_ports))
             if vm_ports:
                 pre.append(f"iifname {_names(vm_ports)} jump {vm}")
-        chains.append(dict(name=vm, hook=None, rules=[
-            "ether type ip udp sport 67 counter drop",
-            "ether type ip ip saddr 0.0.0.0 udp sport 68 udp dport 67"
-            f" iifname . ether saddr @{ident}_macs return",
-            f"ether type ip iifname . ether saddr . ip saddr @{ident}_pairs return",
-            f"ether type arp iifname . ether saddr . arp saddr ether . arp saddr ip @{ident}_arp return",
-            "counter drop",
-        ]))
+        chains.append(
+            dict(
+                name=vm,
+                hook=None,
+                rules=[
+                    "ether type ip udp sport 67 counter drop",
+                    "ether type ip ip saddr 0.0.0.0 udp sport 68 udp dport 67"
+                    f" iifname . ether saddr @{ident}_macs return",
+                    f"ether type ip iifname . ether saddr . ip saddr @{ident}_pairs return",
+                    f"ether type arp iifname . ether saddr . arp saddr ether . arp saddr ip @{ident}_arp return",
+                    "counter drop",
+                ],
+            )
+        )
         if g.dhcp_isolated and g.trusted_ports:
             t = _names(g.trusted_ports)
             fwd.append(f"iifname {t} ether type ip udp dport 67-68 drop")
@@ -285,9 +302,14 @@ def _nft_bridge_table(rs, ports=None, port_macs=None):
         dict(name="input", type="filter", hook="input", priority=-200, rules=inp),
         dict(name="output", type="filter", hook="output", priority=-200, rules=out),
     ]
-    return dict(family="bridge", name=rs.table, sets=sets, notes=notes,
-                comment="hanet: VM port anti-spoofing; replaced as a whole by hanet",
-                chains=[c for c in base if c["rules"]] + chains)
+    return dict(
+        family="bridge",
+        name=rs.table,
+        sets=sets,
+        notes=notes,
+        comment="hanet: VM port anti-spoofing; replaced as a whole by hanet",
+        chains=[c for c in base if c["rules"]] + chains,
+    )
 
 
 def _nft_script(tables):
@@ -295,6 +317,7 @@ def _nft_script(tables):
 
 
 # --------------------------------------------------------------------------- iptables
+
 
 def _ipt_chain(rs, name):
     return f"{rs.table}-{name}"
@@ -351,8 +374,7 @@ def _ipt_tables(rs):
         return dict(name=_ipt_chain(rs, builtin), builtin=builtin, rules=rules)
 
     return [
-        dict(name="nat", chains=[chain("PREROUTING", pre), chain("OUTPUT", out),
-                                 chain("POSTROUTING", post)]),
+        dict(name="nat", chains=[chain("PREROUTING", pre), chain("OUTPUT", out), chain("POSTROUTING", post)]),
         dict(name="filter", chains=[chain("FORWARD", fwd), chain("INPUT", inp)]),
     ]
 
@@ -362,6 +384,7 @@ def _ipt_script(rs):
 
 
 # --------------------------------------------------------------------------- render
+
 
 def _objects(rs):
     """The kernel objects the ruleset consists of: 'nft:<family>:<table>', 'iptables:<prefix>'."""
@@ -414,6 +437,7 @@ def digest(text: str) -> str:
 
 # --------------------------------------------------------------------------- plan
 
+
 def plan(desired: D.Ruleset, current) -> list:
     """[] when ``current`` (from :func:`current`) already is ``desired``; else one
     ``replace`` (or ``remove`` when the desired ruleset is empty)."""
@@ -421,14 +445,23 @@ def plan(desired: D.Ruleset, current) -> list:
     if not text:
         if current is None:
             return []
-        return [Change(FACET, "remove", desired.table,
-                       {"driver": desired.driver, "table": desired.table})]
+        return [Change(FACET, "remove", desired.table, {"driver": desired.driver, "table": desired.table})]
     if current == text:
         return []
-    return [Change(FACET, "replace", desired.table, {
-        "driver": desired.driver, "table": desired.table, "digest": digest(text),
-        "objects": _objects(desired), "ruleset": _plain(desired),
-    })]
+    return [
+        Change(
+            FACET,
+            "replace",
+            desired.table,
+            {
+                "driver": desired.driver,
+                "table": desired.table,
+                "digest": digest(text),
+                "objects": _objects(desired),
+                "ruleset": _plain(desired),
+            },
+        )
+    ]
 
 
 def _plain(rs):
@@ -438,22 +471,30 @@ def _plain(rs):
 def _from_plain(d):
     md = d.get("metadata")
     return D.Ruleset(
-        driver=d["driver"], table=d["table"],
-        snat=tuple(D.Snat(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()})
-                   for s in d.get("snat", ())),
+        driver=d["driver"],
+        table=d["table"],
+        snat=tuple(
+            D.Snat(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()}) for s in d.get("snat", ())
+        ),
         metadata=D.Metadata(**{**md, "bridges": tuple(md["bridges"])}) if md else None,
         forward_bridges=tuple(d.get("forward_bridges", ())),
         service_bridges=tuple(d.get("service_bridges", ())),
-        guards=tuple(D.PortGuard(bridge=g["bridge"], trusted_ports=tuple(g["trusted_ports"]),
-                                 pairs=tuple(tuple(p) for p in g["pairs"]),
-                                 dhcp_isolated=g["dhcp_isolated"],
-                                 ports=tuple(tuple(p) for p in g.get("ports", ())))
-                      for g in d.get("guards", ())),
+        guards=tuple(
+            D.PortGuard(
+                bridge=g["bridge"],
+                trusted_ports=tuple(g["trusted_ports"]),
+                pairs=tuple(tuple(p) for p in g["pairs"]),
+                dhcp_isolated=g["dhcp_isolated"],
+                ports=tuple(tuple(p) for p in g.get("ports", ())),
+            )
+            for g in d.get("guards", ())
+        ),
         floating=tuple(D.FloatingIp(**f) for f in d.get("floating", ())),
     )
 
 
 # --------------------------------------------------------------------------- kernel
+
 
 def _run(args, stdin=None):
     proc = subprocess.run(args, input=stdin, capture_output=True, text=True)
@@ -488,7 +529,7 @@ def bridge_meta_supported():
     check-only transaction (``nft -c``) that changes nothing, cached per network namespace."""
     key = _netns_id()
     if key not in _BRIDGE_META:
-        probe = "table bridge hanet_probe {\n\tchain c {\n\t\tmeta ibrname \"lo\" accept\n\t}\n}\n"
+        probe = 'table bridge hanet_probe {\n\tchain c {\n\t\tmeta ibrname "lo" accept\n\t}\n}\n'
         proc = subprocess.run(["nft", "-c", "-f", "-"], input=probe, capture_output=True, text=True)
         _BRIDGE_META[key] = proc.returncode == 0
     return _BRIDGE_META[key]
@@ -522,8 +563,7 @@ def port_report(guards, port_macs):
         present = port_macs.get(g.bridge) or {}
         bound = _bindings(g, present)
         ports, macs = {p for p, _, _ in bound}, {m for _, m, _ in bound}
-        unknown += [(g.bridge, p, m) for p, m in sorted(present.items())
-                    if p not in g.trusted_ports and p not in ports]
+        unknown += [(g.bridge, p, m) for p, m in sorted(present.items()) if p not in g.trusted_ports and p not in ports]
         unplugged += sorted((g.bridge, _mac(m), str(ip)) for m, ip in g.pairs if _mac(m) not in macs)
     return {"unknown": unknown, "unplugged": unplugged}
 
@@ -562,9 +602,14 @@ def _ipt_lines(prefix, table, save=None):
             continue
         if words[0].startswith(":") and words[0][1:] in mine:
             lines.append(words[0])
-        elif words[0] == "-A" and len(words) > 1 and (
-                words[1] in mine or ("-j" in words and words[words.index("-j") + 1:][:1]
-                                     and words[words.index("-j") + 1] in mine)):
+        elif (
+            words[0] == "-A"
+            and len(words) > 1
+            and (
+                words[1] in mine
+                or ("-j" in words and words[words.index("-j") + 1 :][:1] and words[words.index("-j") + 1] in mine)
+            )
+        ):
             lines.append(line.strip())
     return lines
 
@@ -620,13 +665,15 @@ def current(ruleset_desired: D.Ruleset, paths: Paths):
         ports, port_macs = state.get("ports"), state.get("port_macs")
         bridges = sorted(set(ports or ()) | set(port_macs or ()))
         now = _bridge_port_macs(bridges) if bridges else {}
-        if (ports is None or {b: sorted(now[b]) for b in ports} == ports) and \
-                (port_macs is None or {b: now[b] for b in port_macs} == port_macs):
+        if (ports is None or {b: sorted(now[b]) for b in ports} == ports) and (
+            port_macs is None or {b: now[b] for b in port_macs} == port_macs
+        ):
             return state.get("text")
     return "# hanet: the kernel differs from what hanet applied last\n" + snap + "\n"
 
 
 # --------------------------------------------------------------------------- apply
+
 
 def _nft_remove_script(objects):
     lines = []
@@ -662,8 +709,11 @@ def _ipt_apply_script(rs, text):
     for line in text.splitlines():
         if line.startswith("*"):
             table = line[1:]
-            pending = ["-D " + ln[3:] for ln in _ipt_lines(rs.table, table)
-                       if ln.startswith("-A ") and ln.split()[1] in (NAT_CHAINS + FILTER_CHAINS)]
+            pending = [
+                "-D " + ln[3:]
+                for ln in _ipt_lines(rs.table, table)
+                if ln.startswith("-A ") and ln.split()[1] in (NAT_CHAINS + FILTER_CHAINS)
+            ]
         elif pending and (line.startswith("-A ") or line.startswith("-I ") or line == "COMMIT"):
             out += pending
             pending = []
@@ -745,11 +795,25 @@ def apply(changes, paths: Paths, managed):
 
                 metrics.host_store(paths).add("hanet_ruleset_drift_repaired_total")
             snap = _snapshot(new)
-            write_atomic(paths.state(STATE_FILE), json.dumps({
-                "driver": rs.driver, "table": rs.table, "digest": digest(text),
-                "objects": sorted(new), "ports": ports, "port_macs": port_macs,
-                "snapshot": snap, "text": text,
-            }, indent=1, sort_keys=True) + "\n", mode=0o600)
+            write_atomic(
+                paths.state(STATE_FILE),
+                json.dumps(
+                    {
+                        "driver": rs.driver,
+                        "table": rs.table,
+                        "digest": digest(text),
+                        "objects": sorted(new),
+                        "ports": ports,
+                        "port_macs": port_macs,
+                        "snapshot": snap,
+                        "text": text,
+                    },
+                    indent=1,
+                    sort_keys=True,
+                )
+                + "\n",
+                mode=0o600,
+            )
             managed.set(FACET, new)
             msg = f"ruleset: applied {', '.join(sorted(new))} ({rs.driver}, digest {digest(text)})"
             if removed:
@@ -772,6 +836,10 @@ def handle(paths: Paths):
         in_place = _snapshot(state.get("objects", ())) == state.get("snapshot")
     except (OSError, RuntimeError):
         in_place = None
-    return {"driver": state.get("driver"), "tables": state.get("objects", []),
-            "digest": state.get("digest"), "in_place": in_place,
-            "port_list_mode": state.get("ports") is not None}
+    return {
+        "driver": state.get("driver"),
+        "tables": state.get("objects", []),
+        "digest": state.get("digest"),
+        "in_place": in_place,
+        "port_list_mode": state.get("ports") is not None,
+    }

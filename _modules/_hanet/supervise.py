@@ -12,6 +12,7 @@ longer serve that network) is left to the next apply, and a failed restart is tr
 again only after ``RETRY_S``. The appliers and the supervisor take the
 same lock (``daemon.lock``), so a planned restart or stop is never undone.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,8 +36,7 @@ RETRY_S = 5.0  # after a failed restart, the next attempt waits this long
 def running(paths):
     """{(daemon, name): pid or None}: every daemon hanet runs here by its records, with
     its pid when its process lives."""
-    out = {("dnsmasq", label): cur["pid"] if cur["alive"] else None
-           for label, cur in dnsmasq.current(paths).items()}
+    out = {("dnsmasq", label): cur["pid"] if cur["alive"] else None for label, cur in dnsmasq.current(paths).items()}
     cur = metadata.current(paths)
     if cur:
         out[("metadata", metadata.NAME)] = cur["pid"] if cur.get("alive") else None

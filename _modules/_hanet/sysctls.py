@@ -12,6 +12,7 @@ Interface names containing dots are handled for ``net.ipv{4,6}.{conf,neigh}.<if>
 
 Change vocabulary: ``Change("sysctls", "set", key, {"value": new, "old": old_or_None})``.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,7 +36,7 @@ def path_of(key, root=PROC_SYS):
     else:
         for prefix in _PER_INTERFACE:
             if key.startswith(prefix) and key.count(".") > 4:
-                ifname, _, leaf = key[len(prefix):].rpartition(".")
+                ifname, _, leaf = key[len(prefix) :].rpartition(".")
                 rel = "/".join(prefix.rstrip(".").split(".") + [ifname, leaf])
                 break
         else:

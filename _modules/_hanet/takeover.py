@@ -15,6 +15,7 @@ for a planned move, whose old owner still answers until the new one has announce
 record the new owner, bind the gateway and the network's floating IPs, announce every
 moved address with gratuitous ARP, then the full facets.
 """
+
 from __future__ import annotations
 
 import json
@@ -125,9 +126,11 @@ def fence(ctx):
     Returns {"fenced": [network, ...], "changes": {facet: [what was done]}}, or {} when
     this host serves no such network."""
     owners = ctx.owners()
-    mine = {label: failover.epoch_of(owners, label) for label, net in sorted(ctx.cfg.networks.items())
-            if not net.multi_host and ctx.me in net.network_hosts
-            and failover.owner_of(ctx.cfg, owners, label) == ctx.me}
+    mine = {
+        label: failover.epoch_of(owners, label)
+        for label, net in sorted(ctx.cfg.networks.items())
+        if not net.multi_host and ctx.me in net.network_hosts and failover.owner_of(ctx.cfg, owners, label) == ctx.me
+    }
     if not mine:
         return {}
     serving = ctx.desired()
@@ -147,10 +150,24 @@ def unbind_moved(net, state, managed):
     """Unbind what moves with ``net`` (its gateway, and its floating IPs in ``state``) and
     nothing else: the first step of giving a network up, so that the host falls silent
     for those addresses before anything slower (dnsmasq, the rest of the facets) runs."""
-    done = {"links": links.apply([Change("links", "remove", f"{net.bridge} {net.gateway_cidr}",
-                                         {"link": net.bridge, "address": net.gateway_cidr})], managed)}
-    unbinds = [Change("floating", "unbind", f.address, {"interface": f.public_interface})
-               for f in state.floating_ips if f.network == net.label]
+    done = {
+        "links": links.apply(
+            [
+                Change(
+                    "links",
+                    "remove",
+                    f"{net.bridge} {net.gateway_cidr}",
+                    {"link": net.bridge, "address": net.gateway_cidr},
+                )
+            ],
+            managed,
+        )
+    }
+    unbinds = [
+        Change("floating", "unbind", f.address, {"interface": f.public_interface})
+        for f in state.floating_ips
+        if f.network == net.label
+    ]
     if unbinds:
         done["floating"] = floating.apply(unbinds, managed, 0)
     return {k: v for k, v in done.items() if v}
@@ -232,9 +249,14 @@ def _dad(net, planned, prechecked, mark, moving, handover=False):
     while any address is answered by another host."""
     if planned and not handover:
         return  # an order from before planned moves were handovers: nothing to wait for
-    fresh = {ip for ip, got in (prechecked or {}).items()
-             if isinstance(got, (list, tuple)) and len(got) == 2 and got[1] is None
-             and 0 <= time.time() - float(got[0]) < PRECHECK_FRESH_S}
+    fresh = {
+        ip
+        for ip, got in (prechecked or {}).items()
+        if isinstance(got, (list, tuple))
+        and len(got) == 2
+        and got[1] is None
+        and 0 <= time.time() - float(got[0]) < PRECHECK_FRESH_S
+    }
     waiting = [(ip, ifname) for ip, ifname in moving if ip not in fresh]
     deadline = time.monotonic() + HANDOVER_WAIT_S
     first = True
@@ -242,14 +264,18 @@ def _dad(net, planned, prechecked, mark, moving, handover=False):
         answered = arp.probe_many(waiting, arp.DAD_TIMEOUT_S, tries=1)
         if first and not handover and net.gateway in answered:
             mark("dad")
-            raise RuntimeError(f"gateway {net.gateway} is still answered by {answered[net.gateway]} "
-                               f"on {net.bridge}: not binding it (duplicate address)")
+            raise RuntimeError(
+                f"gateway {net.gateway} is still answered by {answered[net.gateway]} "
+                f"on {net.bridge}: not binding it (duplicate address)"
+            )
         first = False
         waiting = [(ip, ifname) for ip, ifname in waiting if ip in answered]
         if waiting and time.monotonic() >= deadline:
             ip, ifname = waiting[0]
-            raise RuntimeError(f"{ip} is still answered by {answered[ip]} on {ifname} "
-                               f"{HANDOVER_WAIT_S:.0f} s into the takeover: not binding")
+            raise RuntimeError(
+                f"{ip} is still answered by {answered[ip]} on {ifname} "
+                f"{HANDOVER_WAIT_S:.0f} s into the takeover: not binding"
+            )
         if waiting:
             time.sleep(0.01)
     mark("dad")
@@ -276,16 +302,21 @@ def bind_moved(net, state, managed):
     if net.gateway_cidr not in next((b.addresses for b in state.bridges if b.name == net.bridge), ()):
         raise RuntimeError(f"the desired state does not put {net.gateway} on {net.bridge}")
     done = {"links": links_add(net, managed)}
-    binds = [Change("floating", "bind", f.address, {"interface": f.public_interface})
-             for f in state.floating_ips if f.network == net.label]
+    binds = [
+        Change("floating", "bind", f.address, {"interface": f.public_interface})
+        for f in state.floating_ips
+        if f.network == net.label
+    ]
     if binds:
         done["floating"] = floating.apply(binds, managed, 0)
     return {k: v for k, v in done.items() if v}
 
 
 def links_add(net, managed):
-    return links.apply([Change("links", "add", f"{net.bridge} {net.gateway_cidr}",
-                                    {"link": net.bridge, "address": net.gateway_cidr})], managed)
+    return links.apply(
+        [Change("links", "add", f"{net.bridge} {net.gateway_cidr}", {"link": net.bridge, "address": net.gateway_cidr})],
+        managed,
+    )
 
 
 def _as_owner(ctx, network):
@@ -300,13 +331,29 @@ def _merge(done, more):
     return done
 
 
-def run(ctx, network, epoch, previous=None, detected_at=None, planned=False, decision=None,
-        warm=False, prechecked=None, handover=False):
+def run(
+    ctx,
+    network,
+    epoch,
+    previous=None,
+    detected_at=None,
+    planned=False,
+    decision=None,
+    warm=False,
+    prechecked=None,
+    handover=False,
+):
     """Become the holder of ``network`` at ``epoch`` (see the module's docstring).
     Returns the ``complete`` event's data (warm: only what was bound); fires
     ``hanet/failover/<network>/complete``, or ``/failed`` with the reason and raises."""
-    tag_base = {"network": network, "from": previous, "to": ctx.me, "epoch": int(epoch),
-                "detected_at": detected_at, "planned": bool(planned)}
+    tag_base = {
+        "network": network,
+        "from": previous,
+        "to": ctx.me,
+        "epoch": int(epoch),
+        "detected_at": detected_at,
+        "planned": bool(planned),
+    }
     if handover:
         tag_base["handover"] = True
     if isinstance(decision, dict):
@@ -344,8 +391,7 @@ def run(ctx, network, epoch, previous=None, detected_at=None, planned=False, dec
             managed = Managed(ctx.paths)
             if not bound:
                 mark("config")
-                _dad(net, planned, prechecked, mark,
-                     moving_addresses(net, ctx.desired()), handover)
+                _dad(net, planned, prechecked, mark, moving_addresses(net, ctx.desired()), handover)
                 unfence(ctx.paths, network)
                 write_local_owner(ctx.paths, network, ctx.me, epoch)
                 state = ctx.desired()
@@ -358,8 +404,7 @@ def run(ctx, network, epoch, previous=None, detected_at=None, planned=False, dec
                 _merge(done, host.apply_now(("links", "floating"), state, ctx.paths, managed))
                 if warm:
                     slot.write(epoch=int(epoch), outcome="bound", marks=mark.marks, moved=moved, by="warm")
-                    return {"network": network, "epoch": int(epoch), "outcome": "bound",
-                            "timings": mark.timings()}
+                    return {"network": network, "epoch": int(epoch), "outcome": "bound", "timings": mark.timings()}
             else:
                 unfence(ctx.paths, network)
                 write_local_owner(ctx.paths, network, ctx.me, epoch)
@@ -371,14 +416,21 @@ def run(ctx, network, epoch, previous=None, detected_at=None, planned=False, dec
         except Exception as err:  # report, then let the caller see it too
             if warm:  # the job of the same order tries again and reports
                 raise
-            ctx.fire(failover.failover_tag(network, "failed"),
-                     dict(tag_base, reason=str(err), failed_at=time.time()))
+            ctx.fire(failover.failover_tag(network, "failed"), dict(tag_base, reason=str(err), failed_at=time.time()))
             slot.write(epoch=int(epoch), outcome="failed", reason=str(err))
-            metrics.host_store(ctx.paths).add("hanet_takeovers_total", {
-                "network": network, "bound_by": "warm" if bound else "job", "result": "failed"})
+            metrics.host_store(ctx.paths).add(
+                "hanet_takeovers_total",
+                {"network": network, "bound_by": "warm" if bound else "job", "result": "failed"},
+            )
             raise
-        data = dict(tag_base, completed_at=time.time(), addresses=[ip for ip, _ in moved],
-                    timings=mark.timings(), bound_by="warm" if bound else "job", changes=done)
+        data = dict(
+            tag_base,
+            completed_at=time.time(),
+            addresses=[ip for ip, _ in moved],
+            timings=mark.timings(),
+            bound_by="warm" if bound else "job",
+            changes=done,
+        )
         slot.write(epoch=int(epoch), outcome="complete", data=data)
     ctx.fire(failover.failover_tag(network, "complete"), data)
     _count_takeover(ctx, data)
@@ -387,8 +439,7 @@ def run(ctx, network, epoch, previous=None, detected_at=None, planned=False, dec
 
 def _count_takeover(ctx, data):
     store = metrics.host_store(ctx.paths)
-    store.add("hanet_takeovers_total", {"network": data["network"], "bound_by": data["bound_by"],
-                                        "result": "complete"})
+    store.add("hanet_takeovers_total", {"network": data["network"], "bound_by": data["bound_by"], "result": "complete"})
     took = (data.get("timings") or {}).get("dhcp_s")  # from the order's arrival ("config")
     if isinstance(took, (int, float)):
         store.observe("hanet_takeover_duration_seconds", max(0.0, took), {"network": data["network"]})
@@ -396,8 +447,9 @@ def _count_takeover(ctx, data):
 
 
 def _transition(ctx, network):
-    metrics.host_store(ctx.paths).set("hanet_gateway_last_transition_timestamp_seconds",
-                                      {"network": network}, time.time())
+    metrics.host_store(ctx.paths).set(
+        "hanet_gateway_last_transition_timestamp_seconds", {"network": network}, time.time()
+    )
 
 
 def _garp(ctx, pairs, count):
@@ -422,9 +474,13 @@ def announce(ctx, rounds=GARP_MIN):
     state = None
     out = []
     for label, net in sorted(ctx.cfg.networks.items()):
-        if net.multi_host or ctx.me not in net.network_hosts or label in fenced(ctx.paths) \
-                or failover.owner_of(ctx.cfg, owners, label) != ctx.me \
-                or net.gateway_cidr not in held.get(net.bridge, []):
+        if (
+            net.multi_host
+            or ctx.me not in net.network_hosts
+            or label in fenced(ctx.paths)
+            or failover.owner_of(ctx.cfg, owners, label) != ctx.me
+            or net.gateway_cidr not in held.get(net.bridge, [])
+        ):
             continue
         state = state or ctx.desired()
         out += moving_addresses(net, state)
@@ -438,15 +494,17 @@ def relinquish(ctx, network, epoch, owner):
     gateway and the network's floating IPs and stop its dnsmasq; keep the hot-standby
     rules. An order older than what this host knows changes nothing."""
     with Slot(ctx.paths, network):  # the beacon's warm relinquish and the job: one at a time
-        if not write_local_owner(ctx.paths, network, owner, epoch) \
-                or failover.epoch_of(ctx.owners(), network) > int(epoch):
+        if not write_local_owner(ctx.paths, network, owner, epoch) or failover.epoch_of(ctx.owners(), network) > int(
+            epoch
+        ):
             return {"stale": f"epoch {epoch} is older than what {ctx.me} knows for {network}"}
         unfence(ctx.paths, network)
         managed = Managed(ctx.paths)
         # silent first (a handover's new owner waits for it), then the rest
         done = unbind_moved(_network(ctx, network), _as_owner(ctx, network), managed)
-        out = _merge(done, host.apply_now(("links", "floating", "dnsmasq", "metadata"), ctx.desired(),
-                                          ctx.paths, managed))
+        out = _merge(
+            done, host.apply_now(("links", "floating", "dnsmasq", "metadata"), ctx.desired(), ctx.paths, managed)
+        )
     metrics.host_store(ctx.paths).add("hanet_relinquishes_total", {"network": network})
     _transition(ctx, network)
     return out

@@ -15,6 +15,7 @@ none::
 Run as a program (``python -m hanet_lab.arpwatch OUT SEG:IP ...``) it is the prober
 itself; the lab starts it with ``ip netns exec``.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,12 @@ def _parse(frame):
     _, ptype, hlen, plen, op = struct.unpack("!HHBBH", frame[14:22])
     if ptype != 0x0800 or hlen != 6 or plen != 4:
         return None
-    return (op, ":".join(f"{b:02x}" for b in frame[22:28]), socket.inet_ntoa(frame[28:32]),
-            socket.inet_ntoa(frame[38:42]))
+    return (
+        op,
+        ":".join(f"{b:02x}" for b in frame[22:28]),
+        socket.inet_ntoa(frame[28:32]),
+        socket.inet_ntoa(frame[38:42]),
+    )
 
 
 def probe_loop(out_path, targets, interval):
@@ -92,8 +97,12 @@ def probe_loop(out_path, targets, interval):
                     op, mac, sip, tip = got
                     if sip in watched and (op == 2 or sip == tip):
                         kind = "announce" if sip == tip else "reply"
-                        out.write(json.dumps({"round": rnd, "t": time.time(), "seg": seg, "ip": sip,
-                                              "mac": mac, "kind": kind}) + "\n")
+                        out.write(
+                            json.dumps(
+                                {"round": rnd, "t": time.time(), "seg": seg, "ip": sip, "mac": mac, "kind": kind}
+                            )
+                            + "\n"
+                        )
             out.flush()
             if next_at < time.monotonic():
                 next_at = time.monotonic()
@@ -118,8 +127,7 @@ def summarize(lines, interval):
             "two_holders_at": [t_of.get(r) for r in doubled[:5]],
             "silent_s": round(sum(1 for r in rounds[1:-1] if not per.get(r)) * interval, 3),
             "macs": sorted({m for ms in per.values() for m in ms}),
-            "announced_by": sorted({ln["mac"] for ln in lines if ln.get("ip") == ip
-                                    and ln.get("kind") == "announce"}),
+            "announced_by": sorted({ln["mac"] for ln in lines if ln.get("ip") == ip and ln.get("kind") == "announce"}),
         }
     return out
 
@@ -136,9 +144,22 @@ class ArpWatch:
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=here)
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.lab.switch_ns, sys.executable, "-m", "hanet_lab.arpwatch",
-             self.path, str(self.interval)] + [f"{seg}:{ip}" for seg, ip in self.targets],
-            env=env, start_new_session=True, stderr=subprocess.PIPE)
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.lab.switch_ns,
+                sys.executable,
+                "-m",
+                "hanet_lab.arpwatch",
+                self.path,
+                str(self.interval),
+            ]
+            + [f"{seg}:{ip}" for seg, ip in self.targets],
+            env=env,
+            start_new_session=True,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 5
         while not os.path.exists(self.path) and time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -19,6 +19,7 @@
 - ``Pinger``: ``ping -D -i 0.01`` from one node to an address, recording every reply's
   timestamp; ``outage()`` is the longest silence between two replies.
 """
+
 from __future__ import annotations
 
 import os
@@ -81,21 +82,32 @@ def block(lab, host, ifnames, spare=()):
     rules = []
     for ifname, port in zip(ifnames, _ports(lab, host, ifnames)):
         seg = nodes[host].links[ifname]
-        others = [lab.ports[n][i] for n, node in sorted(nodes.items()) if n != host and n not in spare
-                  for i, s in sorted(node.links.items()) if s == seg and i in lab.ports.get(n, {})]
+        others = [
+            lab.ports[n][i]
+            for n, node in sorted(nodes.items())
+            if n != host and n not in spare
+            for i, s in sorted(node.links.items())
+            if s == seg and i in lab.ports.get(n, {})
+        ]
         if not others:
             continue
         group = "{ " + ", ".join(f'"{o}"' for o in others) + " }"
         rules += [f'iifname "{port}" oifname {group} drop', f'iifname {group} oifname "{port}" drop']
     table = _block_table(host)
-    text = (f"table bridge {table} {{\n chain forward {{\n  type filter hook forward priority -10; policy accept;\n"
-            + "".join(f"  {r}\n" for r in rules) + " }\n}\n")
+    text = (
+        f"table bridge {table} {{\n chain forward {{\n  type filter hook forward priority -10; policy accept;\n"
+        + "".join(f"  {r}\n" for r in rules)
+        + " }\n}\n"
+    )
     subprocess.run(["ip", "netns", "exec", lab.switch_ns, "nft", "-f", "-"], input=text, text=True, check=True)
 
 
 def unblock(lab, host):
-    subprocess.run(["ip", "netns", "exec", lab.switch_ns, "nft", "delete", "table", "bridge",
-                    _block_table(host)], check=False, capture_output=True)
+    subprocess.run(
+        ["ip", "netns", "exec", lab.switch_ns, "nft", "delete", "table", "bridge", _block_table(host)],
+        check=False,
+        capture_output=True,
+    )
 
 
 def power_off(lab, host):
@@ -130,8 +142,7 @@ def _reboot_kernel_state(lab, host):
     node = _host(lab, host)
     ns = lab.ns(host)
     physical = set(node.links) | {"lo"}
-    out = subprocess.run(["ip", "-n", ns, "-o", "link", "show"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(["ip", "-n", ns, "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
     for line in out.splitlines():
         name = line.split(":", 2)[1].strip().split("@")[0]
         if name not in physical:
@@ -202,8 +213,24 @@ class Pinger:
     def start(self):
         fh = open(self.path, "wb")
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.lab.ns(self.node), "ping", "-D", "-n", "-i", str(self.interval),
-             "-W", "1", self.target], stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.lab.ns(self.node),
+                "ping",
+                "-D",
+                "-n",
+                "-i",
+                str(self.interval),
+                "-W",
+                "1",
+                self.target,
+            ],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         fh.close()
         self.started = time.time()
         return self

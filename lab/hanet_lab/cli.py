@@ -1,19 +1,20 @@
 """hanet_lab command line: ``python -m hanet_lab <command>`` (``./dev lab <command>``).
 
-    up [--hosts N | --topology FILE] [--masters N] [--etcd N] [--no-salt] [--no-sync] [--no-vms]
-                                                   build a lab, leave it running
-    down [--prefix P ...] [--stale | --all]        tear down labs (default: every recorded lab)
-    status [--json]                                labs on this machine, their nodes and processes
-    exec [--prefix P] NODE -- CMD...               run a command in a node's namespace
-    salt [--prefix P] TGT FUN [ARG|KEY=VALUE ...]  an execution function through the master
-    run [--prefix P] FUN [ARG|KEY=VALUE ...]       a runner on the master
-    pillar [--prefix P] FILE                       serve FILE (YAML) as the minions' pillar
-    plug [--prefix P] VM [--host HOST]             plug a VM into its bridge (the bridge must exist)
-    dhcp [--prefix P] VM [--client dhclient|udhcpc]  run a DHCP client once in a VM
-    topology [--hosts N]                           print the default topology as YAML
-    demo [--hosts N] [--step] [--keep]             a guided tour, then tear down (--keep: leave it up)
-    measure [--runs N] [--hosts N]                 time up/down, measure daemon PSS
+up [--hosts N | --topology FILE] [--masters N] [--etcd N] [--no-salt] [--no-sync] [--no-vms]
+                                               build a lab, leave it running
+down [--prefix P ...] [--stale | --all]        tear down labs (default: every recorded lab)
+status [--json]                                labs on this machine, their nodes and processes
+exec [--prefix P] NODE -- CMD...               run a command in a node's namespace
+salt [--prefix P] TGT FUN [ARG|KEY=VALUE ...]  an execution function through the master
+run [--prefix P] FUN [ARG|KEY=VALUE ...]       a runner on the master
+pillar [--prefix P] FILE                       serve FILE (YAML) as the minions' pillar
+plug [--prefix P] VM [--host HOST]             plug a VM into its bridge (the bridge must exist)
+dhcp [--prefix P] VM [--client dhclient|udhcpc]  run a DHCP client once in a VM
+topology [--hosts N]                           print the default topology as YAML
+demo [--hosts N] [--step] [--keep]             a guided tour, then tear down (--keep: leave it up)
+measure [--runs N] [--hosts N]                 time up/down, measure daemon PSS
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,12 @@ def _progress(msg: str) -> None:
 def _topology(args) -> Topology:
     if getattr(args, "topology", None):
         return Topology.from_yaml(args.topology)
-    return default_topology(hosts=args.hosts, vms=not getattr(args, "no_vms", False),
-                            masters=getattr(args, "masters", 1), etcd=getattr(args, "etcd", 0))
+    return default_topology(
+        hosts=args.hosts,
+        vms=not getattr(args, "no_vms", False),
+        masters=getattr(args, "masters", 1),
+        etcd=getattr(args, "etcd", 0),
+    )
 
 
 def _parse_args(items):
@@ -85,8 +90,10 @@ def cmd_down(args) -> int:
     else:
         results = state.sweep("recorded") + state.sweep("stale")
     for r in results:
-        print(f"removed {r['prefix']}: {len(r['namespaces'])} namespaces, "
-              f"{len(r['killed'])} processes, {r['seconds']:.2f} s")
+        print(
+            f"removed {r['prefix']}: {len(r['namespaces'])} namespaces, "
+            f"{len(r['killed'])} processes, {r['seconds']:.2f} s"
+        )
     if not results:
         print("no lab to remove")
     print(f"down in {time.monotonic() - t0:.2f} s")
@@ -100,13 +107,15 @@ def _status() -> list[dict]:
         entry = {"prefix": prefix, "recorded": st is not None}
         if st:
             owner = st.get("owner_pid")
-            entry.update({
-                "owner": "detached" if owner is None else owner,
-                "owner_alive": state.owner_alive(st),
-                "up": st.get("up"),
-                "age_s": round(time.time() - st.get("created", time.time())),
-                "rundir": st.get("rundir"),
-            })
+            entry.update(
+                {
+                    "owner": "detached" if owner is None else owner,
+                    "owner_alive": state.owner_alive(st),
+                    "up": st.get("up"),
+                    "age_s": round(time.time() - st.get("created", time.time())),
+                    "rundir": st.get("rundir"),
+                }
+            )
             nodes = {}
             for node, ns in (st.get("namespaces") or {}).items():
                 ino = nslib.ns_inode(ns)
@@ -155,8 +164,10 @@ def cmd_status(args) -> int:
             continue
         owner = lab["owner"]
         stale = "" if lab["owner_alive"] else "  STALE (owner gone) -> `down --stale`"
-        print(f"{lab['prefix']}: owner {owner}, {'up' if lab['up'] else 'not up'}, "
-              f"{lab['age_s']} s old, {lab['rundir']}{stale}")
+        print(
+            f"{lab['prefix']}: owner {owner}, {'up' if lab['up'] else 'not up'}, "
+            f"{lab['age_s']} s old, {lab['rundir']}{stale}"
+        )
         for node, info in lab["nodes"].items():
             mark = "" if info["exists"] else "  (namespace missing)"
             procs = _summarize(info["processes"]) or "-"
@@ -226,20 +237,28 @@ def cmd_measure(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="hanet_lab", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="hanet_lab",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def topo_opts(sp):
         sp.add_argument("--hosts", type=int, default=4, help="hosts in the default topology (default 4)")
         sp.add_argument("--topology", help="a topology YAML file instead of the default")
         sp.add_argument("--no-vms", action="store_true", help="default topology without VMs")
-        sp.add_argument("--masters", type=int, default=1,
-                        help="salt masters (default 1; 2: hot multi-master, every minion on both)")
-        sp.add_argument("--etcd", type=int, default=0,
-                        help="etcd members, each in its own namespace (default 0: the file record; "
-                             "3: the masters keep the failover record in etcd)")
+        sp.add_argument(
+            "--masters", type=int, default=1, help="salt masters (default 1; 2: hot multi-master, every minion on both)"
+        )
+        sp.add_argument(
+            "--etcd",
+            type=int,
+            default=0,
+            help="etcd members, each in its own namespace (default 0: the file record; "
+            "3: the masters keep the failover record in etcd)",
+        )
 
     def prefix_opt(sp):
         sp.add_argument("--prefix", help="the lab (default: the only one running)")
@@ -253,10 +272,14 @@ def main(argv=None) -> int:
     sp = sub.add_parser("down", help="tear labs down")
     sp.add_argument("--prefix", action="append", help="only this lab (repeatable)")
     g = sp.add_mutually_exclusive_group()
-    g.add_argument("--stale", action="store_true",
-                   help="only labs whose owner process died and leftovers without a state file")
-    g.add_argument("--all", action="store_true",
-                   help="everything carrying a lab prefix (hl-xxxxxx-), recorded or not, running or not")
+    g.add_argument(
+        "--stale", action="store_true", help="only labs whose owner process died and leftovers without a state file"
+    )
+    g.add_argument(
+        "--all",
+        action="store_true",
+        help="everything carrying a lab prefix (hl-xxxxxx-), recorded or not, running or not",
+    )
     sp.set_defaults(func=cmd_down)
 
     sp = sub.add_parser("status", help="labs on this machine")
@@ -309,9 +332,11 @@ def main(argv=None) -> int:
     sp = sub.add_parser("demo", help="a guided tour of the lab and hanet, then tear down")
     sp.add_argument("--hosts", type=int, default=4)
     sp.add_argument("--pause", "--step", action="store_true", help="wait for Enter between sections")
-    sp.add_argument("--keep", action="store_true",
-                    help="leave the lab up at the end (poke around with ./dev lab exec; remove it with "
-                         "./dev lab down)")
+    sp.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the lab up at the end (poke around with ./dev lab exec; remove it with ./dev lab down)",
+    )
     sp.set_defaults(func=cmd_demo)
 
     sp = sub.add_parser("measure", help="time up/down and measure daemon memory (PSS)")

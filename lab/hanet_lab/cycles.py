@@ -8,6 +8,7 @@ cycle to the next (:mod:`hanet_lab.leaks`).
   network fails back to net1 (``hanet.failback``, planned).
 - ``planned_cycle``: ``hanet.evacuate net1``, then every network fails back.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,7 @@ def setup(lab, count):
     """Serve ``count`` networks from net1 with net2 standing by; hanet applied everywhere."""
     lab.set_pillar(standby_pillar(lab.topology, count, (OWNER, STANDBY)))
     res = lab.salt(sorted(lab.topology.hosts), "state.apply", ["hanet"], timeout=300)
-    bad = {m: r for m, r in res.items() if not isinstance(r, dict)
-           or any(v.get("result") is False for v in r.values())}
+    bad = {m: r for m, r in res.items() if not isinstance(r, dict) or any(v.get("result") is False for v in r.values())}
     if bad or set(res) != set(lab.topology.hosts):
         raise RuntimeError(f"state.apply hanet: {bad or sorted(set(lab.topology.hosts) - set(res))}")
     wait(f"{OWNER} serving every network", lambda: steady(lab, count, OWNER))
@@ -74,8 +74,9 @@ def steady(lab, count, owner):
         return False
     rec = record(lab)  # no entry yet: the first network host owns it
     default = {"owner": OWNER, "confirmed": True}
-    if not all(rec.get(n, default).get("owner") == owner and rec.get(n, default).get("confirmed") is True
-               for n in nets):
+    if not all(
+        rec.get(n, default).get("owner") == owner and rec.get(n, default).get("confirmed") is True for n in nets
+    ):
         return False
     got = lab.serving(other).get("networks", {})
     return got == {n: False for n in nets}
@@ -90,9 +91,12 @@ def _failback(lab, count):
 def power_cycle(lab, count):
     chaos.power_off(lab, OWNER)
     nets = standby_networks(count)
-    wait(f"{STANDBY} holding and confirmed for every network", lambda: all(
-        record(lab).get(n, {}).get("owner") == STANDBY and record(lab)[n].get("confirmed") is True
-        for n in nets))
+    wait(
+        f"{STANDBY} holding and confirmed for every network",
+        lambda: all(
+            record(lab).get(n, {}).get("owner") == STANDBY and record(lab)[n].get("confirmed") is True for n in nets
+        ),
+    )
     chaos.power_on_started(lab, OWNER)
     wait(f"{OWNER} back as a standby", lambda: lab.serving(OWNER).get("networks", {}) == {n: False for n in nets})
     wait(f"{STANDBY} alone serving every network", lambda: steady(lab, count, STANDBY))

@@ -7,6 +7,7 @@ changes), then tears everything down (also on Ctrl-C or a failure).
 One function per section, each taking the ``Tour``; ``SECTIONS`` is the running order.
 To add a section, write ``def my_section(t: Tour)`` (start it with ``t.section(...)``,
 end it with ``t.wait()``) and put it in ``SECTIONS``."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,10 @@ def _addr_list(addrs) -> str:
 def _print_desired_summary(d: dict) -> None:
     """A newcomer's view of hanet.desired; raises KeyError/TypeError when the shape differs."""
     for b in d["bridges"]:
-        print(f"    bridge   {b['name']:<6} network {b['network']:<8} uplink {b['uplink'] or '-':<5} "
-              f"{_addr_list(b.get('addresses'))}")
+        print(
+            f"    bridge   {b['name']:<6} network {b['network']:<8} uplink {b['uplink'] or '-':<5} "
+            f"{_addr_list(b.get('addresses'))}"
+        )
     for m in d.get("dnsmasqs") or []:
         print(f"    dnsmasq  {m['network']:<8} on {m['bridge']}, listening on {m['listen_address']}")
     rs = d.get("ruleset") or {}
@@ -134,23 +137,31 @@ class Tour:
 
 
 def show_topology(t: Tour) -> None:
-    t.section("The topology", """
+    t.section(
+        "The topology",
+        """
         Each line below is one network namespace. Hosts are named like the minion ids
         in hanet's example pillar; their interfaces (mgmt0, eth0..eth4) are veths whose
-        other end sits in a bridge of the switch namespace, one bridge per segment.""")
+        other end sits in a bridge of the switch namespace, one bridge per segment.""",
+    )
     print(t.lab.describe())
     print()
     tm = t.lab.timings
-    print(f"Up in {tm['up']:.1f} s (network {tm['network']:.1f} s, minions answering "
-          f"{tm.get('minions_ping', 0):.1f} s, saltutil.sync_all done {tm.get('sync_all', 0):.1f} s).")
+    print(
+        f"Up in {tm['up']:.1f} s (network {tm['network']:.1f} s, minions answering "
+        f"{tm.get('minions_ping', 0):.1f} s, saltutil.sync_all done {tm.get('sync_all', 0):.1f} s)."
+    )
     t.wait()
 
 
 def show_minions(t: Tour) -> None:
-    t.section("Every minion is a whole host", """
+    t.section(
+        "Every minion is a whole host",
+        """
         The master (in its own namespace) runs hanet.links on every minion. Each minion
         runs inside its host's namespace, so it sees that host's links only: not the
-        other hosts', not the switch's bridges, not this machine's real interfaces.""")
+        other hosts', not the switch's bridges, not this machine's real interfaces.""",
+    )
     print("$ salt '*' hanet.links")
     links = t.lab.salt("*", "hanet.links")
     for host in sorted(links):
@@ -162,14 +173,19 @@ def show_minions(t: Tour) -> None:
 
 
 def show_router(t: Tour) -> None:
-    t.section("The upstream router", """
+    t.section(
+        "The upstream router",
+        """
         The router sits on the public segment (203.0.113.1) and runs a tiny web server;
-        GET /whoami answers the source address it saw, which is how tests check SNAT.""")
+        GET /whoami answers the source address it saw, which is how tests check SNAT.""",
+    )
     lab = t.lab
     ok = lab.ping("compute1", ROUTER)
     print(f"  compute1 pings {ROUTER}: {'yes' if ok else 'NO'}")
     try:
-        print(f"  compute1: GET http://{ROUTER}/whoami -> {lab.http_get('compute1', f'http://{ROUTER}/whoami').strip()}")
+        print(
+            f"  compute1: GET http://{ROUTER}/whoami -> {lab.http_get('compute1', f'http://{ROUTER}/whoami').strip()}"
+        )
     except LabError as e:
         print(f"  GET failed: {e}")
     arp = lab.arp_cache("router")
@@ -179,11 +195,14 @@ def show_router(t: Tour) -> None:
 
 
 def show_desired(t: Tour) -> None:
-    t.section("What hanet wants on each host", """
+    t.section(
+        "What hanet wants on each host",
+        """
         The lab now serves a pillar that matches its own interface names (the contract's
         example pillar, with a flat hardware-gateway network instead of VLANs, which this
         kernel lacks). hanet.desired computes, from the pillar alone, what each host
-        should hold; nothing is changed on the hosts yet.""")
+        should hold; nothing is changed on the hosts yet.""",
+    )
     lab, pillar = t.lab, t.pillar
     funcs = lab.functions("hanet")
     print(f"  hanet functions on the minions: {', '.join(funcs) or 'none'}")
@@ -192,12 +211,16 @@ def show_desired(t: Tour) -> None:
     nets = pillar["hanet"]["networks"]
     print("  networks in the lab pillar:")
     for name, n in nets.items():
-        who = ("every host that lists it (multi_host)" if n.get("multi_host")
-               else f"network hosts {n.get('network_hosts')}")
-        print(f"    {name:<8} {n['cidr']:<16} {n['bridge']} on {n['bridge_interface']}, "
-              f"gateway {n['gateway']} ({n.get('gateway_mode', 'host')}), served by {who}")
-    print("  instances: " + ", ".join(
-        f"{i} on {v['host']}" for i, v in pillar["hanet"]["instances"].items()))
+        who = (
+            "every host that lists it (multi_host)"
+            if n.get("multi_host")
+            else f"network hosts {n.get('network_hosts')}"
+        )
+        print(
+            f"    {name:<8} {n['cidr']:<16} {n['bridge']} on {n['bridge_interface']}, "
+            f"gateway {n['gateway']} ({n.get('gateway_mode', 'host')}), served by {who}"
+        )
+    print("  instances: " + ", ".join(f"{i} on {v['host']}" for i, v in pillar["hanet"]["instances"].items()))
     lab.set_pillar(pillar)
     print()
     print("$ salt '*' hanet.desired")
@@ -205,10 +228,14 @@ def show_desired(t: Tour) -> None:
     for host in sorted(t.topo.hosts):
         _print_desired(host, desired.get(host, "no answer"))
     print()
-    print(textwrap.fill(
-        "Roles: 'serving' = this host is the network's gateway and DHCP server; "
-        "'standby' = it takes over when the serving host fails; 'member' = it only "
-        "carries the bridge for its own VMs.", WIDTH))
+    print(
+        textwrap.fill(
+            "Roles: 'serving' = this host is the network's gateway and DHCP server; "
+            "'standby' = it takes over when the serving host fails; 'member' = it only "
+            "carries the bridge for its own VMs.",
+            WIDTH,
+        )
+    )
     t.wait()
 
 
@@ -245,11 +272,14 @@ def _changes(ret: dict) -> list:
 
 
 def apply_highstate(t: Tour) -> None:
-    t.section("Apply the highstate", """
+    t.section(
+        "Apply the highstate",
+        """
         Now the real thing: the master runs the highstate on every minion. Its top file
         gives every host the 'hanet' SLS, whose states (links, sysctls, ruleset, dnsmasq,
         metadata, ...) each compare the host with the pillar and change only the
-        difference. Below, per host, what each state changed.""")
+        difference. Below, per host, what each state changed.""",
+    )
     print("$ salt '*' state.apply")
     res, took = _highstate(t)
     for host in sorted(t.topo.hosts):
@@ -259,7 +289,7 @@ def apply_highstate(t: Tour) -> None:
         print(f"  {host}: {len(ret)} states, {len(changed)} made changes ({secs:.1f} s of state work)")
         for sid, lines in changed:
             more = f" (+{len(lines) - 3} more)" if len(lines) > 3 else ""
-            print(f"    {sid.replace('hanet-', ''):<9} " + "; ".join(lines[:3])[:WIDTH * 2] + more)
+            print(f"    {sid.replace('hanet-', ''):<9} " + "; ".join(lines[:3])[: WIDTH * 2] + more)
     print(f"  ({took:.1f} s for the whole cluster, hosts in parallel)")
     t.wait()
 
@@ -268,14 +298,17 @@ CLIENTS = ("dhclient", "udhcpc")  # alternated over the VMs: both clients must w
 
 
 def plug_vms(t: Tour) -> None:
-    t.section("Plug the VMs", """
+    t.section(
+        "Plug the VMs",
+        """
         The bridges exist now, so the VMs are plugged in: each VM's NIC is a veth whose
         host end (the lab's 'tap-<vm>') joins its network's bridge on its host, as a
         hypervisor would plug a VM's tap. hanet's bridge-family rules let a VM port send
         only from its own MAC and IP (and never answer DHCP). This kernel's nftables
         lacks 'meta ibrname', so the rules name the VM ports, which hanet re-reads at
         each apply: after plugging, apply again and the new ports are guarded (with
-        'meta ibrname' a new port is covered at once and this apply changes nothing).""")
+        'meta ibrname' a new port is covered at once and this apply changes nothing).""",
+    )
     lab = t.lab
     for vm, spec in sorted(t.topo.vms.items()):
         if vm in t.pillar["hanet"]["instances"]:
@@ -285,19 +318,27 @@ def plug_vms(t: Tour) -> None:
     res, took = _highstate(t)
     for host in sorted(t.topo.hosts):
         changed = _changes(res[host])
-        print(f"  {host}: " + ("; ".join(f"{sid.replace('hanet-', '')}: {' '.join(lines)[:110]}"
-                                         for sid, lines in changed) or "no changes"))
+        print(
+            f"  {host}: "
+            + (
+                "; ".join(f"{sid.replace('hanet-', '')}: {' '.join(lines)[:110]}" for sid, lines in changed)
+                or "no changes"
+            )
+        )
     print(f"  ({took:.1f} s)")
     t.wait()
 
 
 def vm_leases(t: Tour) -> None:
-    t.section("VMs get their leases", """
+    t.section(
+        "VMs get their leases",
+        """
         A real DHCP client runs in each VM: ISC dhclient or busybox udhcpc, alternately.
         The answer comes from the dnsmasq of the host that serves the network; its
         router option is that host's own address on a multi_host network (each host is
         its VMs' gateway), the moving gateway address on a network-host network, and
-        the hardware router's address on a hardware-gateway network.""")
+        the hardware router's address on a hardware-gateway network.""",
+    )
     lab = t.lab
     for i, (vm, spec) in enumerate(sorted(t.topo.vms.items())):
         if vm not in t.pillar["hanet"]["instances"]:
@@ -314,30 +355,39 @@ def vm_leases(t: Tour) -> None:
         lease = lab.dhcp(vm, client)
         t.leases[vm] = lease
         ok = lease["address"] == nic["ip"] and lease["router"] == want
-        print(f"  {vm:<5} on {spec.host}/{spec.bridge}  {client:<8}  {lease['address']}/{lease['prefixlen']}"
-              f"  router {lease['router']}  from {lease.get('server')}")
+        print(
+            f"  {vm:<5} on {spec.host}/{spec.bridge}  {client:<8}  {lease['address']}/{lease['prefixlen']}"
+            f"  router {lease['router']}  from {lease.get('server')}"
+        )
         print(f"        {'ok' if ok else 'UNEXPECTED'}: the pillar's address {nic['ip']}, router = {why}")
         if not ok:
-            raise DemoFailed(f"{vm} got {lease['address']} router {lease['router']}; "
-                             f"expected {nic['ip']} router {want}")
+            raise DemoFailed(
+                f"{vm} got {lease['address']} router {lease['router']}; expected {nic['ip']} router {want}"
+            )
     t.wait()
 
 
 def vm_upstream(t: Tour) -> None:
-    t.section("VMs reach the outside world", """
+    t.section(
+        "VMs reach the outside world",
+        """
         Each VM asks the upstream router http://203.0.113.1/whoami, which answers with the
         source address it saw. VMs on hanet-gatewayed networks leave through their host's
         SNAT: the router sees that host's routing_source_ip, or the VM's floating IP when
         it has one. On the hardware-gateway network the router itself is the VMs'
-        gateway, so it sees the VM's own address.""")
+        gateway, so it sees the VM's own address.""",
+    )
     lab, hosts = t.lab, t.pillar["hanet"]["hosts"]
     for vm in t.leases:
         inst = t.instance(vm)
         nic = inst["nics"][0]
         net = t.network(nic["network"])
         serving = t.topo.vms[vm].host if net.get("multi_host") else net["network_hosts"][0]
-        fips = [f if isinstance(f, str) else f["address"] for f in inst.get("floating_ips", [])
-                if isinstance(f, str) or f.get("fixed_ip") == nic["ip"]]
+        fips = [
+            f if isinstance(f, str) else f["address"]
+            for f in inst.get("floating_ips", [])
+            if isinstance(f, str) or f.get("fixed_ip") == nic["ip"]
+        ]
         if net.get("gateway_mode") == "hardware":
             want, why = nic["ip"], "its own address (the router is its gateway)"
         elif fips:
@@ -348,19 +398,24 @@ def vm_upstream(t: Tour) -> None:
             seen = lab.http_get(vm, f"http://{ROUTER}/whoami").strip()
         except LabError as e:
             raise DemoFailed(f"{vm} cannot reach the router: {_short_error(str(e))}") from e
-        print(f"  {vm:<5} GET http://{ROUTER}/whoami -> router saw {seen:<15} "
-              f"{'ok' if seen == want else 'UNEXPECTED'}: {why}")
+        print(
+            f"  {vm:<5} GET http://{ROUTER}/whoami -> router saw {seen:<15} "
+            f"{'ok' if seen == want else 'UNEXPECTED'}: {why}"
+        )
         if seen != want:
             raise DemoFailed(f"the router saw {vm} as {seen}, expected {want} ({why})")
     t.wait()
 
 
 def floating_from_upstream(t: Tour) -> None:
-    t.section("A floating IP reached from upstream", """
+    t.section(
+        "A floating IP reached from upstream",
+        """
         A VM with a floating IP runs a tiny web server; the upstream router asks the
         floating IP. Its host holds the address as a /32 on its public interface (the
         router's ARP cache shows that host's MAC) and DNATs it to the VM, which sees
-        the router's own address as the client.""")
+        the router's own address as the client.""",
+    )
     import os
     import sys
 
@@ -371,8 +426,17 @@ def floating_from_upstream(t: Tour) -> None:
         return
     f = t.instance(vm)["floating_ips"][0]
     fip = f if isinstance(f, str) else f["address"]
-    lab.popen(vm, [sys.executable, os.path.join(os.path.dirname(__file__), "httpd.py"), vm, "80",
-                   os.path.join(lab.rundir, f"http-{vm}.log")], name=f"httpd-{vm}")
+    lab.popen(
+        vm,
+        [
+            sys.executable,
+            os.path.join(os.path.dirname(__file__), "httpd.py"),
+            vm,
+            "80",
+            os.path.join(lab.rundir, f"http-{vm}.log"),
+        ],
+        name=f"httpd-{vm}",
+    )
     seen = None
     for _ in range(20):  # the web server needs a moment to listen
         cp = lab.exec("router", ["curl", "-sS", "--max-time", "2", f"http://{fip}/whoami"])
@@ -390,12 +454,15 @@ def floating_from_upstream(t: Tour) -> None:
 
 
 def vm_metadata(t: Tour) -> None:
-    t.section("VMs read their metadata", """
+    t.section(
+        "VMs read their metadata",
+        """
         http://169.254.169.254/ is redirected by each host's ruleset to hanet's metadata
         service on that host, which finds the VM by its source address and answers with
         its own data only (EC2 and OpenStack paths). A hardware-gateway network's VMs
         need the hardware router to forward 169.254.169.254 to a host; the lab's router
-        does not, so those are skipped.""")
+        does not, so those are skipped.""",
+    )
     lab = t.lab
     ec2 = "http://169.254.169.254/latest/meta-data"
     for vm in t.leases:
@@ -410,8 +477,10 @@ def vm_metadata(t: Tour) -> None:
         except LabError as e:
             raise DemoFailed(f"{vm} got no metadata: {_short_error(str(e))}") from e
         ok = hostname.split(".")[0] == vm and local == nic["ip"]
-        print(f"  {vm:<5} hostname {hostname:<16} instance-id {iid:<12} local-ipv4 {local:<14} "
-              f"{'ok' if ok else 'UNEXPECTED'}")
+        print(
+            f"  {vm:<5} hostname {hostname:<16} instance-id {iid:<12} local-ipv4 {local:<14} "
+            f"{'ok' if ok else 'UNEXPECTED'}"
+        )
         if not ok:
             raise DemoFailed(f"{vm} was served someone else's metadata: {hostname} {local}")
     t.wait()
@@ -436,14 +505,23 @@ def _timeline(events, t_off):
         elif tag.endswith("/complete"):
             d = data.get("decision") or {}
             if d.get("published_at"):
-                out.append((d["published_at"], f"the master decided: {data.get('to')} takes "
-                                               f"{data.get('network')} at epoch {data.get('epoch')}"))
+                out.append(
+                    (
+                        d["published_at"],
+                        f"the master decided: {data.get('to')} takes "
+                        f"{data.get('network')} at epoch {data.get('epoch')}",
+                    )
+                )
             tm = data.get("timings") or {}
             done = data.get("completed_at")
             if done and "bound_s" in tm and "dhcp_s" in tm:
-                out.append((done - tm["dhcp_s"] + tm["bound_s"],
-                            f"{data.get('to')} bound {', '.join(data.get('addresses') or [])} "
-                            "(after duplicate address detection)"))
+                out.append(
+                    (
+                        done - tm["dhcp_s"] + tm["bound_s"],
+                        f"{data.get('to')} bound {', '.join(data.get('addresses') or [])} "
+                        "(after duplicate address detection)",
+                    )
+                )
                 if "announced_s" in tm:
                     out.append((done - tm["dhcp_s"] + tm["announced_s"], "gratuitous ARP sent on both sides"))
             what, at = f"{data.get('to')} confirms: dnsmasq serves {data.get('network')} again", done
@@ -454,8 +532,14 @@ def _timeline(events, t_off):
     return [f"  +{(at - t_off) * 1000:6.0f} ms  {what}" for at, what in sorted(out)]
 
 
-SHOWN_METRICS = ("hanet_gateway_held{", "hanet_takeovers_total{", "hanet_takeover_duration_seconds_sum",
-                 "hanet_failovers_total{", "hanet_gateway_owner{", "hanet_peer_up{")
+SHOWN_METRICS = (
+    "hanet_gateway_held{",
+    "hanet_takeovers_total{",
+    "hanet_takeover_duration_seconds_sum",
+    "hanet_failovers_total{",
+    "hanet_gateway_owner{",
+    "hanet_peer_up{",
+)
 
 
 def _scrape(t: Tour, label: str, hosts) -> list:
@@ -464,28 +548,36 @@ def _scrape(t: Tour, label: str, hosts) -> list:
     out = []
     for host in hosts:
         text = (t.lab.salt(host, "hanet.metrics", kwarg={"write": False}) or {}).get(host) or ""
-        out += [f"{host}: {line}" for line in text.splitlines()
-                if line.startswith(SHOWN_METRICS) and (f'network="{label}"' in line or "peer=" in line)]
+        out += [
+            f"{host}: {line}"
+            for line in text.splitlines()
+            if line.startswith(SHOWN_METRICS) and (f'network="{label}"' in line or "peer=" in line)
+        ]
     text = t.lab.salt_run("hanet.metrics", kwarg={"write": False}) or ""
-    out += [f"master: {line}" for line in text.splitlines()
-            if line.startswith(SHOWN_METRICS) and f'network="{label}"' in line]
+    out += [
+        f"master: {line}"
+        for line in text.splitlines()
+        if line.startswith(SHOWN_METRICS) and f'network="{label}"' in line
+    ]
     return out
 
 
 def failover(t: Tour) -> None:
-    t.section("A network host dies: its standby takes over", """
+    t.section(
+        "A network host dies: its standby takes over",
+        """
         'shared' is a network-host network: one host (net1) is the gateway, DHCP server
         and NAT for every VM on it, and net2 stands by with the same rules loaded. Now
         the owner loses power while app1 pings the upstream router every 10 ms. The
         standby's beacon misses three probes and reports it, signed; the master checks it
         against its own watch, records the new owner (epoch + 1) and orders the takeover;
         the standby checks that nobody answers for the addresses, binds them and
-        announces them with gratuitous ARP, so app1 and the router learn its MAC.""")
+        announces them with gratuitous ARP, so app1 and the router learn its MAC.""",
+    )
     from . import chaos
 
     lab = t.lab
-    vm = next((v for v in t.leases if t.network(t.instance(v)["nics"][0]["network"]).get("network_hosts")),
-              None)
+    vm = next((v for v in t.leases if t.network(t.instance(v)["nics"][0]["network"]).get("network_hosts")), None)
     if vm is None:
         print("  (no VM on a network-host network in this lab)")
         return
@@ -494,8 +586,7 @@ def failover(t: Tour) -> None:
     old = _owner(t, label)
     new = next(h for h in t.network(label)["network_hosts"] if h != old)
     print(f"  {label}: gateway {gateway} held by {old}; {new} stands by")
-    print(f"  {vm}'s ARP cache: {gateway} is at {(lab.arp_cache(vm).get(gateway) or {}).get('mac')} "
-          f"({old}'s)")
+    print(f"  {vm}'s ARP cache: {gateway} is at {(lab.arp_cache(vm).get(gateway) or {}).get('mac')} ({old}'s)")
     print(f"$ salt {new} hanet.metrics; salt-run hanet.metrics   (a few lines, before)")
     for line in _scrape(t, label, [new]):
         print(f"  {line}")
@@ -520,8 +611,7 @@ def failover(t: Tour) -> None:
     mac = (lab.arp_cache(vm).get(gateway) or {}).get("mac")
     if outage is None:
         raise DemoFailed(f"{vm} got no pings answered around the failover")
-    print(f"  {vm}'s pings stopped for {outage * 1000:.0f} ms ({lost} lost); its ARP cache: "
-          f"{gateway} is now at {mac}")
+    print(f"  {vm}'s pings stopped for {outage * 1000:.0f} ms ({lost} lost); its ARP cache: {gateway} is now at {mac}")
     if outage > 5 or not lab.ping(vm, ROUTER, count=2, timeout=5):
         raise DemoFailed(f"{vm} did not reach the router again after {old} died")
     lease = lab.dhcp(vm, client="udhcpc")
@@ -534,13 +624,16 @@ def failover(t: Tour) -> None:
 
 
 def failback(t: Tour) -> None:
-    t.section("The old owner returns, and a planned move back", """
+    t.section(
+        "The old owner returns, and a planned move back",
+        """
         The host boots; its start-up apply finds in the record that the network moved,
         so it binds nothing and comes back as the standby (no automatic failback: the
         network does not flap back). Moving it back is an operator's decision: the runner
         'hanet.evacuate <host>' makes every network it holds move to a standby: the old
         owner lets go first but keeps forwarding, the new one binds once the addresses
-        are silent and announces them: never two holders, and at most a packet lost.""")
+        are silent and announces them: never two holders, and at most a packet lost.""",
+    )
     from . import chaos
 
     if not getattr(t, "failed_over", None):
@@ -566,17 +659,23 @@ def failback(t: Tour) -> None:
 
 
 def second_highstate(t: Tour) -> None:
-    t.section("Apply again: nothing to do", """
+    t.section(
+        "Apply again: nothing to do",
+        """
         The same highstate once more. Every state finds the host already as the pillar
         says, so nothing changes: no rule replaced, no dnsmasq restarted, no lease lost.
-        (Change the pillar and apply again, and only the difference would be made.)""")
+        (Change the pillar and apply again, and only the difference would be made.)""",
+    )
     print("$ salt '*' state.apply")
     res, took = _highstate(t)
     for host in sorted(t.topo.hosts):
         changed = _changes(res[host])
         secs = sum(st.get("duration", 0) for st in res[host].values()) / 1000
-        print(f"  {host}: {len(res[host])} states, "
-              + ("no changes" if not changed else f"CHANGED: {changed}") + f" ({secs:.1f} s of state work)")
+        print(
+            f"  {host}: {len(res[host])} states, "
+            + ("no changes" if not changed else f"CHANGED: {changed}")
+            + f" ({secs:.1f} s of state work)"
+        )
         if changed:
             raise DemoFailed(f"the second apply changed {host}: {changed}")
     print(f"  ({took:.1f} s)")
@@ -584,30 +683,50 @@ def second_highstate(t: Tour) -> None:
 
 
 def teardown_note(t: Tour) -> None:
-    t.section("Tear down", """
+    t.section(
+        "Tear down",
+        """
         Leaving the 'with Lab(...)' block kills every process living in the lab's
         namespaces (salt, dnsmasq, DHCP clients, web servers), deletes the namespaces
         and the run directory. The same happens on an exception, on SIGINT/SIGTERM,
-        and 'hanet_lab down --stale' sweeps what a SIGKILLed run left.""")
+        and 'hanet_lab down --stale' sweeps what a SIGKILLed run left.""",
+    )
 
 
 ROUTER = "203.0.113.1"
-SECTIONS = (show_topology, show_minions, show_router, show_desired, apply_highstate,
-            plug_vms, vm_leases, vm_upstream, floating_from_upstream, vm_metadata, second_highstate,
-            failover, failback, teardown_note)
+SECTIONS = (
+    show_topology,
+    show_minions,
+    show_router,
+    show_desired,
+    apply_highstate,
+    plug_vms,
+    vm_leases,
+    vm_upstream,
+    floating_from_upstream,
+    vm_metadata,
+    second_highstate,
+    failover,
+    failback,
+    teardown_note,
+)
 
 
 def run_demo(hosts: int = 4, pause: bool = False, keep: bool = False) -> int:
     hosts = max(hosts, 3)
     t0 = time.monotonic()
-    section(1, "What this is", """
+    section(
+        1,
+        "What this is",
+        """
         hanet turns Salt minions into nova-network style hosts: bridges, dnsmasq DHCP,
         NAT and failover. To try it without real machines, this lab builds a small cluster
         out of Linux network namespaces on this one machine: a 'switch' namespace holding
         one bridge per network segment, a salt-master, several hosts each running a real
         salt-minion, an upstream router, and VMs (namespaces with a veth plugged into a
         bridge on their host). Nothing touches the machine's own interfaces, and
-        everything is removed at the end.""")
+        everything is removed at the end.""",
+    )
     topo = default_topology(hosts=hosts)
     lab = Lab(topo, progress=lambda m: print(f"  .. {m}", flush=True))
     print(f"Building lab {lab.prefix} ({hosts} hosts + master + router + {len(topo.vms)} VMs)...")
@@ -621,11 +740,13 @@ def run_demo(hosts: int = 4, pause: bool = False, keep: bool = False) -> int:
                 step(tour)
             if keep:
                 lab.detach()  # leaving the with block does not remove it now
-                print(f"\nThe lab {lab.prefix} stays up. Try:\n"
-                      f"  ./dev lab exec net2 -- ip -br addr\n"
-                      f"  ./dev lab salt '*' hanet.status\n"
-                      f"  ./dev lab exec net2 -- cat {lab.minion_root('net2')}/var/lib/hanet/metrics/hanet.prom\n"
-                      f"and remove it with: ./dev lab down --prefix {lab.prefix}")
+                print(
+                    f"\nThe lab {lab.prefix} stays up. Try:\n"
+                    f"  ./dev lab exec net2 -- ip -br addr\n"
+                    f"  ./dev lab salt '*' hanet.status\n"
+                    f"  ./dev lab exec net2 -- cat {lab.minion_root('net2')}/var/lib/hanet/metrics/hanet.prom\n"
+                    f"and remove it with: ./dev lab down --prefix {lab.prefix}"
+                )
     except DemoFailed as e:
         print(f"\nDEMO FAILED: {e}")
         rc = 1
@@ -634,6 +755,7 @@ def run_demo(hosts: int = 4, pause: bool = False, keep: bool = False) -> int:
         rc = 130
     finally:
         if "down" in lab.timings:
-            print(f"  lab {lab.prefix} removed in {lab.timings['down']:.1f} s; "
-                  f"whole demo {time.monotonic() - t0:.1f} s")
+            print(
+                f"  lab {lab.prefix} removed in {lab.timings['down']:.1f} s; whole demo {time.monotonic() - t0:.1f} s"
+            )
     return rc

@@ -20,6 +20,7 @@ start. The namespaces and addresses are the caller's: this module creates neithe
 Health is asked from inside each member's namespace (a thread that enters it), over
 etcd's own HTTP endpoints (``/health``, ``/v3/maintenance/status``).
 """
+
 from __future__ import annotations
 
 import json
@@ -41,9 +42,9 @@ CLIENT_PORT, PEER_PORT = 2379, 2380
 
 @dataclass(frozen=True)
 class Member:
-    name: str      # the short name the caller uses ("e1")
-    ns: str        # the network namespace it runs in
-    address: str   # where it listens in that namespace
+    name: str  # the short name the caller uses ("e1")
+    ns: str  # the network namespace it runs in
+    address: str  # where it listens in that namespace
     client_port: int = CLIENT_PORT
     peer_port: int = PEER_PORT
 
@@ -87,8 +88,16 @@ def _get(url: str, timeout: float, data: Optional[bytes] = None):
 
 
 class EtcdCluster:
-    def __init__(self, prefix: str, members, rundir: str, etcd: str = ETCD,
-                 heartbeat_ms: int = 100, election_ms: int = 1000, extra_args=()):
+    def __init__(
+        self,
+        prefix: str,
+        members,
+        rundir: str,
+        etcd: str = ETCD,
+        heartbeat_ms: int = 100,
+        election_ms: int = 1000,
+        extra_args=(),
+    ):
         self.prefix = prefix
         self.members = {}
         for m in members:
@@ -124,15 +133,39 @@ class EtcdCluster:
     def argv(self, name: str) -> list[str]:
         m = self.members[name]
         initial = ",".join(f"{self.etcd_name(o.name)}={o.peer_url}" for o in self.members.values())
-        return ["ip", "netns", "exec", m.ns, self.etcd,
-                "--name", self.etcd_name(name), "--data-dir", self.data_dir(name),
-                "--listen-client-urls", m.client_url, "--advertise-client-urls", m.client_url,
-                "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
-                "--initial-cluster", initial, "--initial-cluster-token", f"{self.prefix}-etcd",
-                "--initial-cluster-state", "new",  # ignored once the data dir exists
-                "--heartbeat-interval", str(self.heartbeat_ms),
-                "--election-timeout", str(self.election_ms),
-                "--logger", "zap", "--log-outputs", "stderr"] + self.extra_args
+        return [
+            "ip",
+            "netns",
+            "exec",
+            m.ns,
+            self.etcd,
+            "--name",
+            self.etcd_name(name),
+            "--data-dir",
+            self.data_dir(name),
+            "--listen-client-urls",
+            m.client_url,
+            "--advertise-client-urls",
+            m.client_url,
+            "--listen-peer-urls",
+            m.peer_url,
+            "--initial-advertise-peer-urls",
+            m.peer_url,
+            "--initial-cluster",
+            initial,
+            "--initial-cluster-token",
+            f"{self.prefix}-etcd",
+            "--initial-cluster-state",
+            "new",  # ignored once the data dir exists
+            "--heartbeat-interval",
+            str(self.heartbeat_ms),
+            "--election-timeout",
+            str(self.election_ms),
+            "--logger",
+            "zap",
+            "--log-outputs",
+            "stderr",
+        ] + self.extra_args
 
     # -- life ---------------------------------------------------------------------------------
     def start(self, timeout: float = 30.0) -> "EtcdCluster":
@@ -155,8 +188,13 @@ class EtcdCluster:
         os.makedirs(self.dir, exist_ok=True)
         with open(self.log_path(name), "ab") as log:
             self.procs[name] = subprocess.Popen(
-                self.argv(name), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, cwd=self.dir)
+                self.argv(name),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self.dir,
+            )
         if wait:
             self.wait_healthy([name], timeout=timeout)
 
@@ -230,22 +268,21 @@ class EtcdCluster:
         while True:
             dead = [n for n in names if self.procs.get(n) is not None and self.procs[n].poll() is not None]
             if dead:
-                raise RuntimeError(f"etcd member(s) {', '.join(dead)} exited; see "
-                                   + ", ".join(self.log_path(n) for n in dead))
+                raise RuntimeError(
+                    f"etcd member(s) {', '.join(dead)} exited; see " + ", ".join(self.log_path(n) for n in dead)
+                )
             sick = [n for n in names if not self.healthy(n)]
             if not sick:
                 return
             if time.monotonic() > deadline:
-                raise TimeoutError(f"etcd member(s) {', '.join(sick)} not healthy after {timeout} s; "
-                                   f"see {self.dir}")
+                raise TimeoutError(f"etcd member(s) {', '.join(sick)} not healthy after {timeout} s; see {self.dir}")
             time.sleep(0.2)
 
     def status(self, name: str, timeout: float = 1.0) -> dict:
         """Member ``name``'s ``/v3/maintenance/status`` (its id in header.member_id, the
         leader's id in leader)."""
         m = self.members[name]
-        return in_netns(m.ns, lambda: _get(f"{m.client_url}/v3/maintenance/status", timeout, b"{}"),
-                        timeout + 1)
+        return in_netns(m.ns, lambda: _get(f"{m.client_url}/v3/maintenance/status", timeout, b"{}"), timeout + 1)
 
     def leader(self, timeout: float = 1.0) -> Optional[str]:
         """The member that leads now, by a running member's own status; None without one."""

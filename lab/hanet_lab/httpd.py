@@ -4,6 +4,7 @@
 can tell whether SNAT happened and to which address); any other path answers
 ``router <name>``. Every request is appended to ``logfile`` as ``<client-ip> <method> <path>``.
 """
+
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

@@ -12,6 +12,7 @@ real salt-minions, built from a :class:`~hanet_lab.topology.Topology`, always cl
 
 See lab/README.md for the full API and the CLI.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -52,8 +53,7 @@ def checkout_dir() -> str:
 
 
 def _venv_bin(checkout: str, name: str) -> str:
-    for cand in (os.path.join(checkout, ".venv", "bin", name),
-                 os.path.join(os.path.dirname(sys.executable), name)):
+    for cand in (os.path.join(checkout, ".venv", "bin", name), os.path.join(os.path.dirname(sys.executable), name)):
         if os.access(cand, os.X_OK):
             return cand
     found = shutil.which(name)
@@ -153,9 +153,16 @@ class _Gateway:
         self.pending: dict[int, dict] = {}
         self.ids = itertools.count(1)
         self.log = open(logfile, "ab")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True, bufsize=1,
-                                     start_new_session=True, env=env)
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+            env=env,
+        )
         first = self.proc.stdout.readline()
         if not first or json.loads(first).get("result") != "ready":
             raise LabError(f"salt gateway did not start (see {logfile})")
@@ -254,10 +261,18 @@ class Lab:
     (tests/integration/test_install.py: a minion that loads hanet pip-installed).
     """
 
-    def __init__(self, topology: Optional[Topology] = None, *, salt: bool = True,
-                 sync: bool = True, prefix: Optional[str] = None,
-                 checkout: Optional[str] = None, start_timeout: float = 120.0,
-                 progress=None, minion_env: Optional[dict] = None):
+    def __init__(
+        self,
+        topology: Optional[Topology] = None,
+        *,
+        salt: bool = True,
+        sync: bool = True,
+        prefix: Optional[str] = None,
+        checkout: Optional[str] = None,
+        start_timeout: float = 120.0,
+        progress=None,
+        minion_env: Optional[dict] = None,
+    ):
         self.topology = topology if topology is not None else default_topology()
         if isinstance(self.topology, dict):
             self.topology = Topology.from_dict(self.topology)
@@ -365,8 +380,13 @@ class Lab:
         st = state.read_state(prefix)
         if not st:
             raise LabError(f"no lab {prefix} on this machine")
-        lab = cls(Topology.from_dict(st["topology"]), prefix=prefix, salt=st.get("salt", True),
-                  checkout=st.get("checkout"), progress=progress)
+        lab = cls(
+            Topology.from_dict(st["topology"]),
+            prefix=prefix,
+            salt=st.get("salt", True),
+            checkout=st.get("checkout"),
+            progress=progress,
+        )
         lab.namespaces = st["namespaces"]
         lab.pids = st.get("pids", {})
         lab.ports = st.get("ports", {})
@@ -442,8 +462,15 @@ class Lab:
                         port = f"p{next(counter)}"
                 used_ports.add(port)
                 self.ports[node.name][ifname] = port
-                nslib.add_veth(ns, ifname, self.switch_ns, port, mac=node.macs.get(ifname),
-                               peer_master=seg, peer_alias=f"{node.name}:{ifname}")
+                nslib.add_veth(
+                    ns,
+                    ifname,
+                    self.switch_ns,
+                    port,
+                    mac=node.macs.get(ifname),
+                    peer_master=seg,
+                    peer_alias=f"{node.name}:{ifname}",
+                )
             for ifname, addrs in node.addresses.items():
                 for a in addrs:
                     nslib.add_address(ns, ifname, a)
@@ -460,18 +487,25 @@ class Lab:
             if r.http_port:
                 logf = os.path.join(self.rundir, f"http-{r.name}.log")
                 open(logf, "w").close()
-                self._spawn(r.name, f"httpd-{r.name}",
-                            [_python(self.checkout), os.path.join(HERE, "httpd.py"), r.name,
-                             str(r.http_port), logf])
-            self.progress(f"router {r.name}: forwarding {'on' if r.forwarding else 'off'}, "
-                          f"http on :{r.http_port}")
+                self._spawn(
+                    r.name,
+                    f"httpd-{r.name}",
+                    [_python(self.checkout), os.path.join(HERE, "httpd.py"), r.name, str(r.http_port), logf],
+                )
+            self.progress(f"router {r.name}: forwarding {'on' if r.forwarding else 'off'}, http on :{r.http_port}")
 
     def _spawn(self, node: str, name: str, argv: list[str], env: Optional[dict] = None) -> subprocess.Popen:
         self.reap()
         out = open(os.path.join(self.rundir, "logs", f"{name}.out"), "ab")
-        p = subprocess.Popen(["ip", "netns", "exec", self.ns(node)] + argv, stdin=subprocess.DEVNULL,
-                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                             cwd=self.rundir, env=env)
+        p = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns(node)] + argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=self.rundir,
+            env=env,
+        )
         out.close()
         self.procs[name] = p
         self.pids[name] = p.pid
@@ -599,8 +633,7 @@ class Lab:
             f.write("#!yaml\n{}\n")
         for h in topo.hosts.values():
             os.makedirs(self.minion_conf_dir(h.name))
-            opts = {"id": h.name, "master": master_ip, "root_dir": self.minion_root(h.name),
-                    "loop_interval": 1}
+            opts = {"id": h.name, "master": master_ip, "root_dir": self.minion_root(h.name), "loop_interval": 1}
             if len(topo.masters()) > 1:
                 # hot multi-master: signed in to every master, beacons run once (by the
                 # first master's minion object) and their events go to every master;
@@ -635,8 +668,9 @@ class Lab:
             for name in procs:
                 p = self.procs.get(name)
                 if p is not None and p.poll() is not None:
-                    raise LabError(f"{name} exited with {p.returncode} while waiting for {what}; "
-                                   f"see {self.rundir}/logs/{name}.out")
+                    raise LabError(
+                        f"{name} exited with {p.returncode} while waiting for {what}; see {self.rundir}/logs/{name}.out"
+                    )
             time.sleep(interval)
         raise LabError(f"timed out after {timeout:.0f} s waiting for {what}")
 
@@ -644,8 +678,9 @@ class Lab:
         from .etcd import EtcdCluster
 
         t0 = time.monotonic()
-        members = [(name, self.ns(name), n.first_address(next(iter(n.addresses))))
-                   for name, n in self.topology.etcd.items()]
+        members = [
+            (name, self.ns(name), n.first_address(next(iter(n.addresses)))) for name, n in self.topology.etcd.items()
+        ]
         self.etcd = EtcdCluster(self.prefix, members, self.rundir)
         self.etcd.start(timeout=self.start_timeout)
         for name, p in self.etcd.procs.items():
@@ -655,9 +690,12 @@ class Lab:
 
     def _spawn_master(self, master: Optional[str] = None):
         master = master or self.masters[0]
-        return self._spawn(master, self._master_proc(master),
-                           [_venv_bin(self.checkout, "salt-master"), "-c", self.master_conf_dir_of(master),
-                            "-l", "quiet"], env=self._daemon_env())
+        return self._spawn(
+            master,
+            self._master_proc(master),
+            [_venv_bin(self.checkout, "salt-master"), "-c", self.master_conf_dir_of(master), "-l", "quiet"],
+            env=self._daemon_env(),
+        )
 
     def clear_stale_minion_claim(self, host: str, wait: float = 5.0) -> None:
         """Before a salt-minion starts again after its processes were SIGKILLed: Salt
@@ -687,10 +725,18 @@ class Lab:
     def start_minion(self, host: str):
         """Start ``host``'s salt-minion (the lab starts every minion at ``up``)."""
         self.clear_stale_minion_claim(host)
-        return self._spawn(host, f"salt-minion-{host}",
-                           [_venv_bin(self.checkout, "salt-minion"), "-c", self.minion_conf_dir(host),
-                            "-l", "info"],  # its .out: why it stopped, if it does
-                           env=dict(self._daemon_env(), **self.minion_env.get(host, {})))
+        return self._spawn(
+            host,
+            f"salt-minion-{host}",
+            [
+                _venv_bin(self.checkout, "salt-minion"),
+                "-c",
+                self.minion_conf_dir(host),
+                "-l",
+                "info",
+            ],  # its .out: why it stopped, if it does
+            env=dict(self._daemon_env(), **self.minion_env.get(host, {})),
+        )
 
     def _start_salt(self):
         t0 = time.monotonic()
@@ -706,37 +752,42 @@ class Lab:
             self.start_minion(h)
         self.progress(f"salt: {len(self.masters)} master(s) + {len(hosts)} minions starting")
         for m in self.masters:
-            self._wait(f"the salt-master {m} to listen", lambda m=m: self._master_listening(m),
-                       self.start_timeout, procs=[self._master_proc(m)])
+            self._wait(
+                f"the salt-master {m} to listen",
+                lambda m=m: self._master_listening(m),
+                self.start_timeout,
+                procs=[self._master_proc(m)],
+            )
         self.timings["master_listening"] = round(time.monotonic() - t0, 3)
         for m in self.masters:
             accepted = os.path.join(self.master_conf_dir_of(m), "pki", "master", "minions")
-            self._wait(f"minion keys on {m}",
-                       lambda a=accepted: all(os.path.exists(os.path.join(a, h)) for h in hosts),
-                       self.start_timeout,
-                       procs=[self._master_proc(m)] + [f"salt-minion-{h}" for h in hosts])
+            self._wait(
+                f"minion keys on {m}",
+                lambda a=accepted: all(os.path.exists(os.path.join(a, h)) for h in hosts),
+                self.start_timeout,
+                procs=[self._master_proc(m)] + [f"salt-minion-{h}" for h in hosts],
+            )
         self.timings["keys_accepted"] = round(time.monotonic() - t0, 3)
         for m in self.masters:
             self._start_gateway(m)
             self.wait_minions(hosts, master=m)
         self.timings["minions_ping"] = round(time.monotonic() - t0, 3)
-        self.progress(f"salt: {len(hosts)} minions answer test.ping "
-                      f"({self.timings['minions_ping']:.1f} s)")
+        self.progress(f"salt: {len(hosts)} minions answer test.ping ({self.timings['minions_ping']:.1f} s)")
         if self.do_sync:
             self.sync()
             self.timings["sync_all"] = round(time.monotonic() - t0, 3)
         self._write_state()
 
-    def wait_minions(self, hosts: Sequence[str], master: Optional[str] = None,
-                     timeout: Optional[float] = None) -> None:
+    def wait_minions(self, hosts: Sequence[str], master: Optional[str] = None, timeout: Optional[float] = None) -> None:
         """Until every one of ``hosts`` answers test.ping through ``master``."""
         missing = set(hosts)
         deadline = time.monotonic() + (timeout or self.start_timeout)
         last_error = None
         while missing:
             if time.monotonic() > deadline:
-                raise LabError(f"minions not answering test.ping via {master or self.via}: "
-                               f"{sorted(missing)} ({last_error})")
+                raise LabError(
+                    f"minions not answering test.ping via {master or self.via}: {sorted(missing)} ({last_error})"
+                )
             try:
                 got = self.salt(sorted(missing), "test.ping", tgt_type="list", timeout=5, master=master)
             except LabError as e:  # the master's request server is not answering yet (busy machine)
@@ -768,8 +819,11 @@ class Lab:
         p = self.procs.get(self._master_proc(master))
         if p is not None:
             p.wait(10)
-        self._wait(f"the salt-master {master} to be gone", lambda: not any(
-            "salt-master" in c for _, c in self.processes(master).get(master, [])), 10)
+        self._wait(
+            f"the salt-master {master} to be gone",
+            lambda: not any("salt-master" in c for _, c in self.processes(master).get(master, [])),
+            10,
+        )
         if self.via == master:
             alive = [m for m in self.masters if m != master and self.master_running(m)]
             if alive:
@@ -790,11 +844,18 @@ class Lab:
         at = time.time()
         master = master or self.masters[0]
         self._spawn_master(master)
-        self._wait(f"the salt-master {master} to listen", lambda: self._master_listening(master),
-                   self.start_timeout, procs=[self._master_proc(master)])
+        self._wait(
+            f"the salt-master {master} to listen",
+            lambda: self._master_listening(master),
+            self.start_timeout,
+            procs=[self._master_proc(master)],
+        )
         if wait_minions:
-            running = {h for h, plist in self.processes().items() if h in self.topology.hosts
-                       and any("salt-minion" in c for _, c in plist)}
+            running = {
+                h
+                for h, plist in self.processes().items()
+                if h in self.topology.hosts and any("salt-minion" in c for _, c in plist)
+            }
             try:
                 self.wait_minions(sorted(running), master=master)
             except LabError as e:
@@ -810,10 +871,18 @@ class Lab:
             os.makedirs(os.path.join(self.rundir, "logs"), exist_ok=True)
             first = master == self.masters[0]
             name = f"saltgw-{os.getpid()}" if first else f"saltgw-{master}-{os.getpid()}"
-            argv = ["ip", "netns", "exec", self.ns(master), _python(self.checkout),
-                    os.path.join(HERE, "saltgw.py"), os.path.join(self.master_conf_dir_of(master), "master")]
-            gw = self._gateways[master] = _Gateway(argv, os.path.join(self.rundir, "logs", f"{name}.out"),
-                                                   self._daemon_env())
+            argv = [
+                "ip",
+                "netns",
+                "exec",
+                self.ns(master),
+                _python(self.checkout),
+                os.path.join(HERE, "saltgw.py"),
+                os.path.join(self.master_conf_dir_of(master), "master"),
+            ]
+            gw = self._gateways[master] = _Gateway(
+                argv, os.path.join(self.rundir, "logs", f"{name}.out"), self._daemon_env()
+            )
             self.procs[name] = gw.proc
             return gw
 
@@ -826,26 +895,54 @@ class Lab:
             gw = self._start_gateway(master)
         return gw
 
-    def salt(self, tgt: Union[str, Sequence[str]], fun: str, arg: Sequence = (),
-             kwarg: Optional[dict] = None, timeout: float = 30, tgt_type: str = "glob",
-             full_return: bool = False, master: Optional[str] = None) -> dict:
+    def salt(
+        self,
+        tgt: Union[str, Sequence[str]],
+        fun: str,
+        arg: Sequence = (),
+        kwarg: Optional[dict] = None,
+        timeout: float = 30,
+        tgt_type: str = "glob",
+        full_return: bool = False,
+        master: Optional[str] = None,
+    ) -> dict:
         """Run an execution function through a master (LocalClient.cmd; ``master``:
         default ``via``): {minion: return}. Minions that do not answer within
         ``timeout`` are absent from the result."""
         if not isinstance(tgt, str):
             tgt = list(tgt)
             tgt_type = "list"
-        return self._gw(master).call("cmd", timeout + 30, tgt=tgt, fun=fun, arg=list(arg),
-                                     kwarg=kwarg or {}, timeout=timeout, tgt_type=tgt_type,
-                                     full_return=full_return)
+        return self._gw(master).call(
+            "cmd",
+            timeout + 30,
+            tgt=tgt,
+            fun=fun,
+            arg=list(arg),
+            kwarg=kwarg or {},
+            timeout=timeout,
+            tgt_type=tgt_type,
+            full_return=full_return,
+        )
 
-    def salt_run(self, fun: str, arg: Sequence = (), kwarg: Optional[dict] = None,
-                 timeout: float = 120, master: Optional[str] = None) -> Any:
+    def salt_run(
+        self,
+        fun: str,
+        arg: Sequence = (),
+        kwarg: Optional[dict] = None,
+        timeout: float = 120,
+        master: Optional[str] = None,
+    ) -> Any:
         """Run a runner on a master (RunnerClient.cmd; ``master``: default ``via``)."""
         return self._gw(master).call("run", timeout, fun=fun, arg=list(arg), kwarg=kwarg or {})
 
-    def salt_wheel(self, fun: str, arg: Sequence = (), kwarg: Optional[dict] = None,
-                   timeout: float = 60, master: Optional[str] = None) -> Any:
+    def salt_wheel(
+        self,
+        fun: str,
+        arg: Sequence = (),
+        kwarg: Optional[dict] = None,
+        timeout: float = 60,
+        master: Optional[str] = None,
+    ) -> Any:
         return self._gw(master).call("wheel", timeout, fun=fun, arg=list(arg), kwarg=kwarg or {})
 
     def owners(self, master: Optional[str] = None) -> dict:
@@ -855,14 +952,15 @@ class Lab:
         if record is None:
             from _hanet import failover
 
-            return failover.read_owners(os.path.join(self.master_root_of(master), "var", "cache",
-                                                     "salt", "master"))
+            return failover.read_owners(os.path.join(self.master_root_of(master), "var", "cache", "salt", "master"))
         from _hanet import record as rec
 
         from .etcd import in_netns
 
-        opts = {"cachedir": os.path.join(self.master_root_of(master), "var", "cache", "salt", "master"),
-                "hanet_record": dict(record, timeout=2)}
+        opts = {
+            "cachedir": os.path.join(self.master_root_of(master), "var", "cache", "salt", "master"),
+            "hanet_record": dict(record, timeout=2),
+        }
         return in_netns(self.ns(master or self.via), lambda: rec.read_owners(opts), timeout=10)
 
     def etcd_kill(self, member: str) -> None:
@@ -885,23 +983,22 @@ class Lab:
         if self.etcd is None:
             from .etcd import EtcdCluster
 
-            members = [(name, self.ns(name), n.first_address(next(iter(n.addresses))))
-                       for name, n in self.topology.etcd.items()]
+            members = [
+                (name, self.ns(name), n.first_address(next(iter(n.addresses))))
+                for name, n in self.topology.etcd.items()
+            ]
             self.etcd = EtcdCluster(self.prefix, members, self.rundir)
         self.etcd.start_member(member, wait=wait, timeout=self.start_timeout)
         self.pids[f"etcd-{member}"] = self.etcd.procs[member].pid
         if self._is_up:
             self._write_state()
 
-    def salt_call(self, host: str, fun: str, *args: str, local: bool = False,
-                  timeout: float = 120) -> Any:
+    def salt_call(self, host: str, fun: str, *args: str, local: bool = False, timeout: float = 120) -> Any:
         """``salt-call`` inside a host's namespace with its minion config; returns the value."""
-        argv = [_venv_bin(self.checkout, "salt-call"), "-c", self.minion_conf_dir(host),
-                "--out", "json", "-l", "quiet"]
+        argv = [_venv_bin(self.checkout, "salt-call"), "-c", self.minion_conf_dir(host), "--out", "json", "-l", "quiet"]
         if local:
             argv.append("--local")
-        cp = self.exec(host, argv + [fun] + [str(a) for a in args], timeout=timeout,
-                       env=self._daemon_env())
+        cp = self.exec(host, argv + [fun] + [str(a) for a in args], timeout=timeout, env=self._daemon_env())
         try:
             return json.loads(cp.stdout)["local"]
         except (ValueError, KeyError) as e:
@@ -963,16 +1060,29 @@ class Lab:
         return self.salt(tgt, "sys.list_functions", [module]).get(tgt) or []
 
     # -- processes and commands -------------------------------------------------------------------
-    def exec(self, node: str, argv: Union[str, Sequence[str]], timeout: float = 60,
-             check: bool = False, input: Optional[str] = None,
-             env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    def exec(
+        self,
+        node: str,
+        argv: Union[str, Sequence[str]],
+        timeout: float = 60,
+        check: bool = False,
+        input: Optional[str] = None,
+        env: Optional[dict] = None,
+    ) -> subprocess.CompletedProcess:
         """Run a command inside a node's namespace (``ip netns exec``); text output captured.
         A string is run with ``sh -c``."""
         if isinstance(argv, str):
             argv = ["sh", "-c", argv]
-        return subprocess.run(["ip", "netns", "exec", self.ns(node)] + list(argv), capture_output=True,
-                              text=True, errors="replace", timeout=timeout, check=check, input=input,
-                              env=env)
+        return subprocess.run(
+            ["ip", "netns", "exec", self.ns(node)] + list(argv),
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=timeout,
+            check=check,
+            input=input,
+            env=env,
+        )
 
     def popen(self, node: str, argv: Sequence[str], name: Optional[str] = None, **kw) -> subprocess.Popen:
         """Start a long-running process in a node's namespace (killed by ``down``)."""
@@ -1001,8 +1111,9 @@ class Lab:
             rows = [(pid, cl, _pss_kib(pid) or 0) for pid, cl in procs]
             out[node] = {
                 "pss_kib": sum(r[2] for r in rows if r[0] not in gw_pids),
-                "processes": [{"pid": p, "cmdline": c[:120], "pss_kib": k, "gateway": p in gw_pids}
-                              for p, c, k in rows],
+                "processes": [
+                    {"pid": p, "cmdline": c[:120], "pss_kib": k, "gateway": p in gw_pids} for p, c, k in rows
+                ],
             }
         return out
 
@@ -1020,12 +1131,14 @@ class Lab:
         """The node's IPv4 neighbour table: ip -> {mac, state, ifname}."""
         return nslib.neighbours(self.ns(node))
 
-    def ping(self, node: str, ip: str, count: int = 1, timeout: float = 2.0,
-             interval: float = 0.2) -> bool:
+    def ping(self, node: str, ip: str, count: int = 1, timeout: float = 2.0, interval: float = 0.2) -> bool:
         """True when ``ip`` answers at least one of ``count`` pings from ``node``."""
         wait = max(1, int(round(timeout)))
-        cp = self.exec(node, ["ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-W", str(wait), ip],
-                       timeout=timeout * count + 10)
+        cp = self.exec(
+            node,
+            ["ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-W", str(wait), ip],
+            timeout=timeout * count + 10,
+        )
         return cp.returncode == 0
 
     def http_get(self, node: str, url: str, timeout: float = 5.0) -> str:
@@ -1068,8 +1181,17 @@ class Lab:
             # the host side carries libvirt's tap MAC (guest MAC, first octet fe; fa for an
             # fe guest): hanet binds each NIC's (MAC, IP) to the port carrying it
             tap_mac = ("fa" if nic.mac.lower()[:2] == "fe" else "fe") + nic.mac.lower()[2:]
-            nslib.add_veth(vns, nic.ifname, hns, tap, mac=nic.mac, peer_mac=tap_mac, mtu=nic.mtu,
-                           peer_master=nic.bridge, peer_alias=f"{name}:{nic.ifname}")
+            nslib.add_veth(
+                vns,
+                nic.ifname,
+                hns,
+                tap,
+                mac=nic.mac,
+                peer_mac=tap_mac,
+                mtu=nic.mtu,
+                peer_master=nic.bridge,
+                peer_alias=f"{name}:{nic.ifname}",
+            )
             taps.append(tap)
         self.plugged[name] = {"host": host, "taps": taps}
         if self._is_up:
@@ -1135,8 +1257,15 @@ exit 0
         os.chmod(script, 0o755)
         return script, out
 
-    def dhcp(self, vm: str, client: str = "dhclient", ifname: str = "eth0", timeout: float = 15,
-             keep: bool = False, check: bool = True) -> Optional[dict]:
+    def dhcp(
+        self,
+        vm: str,
+        client: str = "dhclient",
+        ifname: str = "eth0",
+        timeout: float = 15,
+        keep: bool = False,
+        check: bool = True,
+    ) -> Optional[dict]:
         """Run a real DHCP client once in the VM and configure what it got. Returns
         {client, ifname, address, prefixlen, router, routers, dns, domain, mtu, server, raw}
         (None if no lease and ``check`` is False). ``client``: 'dhclient' or 'udhcpc'.
@@ -1150,20 +1279,34 @@ exit 0
         if client == "dhclient":
             conf = os.path.join(d, "dhclient.conf")
             with open(conf, "w") as f:
-                f.write(f"timeout {int(timeout)};\nretry 1;\ninitial-interval 1;\n"
-                        "option rfc3442-classless-static-routes code 121 = array of unsigned integer 8;\n"
-                        "request subnet-mask, broadcast-address, time-offset, routers, domain-name,\n"
-                        "  domain-name-servers, domain-search, host-name, interface-mtu,\n"
-                        "  rfc3442-classless-static-routes;\n")
+                f.write(
+                    f"timeout {int(timeout)};\nretry 1;\ninitial-interval 1;\n"
+                    "option rfc3442-classless-static-routes code 121 = array of unsigned integer 8;\n"
+                    "request subnet-mask, broadcast-address, time-offset, routers, domain-name,\n"
+                    "  domain-name-servers, domain-search, host-name, interface-mtu,\n"
+                    "  rfc3442-classless-static-routes;\n"
+                )
             pidf = os.path.join(d, f"dhclient-{ifname}.pid")
             # In the foreground (-d): no race with a daemonizing child; stopped once the
             # script has recorded the lease (unless keep=True: then `down` stops it).
-            argv = ["dhclient", "-d", "-1", "-v", "-cf", conf, "-sf", script, "-pf", pidf,
-                    "-lf", os.path.join(d, f"dhclient-{ifname}.leases"), ifname]
+            argv = [
+                "dhclient",
+                "-d",
+                "-1",
+                "-v",
+                "-cf",
+                conf,
+                "-sf",
+                script,
+                "-pf",
+                pidf,
+                "-lf",
+                os.path.join(d, f"dhclient-{ifname}.leases"),
+                ifname,
+            ]
             logf = os.path.join(d, f"dhclient-{ifname}.log")
             with open(logf, "w") as log_out:
-                proc = self.popen(vm, argv, name=f"dhclient-{vm}-{ifname}", stdout=log_out,
-                                  stderr=subprocess.STDOUT)
+                proc = self.popen(vm, argv, name=f"dhclient-{vm}-{ifname}", stdout=log_out, stderr=subprocess.STDOUT)
             deadline = time.monotonic() + timeout + 5
             while time.monotonic() < deadline and not os.path.exists(out) and proc.poll() is None:
                 time.sleep(0.05)
@@ -1179,8 +1322,27 @@ exit 0
         else:
             udhcpc = shutil.which("udhcpc")
             base = [udhcpc] if udhcpc else ["busybox", "udhcpc"]
-            argv = base + ["-i", ifname, "-f", "-q", "-n", "-t", str(max(1, int(timeout))), "-T", "1",
-                           "-A", "1", "-O", "mtu", "-O", "staticroutes", "-O", "search", "-s", script]
+            argv = base + [
+                "-i",
+                ifname,
+                "-f",
+                "-q",
+                "-n",
+                "-t",
+                str(max(1, int(timeout))),
+                "-T",
+                "1",
+                "-A",
+                "1",
+                "-O",
+                "mtu",
+                "-O",
+                "staticroutes",
+                "-O",
+                "search",
+                "-s",
+                script,
+            ]
             cp = self.exec(vm, argv, timeout=timeout + 15)
         if not os.path.exists(out):
             if check:
@@ -1196,17 +1358,30 @@ exit 0
             addr, mask = raw.get("new_ip_address"), raw.get("new_subnet_mask")
             routers = raw.get("new_routers", "").split()
             dns = raw.get("new_domain_name_servers", "").split()
-            domain, mtu, server = (raw.get("new_domain_name"), raw.get("new_interface_mtu"),
-                                   raw.get("new_dhcp_server_identifier"))
+            domain, mtu, server = (
+                raw.get("new_domain_name"),
+                raw.get("new_interface_mtu"),
+                raw.get("new_dhcp_server_identifier"),
+            )
         else:
             addr, mask = raw.get("ip"), raw.get("subnet")
             routers = raw.get("router", "").split()
             dns = raw.get("dns", "").split()
             domain, mtu, server = raw.get("domain"), raw.get("mtu"), raw.get("serverid")
         plen = ipaddress.ip_network(f"0.0.0.0/{mask}").prefixlen if mask else None
-        return {"client": client, "ifname": ifname, "address": addr, "prefixlen": plen,
-                "router": routers[0] if routers else None, "routers": routers, "dns": dns,
-                "domain": domain, "mtu": int(mtu) if mtu else None, "server": server, "raw": raw}
+        return {
+            "client": client,
+            "ifname": ifname,
+            "address": addr,
+            "prefixlen": plen,
+            "router": routers[0] if routers else None,
+            "routers": routers,
+            "dns": dns,
+            "domain": domain,
+            "mtu": int(mtu) if mtu else None,
+            "server": server,
+            "raw": raw,
+        }
 
     # -- description ------------------------------------------------------------------------------
     def describe(self) -> str:
@@ -1222,9 +1397,15 @@ exit 0
         lines.append("")
         lines.append("nodes (one network namespace each):")
         for node in t.nodes().values():
-            kind = ("master" if node.name in self.masters
-                    else "etcd" if node.name in t.etcd
-                    else "router" if node.name in t.routers else "host")
+            kind = (
+                "master"
+                if node.name in self.masters
+                else "etcd"
+                if node.name in t.etcd
+                else "router"
+                if node.name in t.routers
+                else "host"
+            )
             addrs = ", ".join(f"{i} {a}" for i, al in node.addresses.items() for a in al)
             gw = f", default via {node.gateway}" if node.gateway else ""
             lines.append(f"  {node.name:<10} {kind:<7} {self.ns(node.name)}")

@@ -12,6 +12,7 @@ file that exists for a moment is not a leak; what stays is. Compare like with li
 host that was power-cycled has new processes, so take the baseline after a first cycle.
 :func:`compare` and :func:`leaks` are pure (unit-tested); :func:`snapshot` reads the lab.
 """
+
 from __future__ import annotations
 
 import os
@@ -54,12 +55,12 @@ def leaks(rows: list[Row]) -> list[Row]:
 
 def table(rows: list[Row]) -> str:
     """A markdown table: resource | host | baseline | after N cycles | leaked."""
+
     def cell(v):
         return "?" if v is None else str(v)
 
     lines = ["| resource | host | baseline | after | leaked |", "|---|---|---|---|---|"]
-    lines += [f"| {r.resource} | {r.node} | {cell(r.baseline)} | {cell(r.after)} | {cell(r.leaked)} |"
-              for r in rows]
+    lines += [f"| {r.resource} | {r.node} | {cell(r.baseline)} | {cell(r.after)} | {cell(r.leaked)} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -108,10 +109,11 @@ def count(lab, node) -> dict:
     out = {
         "addresses": _lines(["ip", "-n", ns, "-o", "addr", "show"]),
         "links": _lines(["ip", "-n", ns, "-o", "link", "show"]),
-        "routes": _lines(["ip", "-n", ns, "route", "show", "table", "all"]) +
-        _lines(["ip", "-n", ns, "-6", "route", "show", "table", "all"]),
-        "nft objects": subprocess.run(["ip", "netns", "exec", ns, "nft", "-a", "list", "ruleset"],
-                                      capture_output=True, text=True, check=True).stdout.count("# handle"),
+        "routes": _lines(["ip", "-n", ns, "route", "show", "table", "all"])
+        + _lines(["ip", "-n", ns, "-6", "route", "show", "table", "all"]),
+        "nft objects": subprocess.run(
+            ["ip", "netns", "exec", ns, "nft", "-a", "list", "ruleset"], capture_output=True, text=True, check=True
+        ).stdout.count("# handle"),
         "processes": len(procs),
     }
     if node == lab.topology.master.name:

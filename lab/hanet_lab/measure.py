@@ -1,4 +1,5 @@
 """``hanet_lab measure``: lab up/down times and daemon memory (PSS), as quoted in lab/README.md."""
+
 from __future__ import annotations
 
 import json
@@ -55,9 +56,12 @@ def measure(runs: int = 3, hosts: int = 4, settle: float = 5.0) -> dict:
         print(json.dumps(row), flush=True)
     minions = [v for r in rows for v in r["minion_pss_mib"].values()]
     summary = {
-        "runs": runs, "hosts": hosts, "vms": len(default_topology(hosts=hosts).vms),
+        "runs": runs,
+        "hosts": hosts,
+        "vms": len(default_topology(hosts=hosts).vms),
         "cpus": os.cpu_count(),
-        "up_s": [r["up_s"] for r in rows], "down_s": [r["down_s"] for r in rows],
+        "up_s": [r["up_s"] for r in rows],
+        "down_s": [r["down_s"] for r in rows],
         "up_median_s": statistics.median(r["up_s"] for r in rows),
         "down_median_s": statistics.median(r["down_s"] for r in rows),
         "minions_ping_s": [r["timings"].get("minions_ping") for r in rows],

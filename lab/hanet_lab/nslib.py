@@ -5,6 +5,7 @@ created directly inside their namespaces: a veth is added in one namespace with 
 peer placed in another (``peer={'net_ns_fd': other}``), so nothing ever appears in
 the machine's root namespace.
 """
+
 from __future__ import annotations
 
 import errno
@@ -192,15 +193,23 @@ def lo_up(ns: str) -> None:
 def add_bridge(ns: str, name: str, up: bool = True) -> None:
     """A plain Linux bridge: STP off, forward delay 0, no multicast snooping (a dumb switch)."""
     with ipr(ns) as ip:
-        ip.link("add", ifname=name, kind="bridge", br_stp_state=0, br_forward_delay=0,
-                br_mcast_snooping=0)
+        ip.link("add", ifname=name, kind="bridge", br_stp_state=0, br_forward_delay=0, br_mcast_snooping=0)
         if up:
             ip.link("set", index=_index(ip, name), state="up")
 
 
-def add_veth(ns: str, ifname: str, peer_ns: str, peer_ifname: str, mac: Optional[str] = None,
-             peer_mac: Optional[str] = None, mtu: Optional[int] = None, up: bool = True,
-             peer_master: Optional[str] = None, peer_alias: Optional[str] = None) -> None:
+def add_veth(
+    ns: str,
+    ifname: str,
+    peer_ns: str,
+    peer_ifname: str,
+    mac: Optional[str] = None,
+    peer_mac: Optional[str] = None,
+    mtu: Optional[int] = None,
+    up: bool = True,
+    peer_master: Optional[str] = None,
+    peer_alias: Optional[str] = None,
+) -> None:
     """A veth pair created inside ``ns`` with its peer moved into ``peer_ns`` at creation.
 
     ``peer_master``: enslave the peer to that bridge in ``peer_ns`` and bring it up."""
@@ -307,5 +316,6 @@ def neighbours(ns: str) -> dict[str, dict]:
 
 def sysctl(ns: str, key: str, value) -> None:
     """Write a sysctl as seen from inside ``ns`` (net.* sysctls are per namespace)."""
-    subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", f"{key}={value}"], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["ip", "netns", "exec", ns, "sysctl", "-qw", f"{key}={value}"], check=True, stdout=subprocess.DEVNULL
+    )

@@ -15,6 +15,7 @@ Ops: ``cmd`` (LocalClient.cmd), ``run`` (RunnerClient.cmd), ``wheel`` (WheelClie
 
 Standalone on purpose (no hanet_lab imports): usage ``saltgw.py <master config file>``.
 """
+
 import fnmatch
 import json
 import os
@@ -78,24 +79,31 @@ class Gateway:
 
     def op_cmd(self, req):
         return self.client().cmd(
-            req["tgt"], req["fun"], arg=req.get("arg") or [], timeout=req.get("timeout"),
-            tgt_type=req.get("tgt_type", "glob"), kwarg=req.get("kwarg") or None,
+            req["tgt"],
+            req["fun"],
+            arg=req.get("arg") or [],
+            timeout=req.get("timeout"),
+            tgt_type=req.get("tgt_type", "glob"),
+            kwarg=req.get("kwarg") or None,
             full_return=bool(req.get("full_return")),
         )
 
     def op_run(self, req):
-        return self.runner().cmd(req["fun"], arg=req.get("arg") or [], kwarg=req.get("kwarg") or {},
-                                 print_event=False, full_return=bool(req.get("full_return")))
+        return self.runner().cmd(
+            req["fun"],
+            arg=req.get("arg") or [],
+            kwarg=req.get("kwarg") or {},
+            print_event=False,
+            full_return=bool(req.get("full_return")),
+        )
 
     def op_wheel(self, req):
-        return self.wheel().cmd(req["fun"], arg=req.get("arg") or [], kwarg=req.get("kwarg") or {},
-                                print_event=False)
+        return self.wheel().cmd(req["fun"], arg=req.get("arg") or [], kwarg=req.get("kwarg") or {}, print_event=False)
 
     def op_listen(self, req):
         import salt.utils.event
 
-        ev = salt.utils.event.get_master_event(self.master_opts, self.master_opts["sock_dir"],
-                                               listen=True)
+        ev = salt.utils.event.get_master_event(self.master_opts, self.master_opts["sock_dir"], listen=True)
         ev.connect_pub(timeout=5)
         with self.listeners_lock:
             lid = self.next_lid
@@ -118,8 +126,7 @@ class Gateway:
                     return None
                 got = lst["event"].get_event(wait=min(left, 1.0), full=True, no_block=False)
                 if got:
-                    lst["buffer"].append({"tag": got.get("tag"), "data": got.get("data"),
-                                          "received_at": time.time()})
+                    lst["buffer"].append({"tag": got.get("tag"), "data": got.get("data"), "received_at": time.time()})
 
     def op_unlisten(self, req):
         with self.listeners_lock:
@@ -135,8 +142,7 @@ class Gateway:
             result = getattr(self, "op_" + req["op"])(req)
             resp = {"id": rid, "ok": True, "result": result}
         except BaseException as e:  # noqa: BLE001 - everything goes back to the caller
-            resp = {"id": rid, "ok": False, "error": f"{type(e).__name__}: {e}",
-                    "traceback": traceback.format_exc()}
+            resp = {"id": rid, "ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
         line = json.dumps(resp, default=_jsonable)
         with self.out_lock:
             self.out.write(line + "\n")

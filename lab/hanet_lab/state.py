@@ -7,6 +7,7 @@ file is a leftover and may be swept. A state file names the process that owns th
 kept until ``down``. A lab whose owner has died (SIGKILL, power cut of a test run) is
 *stale*.
 """
+
 from __future__ import annotations
 
 import json
@@ -112,8 +113,9 @@ def destroy(prefix: str, reap=None, grace: float = 1.0) -> dict:
     t0 = time.monotonic()
     st = read_state(prefix) or {}
     rundir = st.get("rundir") or rundir_for(prefix)
-    names = set(namespaces_of(prefix)) | {ns for ns in (st.get("namespaces") or {}).values()
-                                          if ns.startswith(prefix + "-")}
+    names = set(namespaces_of(prefix)) | {
+        ns for ns in (st.get("namespaces") or {}).values() if ns.startswith(prefix + "-")
+    }
     inodes = {nslib.ns_inode(ns) for ns in names}
     marks = [rundir.rstrip("/") + "/"]
 
@@ -126,8 +128,7 @@ def destroy(prefix: str, reap=None, grace: float = 1.0) -> dict:
     if os.path.isdir(rundir):
         shutil.rmtree(rundir, ignore_errors=True)
     remove_state(prefix)
-    return {"prefix": prefix, "killed": killed, "namespaces": sorted(names),
-            "seconds": round(time.monotonic() - t0, 3)}
+    return {"prefix": prefix, "killed": killed, "namespaces": sorted(names), "seconds": round(time.monotonic() - t0, 3)}
 
 
 def sweep(mode: str = "stale", reap=None) -> list[dict]:

@@ -28,6 +28,7 @@ built in Python (:func:`default_topology`, the dataclasses) or loaded from YAML:
 Addresses use documentation ranges: management 192.0.2.0/24, public 203.0.113.0/24,
 the VXLAN underlay / trunk segment 198.51.100.0/24.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -149,8 +150,7 @@ class Topology:
     @classmethod
     def from_dict(cls, data: dict) -> "Topology":
         data = dict(data or {})
-        unknown = set(data) - {"segments", "master", "hosts", "routers", "router", "vms",
-                               "extra_masters", "etcd"}
+        unknown = set(data) - {"segments", "master", "hosts", "routers", "router", "vms", "extra_masters", "etcd"}
         if unknown:
             raise TopologyError(f"unknown topology keys: {sorted(unknown)}")
         master = data.get("master")
@@ -176,12 +176,23 @@ class Topology:
             if "nics" not in v:
                 v["nics"] = [{k: v.pop(k) for k in ("bridge", "mac", "mtu") if k in v}]
             vms[name] = VM(**{"name": name, **v})
-        extra = {name: m if isinstance(m, Master) else Master(**{"name": name, **(m or {})})
-                 for name, m in (data.get("extra_masters") or {}).items()}
-        etcd = {name: e if isinstance(e, Node) else Node(**{"name": name, **(e or {})})
-                for name, e in (data.get("etcd") or {}).items()}
-        topo = cls(segments=list(data.get("segments") or []), master=master, hosts=hosts,
-                   routers=routers, vms=vms, extra_masters=extra, etcd=etcd)
+        extra = {
+            name: m if isinstance(m, Master) else Master(**{"name": name, **(m or {})})
+            for name, m in (data.get("extra_masters") or {}).items()
+        }
+        etcd = {
+            name: e if isinstance(e, Node) else Node(**{"name": name, **(e or {})})
+            for name, e in (data.get("etcd") or {}).items()
+        }
+        topo = cls(
+            segments=list(data.get("segments") or []),
+            master=master,
+            hosts=hosts,
+            routers=routers,
+            vms=vms,
+            extra_masters=extra,
+            etcd=etcd,
+        )
         topo.validate()
         return topo
 
@@ -208,13 +219,16 @@ class Topology:
         out["hosts"] = {n: {k: v for k, v in clean(h).items() if k != "name"} for n, h in self.hosts.items()}
         out["routers"] = {n: {k: v for k, v in clean(r).items() if k != "name"} for n, r in self.routers.items()}
         out["vms"] = {
-            n: {"host": v.host, "nics": [{k: x for k, x in dataclasses.asdict(nic).items() if x is not None}
-                                         for nic in v.nics]}
+            n: {
+                "host": v.host,
+                "nics": [{k: x for k, x in dataclasses.asdict(nic).items() if x is not None} for nic in v.nics],
+            }
             for n, v in self.vms.items()
         }
         if self.extra_masters:
-            out["extra_masters"] = {n: {k: v for k, v in clean(m).items() if k != "name"}
-                                    for n, m in self.extra_masters.items()}
+            out["extra_masters"] = {
+                n: {k: v for k, v in clean(m).items() if k != "name"} for n, m in self.extra_masters.items()
+            }
         if self.etcd:
             out["etcd"] = {n: {k: v for k, v in clean(e).items() if k != "name"} for n, e in self.etcd.items()}
         return out
@@ -345,8 +359,9 @@ def host_names(n: int) -> list[str]:
     return names
 
 
-def default_topology(hosts: int = 4, vms: bool = True, hardware_router: bool = True,
-                     masters: int = 1, etcd: int = 0) -> Topology:
+def default_topology(
+    hosts: int = 4, vms: bool = True, hardware_router: bool = True, masters: int = 1, etcd: int = 0
+) -> Topology:
     """``masters`` masters + ``hosts`` hosts (compute1, compute2, net1, net2, compute3...) + router + VMs.
 
     Host ``X`` (last octet 11, 12, 21, 22, then 13, 14, ...) gets mgmt0 192.0.2.X/24,
@@ -372,10 +387,19 @@ def default_topology(hosts: int = 4, vms: bool = True, hardware_router: bool = T
             used.add(octet)
         hs[name] = Host(
             name=name,
-            links={"mgmt0": "mgmt", "eth0": "public", "eth1": "seg-private", "eth2": "seg-trunk",
-                   "eth3": "seg-shared", "eth4": "seg-hw"},
-            addresses={"mgmt0": [f"192.0.2.{octet}/24"], "eth0": [f"203.0.113.{octet}/24"],
-                       "eth2": [f"198.51.100.{octet}/24"]},
+            links={
+                "mgmt0": "mgmt",
+                "eth0": "public",
+                "eth1": "seg-private",
+                "eth2": "seg-trunk",
+                "eth3": "seg-shared",
+                "eth4": "seg-hw",
+            },
+            addresses={
+                "mgmt0": [f"192.0.2.{octet}/24"],
+                "eth0": [f"203.0.113.{octet}/24"],
+                "eth2": [f"198.51.100.{octet}/24"],
+            },
             gateway="203.0.113.1",
         )
     router = Router(name="router", links={"eth0": "public"}, addresses={"eth0": ["203.0.113.1/24"]})
@@ -387,11 +411,22 @@ def default_topology(hosts: int = 4, vms: bool = True, hardware_router: bool = T
         for name, (host, bridge, mac) in DEFAULT_VMS.items():
             if host in hs:
                 vmd[name] = VM(name=name, host=host, nics=[Nic(bridge=bridge, mac=mac)])
-    extra = {f"master{i}": Master(name=f"master{i}", links={"mgmt0": "mgmt"},
-                                  addresses={"mgmt0": [f"192.0.2.{i}/24"]}) for i in range(2, masters + 1)}
-    members = {f"etcd{i}": Node(name=f"etcd{i}", links={"eth0": "mgmt"},
-                                addresses={"eth0": [f"192.0.2.{30 + i}/24"]}) for i in range(1, etcd + 1)}
-    topo = Topology(segments=segments, master=master, hosts=hs, routers={"router": router}, vms=vmd,
-                    extra_masters=extra, etcd=members)
+    extra = {
+        f"master{i}": Master(name=f"master{i}", links={"mgmt0": "mgmt"}, addresses={"mgmt0": [f"192.0.2.{i}/24"]})
+        for i in range(2, masters + 1)
+    }
+    members = {
+        f"etcd{i}": Node(name=f"etcd{i}", links={"eth0": "mgmt"}, addresses={"eth0": [f"192.0.2.{30 + i}/24"]})
+        for i in range(1, etcd + 1)
+    }
+    topo = Topology(
+        segments=segments,
+        master=master,
+        hosts=hs,
+        routers={"router": router},
+        vms=vmd,
+        extra_masters=extra,
+        etcd=members,
+    )
     topo.validate()
     return topo

@@ -16,6 +16,7 @@
 Before the first lab of a session, labs left by killed runs (owner process gone) and
 leftovers without a state file are swept (``hanet_lab down --stale``).
 """
+
 import os
 
 import pytest

@@ -1,5 +1,6 @@
 """Gratuitous ARP and duplicate address detection (``_hanet.arp``) between two real
 namespaces: the peer's ARP cache follows a GARP, and a probe finds who holds an address."""
+
 import os
 import subprocess
 import time
@@ -35,8 +36,7 @@ def test_garp_moves_the_peers_arp_entry(ns_pair):
 
     a, b = ns_pair
     # b believes 10.9.0.50 is at some other MAC
-    sh("ip", "-n", b, "neigh", "replace", "10.9.0.50", "lladdr", "02:00:00:00:00:99", "dev", "eth0",
-       "nud", "stale")
+    sh("ip", "-n", b, "neigh", "replace", "10.9.0.50", "lladdr", "02:00:00:00:00:99", "dev", "eth0", "nud", "stale")
     sh("ip", "-n", a, "addr", "add", "10.9.0.50/32", "dev", "eth0")
     a_mac = sh("ip", "-n", a, "-o", "link", "show", "eth0").split("link/ether ")[1].split()[0]
     time.sleep(1.1)  # the kernel ignores ARP updates within locktime (1 s) of the last change

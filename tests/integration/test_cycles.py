@@ -6,6 +6,7 @@ and the master (``hanet_lab.leaks``: addresses, links, routes, nftables objects,
 processes, files, the minions' and the failover engine's threads and fds) are the
 baseline; after three planned cycles and two power losses of the owner, nothing grew.
 """
+
 import pytest
 
 pytestmark = pytest.mark.lab

@@ -11,6 +11,7 @@ Topology, per test (names unique per run: ``hd<pid><rand>``):
 so dnsmasq and the metadata service inherit it. Every namespace is deleted and every
 process started is killed by the fixtures, also when a test fails.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -73,7 +74,7 @@ class Lab:
     """The namespaces of one test, and the processes started in them."""
 
     def __init__(self, tmp_path):
-        self.prefix = f"hd{os.getpid()}{random.randrange(16 ** 4):04x}"
+        self.prefix = f"hd{os.getpid()}{random.randrange(16**4):04x}"
         self.tmp = tmp_path
         self.host = f"{self.prefix}h"
         self.vms = {}
@@ -96,8 +97,23 @@ class Lab:
         ns = self.ns(name)
         sh("ip", "netns", "add", ns)
         self.vms[name] = ns
-        sh("ip", "link", "add", f"t{name}", "netns", self.host, "type", "veth",
-           "peer", "name", "eth0", "netns", ns, "address", mac)
+        sh(
+            "ip",
+            "link",
+            "add",
+            f"t{name}",
+            "netns",
+            self.host,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns,
+            "address",
+            mac,
+        )
         self.nsx(self.host, "ip", "link", "set", f"t{name}", "master", "br100", "up")
         self.nsx(ns, "ip", "link", "set", "lo", "up")
         self.nsx(ns, "ip", "link", "set", "eth0", "up")
@@ -126,8 +142,27 @@ class Lab:
         script = self.tmp / f"udhcpc-{vm}.sh"
         script.write_text(f'#!/bin/sh\n[ "$1" = bound ] && env > {out}\nexit 0\n')
         script.chmod(0o755)
-        proc = self.nsx(self.vms[vm], "udhcpc", "-i", "eth0", "-n", "-q", "-f", "-t", str(tries),
-                        "-T", "1", "-A", "1", "-O", "mtu", "-s", str(script), check=False, timeout=60)
+        proc = self.nsx(
+            self.vms[vm],
+            "udhcpc",
+            "-i",
+            "eth0",
+            "-n",
+            "-q",
+            "-f",
+            "-t",
+            str(tries),
+            "-T",
+            "1",
+            "-A",
+            "1",
+            "-O",
+            "mtu",
+            "-s",
+            str(script),
+            check=False,
+            timeout=60,
+        )
         if proc.returncode != 0 or not out.exists():
             return None
         return _env(out.read_text())
@@ -143,13 +178,29 @@ class Lab:
         script.write_text(f'#!/bin/sh\ncase "$reason" in BOUND|REBOOT|RENEW|REBIND) env > {out};; esac\nexit 0\n')
         script.chmod(0o755)
         conf = d / "dhclient.conf"
-        conf.write_text(f"timeout {timeout};\nretry 1;\n"
-                        "request subnet-mask, broadcast-address, routers, domain-name, host-name, interface-mtu;\n")
+        conf.write_text(
+            f"timeout {timeout};\nretry 1;\n"
+            "request subnet-mask, broadcast-address, routers, domain-name, host-name, interface-mtu;\n"
+        )
         pidfile = d / "dhclient.pid"
         self.pidfiles.append(pidfile)
-        proc = self.nsx(self.vms[vm], "dhclient", "-1", "-4", "-cf", str(conf), "-sf", str(script),
-                        "-lf", str(d / "dhclient.leases"), "-pf", str(pidfile), "eth0",
-                        check=False, timeout=timeout + 30)
+        proc = self.nsx(
+            self.vms[vm],
+            "dhclient",
+            "-1",
+            "-4",
+            "-cf",
+            str(conf),
+            "-sf",
+            str(script),
+            "-lf",
+            str(d / "dhclient.leases"),
+            "-pf",
+            str(pidfile),
+            "eth0",
+            check=False,
+            timeout=timeout + 30,
+        )
         self.kill_pidfile(pidfile)
         if proc.returncode != 0 or not out.exists():
             return None
@@ -180,9 +231,18 @@ def lab(tmp_path):
 
 
 def spec(hosts=(), **kw):
-    values = dict(network="private", bridge="br100", listen_address=HOST_IP, range_start="192.168.0.2",
-                  netmask="255.255.255.0", lease_time=3600, lease_max=256, domain="novalocal",
-                  router=HOST_IP, hosts=tuple(hosts))
+    values = dict(
+        network="private",
+        bridge="br100",
+        listen_address=HOST_IP,
+        range_start="192.168.0.2",
+        netmask="255.255.255.0",
+        lease_time=3600,
+        lease_max=256,
+        domain="novalocal",
+        router=HOST_IP,
+        hosts=tuple(hosts),
+    )
     values.update(kw)
     return Dnsmasq(**values)
 
@@ -309,7 +369,8 @@ def test_a_client_with_another_servers_lease_is_answered_at_once(lab):
         'lease {\n  interface "eth0";\n  fixed-address %s;\n  option subnet-mask 255.255.255.0;\n'
         "  option dhcp-server-identifier 192.168.0.99;\n  option dhcp-lease-time 3600;\n"
         "  renew 4 2037/01/01 00:00:00;\n  rebind 4 2037/01/01 00:00:00;\n"
-        "  expire 4 2037/01/01 00:00:00;\n}\n" % IP1)
+        "  expire 4 2037/01/01 00:00:00;\n}\n" % IP1
+    )
     got = lab.dhclient("1", timeout=30)
     assert got and got["new_ip_address"] == IP1 and got["reason"] == "REBOOT", got
     log = dnsmasq.files("private", lab.paths)["log"]
@@ -359,8 +420,10 @@ def test_conf_file_router_recipe(lab, tmp_path):
     lab.add_vm("2", MAC2)
     h2 = DhcpHost(mac=MAC2, hostname="web2.novalocal", ip=IP2, default_route=False)
     conf = tmp_path / "nova-dnsmasq.conf"
-    for line in ("dhcp-option=tag:'private',option:router,192.168.0.1",
-                 "dhcp-option=tag:private,option:router,192.168.0.1"):
+    for line in (
+        "dhcp-option=tag:'private',option:router,192.168.0.1",
+        "dhcp-option=tag:private,option:router,192.168.0.1",
+    ):
         conf.write_text(line + "\n")
         converge(lab, [spec([H1, h2], conf_file=str(conf), mtu=1400)])
         got = lab.udhcpc("1")
@@ -384,13 +447,33 @@ def test_two_networks_one_host(lab):
     ns = lab.ns("r")
     sh("ip", "netns", "add", ns)
     lab.vms["r"] = ns
-    sh("ip", "link", "add", "tr", "netns", lab.host, "type", "veth", "peer", "name", "eth0", "netns", ns,
-       "address", MAC2)
+    sh(
+        "ip",
+        "link",
+        "add",
+        "tr",
+        "netns",
+        lab.host,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        ns,
+        "address",
+        MAC2,
+    )
     lab.nsx(lab.host, "ip", "link", "set", "tr", "master", "br101", "up")
     lab.nsx(ns, "ip", "link", "set", "eth0", "up")
-    red = spec([DhcpHost(mac=MAC2, hostname="db1.novalocal", ip="172.16.100.20")], network="red",
-               bridge="br101", listen_address="172.16.100.3", range_start="172.16.100.2",
-               router="172.16.100.1")
+    red = spec(
+        [DhcpHost(mac=MAC2, hostname="db1.novalocal", ip="172.16.100.20")],
+        network="red",
+        bridge="br101",
+        listen_address="172.16.100.3",
+        range_start="172.16.100.2",
+        router="172.16.100.1",
+    )
     assert sorted(c.action for c in converge(lab, [spec([H1]), red])) == ["start", "start"]
     got = lab.udhcpc("r")
     assert got and got["ip"] == "172.16.100.20" and got["router"] == "172.16.100.1"
@@ -402,10 +485,15 @@ def test_two_networks_one_host(lab):
 
 # --------------------------------------------------------------------------- metadata
 
-WEB1 = InstanceRecord(name="web1", uuid="11111111-1111-1111-1111-111111111111", hostname="web1.novalocal",
-                      ips=(IP1,), public_keys=(("k", "ssh-ed25519 AAAA web1"),), user_data="#!/bin/sh\n")
-WEB2 = InstanceRecord(name="web2", uuid="22222222-2222-2222-2222-222222222222", hostname="web2.novalocal",
-                      ips=(IP2,))
+WEB1 = InstanceRecord(
+    name="web1",
+    uuid="11111111-1111-1111-1111-111111111111",
+    hostname="web1.novalocal",
+    ips=(IP1,),
+    public_keys=(("k", "ssh-ed25519 AAAA web1"),),
+    user_data="#!/bin/sh\n",
+)
+WEB2 = InstanceRecord(name="web2", uuid="22222222-2222-2222-2222-222222222222", hostname="web2.novalocal", ips=(IP2,))
 
 
 def curl(lab, vm, url):
@@ -441,8 +529,9 @@ def test_metadata_by_source_ip(lab):
     assert curl(lab, "2", f"{base}/latest/user-data")[0] == 404
 
     # a new record reaches the running service without a restart
-    web3 = InstanceRecord(name="web3", uuid="33333333-3333-3333-3333-333333333333",
-                          hostname="web3.novalocal", ips=(IP3,))
+    web3 = InstanceRecord(
+        name="web3", uuid="33333333-3333-3333-3333-333333333333", hostname="web3.novalocal", ips=(IP3,)
+    )
     with in_netns(lab.host):
         changes = metadata.plan(meta, metadata.current(lab.paths, managed), [WEB1, WEB2, web3])
         assert [c.action for c in changes] == ["records"]

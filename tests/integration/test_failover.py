@@ -15,6 +15,7 @@ standby and never answers for the moved addresses, a broken link on the standby 
 forged event moves nothing, a planned evacuation loses no probe. Timing targets live in
 bench/failover.py, not here.
 """
+
 import base64
 import os
 import re
@@ -49,9 +50,15 @@ def signed(lab, signer, observer, peer, state, detected_at=None, nonce=None):
     """A liveness event's data as ``signer``'s minion would sign it."""
     import salt.crypt
 
-    data = {"peer": peer, "state": state, "observer": observer, "id": observer,
-            "detected_at": time.time() if detected_at is None else detected_at,
-            "nonce": nonce or os.urandom(8).hex(), "targets": []}
+    data = {
+        "peer": peer,
+        "state": state,
+        "observer": observer,
+        "id": observer,
+        "detected_at": time.time() if detected_at is None else detected_at,
+        "nonce": nonce or os.urandom(8).hex(),
+        "targets": [],
+    }
     key = os.path.join(lab.minion_root(signer), "etc", "salt", "pki", "minion", "minion.pem")
     from _hanet import failover
 
@@ -62,9 +69,11 @@ def signed(lab, signer, observer, peer, state, detected_at=None, nonce=None):
 
 def fire_beacon_event(lab, sender, tag, data):
     """Send an event the way a beacon does (the minion's beacon return path)."""
-    got = lab.salt(sender, "event.fire", [{"beacons": [{"tag": tag, "data": data,
-                                                        "beacon_name": "hanet_liveness"}]},
-                                          "__beacons_return"])
+    got = lab.salt(
+        sender,
+        "event.fire",
+        [{"beacons": [{"tag": tag, "data": data, "beacon_name": "hanet_liveness"}]}, "__beacons_return"],
+    )
     assert got.get(sender) is True, got
 
 
@@ -79,8 +88,9 @@ def owner(lab):
 
 
 def powered(lab, host):
-    out = subprocess.run(["ip", "-n", lab.ns(host), "-o", "link", "show", "mgmt0"],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["ip", "-n", lab.ns(host), "-o", "link", "show", "mgmt0"], capture_output=True, text=True
+    ).stdout
     return "state UP" in out
 
 
@@ -167,8 +177,11 @@ def scrape_text(text):
     """Exposition text through Prometheus' own parser: {(sample name, frozenset(labels)): value}."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
 
 
 def scrape(path):
@@ -178,8 +191,9 @@ def scrape(path):
 
 
 def master_metrics(lab):
-    return scrape(os.path.join(lab.master_root, "var", "cache", "salt", "master", "hanet", "metrics",
-                               "hanet_master.prom"))
+    return scrape(
+        os.path.join(lab.master_root, "var", "cache", "salt", "master", "hanet", "metrics", "hanet_master.prom")
+    )
 
 
 def host_metrics(lab, host):
@@ -207,8 +221,11 @@ def test_metrics_after_the_failover(cluster):
     reads them, after the power loss above."""
     lab = cluster
     net = ("network", NET)
-    new = wait_metric(lambda: host_metrics(lab, "net2"),
-                      ("hanet_gateway_held", frozenset({net, ("role", "serving")})), lambda v: v == 1)
+    new = wait_metric(
+        lambda: host_metrics(lab, "net2"),
+        ("hanet_gateway_held", frozenset({net, ("role", "serving")})),
+        lambda v: v == 1,
+    )
     assert new[("hanet_host_info", frozenset({("host", "net2")}))] == 1
     assert new[("hanet_takeovers_total", frozenset({net, ("bound_by", "warm"), ("result", "complete")}))] == 1
     assert new[("hanet_takeover_duration_seconds_count", frozenset({net}))] == 1
@@ -226,8 +243,9 @@ def test_metrics_after_the_failover(cluster):
     assert vmhost[("hanet_peer_up", frozenset({("peer", "net1")}))] == 0
     assert vmhost[("hanet_gateway_held", frozenset({net, ("role", "member")}))] == 0
     # the master: the record, and the one decision it made
-    m = wait_metric(lambda: master_metrics(lab),
-                    ("hanet_gateway_owner", frozenset({net, ("host", "net2")})), lambda v: v == 1)
+    m = wait_metric(
+        lambda: master_metrics(lab), ("hanet_gateway_owner", frozenset({net, ("host", "net2")})), lambda v: v == 1
+    )
     assert m[("hanet_failovers_total", frozenset({net, ("reason", "down")}))] == 1
     assert m[("hanet_gateway_epoch", frozenset({net}))] >= 1
     assert m[("hanet_decision_duration_seconds_count", frozenset())] == 1
@@ -238,9 +256,12 @@ def test_metrics_after_the_failover(cluster):
 
 
 def _arp_capture(lab, node, ifname, path):
-    return subprocess.Popen(["ip", "netns", "exec", lab.ns(node), "tcpdump", "-l", "-n", "-e", "-i",
-                             ifname, "arp"], stdout=open(path, "w"), stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    return subprocess.Popen(
+        ["ip", "netns", "exec", lab.ns(node), "tcpdump", "-l", "-n", "-e", "-i", ifname, "arp"],
+        stdout=open(path, "w"),
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def _answerers(path, address):
@@ -248,8 +269,11 @@ def _answerers(path, address):
     macs = set()
     with open(path) as fh:
         for line in fh:
-            m = re.search(rf"^\S+ (\S+) > \S+,.*(Reply {re.escape(address)} is-at (\S+)|"
-                          rf"Request who-has {re.escape(address)} tell {re.escape(address)},)", line)
+            m = re.search(
+                rf"^\S+ (\S+) > \S+,.*(Reply {re.escape(address)} is-at (\S+)|"
+                rf"Request who-has {re.escape(address)} tell {re.escape(address)},)",
+                line,
+            )
             if m:
                 macs.add(m.group(3).rstrip(",") if m.group(3) else m.group(1))
     return macs
@@ -263,18 +287,25 @@ def test_returning_host_stays_standby_and_never_answers_for_moved_addresses(clus
     net2_pub = lab.mac("net2", "eth0")
     # every ARP on both segments, seen from the switch (a promiscuous bridge sees all frames)
     caps = {"shared": (tmp_path / "shared.txt", GATEWAY), "public": (tmp_path / "public.txt", FLOATING)}
-    procs = [_arp_capture(lab, "switch", seg if seg != "shared" else "seg-shared", str(path))
-             for seg, (path, _) in caps.items()]
-    askers = [lab.popen("app1", ["arping", "-i", "0.05", "-c", "400", "-I", "eth0", GATEWAY]),
-              lab.popen("router", ["arping", "-i", "0.05", "-c", "400", "-I", "eth0", FLOATING])]
+    procs = [
+        _arp_capture(lab, "switch", seg if seg != "shared" else "seg-shared", str(path))
+        for seg, (path, _) in caps.items()
+    ]
+    askers = [
+        lab.popen("app1", ["arping", "-i", "0.05", "-c", "400", "-I", "eth0", GATEWAY]),
+        lab.popen("router", ["arping", "-i", "0.05", "-c", "400", "-I", "eth0", FLOATING]),
+    ]
     try:
         time.sleep(1)
         chaos.power_on(lab, "net1")  # boots; its start-up highstate consults the record
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             st = lab.salt("net1", "hanet.status", timeout=10).get("net1")
-            if isinstance(st, dict) and st.get("networks", {}).get(NET, {}).get("role") == "standby" \
-                    and st["networks"][NET].get("present"):
+            if (
+                isinstance(st, dict)
+                and st.get("networks", {}).get(NET, {}).get("role") == "standby"
+                and st["networks"][NET].get("present")
+            ):
                 break
             time.sleep(1)
         else:
@@ -312,37 +343,64 @@ def test_standby_with_a_broken_link_does_not_steal_the_network(cluster):
     assert wait_owner(lab, "net2")["agree"]
 
 
-KIND = {"wrong-observer": "not_at_stake", "impersonation": "forged", "no-network": "not_at_stake",
-        "unsigned": "forged", "malformed": "malformed", "stale": "stale", "replay": "replayed"}
+KIND = {
+    "wrong-observer": "not_at_stake",
+    "impersonation": "forged",
+    "no-network": "not_at_stake",
+    "unsigned": "forged",
+    "malformed": "malformed",
+    "stale": "stale",
+    "replay": "replayed",
+}
 
 
-@pytest.mark.parametrize("case", ["wrong-observer", "impersonation", "no-network", "unsigned",
-                                  "malformed", "stale", "replay"])
-
+@pytest.mark.parametrize(
+    "case", ["wrong-observer", "impersonation", "no-network", "unsigned", "malformed", "stale", "replay"]
+)
 def test_forged_events_move_nothing(cluster, case):
     lab = cluster
     before = owner(lab)
     assert before["owner"] == "net2"
     tag = "salt/beacon/{}/hanet_liveness/{}/down"
     if case == "wrong-observer":  # compute2 carries no `shared`: not a peer of net2 for it
-        sender, t, data, why = "compute2", tag.format("compute2", "net2"), \
-            signed(lab, "compute2", "compute2", "net2", "down"), "watches no network that net2 holds"
+        sender, t, data, why = (
+            "compute2",
+            tag.format("compute2", "net2"),
+            signed(lab, "compute2", "compute2", "net2", "down"),
+            "watches no network that net2 holds",
+        )
     elif case == "impersonation":  # compute2 claims to be net1, signs with its own key
-        sender, t, data, why = "compute2", tag.format("net1", "net2"), \
-            signed(lab, "compute2", "net1", "net2", "down"), "bad signature"
+        sender, t, data, why = (
+            "compute2",
+            tag.format("net1", "net2"),
+            signed(lab, "compute2", "net1", "net2", "down"),
+            "bad signature",
+        )
     elif case == "no-network":  # net1 reports a host that holds no network
-        sender, t, data, why = "net1", tag.format("net1", "compute1"), \
-            signed(lab, "net1", "net1", "compute1", "down"), "watches no network that compute1 holds"
+        sender, t, data, why = (
+            "net1",
+            tag.format("net1", "compute1"),
+            signed(lab, "net1", "net1", "compute1", "down"),
+            "watches no network that compute1 holds",
+        )
     elif case == "unsigned":
         data = signed(lab, "net1", "net1", "net2", "down")
         del data["sig"]
         sender, t, why = "net1", tag.format("net1", "net2"), "unsigned"
     elif case == "malformed":
-        sender, t, data, why = "net1", tag.format("net1", "net2"), \
-            {"peer": "net2", "state": "down", "observer": "net1"}, "malformed data"
+        sender, t, data, why = (
+            "net1",
+            tag.format("net1", "net2"),
+            {"peer": "net2", "state": "down", "observer": "net1"},
+            "malformed data",
+        )
     elif case == "stale":
-        sender, t, data, why = "net1", tag.format("net1", "net2"), \
-            signed(lab, "net1", "net1", "net2", "down", detected_at=time.time() - 3600), "stale event"
+        sender, t, data, why = (
+            "net1",
+            tag.format("net1", "net2"),
+            signed(lab, "net1", "net1", "net2", "down", detected_at=time.time() - 3600),
+            "stale event",
+        )
     else:  # replay: the same signed event twice; the first is judged (net2 answers), the second refused
         data = signed(lab, "net1", "net1", "net2", "down")
         sender, t, why = "net1", tag.format("net1", "net2"), "replayed event"
@@ -390,7 +448,9 @@ def test_planned_evacuation_loses_at_most_a_probe_and_never_has_two_holders(clus
     assert [(m["network"], m["to"], m["moved"]) for m in res] == [(NET, "net1", True)], res
     for pinger in (vm, up):
         gap, _, lost = pinger.outage()
-        assert lost <= 1 and gap < 0.2, f"{pinger.node} -> {pinger.target}: {lost} probes lost (longest gap {gap:.3f} s)"
+        assert lost <= 1 and gap < 0.2, (
+            f"{pinger.node} -> {pinger.target}: {lost} probes lost (longest gap {gap:.3f} s)"
+        )
         assert len(pinger.replies()) > 100
     assert holders(lab, GATEWAY) == ["net1"] and holders(lab, FLOATING) == ["net1"]
     st = wait_owner(lab, "net1")

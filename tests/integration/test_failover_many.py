@@ -11,6 +11,7 @@ entry left unconfirmed, or an address bound twice when the takeovers run side by
 Each test checks what an operator would: who holds each gateway and floating IP
 (exactly one powered host, once), and the record.
 """
+
 import os
 import subprocess
 import time
@@ -65,8 +66,12 @@ def cluster(lab):
 
 def powered(lab, host):
     """A host without power keeps its kernel state in the lab, with every link down."""
-    return "state UP" in subprocess.run(["ip", "-n", lab.ns(host), "-o", "link", "show", "mgmt0"],
-                                        capture_output=True, text=True).stdout
+    return (
+        "state UP"
+        in subprocess.run(
+            ["ip", "-n", lab.ns(host), "-o", "link", "show", "mgmt0"], capture_output=True, text=True
+        ).stdout
+    )
 
 
 def bound(lab, host):
@@ -129,8 +134,9 @@ def test_the_owner_of_all_eight_dies_and_all_eight_move(cluster):
 
     def moved():
         rec = record(lab)
-        return all(rec.get(label, {}).get("owner") == "net2" and rec[label].get("confirmed") is True
-                   for label in networks())
+        return all(
+            rec.get(label, {}).get("owner") == "net2" and rec[label].get("confirmed") is True for label in networks()
+        )
 
     wait_for("every record entry confirming net2", moved)
     wait_for("net2 alone holding every address", lambda: held_once_by(lab, "net2")[0])
@@ -151,8 +157,10 @@ def test_the_old_owner_comes_back_a_standby_for_all_eight(cluster):
     lab = cluster
     rec = record(lab)
     chaos.power_on_started(lab, "net1")
-    wait_for("net1 back as a standby for every network",
-             lambda: serving(lab, "net1") == {label: False for label in networks()})
+    wait_for(
+        "net1 back as a standby for every network",
+        lambda: serving(lab, "net1") == {label: False for label in networks()},
+    )
     time.sleep(3)  # a reconcile pass or two (every second) with net1 up again
     links = lab.links("net1")
     assert all(networks()[label][2] in links for label in networks()), links
@@ -160,5 +168,6 @@ def test_the_old_owner_comes_back_a_standby_for_all_eight(cluster):
     assert ok, wrong
     assert not set(bound(lab, "net1")) & set(served()), bound(lab, "net1")
     after = record(lab)
-    assert {k: (v["owner"], v["epoch"]) for k, v in after.items() if k in networks()} == \
-        {k: (v["owner"], v["epoch"]) for k, v in rec.items() if k in networks()}
+    assert {k: (v["owner"], v["epoch"]) for k, v in after.items() if k in networks()} == {
+        k: (v["owner"], v["epoch"]) for k, v in rec.items() if k in networks()
+    }

@@ -2,6 +2,7 @@
 `reactor/failover.sls` -> `runner.hanet.liveness` decides, as it did before the engine
 existed, and the standby still takes over. Same lab and power loss as test_failover.py,
 fewer checks (that file covers the rest)."""
+
 import time
 
 import pytest
@@ -41,6 +42,7 @@ def test_power_loss_moves_the_network_through_the_reactor(lab):
     assert (data["from"], data["to"]) == ("net1", "net2")
     assert data["decision"]["via"] == "reactor" and data["decision"]["second_opinion"] == "icmp"
     for pinger in (vm, up):
-        assert [t for t, _ in pinger.replies() if t > data["completed_at"]], \
+        assert [t for t, _ in pinger.replies() if t > data["completed_at"]], (
             f"{pinger.node} -> {pinger.target}: no reply after the failover"
+        )
     assert any(a.split("/")[0] == GATEWAY for a in lab.addresses("net2"))

@@ -9,6 +9,7 @@ path; the master engine's reconcile loop makes the failover happen or finish whe
 piece of it is lost. Each test checks what an operator would: who holds the gateway and
 the floating IP (exactly one host), that traffic flows again, and the record.
 """
+
 import os
 import time
 
@@ -55,8 +56,12 @@ def holders(lab, address):
 
     out = []
     for host in NETWORK_HOSTS:
-        up = "state UP" in subprocess.run(["ip", "-n", lab.ns(host), "-o", "link", "show", "mgmt0"],
-                                          capture_output=True, text=True).stdout
+        up = (
+            "state UP"
+            in subprocess.run(
+                ["ip", "-n", lab.ns(host), "-o", "link", "show", "mgmt0"], capture_output=True, text=True
+            ).stdout
+        )
         if up and any(a.split("/")[0] == address for a in lab.addresses(host)):
             out.append(host)
     return out
@@ -89,8 +94,10 @@ def served_by(lab, host):
         return len(got) == 1 and got[0] in hosts and holders(lab, FLOATING) == got and got[0]
 
     host = wait_for(f"one of {hosts} alone holding {GATEWAY} and {FLOATING}", one_holder)
-    wait_for(f"the record confirming {host}",
-             lambda: record(lab)[NET]["owner"] == host and record(lab)[NET]["confirmed"] is True)
+    wait_for(
+        f"the record confirming {host}",
+        lambda: record(lab)[NET]["owner"] == host and record(lab)[NET]["confirmed"] is True,
+    )
     assert lab.ping("app1", ROUTER, count=3, timeout=5)
     return record(lab)[NET]
 
@@ -108,8 +115,12 @@ def test_a_decision_the_master_saved_but_never_sent_is_sent_again(cluster):
     chaos.power_off(lab, "net1")
     cachedir = os.path.join(lab.master_root, "var", "cache", "salt", "master")
     with failover.Record(cachedir) as rec:
-        failover.record_move(rec.owners, failover.Move(NET, "net1", "net2", before + 1),
-                             time.time() - 10, "test: decided, then the master died")
+        failover.record_move(
+            rec.owners,
+            failover.Move(NET, "net1", "net2", before + 1),
+            time.time() - 10,
+            "test: decided, then the master died",
+        )
         rec.save()
     lab.start_master()
     got = served_by(lab, "net2")
@@ -154,9 +165,10 @@ def test_owner_and_first_standby_die_together_the_third_serves(cluster):
     assert got["epoch"] > before
     for host in ("net1", "net2"):
         chaos.power_on(lab, host)
-    wait_for("both back as standbys", lambda: all(
-        lab.serving(h).get("networks", {}).get(NET) is False
-        for h in ("net1", "net2")))
+    wait_for(
+        "both back as standbys",
+        lambda: all(lab.serving(h).get("networks", {}).get(NET) is False for h in ("net1", "net2")),
+    )
     assert holders(lab, GATEWAY) == ["compute2"] and holders(lab, FLOATING) == ["compute2"]
 
 
@@ -186,8 +198,11 @@ def test_a_partitioned_owner_falls_silent_before_the_standby_binds(cluster):
             time.sleep(0.25)
         # the new owner's beacon sees the loser back (rise probes) and announces again;
         # on a loaded machine that may come after the five seconds above
-        wait_for("the new owner announcing again",
-                 lambda: lab.mac(new, "eth3") in wire.summary()[GATEWAY]["announced_by"], timeout=20)
+        wait_for(
+            "the new owner announcing again",
+            lambda: lab.mac(new, "eth3") in wire.summary()[GATEWAY]["announced_by"],
+            timeout=20,
+        )
     finally:
         wire.stop()
     seen = wire.summary()
@@ -280,8 +295,9 @@ def test_reports_from_clocks_60_s_off_are_refused_loudly_and_the_network_still_m
     before = record(lab)[NET]["epoch"]
     observers = [h for h in lab.topology.hosts if h != owner]
     for host in observers:
-        conf = lab.salt(host, "beacons.list", kwarg={"return_yaml": False, "include_pillar": False},
-                        timeout=10)[host]["hanet_liveness"]
+        conf = lab.salt(host, "beacons.list", kwarg={"return_yaml": False, "include_pillar": False}, timeout=10)[host][
+            "hanet_liveness"
+        ]
         got = lab.salt(host, "beacons.modify", ["hanet_liveness", conf + [{"clock_offset_s": 60}]], timeout=10)
         assert got[host]["result"], got
     time.sleep(2)  # the beacons restart with the hook; their peers are up again

@@ -15,6 +15,7 @@ reach each other's floating IPs (same host and other host), and after an evacuat
 the router's ARP cache shows the new host's MAC at once (gratuitous ARP), and the old
 host keeps no address, rule or conntrack entry for it.
 """
+
 import os
 import re
 import sys
@@ -56,14 +57,29 @@ def make_pillar(web1_host="compute1", web2_floating=()):
     instances["db1"]["floating_ips"] = [{"address": FIP_DB1, "fixed_ip": VM_IP["db1"]}]
     if web2_floating:
         instances["web2"]["floating_ips"] = list(web2_floating)
-    return {"hanet": {
-        "send_arp_for_ha": True,
-        "networks": {"private": {"cidr": "192.168.0.0/24", "bridge": "br100", "bridge_interface": "eth1",
-                                 "multi_host": True, "gateway": "192.168.0.1"}},
-        "hosts": {h: {"public_interface": "eth0", "routing_source_ip": SOURCE_IP[h],
-                      "networks": {"private": {"address": HOST_ADDR[h]}}} for h in HOSTS},
-        "instances": instances,
-    }}
+    return {
+        "hanet": {
+            "send_arp_for_ha": True,
+            "networks": {
+                "private": {
+                    "cidr": "192.168.0.0/24",
+                    "bridge": "br100",
+                    "bridge_interface": "eth1",
+                    "multi_host": True,
+                    "gateway": "192.168.0.1",
+                }
+            },
+            "hosts": {
+                h: {
+                    "public_interface": "eth0",
+                    "routing_source_ip": SOURCE_IP[h],
+                    "networks": {"private": {"address": HOST_ADDR[h]}},
+                }
+                for h in HOSTS
+            },
+            "instances": instances,
+        }
+    }
 
 
 def state_apply(lab, tgt=HOSTS, test=False, highstate=False, timeout=240):
@@ -96,8 +112,7 @@ def router_mac_for(lab, ip):
 def serve(lab, vm):
     """The lab's tiny web server on :80 inside ``vm``."""
     httpd = os.path.join(os.path.dirname(sys.modules["hanet_lab"].__file__), "httpd.py")
-    lab.popen(vm, [sys.executable, httpd, vm, "80", os.path.join(lab.rundir, f"http-{vm}.log")],
-              name=f"httpd-{vm}")
+    lab.popen(vm, [sys.executable, httpd, vm, "80", os.path.join(lab.rundir, f"http-{vm}.log")], name=f"httpd-{vm}")
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +227,10 @@ def test_evacuation_moves_the_floating_ip(lab, applied):
 
     lease = lab.dhcp("web1", client="dhclient")
     assert (lease["address"], lease["router"], lease["server"]) == (
-        VM_IP["web1"], HOST_ADDR["compute2"], HOST_ADDR["compute2"]), lease
+        VM_IP["web1"],
+        HOST_ADDR["compute2"],
+        HOST_ADDR["compute2"],
+    ), lease
     assert get(lab, "router", f"http://{FIP_WEB1}/") == "router web1"
     assert get(lab, "router", f"http://{FIP_WEB1}/whoami") == ROUTER
     assert get(lab, "web1", f"http://{ROUTER}/whoami") == FIP_WEB1

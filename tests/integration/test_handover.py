@@ -14,6 +14,7 @@ Each test checks that two hosts never held the gateway or the floating IP at onc
 the hosts' kernels (sampled) and on the wire (``ArpWatch``: ARP probes on the segments,
 every reply recorded).
 """
+
 import os
 import threading
 import time
@@ -95,10 +96,18 @@ class Holders:
 def served_by(lab, host, since_epoch):
     """``host`` alone holds the gateway and the floating IP, the record says so at a
     later epoch than ``since_epoch`` and confirms it, and app1 reaches the router."""
-    wait_for(f"{host} alone holding {GATEWAY} and {FLOATING}",
-             lambda: holders(lab, GATEWAY) == [host] and holders(lab, FLOATING) == [host])
-    wait_for(f"the record confirming {host}", lambda: record(lab)[NET]["owner"] == host
-             and record(lab)[NET]["epoch"] > since_epoch and record(lab)[NET]["confirmed"] is True)
+    wait_for(
+        f"{host} alone holding {GATEWAY} and {FLOATING}",
+        lambda: holders(lab, GATEWAY) == [host] and holders(lab, FLOATING) == [host],
+    )
+    wait_for(
+        f"the record confirming {host}",
+        lambda: (
+            record(lab)[NET]["owner"] == host
+            and record(lab)[NET]["epoch"] > since_epoch
+            and record(lab)[NET]["confirmed"] is True
+        ),
+    )
     assert lab.ping("app1", ROUTER, count=3, timeout=5)
     assert lab.ping("router", FLOATING, count=3, timeout=5)
     return record(lab)[NET]
@@ -153,8 +162,10 @@ def test_when_the_standby_has_lost_it_too_nothing_moves(cluster):
     with lab.events() as ev:
         chaos.unplug(lab, other, [UPLINK])
         try:
-            wait_for(f"the master knowing {other} lost its uplink", lambda: ev.wait(
-                f"salt/beacon/{other}/hanet_liveness/{other}/impaired", timeout=1))
+            wait_for(
+                f"the master knowing {other} lost its uplink",
+                lambda: ev.wait(f"salt/beacon/{other}/hanet_liveness/{other}/impaired", timeout=1),
+            )
             chaos.unplug(lab, old, [UPLINK])
             rejected = ev.wait(f"hanet/failover/{NET}/rejected", timeout=10)
             assert rejected and f"{old} keeps it" in rejected["data"]["reason"], rejected

@@ -14,6 +14,7 @@ The observers are tcpdump in the victims' namespaces, their ARP caches and DHCP 
 The VMs are plugged before the apply that guards them (no `meta ibrname` in this
 kernel: the guards name the ports present at apply time).
 """
+
 import contextlib
 import json
 import os
@@ -53,8 +54,9 @@ def hostile(lab):
 
     p = lab_pillar(lab.topology)
     p["hanet"]["instances"]["evil"] = {  # evil's port named in the pillar; the others' by MAC
-        "host": "compute1", "nics": [{"network": "private", "mac": EVIL_MAC, "ip": EVIL_IP,
-                                      "port": "tap-evil"}]}
+        "host": "compute1",
+        "nics": [{"network": "private", "mac": EVIL_MAC, "ip": EVIL_IP, "port": "tap-evil"}],
+    }
     lab.set_pillar(p)
     state_apply(lab)
     for vm in ("web1", "db1", "evil"):
@@ -132,34 +134,42 @@ def scapy(lab, vm, code):
 
 
 def udp(src_mac, dst_mac, src_ip, dst_ip, marker):
-    return (f"tx(Ether(src='{src_mac}', dst='{dst_mac}')/IP(src='{src_ip}', dst='{dst_ip}')"
-            f"/UDP(sport=4000, dport=9999)/'{marker}')\n")
+    return (
+        f"tx(Ether(src='{src_mac}', dst='{dst_mac}')/IP(src='{src_ip}', dst='{dst_ip}')"
+        f"/UDP(sport=4000, dport=9999)/'{marker}')\n"
+    )
 
 
 # --------------------------------------------------------------------------- forged traffic
 
+
 def forged_traffic(lab, gw_mac):
     """evil's packets (legitimate ones and forgeries) to web1, db1 and the router, while
     web1, db1, the router, compute1's own stack (br100) and evil's tap are watched."""
-    code = "".join([
-        udp(EVIL_MAC, WEB1_MAC, EVIL_IP, WEB1_IP, "LEGIT-TO-WEB1"),
-        udp(EVIL_MAC, DB1_MAC, EVIL_IP, DB1_IP, "LEGIT-TO-DB1"),
-        udp(EVIL_MAC, gw_mac, EVIL_IP, ROUTER, "LEGIT-TO-ROUTER"),
-        udp(EVIL_MAC, WEB1_MAC, DB1_IP, WEB1_IP, "FORGED-IP-TO-WEB1"),  # another tenant's IP
-        udp(EVIL_MAC, DB1_MAC, "192.168.0.77", DB1_IP, "FORGED-IP-TO-DB1"),  # a free IP
-        udp(EVIL_MAC, gw_mac, WEB1_IP, ROUTER, "FORGED-IP-TO-ROUTER"),
-        udp(EVIL_MAC, gw_mac, "198.18.0.1", ROUTER, "FOREIGN-IP-TO-ROUTER"),  # outside the range
-        udp(EVIL_MAC, gw_mac, EVIL_IP, GW1, "FORGED-NOTHING-TO-HOST"),
-        udp(EVIL_MAC, gw_mac, WEB1_IP, GW1, "FORGED-IP-TO-HOST"),
-        udp(FORGED_MAC, WEB1_MAC, EVIL_IP, WEB1_IP, "FORGED-MAC-TO-WEB1"),
-        udp(FORGED_MAC, DB1_MAC, EVIL_IP, DB1_IP, "FORGED-MAC-TO-DB1"),
-        udp(FORGED_MAC, gw_mac, EVIL_IP, ROUTER, "FORGED-MAC-TO-ROUTER"),
-    ])
-    with sniffing(lab, web1=("web1", "eth0", "udp port 9999"),
-                  db1=("db1", "eth0", "udp port 9999"),
-                  router=("router", "eth0", "udp port 9999"),
-                  host=("compute1", "br100", "udp port 9999"),
-                  tap=("compute1", "tap-evil", "udp port 9999")) as s:
+    code = "".join(
+        [
+            udp(EVIL_MAC, WEB1_MAC, EVIL_IP, WEB1_IP, "LEGIT-TO-WEB1"),
+            udp(EVIL_MAC, DB1_MAC, EVIL_IP, DB1_IP, "LEGIT-TO-DB1"),
+            udp(EVIL_MAC, gw_mac, EVIL_IP, ROUTER, "LEGIT-TO-ROUTER"),
+            udp(EVIL_MAC, WEB1_MAC, DB1_IP, WEB1_IP, "FORGED-IP-TO-WEB1"),  # another tenant's IP
+            udp(EVIL_MAC, DB1_MAC, "192.168.0.77", DB1_IP, "FORGED-IP-TO-DB1"),  # a free IP
+            udp(EVIL_MAC, gw_mac, WEB1_IP, ROUTER, "FORGED-IP-TO-ROUTER"),
+            udp(EVIL_MAC, gw_mac, "198.18.0.1", ROUTER, "FOREIGN-IP-TO-ROUTER"),  # outside the range
+            udp(EVIL_MAC, gw_mac, EVIL_IP, GW1, "FORGED-NOTHING-TO-HOST"),
+            udp(EVIL_MAC, gw_mac, WEB1_IP, GW1, "FORGED-IP-TO-HOST"),
+            udp(FORGED_MAC, WEB1_MAC, EVIL_IP, WEB1_IP, "FORGED-MAC-TO-WEB1"),
+            udp(FORGED_MAC, DB1_MAC, EVIL_IP, DB1_IP, "FORGED-MAC-TO-DB1"),
+            udp(FORGED_MAC, gw_mac, EVIL_IP, ROUTER, "FORGED-MAC-TO-ROUTER"),
+        ]
+    )
+    with sniffing(
+        lab,
+        web1=("web1", "eth0", "udp port 9999"),
+        db1=("db1", "eth0", "udp port 9999"),
+        router=("router", "eth0", "udp port 9999"),
+        host=("compute1", "br100", "udp port 9999"),
+        tap=("compute1", "tap-evil", "udp port 9999"),
+    ) as s:
         scapy(lab, "evil", code)
     return s.text
 
@@ -217,11 +227,15 @@ def test_forged_source_ip_and_mac_reach_nobody(lab, guarded):
 
 def impersonation(lab, gw_mac):
     """evil sends with web1's MAC *and* IP (both valid, both web1's) to db1 and upstream."""
-    code = (udp(WEB1_MAC, DB1_MAC, WEB1_IP, DB1_IP, "IMPERSONATED-TO-DB1")
-            + udp(WEB1_MAC, gw_mac, WEB1_IP, ROUTER, "IMPERSONATED-TO-ROUTER"))
-    with sniffing(lab, db1=("db1", "eth0", "udp port 9999"),
-                  router=("router", "eth0", "udp port 9999"),
-                  tap=("compute1", "tap-evil", "udp port 9999")) as s:
+    code = udp(WEB1_MAC, DB1_MAC, WEB1_IP, DB1_IP, "IMPERSONATED-TO-DB1") + udp(
+        WEB1_MAC, gw_mac, WEB1_IP, ROUTER, "IMPERSONATED-TO-ROUTER"
+    )
+    with sniffing(
+        lab,
+        db1=("db1", "eth0", "udp port 9999"),
+        router=("router", "eth0", "udp port 9999"),
+        tap=("compute1", "tap-evil", "udp port 9999"),
+    ) as s:
         scapy(lab, "evil", code)
     return s.text
 
@@ -259,13 +273,16 @@ def rogue_dhcp_server(lab):
     os.makedirs(d, exist_ok=True)
     conf = os.path.join(d, "udhcpd.conf")
     with open(conf, "w") as f:
-        f.write(f"start 192.168.0.200\nend 192.168.0.210\ninterface eth0\n"
-                f"lease_file {d}/udhcpd.leases\npidfile {d}/udhcpd.pid\n"
-                f"option subnet 255.255.255.0\noption router {EVIL_IP}\noption dns {EVIL_IP}\n"
-                "option lease 600\n")
+        f.write(
+            f"start 192.168.0.200\nend 192.168.0.210\ninterface eth0\n"
+            f"lease_file {d}/udhcpd.leases\npidfile {d}/udhcpd.pid\n"
+            f"option subnet 255.255.255.0\noption router {EVIL_IP}\noption dns {EVIL_IP}\n"
+            "option lease 600\n"
+        )
     open(os.path.join(d, "udhcpd.leases"), "w").close()
-    p = lab.popen("evil", ["busybox", "udhcpd", "-f", "-a", "10", conf], stdout=subprocess.DEVNULL,
-                  stderr=subprocess.DEVNULL)
+    p = lab.popen(
+        "evil", ["busybox", "udhcpd", "-f", "-a", "10", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     time.sleep(0.5)
     try:
         assert p.poll() is None, "udhcpd did not start"
@@ -287,9 +304,12 @@ def test_rogue_dhcp_server_reaches_nobody(lab, guarded):
         for client in ("udhcpc", "dhclient"):
             forget_lease(lab, "web1")
             forget_lease(lab, "db1")
-            with sniffing(lab, web1=("web1", "eth0", "udp port 67 or udp port 68", True),
-                          db1=("db1", "eth0", "udp port 67 or udp port 68", True),
-                          tap=("compute1", "tap-evil", "udp port 67 or udp port 68", True)) as s:
+            with sniffing(
+                lab,
+                web1=("web1", "eth0", "udp port 67 or udp port 68", True),
+                db1=("db1", "eth0", "udp port 67 or udp port 68", True),
+                tap=("compute1", "tap-evil", "udp port 67 or udp port 68", True),
+            ) as s:
                 web1 = lab.dhcp("web1", client)
                 db1 = lab.dhcp("db1", client)
             # the rogue server did answer (its offers left evil) ...
@@ -308,13 +328,19 @@ def test_rogue_dhcp_server_reaches_nobody(lab, guarded):
 
 def test_forged_dhcp_offer_in_the_hosts_name_is_dropped(lab, guarded):
     """scapy offers from evil posing as compute1 (its IP as source and server id)."""
-    offer = (f"tx(Ether(src='{EVIL_MAC}', dst='ff:ff:ff:ff:ff:ff')/IP(src='{GW1}', dst='255.255.255.255')"
-             f"/UDP(sport=67, dport=68)/BOOTP(op=2, yiaddr='192.168.0.201', siaddr='{GW1}', "
-             f"chaddr=bytes.fromhex('{WEB1_MAC.replace(':', '')}'))"
-             f"/DHCP(options=[('message-type', 'offer'), ('server_id', '{GW1}'), "
-             f"('router', '{EVIL_IP}'), 'end']))\n")
-    with sniffing(lab, web1=("web1", "eth0", "udp port 68"), db1=("db1", "eth0", "udp port 68"),
-                  tap=("compute1", "tap-evil", "udp port 68")) as s:
+    offer = (
+        f"tx(Ether(src='{EVIL_MAC}', dst='ff:ff:ff:ff:ff:ff')/IP(src='{GW1}', dst='255.255.255.255')"
+        f"/UDP(sport=67, dport=68)/BOOTP(op=2, yiaddr='192.168.0.201', siaddr='{GW1}', "
+        f"chaddr=bytes.fromhex('{WEB1_MAC.replace(':', '')}'))"
+        f"/DHCP(options=[('message-type', 'offer'), ('server_id', '{GW1}'), "
+        f"('router', '{EVIL_IP}'), 'end']))\n"
+    )
+    with sniffing(
+        lab,
+        web1=("web1", "eth0", "udp port 68"),
+        db1=("db1", "eth0", "udp port 68"),
+        tap=("compute1", "tap-evil", "udp port 68"),
+    ) as s:
         scapy(lab, "evil", offer * 3)
     assert "192.168.0.201" in s.text["tap"] or "BOOTP/DHCP, Reply" in s.text["tap"]
     assert s.text["web1"].strip() == "" and s.text["db1"].strip() == ""
@@ -327,10 +353,12 @@ def test_forged_dhcp_offer_in_the_hosts_name_is_dropped(lab, guarded):
 
 def garp_code(ip, mac=EVIL_MAC):
     """Gratuitous ARP (reply and request forms) claiming ``ip`` for ``mac``, broadcast."""
-    return (f"tx(Ether(src='{mac}', dst='ff:ff:ff:ff:ff:ff')/ARP(op=2, hwsrc='{mac}', psrc='{ip}', "
-            f"hwdst='ff:ff:ff:ff:ff:ff', pdst='{ip}'))\n"
-            f"tx(Ether(src='{mac}', dst='ff:ff:ff:ff:ff:ff')/ARP(op=1, hwsrc='{mac}', psrc='{ip}', "
-            f"hwdst='00:00:00:00:00:00', pdst='{ip}'))\n")
+    return (
+        f"tx(Ether(src='{mac}', dst='ff:ff:ff:ff:ff:ff')/ARP(op=2, hwsrc='{mac}', psrc='{ip}', "
+        f"hwdst='ff:ff:ff:ff:ff:ff', pdst='{ip}'))\n"
+        f"tx(Ether(src='{mac}', dst='ff:ff:ff:ff:ff:ff')/ARP(op=1, hwsrc='{mac}', psrc='{ip}', "
+        f"hwdst='00:00:00:00:00:00', pdst='{ip}'))\n"
+    )
 
 
 def test_gratuitous_arp_for_the_gateway_changes_no_arp_cache(lab, guarded):
@@ -342,14 +370,18 @@ def test_gratuitous_arp_for_the_gateway_changes_no_arp_cache(lab, guarded):
     db1_gw = lab.arp_cache("db1")[GW2]["mac"]
     assert lab.arp_cache("web1")[GW1]["mac"] == gw_mac
     assert lab.arp_cache("compute1")[WEB1_IP]["mac"] == WEB1_MAC
-    unicast = (f"tx(Ether(src='{EVIL_MAC}', dst='{WEB1_MAC}')/ARP(op=2, hwsrc='{EVIL_MAC}', "
-               f"psrc='{GW1}', hwdst='{WEB1_MAC}', pdst='{WEB1_IP}'))\n")
-    with sniffing(lab, web1=("web1", "eth0", "arp"), db1=("db1", "eth0", "arp"),
-                  tap=("compute1", "tap-evil", "arp")) as s:
+    unicast = (
+        f"tx(Ether(src='{EVIL_MAC}', dst='{WEB1_MAC}')/ARP(op=2, hwsrc='{EVIL_MAC}', "
+        f"psrc='{GW1}', hwdst='{WEB1_MAC}', pdst='{WEB1_IP}'))\n"
+    )
+    with sniffing(
+        lab, web1=("web1", "eth0", "arp"), db1=("db1", "eth0", "arp"), tap=("compute1", "tap-evil", "arp")
+    ) as s:
         for _ in range(3):  # as often as the control needs at most
             time.sleep(1.1)  # past the neighbour locktime: an unguarded update would be taken
-            scapy(lab, "evil", garp_code(GW1) + garp_code(GW2) + garp_code(WEB1_IP) + unicast
-                  + garp_code(GW1, FORGED_MAC))
+            scapy(
+                lab, "evil", garp_code(GW1) + garp_code(GW2) + garp_code(WEB1_IP) + unicast + garp_code(GW1, FORGED_MAC)
+            )
     time.sleep(0.3)
     assert f"{GW1} is-at {EVIL_MAC}" in s.text["tap"]  # sent
     for vm in ("web1", "db1"):

@@ -8,6 +8,7 @@
 Both must serve their VMs the same. A synced copy shadows an installed one (Salt looks
 in extmods first): the last test shows it, as docs/install.md says.
 """
+
 import os
 import shutil
 import subprocess
@@ -25,8 +26,13 @@ PIP_HOST, SYNCED_HOST = "compute2", "compute1"
 
 def _copy_checkout(dest):
     """The files a clone has (the build writes build/ and *.egg-info into its source)."""
-    shutil.copytree(CHECKOUT, dest, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "__pycache__", "build", "*.egg-info", ".pytest_cache", ".hypothesis", "out"))
+    shutil.copytree(
+        CHECKOUT,
+        dest,
+        ignore=shutil.ignore_patterns(
+            ".venv", ".git", "__pycache__", "build", "*.egg-info", ".pytest_cache", ".hypothesis", "out"
+        ),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +43,22 @@ def site():
     with tempfile.TemporaryDirectory(prefix="hanet-pip-") as tmp:
         src, target = os.path.join(tmp, "src"), os.path.join(tmp, "site")
         _copy_checkout(src)
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                        "--no-deps", "--target", target, src], check=True, timeout=300)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--target",
+                target,
+                src,
+            ],
+            check=True,
+            timeout=300,
+        )
         yield target
 
 
@@ -73,8 +93,14 @@ def test_the_entry_point_hands_salt_every_kind_of_module(site):
 
     env = dict(os.environ, PYTHONPATH=site)
     # not from the checkout: its saltext_hanet/ (the bare package) would be found first
-    got = subprocess.run([sys.executable, "-c", LOADER_CHECK], env=env, capture_output=True, text=True,
-                         timeout=300, cwd=os.path.dirname(site))
+    got = subprocess.run(
+        [sys.executable, "-c", LOADER_CHECK],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.path.dirname(site),
+    )
     assert got.returncode == 0, got.stderr[-3000:]
     out = json.loads(got.stdout.strip().splitlines()[-1])
     for ext in ("modules", "states", "beacons", "runners", "engines", "pillar"):
@@ -130,8 +156,7 @@ def test_both_ways_serve_their_vms(mixed):
     assert not os.path.exists(os.path.join(extmods, "modules", "hanet.py"))
     # the second apply has nothing to do on either
     again = lab.salt("*", "state.apply", ["hanet"], timeout=240)
-    assert {h: [k for k, v in r.items() if v["changes"]] for h, r in again.items()} == \
-        {PIP_HOST: [], SYNCED_HOST: []}
+    assert {h: [k for k, v in r.items() if v["changes"]] for h, r in again.items()} == {PIP_HOST: [], SYNCED_HOST: []}
 
 
 def test_a_synced_copy_shadows_the_installed_one(mixed):

@@ -1,5 +1,6 @@
 """The namespace lab itself: real salt-master and minions in namespaces, the router,
 VMs, and the cleanup guarantee (normal exit, exception, SIGTERM, SIGINT, SIGKILL + sweep)."""
+
 import json
 import os
 import signal
@@ -27,8 +28,9 @@ def lab_topology():
 
 
 def lab_cli(*args, timeout=180, check=True):
-    cp = subprocess.run([sys.executable, "-m", "hanet_lab", *args], capture_output=True, text=True,
-                        timeout=timeout, env=ENV, cwd=ROOT)
+    cp = subprocess.run(
+        [sys.executable, "-m", "hanet_lab", *args], capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT
+    )
     if check and cp.returncode != 0:
         raise AssertionError(f"hanet_lab {' '.join(args)} -> {cp.returncode}\n{cp.stdout}\n{cp.stderr}")
     return cp
@@ -115,8 +117,11 @@ def test_an_attached_handle_does_not_take_the_lab_over(lab):
     assert other.salt("compute1", "test.ping") == {"compute1": True}
     other.unplug_vm("db1")  # writes the state file
     after = state.read_state(lab.prefix)
-    assert (after["owner_pid"], after["owner_start"]) == (before["owner_pid"], before["owner_start"]) == (
-        os.getpid(), nslib.pid_start_time(os.getpid()))
+    assert (
+        (after["owner_pid"], after["owner_start"])
+        == (before["owner_pid"], before["owner_start"])
+        == (os.getpid(), nslib.pid_start_time(os.getpid()))
+    )
 
 
 # --- the router -------------------------------------------------------------------------------
@@ -157,12 +162,28 @@ def test_vm_plugged_into_a_host_bridge_pings_the_host_and_gets_dhcp(lab):
 
     # a real dnsmasq on the bridge, then both DHCP clients
     leases = os.path.join(lab.rundir, "test-dnsmasq.leases")
-    lab.popen(host, ["dnsmasq", "--keep-in-foreground", "--port=0", "--conf-file=/dev/null", "--pid-file",
-                     "--interface=br100", "--bind-interfaces", "--except-interface=lo",
-                     f"--dhcp-leasefile={leases}", "--dhcp-range=192.168.0.10,192.168.0.20,255.255.255.0,120",
-                     "--dhcp-host=fa:16:3e:00:00:01,192.168.0.12", "--dhcp-option=option:router,192.168.0.3",
-                     "--dhcp-option=option:mtu,1400", "--domain=novalocal"],
-              name="test-dnsmasq", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lab.popen(
+        host,
+        [
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--port=0",
+            "--conf-file=/dev/null",
+            "--pid-file",
+            "--interface=br100",
+            "--bind-interfaces",
+            "--except-interface=lo",
+            f"--dhcp-leasefile={leases}",
+            "--dhcp-range=192.168.0.10,192.168.0.20,255.255.255.0,120",
+            "--dhcp-host=fa:16:3e:00:00:01,192.168.0.12",
+            "--dhcp-option=option:router,192.168.0.3",
+            "--dhcp-option=option:mtu,1400",
+            "--domain=novalocal",
+        ],
+        name="test-dnsmasq",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(0.3)
     for client in ("dhclient", "udhcpc"):
         got = lab.dhcp(vm, client=client)
@@ -194,8 +215,18 @@ def test_cli_up_then_down_leaves_nothing():
         status = lab_cli("status").stdout
         assert prefix in status and "salt-minion" in status
         # something the lab did not start itself: a daemonizing dnsmasq, and a detached sleep
-        lab_cli("exec", "--prefix", prefix, "compute1", "--", "dnsmasq", "--port=0", "--conf-file=/dev/null",
-                "--pid-file", "--user=root")
+        lab_cli(
+            "exec",
+            "--prefix",
+            prefix,
+            "compute1",
+            "--",
+            "dnsmasq",
+            "--port=0",
+            "--conf-file=/dev/null",
+            "--pid-file",
+            "--user=root",
+        )
         lab_cli("exec", "--prefix", prefix, "compute1", "--", "sh", "-c", "setsid sleep 4321 >/dev/null 2>&1 &")
         assert lab_cli("exec", "--prefix", prefix, "compute1", "--", "ip", "-br", "link").stdout.count("mgmt0") == 1
         assert lab_cli("salt", "--prefix", prefix, "compute1", "test.ping").stdout.strip() == "compute1: true"
@@ -241,8 +272,14 @@ with lab:
 
 
 def start_crash(mode):
-    p = subprocess.Popen([sys.executable, "-c", CRASH, mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=ENV, cwd=ROOT)
+    p = subprocess.Popen(
+        [sys.executable, "-c", CRASH, mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+    )
     prefix = json.loads(p.stdout.readline())["prefix"]
     line = p.stdout.readline()  # after up: the processes in the lab's namespaces
     info = json.loads(line) if line.strip() else None

@@ -1,4 +1,5 @@
 """The lab's topology description (pure: no root, no namespaces)."""
+
 import pytest
 
 from hanet_lab import Topology, TopologyError, default_topology
@@ -24,12 +25,23 @@ def test_default_topology_matches_the_contract_addresses():
     assert list(t.hosts) == ["compute1", "compute2", "net1", "net2"]
     assert t.master.addresses == {"mgmt0": ["192.0.2.1/24"]}
     assert [h.first_address("eth0") for h in t.hosts.values()] == [
-        "203.0.113.11", "203.0.113.12", "203.0.113.21", "203.0.113.22"]
+        "203.0.113.11",
+        "203.0.113.12",
+        "203.0.113.21",
+        "203.0.113.22",
+    ]
     assert [h.first_address("mgmt0") for h in t.hosts.values()] == [
-        "192.0.2.11", "192.0.2.12", "192.0.2.21", "192.0.2.22"]
+        "192.0.2.11",
+        "192.0.2.12",
+        "192.0.2.21",
+        "192.0.2.22",
+    ]
     assert t.router.addresses["eth0"] == ["203.0.113.1/24"]
     assert {v.name: (v.host, v.bridge, v.mac) for v in t.vms.values()}["web1"] == (
-        "compute1", "br100", "fa:16:3e:00:00:01")
+        "compute1",
+        "br100",
+        "fa:16:3e:00:00:01",
+    )
 
 
 def test_more_hosts_get_fresh_addresses_and_fewer_hosts_drop_their_vms():
@@ -51,15 +63,22 @@ def test_yaml_round_trip():
     assert Topology.from_yaml(d.to_yaml()).to_dict() == d.to_dict()
 
 
-@pytest.mark.parametrize("change, problem", [
-    (lambda d: d["hosts"]["compute1"]["links"].update(eth9="nowhere"), "unknown segment"),
-    (lambda d: d["hosts"]["compute1"]["addresses"].update(eth0="203.0.113.11"), "bad address"),
-    (lambda d: d["vms"]["web1"].update(host="compute9"), "unknown host"),
-    (lambda d: d["vms"]["web1"].update(mac="fa:16:3e:00:00:02"), "also used by"),
-    (lambda d: d["vms"].update(averyveryverylongname={"host": "compute1", "bridge": "br1",
-                                                      "mac": "fa:16:3e:00:00:09"}), "too long"),
-    (lambda d: d["segments"].append("a-segment-name-too-long"), "<= 15"),
-])
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (lambda d: d["hosts"]["compute1"]["links"].update(eth9="nowhere"), "unknown segment"),
+        (lambda d: d["hosts"]["compute1"]["addresses"].update(eth0="203.0.113.11"), "bad address"),
+        (lambda d: d["vms"]["web1"].update(host="compute9"), "unknown host"),
+        (lambda d: d["vms"]["web1"].update(mac="fa:16:3e:00:00:02"), "also used by"),
+        (
+            lambda d: d["vms"].update(
+                averyveryverylongname={"host": "compute1", "bridge": "br1", "mac": "fa:16:3e:00:00:09"}
+            ),
+            "too long",
+        ),
+        (lambda d: d["segments"].append("a-segment-name-too-long"), "<= 15"),
+    ],
+)
 def test_invalid_topologies_are_refused(change, problem):
     import yaml
 

@@ -6,6 +6,7 @@ links and addresses, hanet's processes and hanet's files under the minion's root
     compute1 br100 192.168.0.3, br300 172.16.100.3    web1 192.168.0.10, web2 192.168.0.12
     compute2 br100 192.168.0.4, br300 172.16.100.4    db1 192.168.0.11, hw1 172.16.100.10
 """
+
 import copy
 import hashlib
 import os
@@ -16,8 +17,7 @@ import pytest
 pytestmark = pytest.mark.lab
 
 HOSTS = ("compute1", "compute2")
-WEB2 = {"host": "compute1", "nics": [{"network": "private", "mac": "fa:16:3e:00:00:03",
-                                      "ip": "192.168.0.12"}]}
+WEB2 = {"host": "compute1", "nics": [{"network": "private", "mac": "fa:16:3e:00:00:03", "ip": "192.168.0.12"}]}
 RULESET_STATE = "hanet_|-hanet-ruleset_|-hanet-ruleset_|-ruleset"
 DNSMASQ_STATE = "hanet_|-hanet-dnsmasq_|-hanet-dnsmasq_|-dnsmasq"
 VALIDATED_STATE = "hanet_|-hanet-pillar_|-hanet-pillar_|-validated"
@@ -36,8 +36,7 @@ def lab_topology():
 
 def state_apply(lab, tgt="*", test=False, ok=True, timeout=240):
     """`state.apply hanet` ({minion: {state id: ret}}); with ``ok`` no state may fail."""
-    res = lab.salt(tgt, "state.apply", ["hanet"], kwarg={"test": True} if test else None,
-                   timeout=timeout)
+    res = lab.salt(tgt, "state.apply", ["hanet"], kwarg={"test": True} if test else None, timeout=timeout)
     want = set(lab.topology.hosts) if tgt == "*" else {tgt} if isinstance(tgt, str) else set(tgt)
     assert set(res) == want, f"no answer from {want - set(res)}"
     for minion, ret in res.items():
@@ -55,9 +54,10 @@ def changes(res):
 
 def dnsmasq_files(lab, host, label):
     root = lab.minion_root(host)
-    return {k: os.path.join(root, "var/lib/hanet/dnsmasq", f"{label}.{k}")
-            for k in ("hosts", "leases", "log", "json", "opts")} | {
-        "pid": os.path.join(root, "run/hanet", f"dnsmasq-{label}.pid")}
+    return {
+        k: os.path.join(root, "var/lib/hanet/dnsmasq", f"{label}.{k}")
+        for k in ("hosts", "leases", "log", "json", "opts")
+    } | {"pid": os.path.join(root, "run/hanet", f"dnsmasq-{label}.pid")}
 
 
 def read(path):
@@ -79,8 +79,9 @@ def start_time(pid):
 
 def hanet_processes(lab, host):
     """hanet's daemons in the host (dnsmasq, the metadata service): sorted (pid, cmdline)."""
-    return sorted((pid, cl) for pid, cl in lab.processes(host)[host]
-                  if cl.startswith("dnsmasq") or "_hanet.metadata" in cl)
+    return sorted(
+        (pid, cl) for pid, cl in lab.processes(host)[host] if cl.startswith("dnsmasq") or "_hanet.metadata" in cl
+    )
 
 
 def hanet_files(lab, host):
@@ -291,8 +292,9 @@ def test_removing_an_instance_releases_its_lease_and_guard(lab, base):
     assert "fa:16:3e:00:00:01 192.168.0.10" in read(files["leases"])  # web1's stays
     nft = lab.exec("compute1", "nft list ruleset").stdout
     assert "fa:16:3e:00:00:03" not in nft and "192.168.0.12" not in nft
-    md = lab.exec("compute1", "cat " + os.path.join(lab.minion_root("compute1"),
-                                                   "var/lib/hanet/metadata/records.json")).stdout
+    md = lab.exec(
+        "compute1", "cat " + os.path.join(lab.minion_root("compute1"), "var/lib/hanet/metadata/records.json")
+    ).stdout
     assert "web2" not in md
     # web2 is cut off: no lease any more, and its old address no longer passes the guard
     assert not lab.ping("web2", "192.168.0.3", count=2)
@@ -319,9 +321,13 @@ def test_invalid_pillar_fails_with_every_problem_and_changes_nothing(lab, base):
         assert ret[VALIDATED_STATE]["result"] is False
         comment = ret[VALIDATED_STATE]["comment"]
         assert comment.startswith("hanet pillar has 5 problem(s); nothing was changed:"), comment
-        for path in ("hanet:instances:web1:nics:0:ip", "hanet:instances:web1:nics:0:mac",
-                     "hanet:instances:hw1:host", "hanet:instances:web1:nics:1:network",
-                     "hanet:networks:hw:gateway"):
+        for path in (
+            "hanet:instances:web1:nics:0:ip",
+            "hanet:instances:web1:nics:0:mac",
+            "hanet:instances:hw1:host",
+            "hanet:instances:web1:nics:1:network",
+            "hanet:networks:hw:gateway",
+        ):
             assert path in comment, (path, comment)
         assert "10.9.9.9" in comment and "compute9" in comment and "nosuch" in comment
         # every other hanet state refused to act, and none reports a change

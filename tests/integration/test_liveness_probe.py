@@ -1,5 +1,6 @@
 """The ARP prober against a real peer namespace: down after `misses` silent periods,
 up only after `rise` answered ones, a transition reported once."""
+
 import os
 import subprocess
 import threading
@@ -148,8 +149,11 @@ def test_a_reply_from_another_mac_does_not_keep_the_peer_alive(ns_pair):
         assert events[1] == ("b", DOWN)
         time.sleep(0.5)
         assert len(events) == 2, "the other MAC never brings it back"
-        out = subprocess.run(["ip", "netns", "exec", a, "arping", "-c", "1", "-w", "2", "-I", "eth0",
-                              "10.9.0.2"], capture_output=True, text=True).stdout
+        out = subprocess.run(
+            ["ip", "netns", "exec", a, "arping", "-c", "1", "-w", "2", "-I", "eth0", "10.9.0.2"],
+            capture_output=True,
+            text=True,
+        ).stdout
         assert "02:00:00:00:99:99" in out.lower(), "the address itself still answers (from the new MAC)"
     finally:
         prober.stop()
@@ -171,8 +175,13 @@ def test_an_isolated_owner_fences_itself_and_only_then(ns_pair, reachable):
     netns.pushns(a)
     try:
         prober = Prober({"b": [("eth0", "10.9.0.2")]}, lambda *x: None, probe).start()
-        fence = Fence(prober, probe, ["127.0.0.1" if reachable else "10.9.0.2"],
-                      lambda: fenced.append(time.monotonic()), route=False).start()
+        fence = Fence(
+            prober,
+            probe,
+            ["127.0.0.1" if reachable else "10.9.0.2"],
+            lambda: fenced.append(time.monotonic()),
+            route=False,
+        ).start()
     finally:
         netns.popns()
     try:

@@ -12,6 +12,7 @@ Every VM runs dhclient and udhcpc for real, and checks what a user would check: 
 address, router, DHCP server, its egress address as the upstream router sees it, and
 its own metadata.
 """
+
 import contextlib
 import json
 import os
@@ -186,8 +187,7 @@ def test_metadata_is_the_vms_own(lab, pillar, vm):
     others = set(UUIDS) - {vm}
     for other in others:
         assert other not in json.dumps(md)
-    assert lab.http_get(vm, "http://169.254.169.254/openstack/latest/user_data") == \
-        f"#cloud-config\nhostname: {vm}\n"
+    assert lab.http_get(vm, "http://169.254.169.254/openstack/latest/user_data") == f"#cloud-config\nhostname: {vm}\n"
     # EC2 paths
     ec2 = "http://169.254.169.254/latest/meta-data"
     assert lab.http_get(vm, f"{ec2}/hostname").strip() == f"{vm}.novalocal"

@@ -11,6 +11,7 @@ shared), with dhclient and with udhcpc. With ``use_single_default_gateway: true`
 first NIC gets a router, so the VM ends with one default route; without it both NICs get
 their network's router.
 """
+
 import pytest
 from hanet_checks import changes_of, state_apply as _state_apply
 
@@ -29,8 +30,9 @@ def lab_topology():
     from hanet_lab.topology import VM, Nic, default_topology
 
     topo = default_topology(hosts=3, vms=False, hardware_router=False)
-    topo.vms["multi1"] = VM(name="multi1", host="compute1",
-                            nics=[Nic(bridge="br100", mac=NICS[0][1]), Nic(bridge="br200", mac=NICS[1][1])])
+    topo.vms["multi1"] = VM(
+        name="multi1", host="compute1", nics=[Nic(bridge="br100", mac=NICS[0][1]), Nic(bridge="br200", mac=NICS[1][1])]
+    )
     topo.validate()
     return topo
 
@@ -38,21 +40,45 @@ def lab_topology():
 def make_pillar(single=None, nics=2):
     hanet = {
         "networks": {
-            "private": {"cidr": "192.168.0.0/24", "bridge": "br100", "bridge_interface": "eth1",
-                        "multi_host": True, "gateway": "192.168.0.1"},
-            "shared": {"cidr": "10.20.0.0/24", "bridge": "br200", "bridge_interface": "eth3",
-                       "multi_host": False, "gateway": "10.20.0.1", "network_hosts": ["net1"]},
+            "private": {
+                "cidr": "192.168.0.0/24",
+                "bridge": "br100",
+                "bridge_interface": "eth1",
+                "multi_host": True,
+                "gateway": "192.168.0.1",
+            },
+            "shared": {
+                "cidr": "10.20.0.0/24",
+                "bridge": "br200",
+                "bridge_interface": "eth3",
+                "multi_host": False,
+                "gateway": "10.20.0.1",
+                "network_hosts": ["net1"],
+            },
         },
         "hosts": {
-            "compute1": {"public_interface": "eth0", "routing_source_ip": SOURCE_IP["compute1"],
-                         "networks": {"private": {"address": "192.168.0.3"}}},
-            "compute2": {"public_interface": "eth0", "routing_source_ip": SOURCE_IP["compute2"],
-                         "networks": {"private": {"address": "192.168.0.4"}}},
-            "net1": {"public_interface": "eth0", "routing_source_ip": SOURCE_IP["net1"],
-                     "networks": {"shared": {"address": "10.20.0.2"}}},
+            "compute1": {
+                "public_interface": "eth0",
+                "routing_source_ip": SOURCE_IP["compute1"],
+                "networks": {"private": {"address": "192.168.0.3"}},
+            },
+            "compute2": {
+                "public_interface": "eth0",
+                "routing_source_ip": SOURCE_IP["compute2"],
+                "networks": {"private": {"address": "192.168.0.4"}},
+            },
+            "net1": {
+                "public_interface": "eth0",
+                "routing_source_ip": SOURCE_IP["net1"],
+                "networks": {"shared": {"address": "10.20.0.2"}},
+            },
         },
-        "instances": {"multi1": {"host": "compute1", "nics": [
-            {"network": net, "mac": mac, "ip": ip} for net, mac, ip, _ in NICS[:nics]]}},
+        "instances": {
+            "multi1": {
+                "host": "compute1",
+                "nics": [{"network": net, "mac": mac, "ip": ip} for net, mac, ip, _ in NICS[:nics]],
+            }
+        },
     }
     if single is not None:
         hanet["use_single_default_gateway"] = single

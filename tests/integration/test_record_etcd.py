@@ -19,6 +19,7 @@ Everything (etcd processes, data dirs, the namespace, the lab state file) is rem
 at the end, also when a test fails; a run killed outright is swept by the next lab
 run like any lab (the state file is written before anything is made).
 """
+
 import importlib.util
 import os
 import shutil
@@ -48,10 +49,19 @@ def etcd(lab_sweep):
     prefix = state.new_prefix()
     ns = f"{prefix}-etcd"
     rundir = state.rundir_for(prefix)
-    state.write_state(prefix, {"prefix": prefix, "rundir": rundir, "owner_pid": os.getpid(),
-                               "owner_start": nslib.pid_start_time(os.getpid()),
-                               "owner_cmdline": nslib.cmdline(os.getpid()), "created": time.time(),
-                               "namespaces": {"etcd": ns}, "what": "tests/integration/test_record_etcd.py"})
+    state.write_state(
+        prefix,
+        {
+            "prefix": prefix,
+            "rundir": rundir,
+            "owner_pid": os.getpid(),
+            "owner_start": nslib.pid_start_time(os.getpid()),
+            "owner_cmdline": nslib.cmdline(os.getpid()),
+            "created": time.time(),
+            "namespaces": {"etcd": ns},
+            "what": "tests/integration/test_record_etcd.py",
+        },
+    )
     cluster = None
     entered = False
     try:
@@ -93,10 +103,12 @@ def healthy(etcd):
 
 
 def opts_for(etcd, tmp_path, master, prefix):
-    return {"cachedir": str(tmp_path / master), "extension_modules": str(tmp_path / master),
-            "pki_dir": str(tmp_path / master),
-            "hanet_record": {"backend": "etcd", "endpoints": etcd.endpoints, "prefix": prefix,
-                             "timeout": TIMEOUT}}
+    return {
+        "cachedir": str(tmp_path / master),
+        "extension_modules": str(tmp_path / master),
+        "pki_dir": str(tmp_path / master),
+        "hanet_record": {"backend": "etcd", "endpoints": etcd.endpoints, "prefix": prefix, "timeout": TIMEOUT},
+    }
 
 
 def prefix_for():
@@ -118,8 +130,16 @@ def test_read_and_save_round_trip(healthy, tmp_path):
         assert rec.handle("nonce-1", "engine", time.time()) is None
         rec.record([move("shared", "net1", "net2", 1)], 100.0, "net1 down (seen by net2)")
     got = record.read_owners(opts)
-    assert got == {"shared": {"owner": "net2", "epoch": 1, "since": 100.0, "reason": "net1 down (seen by net2)",
-                              "previous": "net1", "confirmed": False}}
+    assert got == {
+        "shared": {
+            "owner": "net2",
+            "epoch": 1,
+            "since": 100.0,
+            "reason": "net1 down (seen by net2)",
+            "previous": "net1",
+            "confirmed": False,
+        }
+    }
     with record.open(opts) as rec:
         assert failover.confirm(rec.owners, "shared", "net2", 1)
         rec.save()
@@ -223,8 +243,7 @@ def test_quorum_lost_is_unavailable_in_time_and_writes_nothing(healthy, tmp_path
     names = list(healthy.members)
     healthy.kill(names[0])
     healthy.kill(names[1])
-    for what, call in (("read", lambda: record.read_owners(opts)),
-                       ("open", lambda: record.open(opts).__enter__())):
+    for what, call in (("read", lambda: record.read_owners(opts)), ("open", lambda: record.open(opts).__enter__())):
         t0 = time.monotonic()
         with pytest.raises(record.RecordUnavailable) as err:
             call()
@@ -255,10 +274,20 @@ def test_quorum_lost_is_unavailable_in_time_and_writes_nothing(healthy, tmp_path
 def pillar():
     hosts = ("net1", "net2")
     return {
-        "networks": {"shared": {"cidr": "10.20.0.0/24", "bridge": "br200", "bridge_interface": "eth1",
-                                "multi_host": False, "gateway": "10.20.0.1", "network_hosts": list(hosts)}},
-        "hosts": {h: {"public_interface": "eth0", "networks": {"shared": {"address": f"10.20.0.{10 + i}"}}}
-                  for i, h in enumerate(hosts + ("compute1",))},
+        "networks": {
+            "shared": {
+                "cidr": "10.20.0.0/24",
+                "bridge": "br200",
+                "bridge_interface": "eth1",
+                "multi_host": False,
+                "gateway": "10.20.0.1",
+                "network_hosts": list(hosts),
+            }
+        },
+        "hosts": {
+            h: {"public_interface": "eth0", "networks": {"shared": {"address": f"10.20.0.{10 + i}"}}}
+            for i, h in enumerate(hosts + ("compute1",))
+        },
         "instances": {},
     }
 
@@ -300,8 +329,10 @@ def test_two_masters_deciding_one_report_make_one_decision(healthy, tmp_path, mo
     data = failover.report("net2", "net1", failover.DOWN, time.time() - 0.1, nonce="n-" + uuid.uuid4().hex)
     tag = failover.liveness_tag("net2", "net1", failover.DOWN)
     out = {}
-    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, masters[i].liveness(tag, dict(data), "engine")))
-               for i in (0, 1)]
+    threads = [
+        threading.Thread(target=lambda i=i: out.__setitem__(i, masters[i].liveness(tag, dict(data), "engine")))
+        for i in (0, 1)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -313,12 +344,15 @@ def test_two_masters_deciding_one_report_make_one_decision(healthy, tmp_path, mo
     assert owners["shared"]["owner"] == "net2" and owners["shared"]["epoch"] == 1
     winner_dir = next(d for d, *_ in published)
     assert [(t, f, a) for d, t, f, a in published] == [
-        ("net2", failover.TAKEOVER_FUN, ["shared", 1]), ("net1", failover.RELINQUISH_FUN, ["shared", 1, "net2"])]
+        ("net2", failover.TAKEOVER_FUN, ["shared", 1]),
+        ("net1", failover.RELINQUISH_FUN, ["shared", 1, "net2"]),
+    ]
     assert all(d == winner_dir for d, *_ in published)
     assert not [f for f in fired if f[1].endswith("/rejected")]
     # the winner's complete event, confirmed by the other master
-    got = masters[1].outcome(failover.failover_tag("shared", "complete"),
-                             {"network": "shared", "to": "net2", "epoch": 1})
+    got = masters[1].outcome(
+        failover.failover_tag("shared", "complete"), {"network": "shared", "to": "net2", "epoch": 1}
+    )
     assert got == {"result": True, "confirmed": ["shared", 1]}
     assert record.read_owners(masters[0].__opts__)["shared"]["confirmed"] is True
 
@@ -333,8 +367,10 @@ def test_quorum_lost_the_runner_moves_nothing_and_status_says_why(healthy, tmp_p
     class Local:
         @staticmethod
         def cmd(tgt, fun, timeout=None, **kw):
-            return {"net1": {"networks": {"shared": {"role": "serving", "addresses": ["10.20.0.1/24"]}}},
-                    "net2": {"networks": {"shared": {"role": "standby", "addresses": []}}}}
+            return {
+                "net1": {"networks": {"shared": {"role": "serving", "addresses": ["10.20.0.1/24"]}}},
+                "net2": {"networks": {"shared": {"role": "standby", "addresses": []}}},
+            }
 
     m1._local = lambda: Local
     healthy_status = m1.status()
@@ -390,8 +426,12 @@ def test_user_and_password(etcd, tmp_path, monkeypatch):
 
     nslib.add_address(ns, "lo", "192.0.2.24/32")
     # its own directory (down() removes it and kills what names it), inside the run dir
-    auth = EtcdCluster(etcd.prefix + "-auth", [("a1", ns, "192.0.2.24")],
-                       os.path.join(os.path.dirname(etcd.dir), "auth"), extra_args=["--auth-token-ttl", "1"])
+    auth = EtcdCluster(
+        etcd.prefix + "-auth",
+        [("a1", ns, "192.0.2.24")],
+        os.path.join(os.path.dirname(etcd.dir), "auth"),
+        extra_args=["--auth-token-ttl", "1"],
+    )
     try:
         auth.start()
         ep = auth.endpoints[0]
@@ -410,8 +450,9 @@ def test_user_and_password(etcd, tmp_path, monkeypatch):
         good = opts(user="root", password="root-pw")
         logins = []
         authenticate = record.EtcdStore._authenticate
-        monkeypatch.setattr(record.EtcdStore, "_authenticate",
-                            lambda self, client: logins.append(1) or authenticate(self, client))
+        monkeypatch.setattr(
+            record.EtcdStore, "_authenticate", lambda self, client: logins.append(1) or authenticate(self, client)
+        )
         with record.open(good) as rec:
             rec.record([move("shared", "net1", "net2", 1)], 1.0, "with auth")
         assert len(logins) == 1

@@ -8,6 +8,7 @@
 
 hanet's rendered ruleset is applied in the host namespace only (never the root one).
 """
+
 import contextlib
 import ctypes
 import os
@@ -28,8 +29,10 @@ PY = sys.executable
 
 pytestmark = [
     pytest.mark.lab,
-    pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft") or not shutil.which("tcpdump")
-                       or not shutil.which("curl"), reason="needs root, nft, tcpdump, curl"),
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not shutil.which("nft") or not shutil.which("tcpdump") or not shutil.which("curl"),
+        reason="needs root, nft, tcpdump, curl",
+    ),
 ]
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -52,14 +55,29 @@ def sh(*args, check=True, **kw):
 
 def ruleset(driver="nftables"):
     return Ruleset(
-        driver=driver, table="hanet",
-        snat=(Snat(network="private", cidr="192.168.0.0/24", source="203.0.113.11",
-                   out_interface="eth0", exempt=("192.168.0.0/24",)),),
+        driver=driver,
+        table="hanet",
+        snat=(
+            Snat(
+                network="private",
+                cidr="192.168.0.0/24",
+                source="203.0.113.11",
+                out_interface="eth0",
+                exempt=("192.168.0.0/24",),
+            ),
+        ),
         metadata=Metadata(bridges=("br100",), host="127.0.0.1", port=8775, local_service=True),
-        forward_bridges=("br100",), service_bridges=("br100",),
-        guards=(PortGuard(bridge="br100", trusted_ports=("eth1",),
-                          pairs=((MAC1, "192.168.0.10"), (MAC2, "192.168.0.11")),
-                          dhcp_isolated=True, ports=((MAC2, "tap2"),)),),
+        forward_bridges=("br100",),
+        service_bridges=("br100",),
+        guards=(
+            PortGuard(
+                bridge="br100",
+                trusted_ports=("eth1",),
+                pairs=((MAC1, "192.168.0.10"), (MAC2, "192.168.0.11")),
+                dhcp_isolated=True,
+                ports=((MAC2, "tap2"),),
+            ),
+        ),
     )
 
 
@@ -96,16 +114,14 @@ class Topo:
         for ns in self.ns:
             self.x(ns, "ip", "link", "set", "lo", "up")
         h = self.ns["host"]
-        self.x("host", "ip", "link", "add", "br100", "type", "bridge", "stp_state", "0",
-               "forward_delay", "0")
+        self.x("host", "ip", "link", "add", "br100", "type", "bridge", "stp_state", "0", "forward_delay", "0")
         self.x("host", "ip", "link", "add", "eth1", "type", "veth", "peer", "name", "eth1p")
         self.x("host", "ip", "link", "set", "eth1p", "up")
         self.x("host", "ip", "link", "set", "eth1", "master", "br100")
         self.x("host", "ip", "addr", "add", "192.168.0.3/24", "dev", "br100")
         for i, mac in ((1, MAC1), (2, MAC2)):
             vm = self.ns[f"vm{i}"]
-            self.x("host", "ip", "link", "add", f"tap{i}", "type", "veth", "peer", "name", "eth0",
-                   "netns", vm)
+            self.x("host", "ip", "link", "add", f"tap{i}", "type", "veth", "peer", "name", "eth0", "netns", vm)
             if i == 1:  # vm1's port is found by libvirt's MAC rule, vm2's is named
                 self.x("host", "ip", "link", "set", "tap1", "address", "fe" + MAC1[2:])
             self.x("host", "ip", "link", "set", f"tap{i}", "master", "br100")
@@ -116,8 +132,7 @@ class Topo:
             self.x(f"vm{i}", "ip", "route", "add", "default", "via", "192.168.0.3")
         self.x("host", "ip", "link", "set", "eth1", "up")
         self.x("host", "ip", "link", "set", "br100", "up")
-        self.x("host", "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
-               "netns", self.ns["up"])
+        self.x("host", "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", self.ns["up"])
         self.x("host", "ip", "addr", "add", "203.0.113.11/24", "dev", "eth0")
         self.x("host", "ip", "link", "set", "eth0", "up")
         self.x("up", "ip", "addr", "add", "203.0.113.1/24", "dev", "eth0")
@@ -125,10 +140,19 @@ class Topo:
         self.x("host", "sysctl", "-qw", "net.ipv4.ip_forward=1")
         server = self.tmp / "echo_server.py"
         server.write_text(ECHO_SERVER)
-        self.spawn("up", PY, str(server), "203.0.113.1", "8080", "upstream",
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.spawn("host", PY, str(server), "0.0.0.0", "8775", "metadata",
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.spawn(
+            "up",
+            PY,
+            str(server),
+            "203.0.113.1",
+            "8080",
+            "upstream",
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.spawn(
+            "host", PY, str(server), "0.0.0.0", "8775", "metadata", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         for ns, url in (("up", "http://203.0.113.1:8080/"), ("host", "http://127.0.0.1:8775/")):
             for _ in range(100):
                 if self.x(ns, "curl", "-s", "-m", "1", url, check=False).returncode == 0:
@@ -166,8 +190,9 @@ class Topo:
         """tcpdump in ``ns``; yields a list filled with its output lines on exit."""
         out = self.tmp / f"tcpdump-{ns}-{random.randrange(1 << 30)}.txt"
         fh = open(out, "w")
-        p = self.spawn(ns, "tcpdump", "-i", "eth0", "-n", "-e", "-l", "-A", filt,
-                       stdout=fh, stderr=subprocess.PIPE, text=True)
+        p = self.spawn(
+            ns, "tcpdump", "-i", "eth0", "-n", "-e", "-l", "-A", filt, stdout=fh, stderr=subprocess.PIPE, text=True
+        )
         p.stderr.readline()  # "listening on eth0 ..." once the capture is open
         lines = []
         try:
@@ -180,8 +205,7 @@ class Topo:
             lines.extend(out.read_text().splitlines())
 
     def scapy(self, vm, code):
-        prog = ("from scapy.all import *\nconf.verb = 0\n"
-                "def tx(pkt): sendp(pkt, iface='eth0')\n" + code)
+        prog = "from scapy.all import *\nconf.verb = 0\ndef tx(pkt): sendp(pkt, iface='eth0')\n" + code
         self.x(vm, PY, "-c", prog)
 
 
@@ -200,7 +224,7 @@ tx(Ether(src='{MAC1}', dst='{MAC2}')/IP(src='192.168.0.99', dst='192.168.0.11')/
 tx(Ether(src='{FORGED_MAC}', dst='{MAC2}')/IP(src='192.168.0.10', dst='192.168.0.11')/UDP(sport=4000, dport=9999)/'FORGED-MAC')
 tx(Ether(src='{MAC2}', dst='ff:ff:ff:ff:ff:ff')/IP(src='192.168.0.11', dst='192.168.0.255')/UDP(sport=4000, dport=9999)/'IMPERSONATED')
 tx(Ether(src='{MAC1}', dst='ff:ff:ff:ff:ff:ff')/IP(src='192.168.0.10', dst='255.255.255.255')
-   /UDP(sport=67, dport=68)/BOOTP(op=2, yiaddr='192.168.0.11', chaddr=bytes.fromhex('{MAC2.replace(':', '')}'))
+   /UDP(sport=67, dport=68)/BOOTP(op=2, yiaddr='192.168.0.11', chaddr=bytes.fromhex('{MAC2.replace(":", "")}'))
    /DHCP(options=[('message-type', 'offer'), ('server_id', '192.168.0.10'), ('router', '192.168.0.10'), 'end']))
 """
 
@@ -210,8 +234,15 @@ tx(Ether(src='{MAC1}', dst='ff:ff:ff:ff:ff:ff')/ARP(op=1, hwsrc='{MAC1}', psrc='
 """
 
 
-DRIVERS = pytest.mark.parametrize("driver", ["nftables", pytest.param("iptables", marks=pytest.mark.skipif(
-    not shutil.which("iptables-restore"), reason="needs iptables"))])
+DRIVERS = pytest.mark.parametrize(
+    "driver",
+    [
+        "nftables",
+        pytest.param(
+            "iptables", marks=pytest.mark.skipif(not shutil.which("iptables-restore"), reason="needs iptables")
+        ),
+    ],
+)
 
 
 @DRIVERS
@@ -269,17 +300,21 @@ def test_snat_antispoofing_and_metadata(topo, driver):
 def dhcp_capture(topo):
     caps = {}
     for dev in ("eth1", "br100"):
-        p = topo.spawn("host", "tcpdump", "-i", dev, "-n", "-l", "udp",
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p = topo.spawn(
+            "host", "tcpdump", "-i", dev, "-n", "-l", "udp", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         p.stderr.readline()
         caps[dev] = p
-    topo.scapy("vm1", f"""
+    topo.scapy(
+        "vm1",
+        f"""
 tx(Ether(src='{MAC1}', dst='ff:ff:ff:ff:ff:ff')/IP(src='0.0.0.0', dst='255.255.255.255')
-   /UDP(sport=68, dport=67)/BOOTP(op=1, chaddr=bytes.fromhex('{MAC1.replace(':', '')}'))
+   /UDP(sport=68, dport=67)/BOOTP(op=1, chaddr=bytes.fromhex('{MAC1.replace(":", "")}'))
    /DHCP(options=[('message-type', 'discover'), 'end']))
 tx(Ether(src='{MAC1}', dst='ff:ff:ff:ff:ff:ff')/IP(src='192.168.0.10', dst='255.255.255.255')
    /UDP(sport=4000, dport=9999)/'BCAST')
-""")
+""",
+    )
     time.sleep(0.5)
     out = {}
     for dev, p in caps.items():
@@ -303,21 +338,30 @@ def test_dhcp_does_not_cross_the_uplink(topo):
 def test_floating_ip_dnat_snat_and_hairpin(topo, driver):
     from _hanet.desired import FloatingIp
     import dataclasses
-    rs = dataclasses.replace(ruleset(driver), floating=(FloatingIp(
-        address="203.0.113.50", fixed_ip="192.168.0.10", instance="vm1", network="private",
-        public_interface="eth0", cidr="192.168.0.0/24"),))
+
+    rs = dataclasses.replace(
+        ruleset(driver),
+        floating=(
+            FloatingIp(
+                address="203.0.113.50",
+                fixed_ip="192.168.0.10",
+                instance="vm1",
+                network="private",
+                public_interface="eth0",
+                cidr="192.168.0.0/24",
+            ),
+        ),
+    )
     topo.x("host", "ip", "addr", "add", "203.0.113.50/32", "dev", "eth0")  # the floating facet's job
     server = topo.tmp / "echo_server.py"
-    topo.spawn("vm1", PY, str(server), "0.0.0.0", "8080", "vm1",
-               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    topo.spawn("vm1", PY, str(server), "0.0.0.0", "8080", "vm1", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(100):
         if topo.curl("vm1", "http://127.0.0.1:8080/"):
             break
         time.sleep(0.1)
     topo.apply(rs)
     # the world reaches the instance at its floating IP, and sees it from there
-    assert topo.x("up", "curl", "-s", "-m", "5", "http://203.0.113.50:8080/").stdout.strip() \
-        == "vm1 203.0.113.1"
+    assert topo.x("up", "curl", "-s", "-m", "5", "http://203.0.113.50:8080/").stdout.strip() == "vm1 203.0.113.1"
     assert topo.curl("vm1", "http://203.0.113.1:8080/") == "upstream 203.0.113.50"
     # vm2 (no floating IP) still leaves with routing_source_ip
     assert topo.curl("vm2", "http://203.0.113.1:8080/") == "upstream 203.0.113.11"

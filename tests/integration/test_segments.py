@@ -25,6 +25,7 @@ The same result with a ``dnsmasq_config_file`` holding nova's recipe lines inste
 pillar's ``gateway_mode: hardware``; and an end-to-end VLAN test that runs where the kernel
 has 802.1Q (skipped here, with the reason).
 """
+
 import re
 import subprocess
 
@@ -74,9 +75,12 @@ def lab_topology():
     up = topo.routers["router"]
     for _net, (prefix, _, _bridge, rname, under, public, _) in NETS.items():
         up.routes.append({"dst": f"{prefix}.0/24", "via": public})
-        topo.routers[rname] = Router(name=rname, links={"eth0": "seg-trunk", "eth1": "public"},
-                                     addresses={"eth0": [f"{under}/24"], "eth1": [f"{public}/24"]},
-                                     gateway=UPSTREAM)
+        topo.routers[rname] = Router(
+            name=rname,
+            links={"eth0": "seg-trunk", "eth1": "public"},
+            addresses={"eth0": [f"{under}/24"], "eth1": [f"{public}/24"]},
+            gateway=UPSTREAM,
+        )
     for vm, (host, net, _, mac) in VMS.items():
         topo.vms[vm] = VM(name=vm, host=host, nics=[Nic(bridge=NETS[net][2], mac=mac)])
     topo.validate()
@@ -91,19 +95,33 @@ def make_pillar(hardware=True, conf_file=""):
             vx["group"] = GROUP
         else:  # every VTEP of the segment, this host's own address included: hanet skips it
             vx["remotes"] = sorted([*UNDERLAY.values(), under])
-        spec = {"cidr": f"{prefix}.0/24", "vxlan": vx, "bridge": bridge, "bridge_interface": "eth2",
-                "multi_host": True, "mtu": MTU, "gateway": router_ip(net)}
+        spec = {
+            "cidr": f"{prefix}.0/24",
+            "vxlan": vx,
+            "bridge": bridge,
+            "bridge_interface": "eth2",
+            "multi_host": True,
+            "mtu": MTU,
+            "gateway": router_ip(net),
+        }
         if hardware:
             spec["gateway_mode"] = "hardware"
         nets[net] = spec
     hanet = {
         "send_arp_for_ha": True,
         "networks": nets,
-        "hosts": {h: {"public_interface": "eth0", "routing_source_ip": SOURCE_IP[h],
-                      "networks": {n: {"address": host_ip(h, n)} for n in HOST_NETS[h]}}
-                  for h in HOSTS},
-        "instances": {vm: {"host": host, "nics": [{"network": net, "mac": mac, "ip": vm_ip(vm)}]}
-                      for vm, (host, net, _, mac) in VMS.items()},
+        "hosts": {
+            h: {
+                "public_interface": "eth0",
+                "routing_source_ip": SOURCE_IP[h],
+                "networks": {n: {"address": host_ip(h, n)} for n in HOST_NETS[h]},
+            }
+            for h in HOSTS
+        },
+        "instances": {
+            vm: {"host": host, "nics": [{"network": net, "mac": mac, "ip": vm_ip(vm)}]}
+            for vm, (host, net, _, mac) in VMS.items()
+        },
     }
     if conf_file:
         hanet["dnsmasq_config_file"] = conf_file
@@ -305,8 +323,11 @@ def _have_8021q():
     ns = "hanet-vlan-probe"
     try:
         subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
-        cp = subprocess.run(["ip", "-n", ns, "link", "add", "link", "lo", "name", "v7", "type", "vlan",
-                             "id", "7"], capture_output=True, text=True)
+        cp = subprocess.run(
+            ["ip", "-n", ns, "link", "add", "link", "lo", "name", "v7", "type", "vlan", "id", "7"],
+            capture_output=True,
+            text=True,
+        )
         return None if cp.returncode == 0 else f"this kernel has no 802.1Q VLAN support ({cp.stderr.strip()})"
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
@@ -323,21 +344,48 @@ def test_vlan_network_end_to_end(lab_factory):
 
     topo = default_topology(hosts=1, vms=False, hardware_router=False)
     topo.routers["router"].routes.append({"dst": "172.16.100.0/24", "via": "203.0.113.31"})
-    topo.routers["rred"] = Router(name="rred", links={"eth0": "seg-trunk", "eth1": "public"},
-                                  addresses={"eth1": ["203.0.113.31/24"]}, gateway=UPSTREAM)
+    topo.routers["rred"] = Router(
+        name="rred",
+        links={"eth0": "seg-trunk", "eth1": "public"},
+        addresses={"eth1": ["203.0.113.31/24"]},
+        gateway=UPSTREAM,
+    )
     topo.vms["red1"] = VM(name="red1", host="compute1", nics=[Nic(bridge="br101", mac="fa:16:3e:00:10:01")])
     lab = lab_factory(topo)
-    sh(lab, "rred", "ip link add link eth0 name vlan101 type vlan id 101 && "
-       "ip addr add 172.16.100.1/24 dev vlan101 && ip link set vlan101 up")
-    pillar = {"hanet": {
-        "networks": {"red": {"cidr": "172.16.100.0/24", "vlan": 101, "bridge": "br101",
-                             "bridge_interface": "eth2", "multi_host": True,
-                             "gateway_mode": "hardware", "gateway": "172.16.100.1"}},
-        "hosts": {"compute1": {"public_interface": "eth0", "routing_source_ip": "203.0.113.11",
-                               "networks": {"red": {"address": "172.16.100.3"}}}},
-        "instances": {"red1": {"host": "compute1", "nics": [
-            {"network": "red", "mac": "fa:16:3e:00:10:01", "ip": "172.16.100.10"}]}},
-    }}
+    sh(
+        lab,
+        "rred",
+        "ip link add link eth0 name vlan101 type vlan id 101 && "
+        "ip addr add 172.16.100.1/24 dev vlan101 && ip link set vlan101 up",
+    )
+    pillar = {
+        "hanet": {
+            "networks": {
+                "red": {
+                    "cidr": "172.16.100.0/24",
+                    "vlan": 101,
+                    "bridge": "br101",
+                    "bridge_interface": "eth2",
+                    "multi_host": True,
+                    "gateway_mode": "hardware",
+                    "gateway": "172.16.100.1",
+                }
+            },
+            "hosts": {
+                "compute1": {
+                    "public_interface": "eth0",
+                    "routing_source_ip": "203.0.113.11",
+                    "networks": {"red": {"address": "172.16.100.3"}},
+                }
+            },
+            "instances": {
+                "red1": {
+                    "host": "compute1",
+                    "nics": [{"network": "red", "mac": "fa:16:3e:00:10:01", "ip": "172.16.100.10"}],
+                }
+            },
+        }
+    }
     lab.set_pillar(pillar)
     state_apply(lab, ["compute1"])
     assert "vlan101" in lab.links("compute1")

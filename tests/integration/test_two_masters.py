@@ -12,6 +12,7 @@ compare-and-swap keeps that to one decision. The tests assert what an operator c
 who holds the gateway and the floating IP (exactly one host), the record (one epoch
 step per failure, the new owner confirmed), traffic back, and what both masters say.
 """
+
 import os
 import subprocess
 import threading
@@ -74,15 +75,17 @@ def on_both_masters(cluster):
 
 
 def powered(lab, host):
-    out = subprocess.run(["ip", "-n", lab.ns(host), "-o", "link", "show", "mgmt0"],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["ip", "-n", lab.ns(host), "-o", "link", "show", "mgmt0"], capture_output=True, text=True
+    ).stdout
     return "state UP" in out
 
 
 def holders(lab, address):
     """Powered network hosts whose namespace holds ``address``."""
-    return [h for h in ("net1", "net2")
-            if powered(lab, h) and any(a.split("/")[0] == address for a in lab.addresses(h))]
+    return [
+        h for h in ("net1", "net2") if powered(lab, h) and any(a.split("/")[0] == address for a in lab.addresses(h))
+    ]
 
 
 def record_of(lab, network=NET):
@@ -123,9 +126,14 @@ class Bus:
 
     def takeover_jobs(self, epoch):
         """Takeover orders this master published for NET at ``epoch``."""
-        return [e for e in self.events if e["tag"].startswith("salt/job/") and e["tag"].endswith("/new")
-                and (e["data"] or {}).get("fun") == "hanet.takeover"
-                and list((e["data"] or {}).get("arg") or [])[:2] == [NET, epoch]]
+        return [
+            e
+            for e in self.events
+            if e["tag"].startswith("salt/job/")
+            and e["tag"].endswith("/new")
+            and (e["data"] or {}).get("fun") == "hanet.takeover"
+            and list((e["data"] or {}).get("arg") or [])[:2] == [NET, epoch]
+        ]
 
     def stop(self):
         self._stop.set()
@@ -142,9 +150,14 @@ def restore(lab, host):
 
     if not powered(lab, host):
         chaos.power_on(lab, host)
-    wait_for(f"{host} standby again", lambda: (
-        (lab.salt(host, "hanet.status", timeout=10).get(host) or {}).get("networks", {})
-        .get(NET, {}).get("role") == "standby"), 120)
+    wait_for(
+        f"{host} standby again",
+        lambda: (
+            (lab.salt(host, "hanet.status", timeout=10).get(host) or {}).get("networks", {}).get(NET, {}).get("role")
+            == "standby"
+        ),
+        120,
+    )
 
 
 def power_loss(lab, kill_master=None, timeout=40):
@@ -168,9 +181,16 @@ def power_loss(lab, kill_master=None, timeout=40):
             killer.join(30)
         else:
             t0 = chaos.power_off(lab, old)
-        done = wait_for("a complete event", lambda: [e for b in buses.values()
-                                                     for e in b.tagged(f"hanet/failover/{NET}/complete")
-                                                     if e["data"].get("epoch") == epoch + 1], timeout)
+        done = wait_for(
+            "a complete event",
+            lambda: [
+                e
+                for b in buses.values()
+                for e in b.tagged(f"hanet/failover/{NET}/complete")
+                if e["data"].get("epoch") == epoch + 1
+            ],
+            timeout,
+        )
         time.sleep(3)  # what follows (a second decision, a duplicate order) would show by now
     finally:
         vm.stop()
@@ -188,8 +208,7 @@ def test_power_loss_with_both_masters_up_makes_one_decision(cluster):
         for m, b in buses.items():
             assert b.tagged(f"hanet_liveness/{old}/down"), f"{m} heard no report of {old} down"
         # one decision: one epoch step in the record, one takeover order over both masters
-        rec = wait_for("the move confirmed", lambda: (lambda r: r if r.get("confirmed") else None)(
-            record_of(lab)), 20)
+        rec = wait_for("the move confirmed", lambda: (lambda r: r if r.get("confirmed") else None)(record_of(lab)), 20)
         assert (rec["owner"], rec["epoch"], rec["previous"]) == (new, epoch + 1, old), rec
         orders = {m: len(b.takeover_jobs(epoch + 1)) for m, b in buses.items()}
         assert sum(orders.values()) == 1, f"takeover orders published: {orders}"
@@ -198,8 +217,9 @@ def test_power_loss_with_both_masters_up_makes_one_decision(cluster):
         assert len(first) == 1, done
         assert first[0]["data"]["to"] == new and first[0]["data"]["bound_by"] == "warm"
         # the master that lost the race found the move made: no order, no second epoch
-        assert not [e for b in buses.values() for e in b.tagged("/rejected")
-                    if "no decision" in str(e["data"].get("reason"))]
+        assert not [
+            e for b in buses.values() for e in b.tagged("/rejected") if "no decision" in str(e["data"].get("reason"))
+        ]
         for pinger in pingers:
             after = [t for t, _ in pinger.replies() if t > done[0]["data"]["completed_at"]]
             assert after, f"{pinger.node} -> {pinger.target}: no reply after the failover"
@@ -218,8 +238,7 @@ def test_first_master_killed_at_the_power_loss_second_completes(cluster):
         old, new, epoch, t0, buses, done, pingers = power_loss(lab, kill_master="master", timeout=60)
         assert lab.via == "master2"
         # whoever decided, master2 ends up with the move confirmed in the shared record
-        rec = wait_for("the move confirmed", lambda: (lambda r: r if r.get("confirmed") else None)(
-            record_of(lab)), 30)
+        rec = wait_for("the move confirmed", lambda: (lambda r: r if r.get("confirmed") else None)(record_of(lab)), 30)
         assert (rec["owner"], rec["epoch"]) == (new, epoch + 1), rec
         assert holders(lab, GATEWAY) == [new] and holders(lab, FLOATING) == [new]
         for pinger in pingers:
@@ -238,8 +257,11 @@ def _kill_minions(lab):
         for pid, cmd in lab.processes(h).get(h, []):
             if "salt-minion" in cmd:
                 subprocess.run(["kill", "-9", str(pid)])
-    wait_for("minions gone", lambda: not any("salt-minion" in c for h in lab.topology.hosts
-                                             for _, c in lab.processes(h).get(h, [])), 20)
+    wait_for(
+        "minions gone",
+        lambda: not any("salt-minion" in c for h in lab.topology.hosts for _, c in lab.processes(h).get(h, [])),
+        20,
+    )
     lab.reap()  # a zombie minion would keep its successor from starting
 
 
@@ -260,18 +282,22 @@ def test_first_master_down_when_the_minions_start(cluster):
 
         def view(host, peer):  # the beacon's view of its peer, written since the start
             got = (lab.salt(host, "hanet.status", timeout=10, master="master2").get(host) or {}).get("peers")
-            return isinstance(got, dict) and got.get("written_at", 0) > started \
+            return (
+                isinstance(got, dict)
+                and got.get("written_at", 0) > started
                 and got["peers"].get(peer, {}).get("state") == "up"
+            )
 
         # the beacons run although their minion object's master (the first) is down
         wait_for("the network hosts' beacons", lambda: view("net1", "net2") and view("net2", "net1"), 90)
         time.sleep(3)
-        subs = {h: lab.exec(h, "ss -Htn state established '( dport = :4505 )'").stdout.count("192.0.2.2:4505")
-                for h in ("net1", "net2")}
+        subs = {
+            h: lab.exec(h, "ss -Htn state established '( dport = :4505 )'").stdout.count("192.0.2.2:4505")
+            for h in ("net1", "net2")
+        }
         print("subscriptions to master2's publisher:", subs)
         old, new, epoch, t0, buses, done, pingers = power_loss(lab, timeout=60)
-        rec = wait_for("the move confirmed", lambda: (lambda r: r if r.get("confirmed") else None)(
-            record_of(lab)), 30)
+        rec = wait_for("the move confirmed", lambda: (lambda r: r if r.get("confirmed") else None)(record_of(lab)), 30)
         assert (rec["owner"], rec["epoch"]) == (new, epoch + 1), rec
         assert holders(lab, GATEWAY) == [new] and holders(lab, FLOATING) == [new]
         # the warm path acted although the beacon's minion object (the first master's)
@@ -311,8 +337,11 @@ def test_etcd_member_down_then_quorum_lost_then_back(cluster):
         time.sleep(6)
         assert holders(lab, GATEWAY) == [], "a network moved without a record"
         lab.etcd_start("etcd2")  # quorum back: the pending failover completes
-        rec = wait_for("the pending failover", lambda: (lambda r: r if r.get("owner") == new
-                                                        and r.get("confirmed") else None)(record_of(lab)), 60)
+        rec = wait_for(
+            "the pending failover",
+            lambda: (lambda r: r if r.get("owner") == new and r.get("confirmed") else None)(record_of(lab)),
+            60,
+        )
         assert rec["epoch"] == epoch + 1, rec
         wait_for(f"{new} holding the gateway", lambda: holders(lab, GATEWAY) == [new], 30)
         assert holders(lab, FLOATING) == [new]
@@ -323,8 +352,15 @@ def test_etcd_member_down_then_quorum_lost_then_back(cluster):
                 lab.etcd_start(member)
 
 
-SHARED2 = {"cidr": "10.30.1.0/24", "gateway": "10.30.1.1", "vni": 5301, "bridge": "br301",
-           "floating": "203.0.113.71", "owner": "compute2", "standby": "net2"}
+SHARED2 = {
+    "cidr": "10.30.1.0/24",
+    "gateway": "10.30.1.1",
+    "vni": 5301,
+    "bridge": "br301",
+    "floating": "203.0.113.71",
+    "owner": "compute2",
+    "standby": "net2",
+}
 
 
 def two_network_pillar(lab):
@@ -339,14 +375,23 @@ def two_network_pillar(lab):
     carriers = [SHARED2["owner"], SHARED2["standby"], "compute1"]
     underlay = sorted(lab.topology.hosts[x].first_address("eth2") for x in carriers)
     prefix = SHARED2["cidr"].rsplit(".", 1)[0]
-    h["networks"]["shared2"] = {"cidr": SHARED2["cidr"], "bridge": SHARED2["bridge"], "bridge_interface": "eth2",
-                                "vxlan": {"vni": SHARED2["vni"], "remotes": underlay}, "mtu": 1450,
-                                "multi_host": False, "gateway": SHARED2["gateway"],
-                                "network_hosts": [SHARED2["owner"], SHARED2["standby"]]}
+    h["networks"]["shared2"] = {
+        "cidr": SHARED2["cidr"],
+        "bridge": SHARED2["bridge"],
+        "bridge_interface": "eth2",
+        "vxlan": {"vni": SHARED2["vni"], "remotes": underlay},
+        "mtu": 1450,
+        "multi_host": False,
+        "gateway": SHARED2["gateway"],
+        "network_hosts": [SHARED2["owner"], SHARED2["standby"]],
+    }
     for k, x in enumerate((SHARED2["owner"], SHARED2["standby"]), 2):
         h["hosts"][x]["networks"]["shared2"] = {"address": f"{prefix}.{k}"}
-    h["instances"]["vm2"] = {"host": "compute1", "floating_ips": [SHARED2["floating"]],
-                             "nics": [{"network": "shared2", "mac": "fa:16:3e:00:31:01", "ip": f"{prefix}.10"}]}
+    h["instances"]["vm2"] = {
+        "host": "compute1",
+        "floating_ips": [SHARED2["floating"]],
+        "nics": [{"network": "shared2", "mac": "fa:16:3e:00:31:01", "ip": f"{prefix}.10"}],
+    }
     return pillar
 
 
@@ -369,8 +414,11 @@ def test_evacuate_from_master2_while_master1_decides_a_failure(cluster):
     everyone = ["net1", "net2", SHARED2["owner"]]
     lab.set_pillar(two_network_pillar(lab))
     state_apply(lab, "*", timeout=300)
-    wait_for("compute2 holding shared2's gateway",
-             lambda: holders_among(lab, everyone, SHARED2["gateway"]) == [SHARED2["owner"]], 60)
+    wait_for(
+        "compute2 holding shared2's gateway",
+        lambda: holders_among(lab, everyone, SHARED2["gateway"]) == [SHARED2["owner"]],
+        60,
+    )
     time.sleep(3)  # the new beacons' first verdicts (peers up)
     before = lab.owners()
     old = record_of(lab)["owner"]
@@ -399,20 +447,34 @@ def test_evacuate_from_master2_while_master1_decides_a_failure(cluster):
         moved = {r["network"]: r for r in out["evacuate"]}
         assert moved["shared"]["moved"] and moved["shared"]["to"] == new, out
         for net in nets:
-            wait_for(f"{net} confirmed on {new}", lambda net=net: (lambda r: r.get("owner") == new
-                                                               and r.get("confirmed"))(lab.owners().get(net) or {}), 60)
+            wait_for(
+                f"{net} confirmed on {new}",
+                lambda net=net: (lambda r: r.get("owner") == new and r.get("confirmed"))(lab.owners().get(net) or {}),
+                60,
+            )
         rec = lab.owners()
         assert {n: rec[n]["epoch"] for n in nets} == {n: e + 1 for n, e in epochs.items()}, (epochs, rec)
         assert rec == lab.owners(master="master2")
         for net, addresses in nets.items():
             for address in addresses:
-                wait_for(f"{address} ({net}) on {new} alone",
-                         lambda a=address: holders_among(lab, everyone, a) == [new], 30)
-        decided = [e for b in buses.values() for e in b.tagged("hanet/failover/shared2/complete")
-                   if e["data"].get("epoch") == epochs["shared2"] + 1]
+                wait_for(
+                    f"{address} ({net}) on {new} alone", lambda a=address: holders_among(lab, everyone, a) == [new], 30
+                )
+        decided = [
+            e
+            for b in buses.values()
+            for e in b.tagged("hanet/failover/shared2/complete")
+            if e["data"].get("epoch") == epochs["shared2"] + 1
+        ]
         assert decided, "no complete event for shared2 on either master"
-        print("evacuate:", out["evacuate"], "record:", rec,
-              "shared2 decided via", {b.master: len(b.tagged("hanet/failover/shared2/complete")) for b in buses.values()})
+        print(
+            "evacuate:",
+            out["evacuate"],
+            "record:",
+            rec,
+            "shared2 decided via",
+            {b.master: len(b.tagged("hanet/failover/shared2/complete")) for b in buses.values()},
+        )
     finally:
         for b in buses.values():
             b.stop()

@@ -1,4 +1,5 @@
 """The lab's "two holders" measure, from the prober's lines (no namespaces needed)."""
+
 from hanet_lab.arpwatch import _parse, _request, summarize
 
 

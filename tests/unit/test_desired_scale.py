@@ -1,5 +1,6 @@
 """The pure core at the benchmark's scale (bench/apply_scale.py): 16 networks, 1,000
 instances on one host. Correctness only; timings belong to the benchmark."""
+
 import os
 import sys
 

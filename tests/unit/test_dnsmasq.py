@@ -1,4 +1,5 @@
 """dnsmasq applier: rendering (argv, hosts, opts) and the planner, without processes."""
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,18 @@ H3 = DhcpHost(mac="FA:16:3E:00:00:03", hostname="web3.novalocal", ip="192.168.0.
 
 
 def spec(hosts=(H1,), **kw):
-    values = dict(network="private", bridge="br100", listen_address="192.168.0.3",
-                  range_start="192.168.0.2", netmask="255.255.255.0", lease_time=86400,
-                  lease_max=256, domain="novalocal", router="192.168.0.3", hosts=tuple(hosts))
+    values = dict(
+        network="private",
+        bridge="br100",
+        listen_address="192.168.0.3",
+        range_start="192.168.0.2",
+        netmask="255.255.255.0",
+        lease_time=86400,
+        lease_max=256,
+        domain="novalocal",
+        router="192.168.0.3",
+        hosts=tuple(hosts),
+    )
     values.update(kw)
     return Dnsmasq(**values)
 
@@ -70,8 +80,7 @@ def test_argv_no_router():
 
 
 def test_argv_hardware_router():
-    assert "--dhcp-option=option:router,172.16.100.1" in dnsmasq.argv(
-        spec(network="red", router="172.16.100.1"), PATHS)
+    assert "--dhcp-option=option:router,172.16.100.1" in dnsmasq.argv(spec(network="red", router="172.16.100.1"), PATHS)
 
 
 def test_argv_mtu_only_when_set():
@@ -95,8 +104,8 @@ def test_argv_under_root_dir():
 
 def test_hostsfile_sorted_nova_order():
     assert dnsmasq.hostsfile(spec(hosts=(H2, H1))) == (
-        "fa:16:3e:00:00:01,web1.novalocal,192.168.0.10\n"
-        "fa:16:3e:00:00:02,web2.novalocal,192.168.0.11\n")
+        "fa:16:3e:00:00:01,web1.novalocal,192.168.0.10\nfa:16:3e:00:00:02,web2.novalocal,192.168.0.11\n"
+    )
 
 
 def test_no_default_route_tagged_by_mac_not_in_hostsfile():
@@ -118,10 +127,8 @@ def test_optsfile_no_router_for_nogw_tag():
 
 def test_parse_hosts_and_leases():
     text = dnsmasq.hostsfile(spec(hosts=(H1, H3)))
-    assert dnsmasq.parse_hosts(text) == {"fa:16:3e:00:00:01": "192.168.0.10",
-                                         "fa:16:3e:00:00:03": "192.168.0.12"}
-    leases = ("1700000000 fa:16:3e:00:00:01 192.168.0.10 web1 01:fa:16:3e:00:00:01\n"
-              "duid 00:01:00:01\n")
+    assert dnsmasq.parse_hosts(text) == {"fa:16:3e:00:00:01": "192.168.0.10", "fa:16:3e:00:00:03": "192.168.0.12"}
+    leases = "1700000000 fa:16:3e:00:00:01 192.168.0.10 web1 01:fa:16:3e:00:00:01\nduid 00:01:00:01\n"
     assert dnsmasq.parse_leases(leases) == [("fa:16:3e:00:00:01", "192.168.0.10")]
 
 
@@ -141,10 +148,17 @@ def test_spec_round_trip():
 
 def simulate(desired, pid=100, leases=()):
     """``current`` as it reads right after ``apply`` made ``desired`` true."""
-    return {s.network: {"pid": pid, "alive": True, "argv_digest": dnsmasq.options_digest(s),
-                        "hosts_text": dnsmasq.hostsfile(s), "bridge": s.bridge,
-                        "leases": [[m, ip] for m, ip in leases]}
-            for s in desired}
+    return {
+        s.network: {
+            "pid": pid,
+            "alive": True,
+            "argv_digest": dnsmasq.options_digest(s),
+            "hosts_text": dnsmasq.hostsfile(s),
+            "bridge": s.bridge,
+            "leases": [[m, ip] for m, ip in leases],
+        }
+        for s in desired
+    }
 
 
 def actions(changes):
@@ -195,8 +209,14 @@ def test_plan_release_removed_host_with_lease():
     cur = simulate((spec(hosts=(H1, H2)),), leases=[(H1.mac, H1.ip), (H2.mac, H2.ip)])
     changes = dnsmasq.plan((spec(hosts=(H1,)),), cur)
     assert actions(changes) == [("release", "private/192.168.0.11/fa:16:3e:00:00:02"), ("reload", "private")]
-    assert changes[0].detail == {"network": "private", "bridge": "br100", "ip": "192.168.0.11",
-                                 "mac": "fa:16:3e:00:00:02", "pid": 100, "server": "192.168.0.3"}
+    assert changes[0].detail == {
+        "network": "private",
+        "bridge": "br100",
+        "ip": "192.168.0.11",
+        "mac": "fa:16:3e:00:00:02",
+        "pid": 100,
+        "server": "192.168.0.3",
+    }
 
 
 def test_release_packet_names_the_listen_address_as_server():
@@ -234,8 +254,14 @@ def test_plan_release_when_ip_changes():
 
 
 def test_plan_several_networks():
-    red = spec(network="red", bridge="br101", listen_address="172.16.100.3", range_start="172.16.100.2",
-               router="172.16.100.1", hosts=())
+    red = spec(
+        network="red",
+        bridge="br101",
+        listen_address="172.16.100.3",
+        range_start="172.16.100.2",
+        router="172.16.100.1",
+        hosts=(),
+    )
     changes = dnsmasq.plan((spec(), red), simulate((spec(),)))
     assert actions(changes) == [("start", "red")]
     assert actions(dnsmasq.plan((red,), simulate((spec(), red)))) == [("stop", "private")]
@@ -245,17 +271,25 @@ def test_plan_several_networks():
 
 MACS = [f"fa:16:3e:00:00:{i:02x}" for i in range(1, 9)]
 hosts_st = st.lists(
-    st.builds(lambda i, dr: DhcpHost(mac=MACS[i], hostname=f"vm{i}.novalocal", ip=f"10.0.0.{10 + i}",
-                                     default_route=dr),
-              st.integers(0, 7), st.booleans()),
-    max_size=6, unique_by=lambda h: h.mac).map(tuple)
+    st.builds(
+        lambda i, dr: DhcpHost(mac=MACS[i], hostname=f"vm{i}.novalocal", ip=f"10.0.0.{10 + i}", default_route=dr),
+        st.integers(0, 7),
+        st.booleans(),
+    ),
+    max_size=6,
+    unique_by=lambda h: h.mac,
+).map(tuple)
 spec_st = st.builds(
     lambda label, hosts, lt, router, mtu, dns: spec(
-        network=label, bridge=f"br-{label}", hosts=hosts, lease_time=lt, router=router, mtu=mtu,
-        dns_servers=dns),
-    st.sampled_from(["private", "red", "green", "blue"]), hosts_st, st.sampled_from([60, 86400]),
-    st.sampled_from([None, "10.0.0.1", "10.0.0.3"]), st.sampled_from([None, 1400]),
-    st.sampled_from([(), ("8.8.8.8",)]))
+        network=label, bridge=f"br-{label}", hosts=hosts, lease_time=lt, router=router, mtu=mtu, dns_servers=dns
+    ),
+    st.sampled_from(["private", "red", "green", "blue"]),
+    hosts_st,
+    st.sampled_from([60, 86400]),
+    st.sampled_from([None, "10.0.0.1", "10.0.0.3"]),
+    st.sampled_from([None, 1400]),
+    st.sampled_from([(), ("8.8.8.8",)]),
+)
 desired_st = st.lists(spec_st, max_size=4, unique_by=lambda s: s.network).map(tuple)
 
 
@@ -302,8 +336,13 @@ def test_current_reads_files_and_dead_pid(tmp_path):
     assert cur["private"]["pid"] == os.getpid()
     assert cur["private"]["leases"] == [["fa:16:3e:00:00:01", "192.168.0.10"]]
     assert [c.action for c in dnsmasq.plan((spec(),), cur)] == ["restart"]
-    assert dnsmasq.status(paths)["private"] == {"pid": None, "running": False, "leases": 1,
-                                                "hosts": 1, "bridge": "br100"}
+    assert dnsmasq.status(paths)["private"] == {
+        "pid": None,
+        "running": False,
+        "leases": 1,
+        "hosts": 1,
+        "bridge": "br100",
+    }
 
 
 def test_current_empty(tmp_path):
@@ -333,13 +372,15 @@ def test_release_carries_the_leases_client_id():
     DHCPRELEASE that carries it: dnsmasq ignores one without."""
     from _hanet.dnsmasq import lease_client_id, release_packet
 
-    leases = ("1795800000 fa:16:3e:00:00:03 192.168.0.12 web2 01:fa:16:3e:00:00:03\n"
-              "1795800000 fa:16:3e:00:00:01 192.168.0.10 web1 *\n")
+    leases = (
+        "1795800000 fa:16:3e:00:00:03 192.168.0.12 web2 01:fa:16:3e:00:00:03\n"
+        "1795800000 fa:16:3e:00:00:01 192.168.0.10 web1 *\n"
+    )
     assert lease_client_id(leases, "FA:16:3E:00:00:03", "192.168.0.12") == "01:fa:16:3e:00:00:03"
     assert lease_client_id(leases, "fa:16:3e:00:00:01", "192.168.0.10") is None
     with_id = release_packet("192.168.0.3", "192.168.0.12", "fa:16:3e:00:00:03", "01:fa:16:3e:00:00:03")
     without = release_packet("192.168.0.3", "192.168.0.12", "fa:16:3e:00:00:03")
-    assert bytes([61, 7, 1, 0xfa, 0x16, 0x3e, 0, 0, 3]) in with_id
+    assert bytes([61, 7, 1, 0xFA, 0x16, 0x3E, 0, 0, 3]) in with_id
     assert bytes([61]) + bytes([7]) not in without
 
 
@@ -361,8 +402,14 @@ def test_apply_start_planned_before_another_applier_started_it(tmp_path, monkeyp
     with open(f["record"], "w") as fh:
         json.dump({"argv_digest": dnsmasq.options_digest(spec()), "bridge": "br100"}, fh)
     stand_in = subprocess.Popen(
-        [sys.executable, "-c", "import signal, sys, time; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
-         "print(flush=True); time.sleep(60)", f"--pid-file={f['pid']}"], stdout=subprocess.PIPE)
+        [
+            sys.executable,
+            "-c",
+            "import signal, sys, time; signal.signal(signal.SIGHUP, signal.SIG_IGN); print(flush=True); time.sleep(60)",
+            f"--pid-file={f['pid']}",
+        ],
+        stdout=subprocess.PIPE,
+    )
     try:
         stand_in.stdout.readline()
         with open(f["pid"], "w") as fh:

@@ -1,5 +1,6 @@
 """The reference parts of docs/ are generated from the code (docs/generate.py): they
 must be what the generator makes from the code now."""
+
 import importlib.util
 import os
 

@@ -1,6 +1,7 @@
 """The failover protocol without Salt: reports (shape, freshness, signatures), the
 decision table (every reject reason, every standby choice, epochs), orders, and the
 durable record."""
+
 import json
 import os
 
@@ -18,20 +19,36 @@ def pillar(hosts=("net1", "net2"), **net):
     all_hosts = list(hosts) + ["compute1", "compute2"]
     return {
         "networks": {
-            "shared": dict({"cidr": "10.20.0.0/24", "bridge": "br200", "bridge_interface": "eth1",
-                            "multi_host": False, "gateway": "10.20.0.1",
-                            "network_hosts": list(hosts)}, **net),
-            "private": {"cidr": "10.30.0.0/24", "bridge": "br300", "bridge_interface": "eth2",
-                        "multi_host": True},
+            "shared": dict(
+                {
+                    "cidr": "10.20.0.0/24",
+                    "bridge": "br200",
+                    "bridge_interface": "eth1",
+                    "multi_host": False,
+                    "gateway": "10.20.0.1",
+                    "network_hosts": list(hosts),
+                },
+                **net,
+            ),
+            "private": {"cidr": "10.30.0.0/24", "bridge": "br300", "bridge_interface": "eth2", "multi_host": True},
         },
-        "hosts": {h: {"public_interface": "eth0",
-                      "networks": dict({"shared": {"address": f"10.20.0.{10 + i}"}} if h != "compute2" else {},
-                                       private={"address": f"10.30.0.{10 + i}"})}
-                  for i, h in enumerate(all_hosts)},
-        "instances": {"web1": {"host": "compute1",
-                               "nics": [{"network": "shared", "mac": "52:54:00:00:00:01",
-                                         "ip": "10.20.0.100"}],
-                               "floating_ips": [{"address": "203.0.113.50", "fixed_ip": "10.20.0.100"}]}},
+        "hosts": {
+            h: {
+                "public_interface": "eth0",
+                "networks": dict(
+                    {"shared": {"address": f"10.20.0.{10 + i}"}} if h != "compute2" else {},
+                    private={"address": f"10.30.0.{10 + i}"},
+                ),
+            }
+            for i, h in enumerate(all_hosts)
+        },
+        "instances": {
+            "web1": {
+                "host": "compute1",
+                "nics": [{"network": "shared", "mac": "52:54:00:00:00:01", "ip": "10.20.0.100"}],
+                "floating_ips": [{"address": "203.0.113.50", "fixed_ip": "10.20.0.100"}],
+            }
+        },
     }
 
 
@@ -58,9 +75,18 @@ def test_tags_round_trip():
     assert fnmatch.fnmatchcase(tag, failover.LIVENESS_GLOB)
 
 
-@pytest.mark.parametrize("tag", [
-    "salt/beacon/net2/hanet_liveness/net1/sideways", "salt/beacon/net2/other/net1/down",
-    "salt/beacon/net2/hanet_liveness/net1", "hanet/failover/x/complete", "", None, 7])
+@pytest.mark.parametrize(
+    "tag",
+    [
+        "salt/beacon/net2/hanet_liveness/net1/sideways",
+        "salt/beacon/net2/other/net1/down",
+        "salt/beacon/net2/hanet_liveness/net1",
+        "hanet/failover/x/complete",
+        "",
+        None,
+        7,
+    ],
+)
 def test_malformed_tags_are_not_liveness_tags(tag):
     assert failover.parse_liveness_tag(tag) is None
 
@@ -71,18 +97,21 @@ def test_a_report_parses_with_its_fields():
     assert got == failover.Report("net2", "net1", DOWN, NOW - 1, "abc")
 
 
-@pytest.mark.parametrize("mutate,reason", [
-    (lambda t, d: (t, "not a dict"), "malformed event"),
-    (lambda t, d: ("salt/beacon/net2/hanet_liveness/net1/maybe", d), "malformed tag"),
-    (lambda t, d: (t, dict(d, observer="compute1")), "tag and data disagree"),
-    (lambda t, d: (t, dict(d, peer="net9")), "tag and data disagree"),
-    (lambda t, d: (t, dict(d, state=UP)), "tag and data disagree"),
-    (lambda t, d: (t, dict(d, detected_at="yesterday")), "malformed data"),
-    (lambda t, d: (t, dict(d, detected_at=True)), "malformed data"),
-    (lambda t, d: (t, {k: v for k, v in d.items() if k != "nonce"}), "malformed data"),
-    (lambda t, d: (t, dict(d, detected_at=NOW - 31)), "stale event"),
-    (lambda t, d: (t, dict(d, detected_at=NOW + 31)), "stale event"),
-])
+@pytest.mark.parametrize(
+    "mutate,reason",
+    [
+        (lambda t, d: (t, "not a dict"), "malformed event"),
+        (lambda t, d: ("salt/beacon/net2/hanet_liveness/net1/maybe", d), "malformed tag"),
+        (lambda t, d: (t, dict(d, observer="compute1")), "tag and data disagree"),
+        (lambda t, d: (t, dict(d, peer="net9")), "tag and data disagree"),
+        (lambda t, d: (t, dict(d, state=UP)), "tag and data disagree"),
+        (lambda t, d: (t, dict(d, detected_at="yesterday")), "malformed data"),
+        (lambda t, d: (t, dict(d, detected_at=True)), "malformed data"),
+        (lambda t, d: (t, {k: v for k, v in d.items() if k != "nonce"}), "malformed data"),
+        (lambda t, d: (t, dict(d, detected_at=NOW - 31)), "stale event"),
+        (lambda t, d: (t, dict(d, detected_at=NOW + 31)), "stale event"),
+    ],
+)
 def test_every_malformed_report_is_rejected_with_its_reason(mutate, reason):
     tag, data = failover.liveness_tag("net2", "net1", DOWN), failover.report("net2", "net1", DOWN, NOW)
     tag, data = mutate(tag, data)
@@ -131,22 +160,28 @@ def test_a_compute_host_observer_moves_the_network_to_the_first_standby():
     assert v.moves == [Move("shared", "net1", "net3", 1)], "the observing standby takes it"
 
 
-@pytest.mark.parametrize("opinion,reason", [
-    ("alive", "second opinion: net1 answers the master (192.0.2.11)"),
-    (None, "second opinion: the master cannot check net1 (192.0.2.11)"),
-])
+@pytest.mark.parametrize(
+    "opinion,reason",
+    [
+        ("alive", "second opinion: net1 answers the master (192.0.2.11)"),
+        (None, "second opinion: the master cannot check net1 (192.0.2.11)"),
+    ],
+)
 def test_a_suspect_the_master_sees_alive_or_cannot_see_is_not_moved(cfg, opinion, reason):
     v = failover.decide(cfg, {}, rep(), opinion, "192.0.2.11")
     assert v.moves == [] and v.rejected == [("shared", reason)]
 
 
-@pytest.mark.parametrize("report,owners", [
-    (rep(peer="net2"), {}),                                   # net2 holds nothing (net1 does)
-    (rep(peer="compute1", observer="net1"), {}),              # a compute host holds no network
-    (rep(observer="compute2"), {}),                           # compute2 does not carry shared
-    (rep(observer="net1", peer="net1"), {}),                  # nobody watches itself
-    (rep(), {"shared": {"owner": "net2", "epoch": 3}}),       # moved already
-])
+@pytest.mark.parametrize(
+    "report,owners",
+    [
+        (rep(peer="net2"), {}),  # net2 holds nothing (net1 does)
+        (rep(peer="compute1", observer="net1"), {}),  # a compute host holds no network
+        (rep(observer="compute2"), {}),  # compute2 does not carry shared
+        (rep(observer="net1", peer="net1"), {}),  # nobody watches itself
+        (rep(), {"shared": {"owner": "net2", "epoch": 3}}),  # moved already
+    ],
+)
 def test_a_report_about_nothing_the_observer_watches_is_rejected(cfg, report, owners):
     v = failover.decide(cfg, owners, report, "dead")
     assert v.moves == []
@@ -178,8 +213,9 @@ def test_record_move_and_owner_of(cfg):
     owners = {}
     assert failover.owner_of(cfg, owners, "shared") == "net1", "first network host by default"
     failover.record_move(owners, Move("shared", "net1", "net2", 1), NOW, "why")
-    assert owners == {"shared": {"owner": "net2", "epoch": 1, "since": NOW, "reason": "why",
-                                 "previous": "net1", "confirmed": False}}
+    assert owners == {
+        "shared": {"owner": "net2", "epoch": 1, "since": NOW, "reason": "why", "previous": "net1", "confirmed": False}
+    }
     assert not failover.confirmed(owners, "shared")
     assert not failover.confirm(owners, "shared", "net1", 1), "not the owner"
     assert not failover.confirm(owners, "shared", "net2", 2), "not the epoch"
@@ -206,20 +242,38 @@ def test_vouching_addresses_leave_out_what_moves(cfg):
 
 def test_a_takeover_order_round_trips_through_the_publication():
     args, kwargs = failover.takeover_order("shared", 3, "net1", detected_at=1.5, decision={"via": "engine"})
-    load = {"fun": failover.TAKEOVER_FUN, "tgt": "net2", "tgt_type": "glob", "jid": "9",
-            "arg": args + [dict(kwargs, __kwarg__=True)]}
-    assert failover.parse_order({"load": load}, "net2") == {"jid": "9", "fun": failover.TAKEOVER_FUN,
-                                                            "args": args, "kwargs": kwargs}
+    load = {
+        "fun": failover.TAKEOVER_FUN,
+        "tgt": "net2",
+        "tgt_type": "glob",
+        "jid": "9",
+        "arg": args + [dict(kwargs, __kwarg__=True)],
+    }
+    assert failover.parse_order({"load": load}, "net2") == {
+        "jid": "9",
+        "fun": failover.TAKEOVER_FUN,
+        "args": args,
+        "kwargs": kwargs,
+    }
     assert set(kwargs) <= failover.TAKEOVER_KWARGS
     args, kwargs = failover.takeover_order("shared", 3, "net1", handover=True)
     assert kwargs == {"previous": "net1", "handover": True}
 
 
 def test_a_relinquish_order_is_heard_too_and_nothing_else():
-    load = {"fun": failover.RELINQUISH_FUN, "tgt": "net1", "tgt_type": "glob", "jid": "10",
-            "arg": ["shared", 4, "net2"]}
+    load = {
+        "fun": failover.RELINQUISH_FUN,
+        "tgt": "net1",
+        "tgt_type": "glob",
+        "jid": "10",
+        "arg": ["shared", 4, "net2"],
+    }
     assert failover.parse_order({"load": load}, "net1") == {
-        "jid": "10", "fun": failover.RELINQUISH_FUN, "args": ["shared", 4, "net2"], "kwargs": {}}
+        "jid": "10",
+        "fun": failover.RELINQUISH_FUN,
+        "args": ["shared", 4, "net2"],
+        "kwargs": {},
+    }
     assert failover.parse_order({"load": dict(load, arg=["shared", 4])}, "net1") is None
     assert failover.parse_order({"load": dict(load, tgt="net2")}, "net1") is None
     assert failover.parse_order({"load": dict(load, fun="cmd.run")}, "net1") is None
@@ -329,20 +383,25 @@ def test_a_dead_owner_that_a_live_host_sees_down_is_replaced_without_a_report(cf
     views = {"net3": {"net1": "down"}, "compute1": {"net1": "down"}}
     moves, orders = failover.reconcile(cfg3, {}, verdicts, views, None, NOW, {})
     assert moves == [Move("shared", "net1", "net3", 1)], "a standby that sees it down first"
-    assert orders == [Order("takeover", "net3", "shared", 1, previous="net1"),
-                      Order("relinquish", "net1", "shared", 1, owner="net3")]
+    assert orders == [
+        Order("takeover", "net3", "shared", 1, previous="net1"),
+        Order("relinquish", "net1", "shared", 1, owner="net3"),
+    ]
     moves, _ = failover.reconcile(cfg3, {}, verdicts, {"compute1": {"net1": "down"}}, None, NOW, {})
     assert moves == [Move("shared", "net1", "net2", 1)], "else the first live standby"
 
 
-@pytest.mark.parametrize("verdicts,views", [
-    (dict(ALIVE3, net1="dead"), {}),                                   # nobody else asked
-    (dict(ALIVE3, net1="dead"), {"net2": {"net1": "up"}}),             # the segment sees it
-    (dict(ALIVE3, net1="dead"), {"compute2": {"net1": "down"}}),       # not a host of shared
-    (dict(ALIVE3, net1="dead", net2="dead"), {"net2": {"net1": "down"}}),  # a dead witness
-    (dict(net1="dead", net2="dead", net3="dead"), {"compute1": {"net1": "down"}}),  # no live standby
-    (dict(ALIVE3, net1=None), {"net2": {"net1": "down"}}),             # the master cannot tell
-])
+@pytest.mark.parametrize(
+    "verdicts,views",
+    [
+        (dict(ALIVE3, net1="dead"), {}),  # nobody else asked
+        (dict(ALIVE3, net1="dead"), {"net2": {"net1": "up"}}),  # the segment sees it
+        (dict(ALIVE3, net1="dead"), {"compute2": {"net1": "down"}}),  # not a host of shared
+        (dict(ALIVE3, net1="dead", net2="dead"), {"net2": {"net1": "down"}}),  # a dead witness
+        (dict(net1="dead", net2="dead", net3="dead"), {"compute1": {"net1": "down"}}),  # no live standby
+        (dict(ALIVE3, net1=None), {"net2": {"net1": "down"}}),  # the master cannot tell
+    ],
+)
 def test_the_masters_view_alone_moves_nothing(cfg3, verdicts, views):
     assert failover.reconcile(cfg3, {}, verdicts, views, None, NOW, {})[0] == []
 
@@ -357,12 +416,12 @@ def test_owner_and_first_standby_dead_together_the_third_serves(cfg3):
 def test_an_unconfirmed_move_is_ordered_again_until_confirmed(cfg3):
     """The master died between recording the decision and publishing the order, or the
     order was lost, or the takeover failed."""
-    owners = {"shared": {"owner": "net2", "epoch": 4, "since": NOW - 10, "previous": "net1",
-                         "confirmed": False}}
+    owners = {"shared": {"owner": "net2", "epoch": 4, "since": NOW - 10, "previous": "net1", "confirmed": False}}
     order = Order("takeover", "net2", "shared", 4, previous="net1")
     assert failover.reconcile(cfg3, owners, ALIVE3, {}, None, NOW, {}) == ([], [order])
-    assert failover.reconcile(cfg3, owners, ALIVE3, {}, None, NOW, {order.key: NOW - 1}) == ([], []), \
+    assert failover.reconcile(cfg3, owners, ALIVE3, {}, None, NOW, {order.key: NOW - 1}) == ([], []), (
         "not more often than every confirm_s"
+    )
     assert failover.reconcile(cfg3, owners, ALIVE3, {}, None, NOW, {order.key: NOW - 6})[1] == [order]
     fresh = {"shared": dict(owners["shared"], since=NOW - 1)}
     assert failover.reconcile(cfg3, fresh, ALIVE3, {}, None, NOW, {}) == ([], []), "give it time first"
@@ -380,17 +439,18 @@ def test_an_unconfirmed_handover_is_ordered_again_as_a_handover(cfg3):
     assert owners["shared"]["handover"] is True
     assert failover.reconcile(cfg3, owners, ALIVE3, {}, None, NOW, {})[1] == [
         Order("relinquish", "net1", "shared", 1, owner="net2"),
-        Order("takeover", "net2", "shared", 1, previous="net1", handover=True)]
+        Order("takeover", "net2", "shared", 1, previous="net1", handover=True),
+    ]
 
 
 def test_fencing_a_second_holder_and_rebinding_a_lost_gateway(cfg3):
     owners = {"shared": {"owner": "net2", "epoch": 4, "since": NOW - 60, "confirmed": True}}
     healed = {"net1": {"shared": True}, "net2": {"shared": True}, "net3": {"shared": False}}
     assert failover.reconcile(cfg3, owners, ALIVE3, {}, healed, NOW, {})[1] == [
-        Order("relinquish", "net1", "shared", 4, owner="net2")]
+        Order("relinquish", "net1", "shared", 4, owner="net2")
+    ]
     lost = {"net1": {"shared": False}, "net2": {"shared": False}}
-    assert failover.reconcile(cfg3, owners, ALIVE3, {}, lost, NOW, {})[1] == [
-        Order("takeover", "net2", "shared", 4)]
+    assert failover.reconcile(cfg3, owners, ALIVE3, {}, lost, NOW, {})[1] == [Order("takeover", "net2", "shared", 4)]
     # never moved, nobody holds it yet (a fresh cluster): left to the highstate
     assert failover.reconcile(cfg3, {}, ALIVE3, {}, lost, NOW, {}) == ([], [])
 
@@ -406,8 +466,7 @@ def test_two_appliers_at_once_keep_each_others_records(tmp_path):
     a, b = Managed(paths), Managed(paths)
     a.set("links", a.get("links") | {"br200 10.20.0.1/24"})
     b.set("links", b.get("links") | {"br300 10.30.0.1/24"})
-    assert Managed(paths).get("links") == {"br100", "br100 10.0.0.1/24", "br200 10.20.0.1/24",
-                                           "br300 10.30.0.1/24"}
+    assert Managed(paths).get("links") == {"br100", "br100 10.0.0.1/24", "br200 10.20.0.1/24", "br300 10.30.0.1/24"}
     a.set("links", a.get("links") - {"br100 10.0.0.1/24"})
     assert Managed(paths).get("links") == {"br100", "br200 10.20.0.1/24", "br300 10.30.0.1/24"}
     # an applier that records twice from the set it read first (dnsmasq does, per change)
@@ -422,14 +481,20 @@ def test_two_appliers_at_once_keep_each_others_records(tmp_path):
 
 def test_the_cluster_view_says_who_serves_and_whether_all_agree(cfg):
     def st(role, addrs, fips=()):
-        return {"networks": {"shared": {"role": role, "addresses": addrs, "present": True},
-                             "private": {"role": "serving", "addresses": [], "present": True}},
-                "floating_ips": [{"address": a, "interface": "eth0"} for a in fips]}
+        return {
+            "networks": {
+                "shared": {"role": role, "addresses": addrs, "present": True},
+                "private": {"role": "serving", "addresses": [], "present": True},
+            },
+            "floating_ips": [{"address": a, "interface": "eth0"} for a in fips],
+        }
 
     owners = {"shared": {"owner": "net2", "epoch": 2, "confirmed": True}}
-    answers = {"net1": st("standby", ["10.20.0.11/24"]),
-               "net2": st("serving", ["10.20.0.12/24", "10.20.0.1/24"], ["203.0.113.50"]),
-               "compute1": {"networks": {"private": {"present": True}}}}
+    answers = {
+        "net1": st("standby", ["10.20.0.11/24"]),
+        "net2": st("serving", ["10.20.0.12/24", "10.20.0.1/24"], ["203.0.113.50"]),
+        "compute1": {"networks": {"private": {"present": True}}},
+    }
     got = failover.cluster_status(cfg, owners, answers)
     shared = got["networks"]["shared"]
     assert (shared["owner"], shared["epoch"], shared["confirmed"], shared["agree"]) == ("net2", 2, True, True)
@@ -446,16 +511,32 @@ def test_the_cluster_view_says_who_serves_and_whether_all_agree(cfg):
 
 def test_the_operators_screen_names_owner_holders_and_problems(cfg):
     def st(role, addrs, dnsmasq=True):
-        return {"networks": {"shared": {"role": role, "addresses": addrs, "present": True,
-                                        "dnsmasq": {"running": dnsmasq}}}, "floating_ips": []}
+        return {
+            "networks": {
+                "shared": {"role": role, "addresses": addrs, "present": True, "dnsmasq": {"running": dnsmasq}}
+            },
+            "floating_ips": [],
+        }
 
-    owners = {"shared": {"owner": "net2", "epoch": 3, "confirmed": False, "since": 0.0,
-                         "reason": "net1 down (seen by compute1)"}}
+    owners = {
+        "shared": {
+            "owner": "net2",
+            "epoch": 3,
+            "confirmed": False,
+            "since": 0.0,
+            "reason": "net1 down (seen by compute1)",
+        }
+    }
     answers = {"net2": st("serving", ["10.20.0.1/24"], dnsmasq=False)}
     got = failover.cluster_status(cfg, owners, answers)
     problems = [p["problem"] for p in got["problems"] if p.get("network") == "shared"]
-    assert problems == ["compute1 did not answer", "dnsmasq is not running on net2", "net1 did not answer",
-                        "no standby answered", "the move to net2 (epoch 3) is not confirmed yet"]
+    assert problems == [
+        "compute1 did not answer",
+        "dnsmasq is not running on net2",
+        "net1 did not answer",
+        "no standby answered",
+        "the move to net2 (epoch 3) is not confirmed yet",
+    ]
     text = failover.status_table(got)
     row = next(line for line in text.splitlines() if line.startswith("shared"))
     assert row.split()[:6] == ["shared", "network", "hosts", "net2", "3", "1970-01-01"]
@@ -463,24 +544,32 @@ def test_the_operators_screen_names_owner_holders_and_problems(cfg):
     assert "PROBLEMS (" in text and "network shared: dnsmasq is not running on net2" in text
     answers["net2"] = st("standby", [])  # nobody holds the gateway
     got = failover.cluster_status(cfg, owners, answers)
-    assert {"network": "shared", "problem": "no host holds the gateway 10.20.0.1 (the record says net2)"} \
-        in got["problems"]
+    assert {"network": "shared", "problem": "no host holds the gateway 10.20.0.1 (the record says net2)"} in got[
+        "problems"
+    ]
     got.update(record_error="etcd cannot read the record", record_backend="etcd x")
     assert "RECORD UNAVAILABLE (etcd x): etcd cannot read the record" in failover.status_table(got)
 
 
 def test_clock_skew_is_a_problem_past_five_seconds(cfg):
-    answers = {"net1": {"time": 1000.0}, "net2": {"time": 1012.0}, "compute1": {"time": 990.0},
-               "compute2": {"time": 1001.0}, "old": {}}
+    answers = {
+        "net1": {"time": 1000.0},
+        "net2": {"time": 1012.0},
+        "compute1": {"time": 990.0},
+        "compute2": {"time": 1001.0},
+        "old": {},
+    }
     skew = failover.clock_skew(answers, 1000.0, 1002.0)
     assert skew == {"net1": 0.0, "net2": 10.0, "compute1": -10.0, "compute2": 0.0}
     got = failover.cluster_status(cfg, {}, {h: {"networks": {}} for h in answers}, skew)
     clocks = [p for p in got["problems"] if "clock" in p["problem"]]
     assert clocks == [
-        {"host": "compute1", "problem": "its clock is 10.0 s behind the master's: its reports go stale past "
-                                        "30 s (NTP)"},
-        {"host": "net2", "problem": "its clock is 10.0 s ahead of the master's: its reports go stale past "
-                                    "30 s (NTP)"}]
+        {
+            "host": "compute1",
+            "problem": "its clock is 10.0 s behind the master's: its reports go stale past 30 s (NTP)",
+        },
+        {"host": "net2", "problem": "its clock is 10.0 s ahead of the master's: its reports go stale past 30 s (NTP)"},
+    ]
 
 
 def test_a_report_after_the_decision_is_late_not_wrong(cfg):
@@ -494,19 +583,43 @@ def test_a_report_after_the_decision_is_late_not_wrong(cfg):
 
 def test_a_confirmed_move_keeps_how_long_it_took_and_its_path():
     owners = {"shared": {"owner": "net2", "epoch": 3, "since": 100.0, "confirmed": False}}
-    complete = {"network": "shared", "to": "net2", "epoch": 3, "detected_at": 100.2, "completed_at": 100.55,
-                "bound_by": "warm", "decision": {"via": "engine"}, "timings": {"dhcp_s": 0.21}}
+    complete = {
+        "network": "shared",
+        "to": "net2",
+        "epoch": 3,
+        "detected_at": 100.2,
+        "completed_at": 100.55,
+        "bound_by": "warm",
+        "decision": {"via": "engine"},
+        "timings": {"dhcp_s": 0.21},
+    }
     assert not failover.confirm(owners, "shared", "net1", 3, complete), "not the owner"
     assert failover.confirm(owners, "shared", "net2", 3, complete)
-    assert owners["shared"] == {"owner": "net2", "epoch": 3, "since": 100.0, "confirmed": True,
-                                "took": 0.35, "path": "engine/warm"}
+    assert owners["shared"] == {
+        "owner": "net2",
+        "epoch": 3,
+        "since": 100.0,
+        "confirmed": True,
+        "took": 0.35,
+        "path": "engine/warm",
+    }
     assert not failover.confirm(owners, "shared", "net2", 3, complete), "once"
     planned = dict(complete, planned=True, decision=None, bound_by="job")
     assert failover.move_summary(planned) == {"took": 0.21, "path": "planned/job"}
     assert failover.move_summary(None) == {}
-    status = {"networks": {"shared": {"multi_host": False, "owner": "net2", "epoch": 3, "gateway_on": ["net2"],
-                                      "serving": ["net2"], "standby": ["net1"]}},
-              "record": owners}
+    status = {
+        "networks": {
+            "shared": {
+                "multi_host": False,
+                "owner": "net2",
+                "epoch": 3,
+                "gateway_on": ["net2"],
+                "serving": ["net2"],
+                "standby": ["net1"],
+            }
+        },
+        "record": owners,
+    }
     row = next(line for line in failover.status_table(status).splitlines() if line.startswith("shared"))
     assert "0.350 s" in row and "engine/warm" in row, row
 
@@ -516,8 +629,9 @@ def test_whom_the_reconcile_loop_asks(cfg3):
     assert failover.to_ask(cfg3, {}, verdicts, audit=False) == set()
     assert failover.to_ask(cfg3, {}, verdicts, audit=True) == {"net1", "net2", "net3"}
     verdicts["net1"] = "dead"
-    assert failover.to_ask(cfg3, {}, verdicts, audit=False) == {"net2", "net3", "compute1"}, \
+    assert failover.to_ask(cfg3, {}, verdicts, audit=False) == {"net2", "net3", "compute1"}, (
         "the dead owner's witnesses, not the dead"
+    )
     move = Move("shared", "net1", "net2", 1)
     assert failover.still_valid(cfg3, {}, move)
     assert not failover.still_valid(cfg3, {"shared": {"owner": "net2", "epoch": 1}}, move)

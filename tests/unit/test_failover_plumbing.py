@@ -1,6 +1,7 @@
 """The pure parts of the failover fast path: which publications the beacon's order
 listener acts on, what the master's engine dispatches, and the beacon configuration a
 network host gets (it listens for orders; a standby also probes what it would take)."""
+
 import importlib.util
 import os
 
@@ -23,29 +24,41 @@ engine = _load("_engines/hanet_failover.py", "hanet_failover_under_test")
 
 
 def order(**load):
-    base = {"fun": "hanet.takeover", "tgt": "net2", "tgt_type": "glob", "jid": "1",
-            "arg": ["shared", 3, {"__kwarg__": True, "previous": "net1", "detected_at": 1.5}]}
+    base = {
+        "fun": "hanet.takeover",
+        "tgt": "net2",
+        "tgt_type": "glob",
+        "jid": "1",
+        "arg": ["shared", 3, {"__kwarg__": True, "previous": "net1", "detected_at": 1.5}],
+    }
     base.update(load)
     return {"enc": "aes", "load": base}
 
 
 def test_an_order_for_this_minion_is_parsed():
     got = failover.parse_order(order(), "net2")
-    assert got == {"jid": "1", "fun": "hanet.takeover", "args": ["shared", 3],
-                   "kwargs": {"previous": "net1", "detected_at": 1.5}}
+    assert got == {
+        "jid": "1",
+        "fun": "hanet.takeover",
+        "args": ["shared", 3],
+        "kwargs": {"previous": "net1", "detected_at": 1.5},
+    }
     assert failover.parse_order(order(tgt=["net2"], tgt_type="list"), "net2")["args"] == ["shared", 3]
 
 
-@pytest.mark.parametrize("load", [
-    {"tgt": "net1"},                          # another minion's order
-    {"tgt": "net*"},                          # a glob that merely matches: not ours alone
-    {"tgt": ["net2", "net1"], "tgt_type": "list"},
-    {"tgt_type": "compound"},
-    {"fun": "hanet.relinquish"},              # a relinquish takes (network, epoch, owner), no keywords
-    {"fun": "state.apply"},
-    {"arg": ["shared"]},                      # missing the epoch
-    {"arg": ["shared", 3, {"__kwarg__": True, "warm": False}]},  # a keyword the path does not take
-])
+@pytest.mark.parametrize(
+    "load",
+    [
+        {"tgt": "net1"},  # another minion's order
+        {"tgt": "net*"},  # a glob that merely matches: not ours alone
+        {"tgt": ["net2", "net1"], "tgt_type": "list"},
+        {"tgt_type": "compound"},
+        {"fun": "hanet.relinquish"},  # a relinquish takes (network, epoch, owner), no keywords
+        {"fun": "state.apply"},
+        {"arg": ["shared"]},  # missing the epoch
+        {"arg": ["shared", 3, {"__kwarg__": True, "warm": False}]},  # a keyword the path does not take
+    ],
+)
 def test_anything_else_is_left_to_the_minion(load):
     assert failover.parse_order(order(**load), "net2") is None
 
@@ -63,17 +76,20 @@ class _Pool:
         self.calls.append((fn, args))
 
 
-@pytest.mark.parametrize("tag,expect", [
-    ("salt/beacon/net2/hanet_liveness/net1/down", "liveness"),
-    ("salt/beacon/net2/hanet_liveness/net1/up", "liveness"),
-    ("hanet/prime", "prime"),
-    ("salt/minion/net1/start", "prime"),
-    ("salt/beacon/net2/diskusage/", None),
-    ("salt/job/123/new", None),
-    ("hanet/failover/shared/complete", "outcome"),
-    ("hanet/failover/shared/failed", None),
-    ("hanet/failover/shared/rejected", None),
-])
+@pytest.mark.parametrize(
+    "tag,expect",
+    [
+        ("salt/beacon/net2/hanet_liveness/net1/down", "liveness"),
+        ("salt/beacon/net2/hanet_liveness/net1/up", "liveness"),
+        ("hanet/prime", "prime"),
+        ("salt/minion/net1/start", "prime"),
+        ("salt/beacon/net2/diskusage/", None),
+        ("salt/job/123/new", None),
+        ("hanet/failover/shared/complete", "outcome"),
+        ("hanet/failover/shared/failed", None),
+        ("hanet/failover/shared/rejected", None),
+    ],
+)
 def test_the_engine_dispatches_liveness_and_prime_events_only(tag, expect):
     runners = {"hanet.liveness": "L", "hanet.prime": "P", "hanet.outcome": "O"}
     pool = _Pool()
@@ -81,8 +97,7 @@ def test_the_engine_dispatches_liveness_and_prime_events_only(tag, expect):
     if expect is None:
         assert pool.calls == []
     else:
-        assert pool.calls == [(engine._call, ({"liveness": "L", "prime": "P", "outcome": "O"}[expect],
-                                              tag, {"x": 1}))]
+        assert pool.calls == [(engine._call, ({"liveness": "L", "prime": "P", "outcome": "O"}[expect], tag, {"x": 1}))]
 
 
 def _example():
@@ -110,8 +125,10 @@ def test_garp_refresh_reaches_the_network_hosts_beacons_only():
     assert "garp_refresh_s" not in str(host.beacon_config(desired.compute(model.load(ex), "net1")))
     ex["ha"]["garp_refresh_s"] = 30
     cfg = model.load(ex)
-    flat = {h: {k: v for item in host.beacon_config(desired.compute(cfg, h)) for k, v in item.items()}
-            for h in ("net1", "net2", "compute1")}
+    flat = {
+        h: {k: v for item in host.beacon_config(desired.compute(cfg, h)) for k, v in item.items()}
+        for h in ("net1", "net2", "compute1")
+    }
     assert flat["net1"]["garp_refresh_s"] == flat["net2"]["garp_refresh_s"] == 30
     assert "garp_refresh_s" not in flat["compute1"]
     ex["ha"]["garp_refresh_s"] = -1
@@ -119,14 +136,17 @@ def test_garp_refresh_reaches_the_network_hosts_beacons_only():
         model.load(ex)
 
 
-@pytest.mark.parametrize("item,word", [
-    ({"health": {"uplink": "eth0", "segments": ["shared"]}}, "health"),
-    ({"health": "eth0"}, "health"),
-    ({"clock_offset_s": "60"}, "clock_offset_s"),
-    ({"clock_offset_s": True}, "clock_offset_s"),
-    ({"garp_refresh_s": 0}, "garp_refresh_s"),
-    ({"garp_refresh_s": True}, "garp_refresh_s"),
-])
+@pytest.mark.parametrize(
+    "item,word",
+    [
+        ({"health": {"uplink": "eth0", "segments": ["shared"]}}, "health"),
+        ({"health": "eth0"}, "health"),
+        ({"clock_offset_s": "60"}, "clock_offset_s"),
+        ({"clock_offset_s": True}, "clock_offset_s"),
+        ({"garp_refresh_s": 0}, "garp_refresh_s"),
+        ({"garp_refresh_s": True}, "garp_refresh_s"),
+    ],
+)
 def test_a_bad_health_or_clock_item_is_named(item, word):
     ok, why = beacon.validate([{"peers": {}}, item])
     assert not ok and word in why

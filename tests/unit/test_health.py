@@ -1,5 +1,6 @@
 """A network host's own health (``_hanet.health``) and the master's handover decision
 (``_hanet.failover.handover``, and the reconcile loop's half), without Salt or a kernel."""
+
 import pytest
 
 from _hanet import desired, failover, health, host, model
@@ -51,23 +52,27 @@ class Probe:
 
 def watcher(known=None):
     got = []
-    h = health.Health("eth0", {"shared": "eth3", "other": ""}, Probe, lambda lost, at: got.append(lost),
-                      known=known, next_hop=False)
+    h = health.Health(
+        "eth0", {"shared": "eth3", "other": ""}, Probe, lambda lost, at: got.append(lost), known=known, next_hop=False
+    )
     return h, got
 
 
 LINKS = {"eth0": UP_FLAGS, "eth3": UP_FLAGS}
 
 
-@pytest.mark.parametrize("links,hop_ok,lost", [
-    (LINKS, True, []),
-    (LINKS, None, []),                                    # no next hop / no verdict: no evidence
-    (dict(LINKS, eth0=IFF_UP), True, ["other", "shared"]),   # no carrier on the uplink
-    (dict(LINKS, eth0=IFF_LOWER_UP), True, ["other", "shared"]),  # administratively down
-    (LINKS, False, ["other", "shared"]),                  # the next hop does not answer
-    (dict(LINKS, eth3=IFF_UP), True, ["shared"]),         # the segment link of one network
-    ({"eth0": UP_FLAGS}, True, ["shared"]),               # a link that is gone
-])
+@pytest.mark.parametrize(
+    "links,hop_ok,lost",
+    [
+        (LINKS, True, []),
+        (LINKS, None, []),  # no next hop / no verdict: no evidence
+        (dict(LINKS, eth0=IFF_UP), True, ["other", "shared"]),  # no carrier on the uplink
+        (dict(LINKS, eth0=IFF_LOWER_UP), True, ["other", "shared"]),  # administratively down
+        (LINKS, False, ["other", "shared"]),  # the next hop does not answer
+        (dict(LINKS, eth3=IFF_UP), True, ["shared"]),  # the segment link of one network
+        ({"eth0": UP_FLAGS}, True, ["shared"]),  # a link that is gone
+    ],
+)
 def test_what_each_failure_loses(links, hop_ok, lost):
     h, got = watcher()
     for n in range(3):
@@ -120,12 +125,15 @@ def test_a_health_report_parses_and_its_networks_are_signed(tmp_path):
     assert failover.verify(str(tmp_path / "k.pub"), dict(signed, lost=["other"])) == "bad signature"
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda t, d: (t.replace("net1/impaired", "net2/impaired"), dict(d, peer="net2")),  # about another
-    lambda t, d: (t, dict(d, lost="shared")),
-    lambda t, d: (t, dict(d, lost=[])),                      # impaired with nothing lost
-    lambda t, d: (t.replace("impaired", "healthy"), dict(d, state="healthy")),  # healthy, lost
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda t, d: (t.replace("net1/impaired", "net2/impaired"), dict(d, peer="net2")),  # about another
+        lambda t, d: (t, dict(d, lost="shared")),
+        lambda t, d: (t, dict(d, lost=[])),  # impaired with nothing lost
+        lambda t, d: (t.replace("impaired", "healthy"), dict(d, state="healthy")),  # healthy, lost
+    ],
+)
 def test_a_malformed_health_report_is_rejected(mutate):
     data = failover.health_report("net1", ["shared"], NOW)
     tag, data = mutate(failover.liveness_tag("net1", "net1", "impaired"), data)
@@ -153,9 +161,11 @@ def test_an_owner_that_cannot_serve_hands_over_to_the_first_standby_that_can(cfg
     assert v.moves == [Move("shared", "net1", "net2", 1, handover=True)] and v.rejected == []
     hl = {"net2": {"lost": ["shared"], "since": NOW - 100}}
     assert failover.handover(cfg3, {}, "net1", ["shared"], hl, now=NOW).moves == [
-        Move("shared", "net1", "net3", 1, handover=True)], "net2 lost it too"
+        Move("shared", "net1", "net3", 1, handover=True)
+    ], "net2 lost it too"
     assert failover.handover(cfg3, {}, "net1", ["shared"], {}, dead={"net2"}, now=NOW).moves == [
-        Move("shared", "net1", "net3", 1, handover=True)], "net2 is dead"
+        Move("shared", "net1", "net3", 1, handover=True)
+    ], "net2 is dead"
 
 
 def test_when_no_standby_can_serve_the_owner_keeps_the_network(cfg3):
@@ -165,8 +175,10 @@ def test_when_no_standby_can_serve_the_owner_keeps_the_network(cfg3):
 
 
 def test_a_flapping_standby_is_not_trusted_until_it_held_still_for_the_dwell_time(cfg3):
-    hl = {"net2": {"lost": [], "since": NOW - failover.DWELL_S + 1},
-          "net3": {"lost": [], "since": NOW - failover.DWELL_S - 1}}
+    hl = {
+        "net2": {"lost": [], "since": NOW - failover.DWELL_S + 1},
+        "net3": {"lost": [], "since": NOW - failover.DWELL_S - 1},
+    }
     assert failover.handover(cfg3, {}, "net1", ["shared"], hl, now=NOW).moves[0].new == "net3"
 
 
@@ -174,13 +186,15 @@ def test_only_an_owner_hands_over(cfg3):
     owners = {"shared": {"owner": "net2", "epoch": 4}}
     assert failover.handover(cfg3, owners, "net1", ["shared"], {}, now=NOW).moves == []
     assert failover.handover(cfg3, owners, "net2", ["shared", "private", "nope"], {}, now=NOW).moves == [
-        Move("shared", "net2", "net1", 5, handover=True)]
+        Move("shared", "net2", "net1", 5, handover=True)
+    ]
 
 
 def test_the_old_owner_lets_go_before_the_new_one_binds():
     assert failover.handover_orders(Move("shared", "net1", "net2", 5)) == [
         Order("relinquish", "net1", "shared", 5, owner="net2"),
-        Order("takeover", "net2", "shared", 5, previous="net1", handover=True)]
+        Order("takeover", "net2", "shared", 5, previous="net1", handover=True),
+    ]
 
 
 ALIVE3 = {"net1": "alive", "net2": "alive", "net3": "alive"}
@@ -193,8 +207,9 @@ def test_reconcile_hands_over_when_the_report_was_lost(cfg3):
     assert moves == [Move("shared", "net1", "net2", 3, handover=True)]
     assert orders == failover.handover_orders(moves[0])
     hl.update(net2={"lost": ["shared"], "since": NOW - 60}, net3={"lost": ["shared"], "since": NOW - 60})
-    assert failover.reconcile(cfg3, owners, ALIVE3, {}, None, NOW, {}, health=hl) == ([], []), \
+    assert failover.reconcile(cfg3, owners, ALIVE3, {}, None, NOW, {}, health=hl) == ([], []), (
         "nobody else can serve it: no move"
+    )
 
 
 # --------------------------------------------------------------------------- DAD on apply
@@ -205,8 +220,7 @@ def test_an_apply_adds_a_moving_gateway_last_and_only_when_nobody_answers(monkey
     from _hanet.common import Change
 
     applied, probed = [], []
-    monkeypatch.setattr(links, "apply", lambda changes, managed: applied.extend(changes) or
-                        [str(c) for c in changes])
+    monkeypatch.setattr(links, "apply", lambda changes, managed: applied.extend(changes) or [str(c) for c in changes])
     answers = {"10.20.0.1": "02:00:00:00:00:09", "10.30.0.1": None}
     monkeypatch.setattr(arp, "probe", lambda ip, link, timeout, tries: probed.append(ip) or answers[ip])
     gw = Change("links", "add", "br200 10.20.0.1/24", {"link": "br200", "address": "10.20.0.1/24"})

@@ -2,6 +2,7 @@
 with hot multi-master Salt runs the beacon in the first master's minion object, whose
 pillar is empty while that master is down; a warm takeover, the fence and the
 announcements must still know the networks."""
+
 import importlib.util
 import json
 import os
@@ -22,7 +23,8 @@ def _apply(mod, test=False):
 
 def _module(tmp_path, pillar):
     spec = importlib.util.spec_from_file_location(
-        "hanet_module_under_test", os.path.join(HERE, "..", "..", "_modules", "hanet.py"))
+        "hanet_module_under_test", os.path.join(HERE, "..", "..", "_modules", "hanet.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     mod.__opts__ = {"id": "net2", "root_dir": str(tmp_path)}

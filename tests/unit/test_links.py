@@ -1,5 +1,6 @@
 """links: the pure planner (unit + property tests against a model of the kernel), the
 exact VLAN netlink request, and end-to-end runs in throw-away network namespaces."""
+
 import errno
 import ipaddress
 import itertools
@@ -23,8 +24,9 @@ def flat(name="br100", uplink="eth1", addresses=("192.168.0.3/24",), mtu=1500):
 
 
 def vxlan(vni=5102, parent="eth2", group=None, remotes=(), port=4789, mtu=1500):
-    return Segment(kind="vxlan", name=f"vx{vni}", parent=parent, vni=vni, group=group,
-                   remotes=tuple(remotes), port=port, mtu=mtu)
+    return Segment(
+        kind="vxlan", name=f"vx{vni}", parent=parent, vni=vni, group=group, remotes=tuple(remotes), port=port, mtu=mtu
+    )
 
 
 def vlan(vid=101, parent="eth2", mtu=1500):
@@ -32,8 +34,7 @@ def vlan(vid=101, parent="eth2", mtu=1500):
 
 
 def segmented(seg, name="br103", addresses=("172.16.102.4/24",), mtu=1500):
-    return Bridge(name=name, network="blue", uplink=seg.name, segment=seg, mtu=mtu,
-                  addresses=tuple(addresses))
+    return Bridge(name=name, network="blue", uplink=seg.name, segment=seg, mtu=mtu, addresses=tuple(addresses))
 
 
 def steps(changes):
@@ -47,8 +48,13 @@ def test_fresh_flat_bridge_plan_in_order():
     d = flat(addresses=("192.168.0.3/24", "192.168.0.1/24"))
     changes = plan((d,), (), set())
     assert steps(changes) == [
-        "create br100", "enslave eth1", "set eth1", "set br100",
-        "add br100 192.168.0.3/24", "add br100 192.168.0.1/24"]
+        "create br100",
+        "enslave eth1",
+        "set eth1",
+        "set br100",
+        "add br100 192.168.0.3/24",
+        "add br100 192.168.0.1/24",
+    ]
     assert changes[0].detail == {"kind": "bridge", "mtu": 1500}
     assert changes[1].detail == {"master": "br100"}
     assert changes[2].detail == {"mtu_min": 1500, "state": "up"}
@@ -57,8 +63,11 @@ def test_fresh_flat_bridge_plan_in_order():
 
 
 def test_converged_plan_is_empty():
-    d = (flat(), segmented(vxlan(remotes=("10.0.0.2", "10.0.0.3")), name="br103"),
-         segmented(vlan(), name="br101", addresses=()))
+    d = (
+        flat(),
+        segmented(vxlan(remotes=("10.0.0.2", "10.0.0.3")), name="br103"),
+        segmented(vlan(), name="br101", addresses=()),
+    )
     managed = {"br100", "br103", "vx5102", "br101", "vlan101"}
     assert plan(d, d, managed) == []
     assert plan(d, d, set()) == []
@@ -66,8 +75,11 @@ def test_converged_plan_is_empty():
 
 def test_observed_compares_as_bridge():
     d = flat()
-    o = Observed(**{f: getattr(d, f) for f in ("name", "network", "uplink", "segment", "mtu", "addresses")},
-                 mac="aa:bb:cc:dd:ee:ff", uplink_mac="aa:bb:cc:dd:ee:ff")
+    o = Observed(
+        **{f: getattr(d, f) for f in ("name", "network", "uplink", "segment", "mtu", "addresses")},
+        mac="aa:bb:cc:dd:ee:ff",
+        uplink_mac="aa:bb:cc:dd:ee:ff",
+    )
     assert o == d and d == o and hash(o) == hash(d)
     assert o.as_bridge() == d and type(o.as_bridge()) is Bridge
     assert plan((d,), (o,), {"br100"}) == []
@@ -75,22 +87,31 @@ def test_observed_compares_as_bridge():
 
 def test_observed_drift_is_fixed():
     d = flat()
-    o = Observed(name="br100", network="private", uplink="eth1", mtu=1500, addresses=d.addresses,
-                 up=False, stp_state=1, forward_delay=1500, mac="02:00:00:00:00:01",
-                 uplink_mac="02:00:00:00:00:02", uplink_mtu=1400, uplink_up=False)
+    o = Observed(
+        name="br100",
+        network="private",
+        uplink="eth1",
+        mtu=1500,
+        addresses=d.addresses,
+        up=False,
+        stp_state=1,
+        forward_delay=1500,
+        mac="02:00:00:00:00:01",
+        uplink_mac="02:00:00:00:00:02",
+        uplink_mtu=1400,
+        uplink_up=False,
+    )
     changes = plan((d,), (o,), {"br100"})
     assert steps(changes) == ["set eth1", "set br100"]
     assert changes[0].detail == {"mtu_min": 1500, "state": "up"}
-    assert changes[1].detail == {"stp_state": 0, "forward_delay": 0, "mtu": 1500,
-                                 "address_of": "eth1", "state": "up"}
+    assert changes[1].detail == {"stp_state": 0, "forward_delay": 0, "mtu": 1500, "address_of": "eth1", "state": "up"}
 
 
 def test_mtu_change_only_sets_mtu():
     cur = flat()
     changes = plan((flat(mtu=9000),), (cur,), {"br100"})
     assert steps(changes) == ["set br100"] and changes[0].detail == {"mtu": 9000}
-    obs = Observed(name="br100", network="private", uplink="eth1", mtu=1500,
-                   addresses=cur.addresses, uplink_mtu=1500)
+    obs = Observed(name="br100", network="private", uplink="eth1", mtu=1500, addresses=cur.addresses, uplink_mtu=1500)
     changes = plan((flat(mtu=9000),), (obs,), {"br100"})
     assert steps(changes) == ["set eth1", "set br100"]
     assert changes[0].detail == {"mtu_min": 9000}
@@ -106,23 +127,24 @@ def test_address_change_is_only_that_change():
 
 def test_extra_addresses_are_removed():
     cur = flat(addresses=("192.168.0.3/24", "10.9.9.9/8", "192.168.0.1/24"))
-    assert steps(plan((flat(),), (cur,), set())) == [
-        "remove br100 192.168.0.1/24", "remove br100 10.9.9.9/8"]
+    assert steps(plan((flat(),), (cur,), set())) == ["remove br100 192.168.0.1/24", "remove br100 10.9.9.9/8"]
 
 
 def test_wrong_primary_is_fixed():
     cur = flat(addresses=("192.168.0.1/24", "192.168.0.3/24"))
     new = flat(addresses=("192.168.0.3/24", "192.168.0.1/24"))
     assert steps(plan((new,), (cur,), {"br100"})) == [
-        "remove br100 192.168.0.3/24", "remove br100 192.168.0.1/24",
-        "add br100 192.168.0.3/24", "add br100 192.168.0.1/24"]
+        "remove br100 192.168.0.3/24",
+        "remove br100 192.168.0.1/24",
+        "add br100 192.168.0.3/24",
+        "add br100 192.168.0.1/24",
+    ]
 
 
 def test_removing_a_primary_re_adds_its_kept_secondaries():
     cur = flat(addresses=("10.0.0.1/24", "10.1.0.1/16", "10.1.0.2/16"))
     new = flat(addresses=("10.0.0.1/24", "10.1.0.2/16"))
-    assert steps(plan((new,), (cur,), set())) == [
-        "remove br100 10.1.0.1/16", "add br100 10.1.0.2/16"]
+    assert steps(plan((new,), (cur,), set())) == ["remove br100 10.1.0.1/16", "add br100 10.1.0.2/16"]
 
 
 def test_delete_what_hanet_made_and_only_that():
@@ -149,13 +171,26 @@ def test_fresh_vxlan_with_remotes():
     seg = vxlan(remotes=("10.0.0.2", "10.0.0.3"), port=4790)
     changes = plan((segmented(seg),), (), set())
     assert steps(changes) == [
-        "set eth2", "create vx5102", "add vx5102 remote 10.0.0.2", "add vx5102 remote 10.0.0.3",
-        "create br103", "enslave vx5102", "set br103", "add br103 172.16.102.4/24"]
+        "set eth2",
+        "create vx5102",
+        "add vx5102 remote 10.0.0.2",
+        "add vx5102 remote 10.0.0.3",
+        "create br103",
+        "enslave vx5102",
+        "set br103",
+        "add br103 172.16.102.4/24",
+    ]
     assert changes[0].detail == {"mtu_min": 1550}
     create = changes[1].detail
-    assert (create["kind"], create["vni"], create["parent"], create["port"], create["mtu"],
-            create["group"], create["remotes"]) == ("vxlan", 5102, "eth2", 4790, 1500, None,
-                                                    ["10.0.0.2", "10.0.0.3"])
+    assert (
+        create["kind"],
+        create["vni"],
+        create["parent"],
+        create["port"],
+        create["mtu"],
+        create["group"],
+        create["remotes"],
+    ) == ("vxlan", 5102, "eth2", 4790, 1500, None, ["10.0.0.2", "10.0.0.3"])
     assert changes[2].detail == {"link": "vx5102", "remote": "10.0.0.2"}
     assert changes[6].detail == {"mtu": 1500, "address_of": "vx5102", "state": "up"}
 
@@ -164,14 +199,21 @@ def test_vxlan_remotes_change_only_touches_fdb():
     cur = segmented(vxlan(remotes=("10.0.0.2", "10.0.0.3")))
     new = segmented(vxlan(remotes=("10.0.0.3", "10.0.0.4")))
     assert steps(plan((new,), (cur,), {"br103", "vx5102"})) == [
-        "add vx5102 remote 10.0.0.4", "remove vx5102 remote 10.0.0.2"]
+        "add vx5102 remote 10.0.0.4",
+        "remove vx5102 remote 10.0.0.2",
+    ]
 
 
 def test_vxlan_group_change_recreates_the_link():
     cur = segmented(vxlan(group="239.1.1.1"))
     new = segmented(vxlan(group="239.1.1.2"))
     assert steps(plan((new,), (cur,), {"br103", "vx5102"})) == [
-        "set eth2", "delete vx5102", "create vx5102", "enslave vx5102", "set br103"]
+        "set eth2",
+        "delete vx5102",
+        "create vx5102",
+        "enslave vx5102",
+        "set br103",
+    ]
 
 
 def test_vxlan_ipv6_underlay_overhead():
@@ -181,8 +223,14 @@ def test_vxlan_ipv6_underlay_overhead():
 
 def test_fresh_vlan():
     changes = plan((segmented(vlan(), name="br101"),), (), set())
-    assert steps(changes) == ["set eth2", "create vlan101", "create br101", "enslave vlan101",
-                              "set br101", "add br101 172.16.102.4/24"]
+    assert steps(changes) == [
+        "set eth2",
+        "create vlan101",
+        "create br101",
+        "enslave vlan101",
+        "set br101",
+        "add br101 172.16.102.4/24",
+    ]
     assert changes[1].detail["vlan_id"] == 101 and changes[1].detail["kind"] == "vlan"
 
 
@@ -199,8 +247,7 @@ def test_uplink_change_releases_the_old_one():
     changes = plan((flat(uplink="eth3"),), (flat(uplink="eth1"),), {"br100"})
     assert steps(changes)[:2] == ["release eth1", "enslave eth3"]
     # ...unless another desired bridge takes it
-    changes = plan((flat(uplink="eth3"), flat(name="br200", uplink="eth1")),
-                   (flat(uplink="eth1"),), {"br100"})
+    changes = plan((flat(uplink="eth3"), flat(name="br200", uplink="eth1")), (flat(uplink="eth1"),), {"br100"})
     assert "release eth1" not in steps(changes)
 
 
@@ -225,9 +272,19 @@ class KernelModel:
             self._new(name, None, 1500)
 
     def _new(self, name, kind, mtu, mac=None, **extra):
-        link = dict(kind=kind, master=None, mtu=mtu, up=False, mtu_user=False, stp=0, fd=0,
-                    mac=mac or "02:00:00:00:%02x:%02x" % divmod(next(self._macs) % 65536, 256),
-                    addrs=[], seg=None, remotes=[])
+        link = dict(
+            kind=kind,
+            master=None,
+            mtu=mtu,
+            up=False,
+            mtu_user=False,
+            stp=0,
+            fd=0,
+            mac=mac or "02:00:00:00:%02x:%02x" % divmod(next(self._macs) % 65536, 256),
+            addrs=[],
+            seg=None,
+            remotes=[],
+        )
         link.update(extra)
         self.links[name] = link
         return link
@@ -329,8 +386,7 @@ class KernelModel:
                     return
                 addrs.remove(entry[0])
                 if not entry[0][1]:  # a primary takes its secondaries with it
-                    addrs[:] = [e for e in addrs
-                                if not (e[1] and ipaddress.ip_interface(e[0]).network == net)]
+                    addrs[:] = [e for e in addrs if not (e[1] and ipaddress.ip_interface(e[0]).network == net)]
         elif "remote" in d:
             remotes = self.links[d["link"]]["remotes"]
             if ch.action == "add" and d["remote"] not in remotes:
@@ -345,8 +401,7 @@ class KernelModel:
         names = list(dmap) + sorted(set(managed) - set(dmap))
         interest = set(names)
         for b in desired:
-            interest.update(n for n in (b.uplink, b.segment and b.segment.name,
-                                        b.segment and b.segment.parent) if n)
+            interest.update(n for n in (b.uplink, b.segment and b.segment.name, b.segment and b.segment.parent) if n)
         out = []
         for name in names:
             br = self.links.get(name)
@@ -357,30 +412,54 @@ class KernelModel:
             if d is not None and d.uplink in ports:
                 uplink = d.uplink
             else:
-                uplink = next(itertools.chain(
-                    (p for p in ports if self.links[p]["kind"] in links.SEGMENT_KINDS),
-                    (p for p in ports if self.links[p]["mac"] == br["mac"]),
-                    (p for p in ports if p in interest),
-                    (p for p in ports if self.links[p]["kind"] is None), [None]))
+                uplink = next(
+                    itertools.chain(
+                        (p for p in ports if self.links[p]["kind"] in links.SEGMENT_KINDS),
+                        (p for p in ports if self.links[p]["mac"] == br["mac"]),
+                        (p for p in ports if p in interest),
+                        (p for p in ports if self.links[p]["kind"] is None),
+                        [None],
+                    )
+                )
             segment = None
             if uplink and self.links[uplink]["seg"]:
                 u = self.links[uplink]
                 s = u["seg"]
                 order = list(d.segment.remotes) if d is not None and d.segment else []
                 remotes = sorted(u["remotes"], key=lambda r: (order.index(r) if r in order else 99, r))
-                segment = Segment(kind=s["kind"], name=uplink, parent=s["parent"],
-                                  vlan_id=s["vlan_id"], vni=s["vni"], group=s["group"],
-                                  remotes=tuple(remotes), port=s["port"], mtu=u["mtu"])
+                segment = Segment(
+                    kind=s["kind"],
+                    name=uplink,
+                    parent=s["parent"],
+                    vlan_id=s["vlan_id"],
+                    vni=s["vni"],
+                    group=s["group"],
+                    remotes=tuple(remotes),
+                    port=s["port"],
+                    mtu=u["mtu"],
+                )
             up = self.links.get(d.uplink if d is not None and d.uplink else uplink)
             parent = self.links.get(d.segment.parent) if d is not None and d.segment else None
-            out.append(Observed(
-                name=name, network=d.network if d else "", uplink=uplink, segment=segment,
-                mtu=br["mtu"], addresses=tuple(a for a, _ in br["addrs"]), up=br["up"],
-                stp_state=br["stp"], forward_delay=br["fd"], mac=br["mac"],
-                uplink_mac=up["mac"] if up else None, uplink_mtu=up["mtu"] if up else None,
-                uplink_up=up["up"] if up else True,
-                segment_up=self.links[uplink]["up"] if segment else True,
-                parent_mtu=parent["mtu"] if parent else None, ports=tuple(ports)))
+            out.append(
+                Observed(
+                    name=name,
+                    network=d.network if d else "",
+                    uplink=uplink,
+                    segment=segment,
+                    mtu=br["mtu"],
+                    addresses=tuple(a for a, _ in br["addrs"]),
+                    up=br["up"],
+                    stp_state=br["stp"],
+                    forward_delay=br["fd"],
+                    mac=br["mac"],
+                    uplink_mac=up["mac"] if up else None,
+                    uplink_mtu=up["mtu"] if up else None,
+                    uplink_up=up["up"] if up else True,
+                    segment_up=self.links[uplink]["up"] if segment else True,
+                    parent_mtu=parent["mtu"] if parent else None,
+                    ports=tuple(ports),
+                )
+            )
         present = {n for n in interest | set(managed) if n in self.links}
         return Snapshot(out, present)
 
@@ -412,10 +491,14 @@ def desired_states(draw):
         elif kind == "vxlan":
             vni = draw(st.sampled_from((100, 101)))
             group = draw(st.sampled_from((None, "239.1.1.1", "239.1.1.2")))
-            remotes = () if group else tuple(draw(st.lists(
-                st.sampled_from(("10.9.0.2", "10.9.0.3", "10.9.0.4")), unique=True, max_size=3)))
-            seg = vxlan(vni, draw(st.sampled_from(PHYS)), group, remotes,
-                        draw(st.sampled_from((4789, 4790))), mtu)
+            remotes = (
+                ()
+                if group
+                else tuple(
+                    draw(st.lists(st.sampled_from(("10.9.0.2", "10.9.0.3", "10.9.0.4")), unique=True, max_size=3))
+                )
+            )
+            seg = vxlan(vni, draw(st.sampled_from(PHYS)), group, remotes, draw(st.sampled_from((4789, 4790))), mtu)
         if seg is not None:
             if seg.name in used:
                 seg = None
@@ -424,15 +507,29 @@ def desired_states(draw):
         if uplink:
             used.add(uplink)
         addrs = draw(st.lists(st.sampled_from(ADDRS), unique=True, max_size=3))
-        out.append(Bridge(name=name, network=name, uplink=uplink, segment=seg, mtu=mtu,
-                          addresses=tuple(addrs)))
+        out.append(Bridge(name=name, network=name, uplink=uplink, segment=seg, mtu=mtu, addresses=tuple(addrs)))
     return tuple(out)
 
 
 perturbation = st.tuples(
-    st.sampled_from(("addr", "down", "stp", "mtu", "release", "remote", "uplink_mtu", "mac",
-                     "foreign_bridge", "bogus_managed", "drop_remote")),
-    st.sampled_from(("br1", "br2", "br3")), st.sampled_from(ADDRS + ("10.9.0.7",)))
+    st.sampled_from(
+        (
+            "addr",
+            "down",
+            "stp",
+            "mtu",
+            "release",
+            "remote",
+            "uplink_mtu",
+            "mac",
+            "foreign_bridge",
+            "bogus_managed",
+            "drop_remote",
+        )
+    ),
+    st.sampled_from(("br1", "br2", "br3")),
+    st.sampled_from(ADDRS + ("10.9.0.7",)),
+)
 
 
 def perturb(model, made, kind, bridge, value):
@@ -472,8 +569,7 @@ def perturb(model, made, kind, bridge, value):
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
-@given(before=desired_states(), after=desired_states(),
-       noise=st.lists(perturbation, max_size=4))
+@given(before=desired_states(), after=desired_states(), noise=st.lists(perturbation, max_size=4))
 def test_property_plan_converges_on_the_kernel_model(before, after, noise):
     model = KernelModel(PHYS)
     made = set()
@@ -510,8 +606,11 @@ def test_property_plan_converges_on_the_kernel_model(before, after, noise):
 
 
 @settings(max_examples=300, deadline=None)
-@given(desired=desired_states(), current=desired_states(),
-       managed=st.sets(st.sampled_from(("br1", "br2", "br3", "vlan10", "vx100", "eth1", "x"))))
+@given(
+    desired=desired_states(),
+    current=desired_states(),
+    managed=st.sets(st.sampled_from(("br1", "br2", "br3", "vlan10", "vx100", "eth1", "x"))),
+)
 def test_property_plan_never_crashes(desired, current, managed):
     changes = plan(desired, current, managed)
     assert all(isinstance(c, Change) and c.facet == "links" for c in changes)
@@ -552,8 +651,11 @@ def _encode_link_add(kwargs):
 
 
 def test_vlan_netlink_request():
-    create = [c for c in plan((segmented(vlan(101, "eth2", 1500), name="br101"),), (), set())
-              if c.action == "create" and c.target == "vlan101"][0]
+    create = [
+        c
+        for c in plan((segmented(vlan(101, "eth2", 1500), name="br101"),), (), set())
+        if c.action == "create" and c.target == "vlan101"
+    ][0]
     req = links.link_request(create, {"eth2": 7}.__getitem__)
     assert req == dict(ifname="vlan101", kind="vlan", vlan_id=101, link=7, mtu=1500)
     msg = _encode_link_add(req)
@@ -570,9 +672,13 @@ def test_vxlan_netlink_request():
     create = [c for c in plan((segmented(seg),), (), set()) if c.target == "vx5102"][0]
     req = links.link_request(create, {"eth2": 3}.__getitem__)
     data = _encode_link_add(req).get_attr("IFLA_LINKINFO").get_attr("IFLA_INFO_DATA")
-    assert (data.get_attr("IFLA_VXLAN_ID"), data.get_attr("IFLA_VXLAN_GROUP"),
-            data.get_attr("IFLA_VXLAN_LINK"), data.get_attr("IFLA_VXLAN_PORT"),
-            data.get_attr("IFLA_VXLAN_LEARNING")) == (5102, "239.1.1.102", 3, 4790, 1)
+    assert (
+        data.get_attr("IFLA_VXLAN_ID"),
+        data.get_attr("IFLA_VXLAN_GROUP"),
+        data.get_attr("IFLA_VXLAN_LINK"),
+        data.get_attr("IFLA_VXLAN_PORT"),
+        data.get_attr("IFLA_VXLAN_LEARNING"),
+    ) == (5102, "239.1.1.102", 3, 4790, 1)
 
 
 class _Msg(dict):
@@ -596,9 +702,15 @@ class RecordingIPRoute:
 
     def _add(self, name, kind, mtu):
         index = len(self.table) + 2
-        self.table[name] = _Msg(index, {"IFLA_IFNAME": name, "IFLA_MTU": mtu,
-                                        "IFLA_ADDRESS": "02:00:00:00:00:%02x" % index,
-                                        "IFLA_LINKINFO": {"IFLA_INFO_KIND": kind} if kind else None})
+        self.table[name] = _Msg(
+            index,
+            {
+                "IFLA_IFNAME": name,
+                "IFLA_MTU": mtu,
+                "IFLA_ADDRESS": "02:00:00:00:00:%02x" % index,
+                "IFLA_LINKINFO": {"IFLA_INFO_KIND": kind} if kind else None,
+            },
+        )
 
     def _by_index(self, index):
         return [m for m in self.table.values() if m["index"] == index]
@@ -642,8 +754,11 @@ def test_vlan_apply_sends_the_right_requests(tmp_path):
     assert adds[1]["br_stp_state"] == 0 and adds[1]["br_forward_delay"] == 0
     assert fake.table["vlan101"].get_attr("IFLA_MASTER") == fake.table["br101"]["index"]
     assert fake.table["br101"].get_attr("IFLA_ADDRESS") == fake.table["vlan101"].get_attr("IFLA_ADDRESS")
-    assert ("addr", "add", dict(index=fake.table["br101"]["index"], address="172.16.100.3",
-                                prefixlen=24, broadcast="172.16.100.255")) in fake.calls
+    assert (
+        "addr",
+        "add",
+        dict(index=fake.table["br101"]["index"], address="172.16.100.3", prefixlen=24, broadcast="172.16.100.255"),
+    ) in fake.calls
     assert managed.get("links") == {"vlan101", "br101"}
     assert Managed(Paths(str(tmp_path))).get("links") == {"vlan101", "br101"}
     assert "created vlan101 (VLAN 101 on eth2)" in done and "created bridge br101" in done
@@ -656,8 +771,10 @@ def _root_links():
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
-        return sorted((m["index"], m.get_attr("IFLA_IFNAME"), m.get_attr("IFLA_MASTER"),
-                       m.get_attr("IFLA_MTU")) for m in ipr.get_links())
+        return sorted(
+            (m["index"], m.get_attr("IFLA_IFNAME"), m.get_attr("IFLA_MASTER"), m.get_attr("IFLA_MTU"))
+            for m in ipr.get_links()
+        )
 
 
 @pytest.fixture
@@ -814,8 +931,11 @@ def test_e2e_uplink_moves_and_physical_links_are_never_deleted(ipr, managed):
 
 def _fdb_remotes(ipr, name):
     index = ipr.link_lookup(ifname=name)[0]
-    return sorted(m.get_attr("NDA_DST") for m in ipr.fdb("dump")
-                  if m["ifindex"] == index and m.get_attr("NDA_LLADDR") == links.ZERO_MAC)
+    return sorted(
+        m.get_attr("NDA_DST")
+        for m in ipr.fdb("dump")
+        if m["ifindex"] == index and m.get_attr("NDA_LLADDR") == links.ZERO_MAC
+    )
 
 
 def test_e2e_vxlan_multicast_group(ipr, managed):
@@ -887,8 +1007,7 @@ def _vlan_supported(ipr):
 
     veth(ipr, "probe0")
     try:
-        ipr.link("add", ifname="probe0.9", kind="vlan", vlan_id=9,
-                 link=ipr.link_lookup(ifname="probe0")[0])
+        ipr.link("add", ifname="probe0.9", kind="vlan", vlan_id=9, link=ipr.link_lookup(ifname="probe0")[0])
     except NetlinkError as exc:
         if exc.code in (errno.EOPNOTSUPP, errno.ENOENT, errno.EINVAL):
             return False
@@ -901,8 +1020,10 @@ def _vlan_supported(ipr):
 @pytest.mark.vlan
 def test_e2e_vlan(ipr, managed):
     if not _vlan_supported(ipr):
-        pytest.skip("this kernel cannot create 802.1Q VLAN links (no 8021q): "
-                    "the request is checked by test_vlan_netlink_request instead")
+        pytest.skip(
+            "this kernel cannot create 802.1Q VLAN links (no 8021q): "
+            "the request is checked by test_vlan_netlink_request instead"
+        )
     veth(ipr, "eth2")
     d = segmented(vlan(101, "eth2", 1500), name="br101", addresses=("172.16.100.3/24",))
     converge((d,), managed)
@@ -920,8 +1041,13 @@ def test_drop_local_remotes_skips_this_hosts_own_vtep():
     from _hanet.desired import Bridge, Segment
     from _hanet.links import drop_local_remotes
 
-    seg = Segment(kind="vxlan", name="vx5100", parent="eth2", vni=5100,
-                  remotes=("198.51.100.11", "198.51.100.12", "198.51.100.31"))
+    seg = Segment(
+        kind="vxlan",
+        name="vx5100",
+        parent="eth2",
+        vni=5100,
+        remotes=("198.51.100.11", "198.51.100.12", "198.51.100.31"),
+    )
     br = Bridge(name="br101", network="red", uplink="vx5100", segment=seg)
     flat = Bridge(name="br100", network="private", uplink="eth1")
     got = drop_local_remotes((br, flat), {"198.51.100.11", "203.0.113.11"})

@@ -1,4 +1,5 @@
 """Metadata service: rendering per source IP, the planner, and a real server on loopback."""
+
 from __future__ import annotations
 
 import json
@@ -14,11 +15,17 @@ from _hanet import metadata
 from _hanet.common import Managed, Paths
 from _hanet.desired import InstanceRecord, Metadata
 
-WEB1 = InstanceRecord(name="web1", uuid="11111111-2222-3333-4444-555555555555", hostname="web1.novalocal",
-                      ips=("192.168.0.10", "10.20.0.10"), public_keys=(("mykey", "ssh-ed25519 AAAA web1"),),
-                      user_data="#cloud-config\n")
-DB1 = InstanceRecord(name="db1", uuid="99999999-8888-7777-6666-555555555555", hostname="db1.novalocal",
-                     ips=("127.0.0.1",))
+WEB1 = InstanceRecord(
+    name="web1",
+    uuid="11111111-2222-3333-4444-555555555555",
+    hostname="web1.novalocal",
+    ips=("192.168.0.10", "10.20.0.10"),
+    public_keys=(("mykey", "ssh-ed25519 AAAA web1"),),
+    user_data="#cloud-config\n",
+)
+DB1 = InstanceRecord(
+    name="db1", uuid="99999999-8888-7777-6666-555555555555", hostname="db1.novalocal", ips=("127.0.0.1",)
+)
 META = Metadata(bridges=("br100",), host="127.0.0.1", port=8775, local_service=True)
 
 

@@ -1,5 +1,6 @@
 """hanet's metrics core (``_hanet/metrics.py``): what it renders is read back with
 Prometheus' own parser (prometheus_client), as node_exporter's textfile collector would."""
+
 import os
 import stat
 import threading
@@ -23,22 +24,28 @@ def parse(text):
 
 STATUS = {
     "networks": {
-        "shared": {"role": "serving", "active_gateway": True,
-                   "dnsmasq": {"pid": 10, "running": True, "leases": 3, "hosts": 4}},
+        "shared": {
+            "role": "serving",
+            "active_gateway": True,
+            "dnsmasq": {"pid": 10, "running": True, "leases": 3, "hosts": 4},
+        },
         "private": {"role": "member", "active_gateway": True, "dnsmasq": None},
         "other": {"role": "standby", "active_gateway": False, "dnsmasq": None},
     },
     "floating_ips": [{"address": "203.0.113.5", "interface": "eth1"}],
     "ruleset": {"in_place": False},
 }
-VIEW = {"peers": {"net2": {"state": "up", "rtt": 0.0012, "missed_total": 4},
-                  "net3": {"state": "down", "rtt": None, "missed_total": 40}},
-        "health": {"lost": ["other"]}}
+VIEW = {
+    "peers": {
+        "net2": {"state": "up", "rtt": 0.0012, "missed_total": 4},
+        "net3": {"state": "down", "rtt": None, "missed_total": 40},
+    },
+    "health": {"lost": ["other"]},
+}
 
 
 def test_host_gauges_read_back_with_prometheus_parser():
-    fams = metrics.host_families("net1", STATUS, {("dnsmasq", "shared"): 10, ("metadata", "metadata"): None},
-                                 VIEW)
+    fams = metrics.host_families("net1", STATUS, {("dnsmasq", "shared"): 10, ("metadata", "metadata"): None}, VIEW)
     samples, types = parse(metrics.render(fams.values()))
     assert samples[("hanet_host_info", frozenset({("host", "net1")}))] == 1
     assert samples[("hanet_gateway_held", frozenset({("network", "shared"), ("role", "serving")}))] == 1
@@ -133,8 +140,10 @@ def test_every_catalogued_name_follows_the_conventions():
 
 
 def test_master_gauges_from_the_record():
-    owners = {"shared": {"owner": "net2", "epoch": 4, "since": 1700000000.0, "confirmed": False},
-              "vx": {"owner": "net1", "epoch": 1}}
+    owners = {
+        "shared": {"owner": "net2", "epoch": 4, "since": 1700000000.0, "confirmed": False},
+        "vx": {"owner": "net1", "epoch": 1},
+    }
     samples, _ = parse(metrics.render(metrics.master_families(owners, "etcd", True).values()))
     assert samples[("hanet_gateway_owner", frozenset({("network", "shared"), ("host", "net2")}))] == 1
     assert samples[("hanet_gateway_epoch", frozenset({("network", "shared")}))] == 4
@@ -145,20 +154,23 @@ def test_master_gauges_from_the_record():
     assert down == {("hanet_record_up", frozenset({("backend", "etcd")})): 0}
 
 
-@pytest.mark.parametrize("reason, kind", [
-    ("malformed tag", "malformed"),
-    ("stale event (detected 61.0 s ago: ...)", "stale"),
-    ("replayed event", "replayed"),
-    ("not from net1: bad signature", "forged"),
-    ("net2 watches no network that net1 holds", "not_at_stake"),
-    ("second opinion: net1 answers the master (192.0.2.11)", "alive"),
-    ("second opinion: the master cannot check net1", "unchecked"),
-    ("no live standby for shared", "no_standby"),
-    ("net1 cannot serve shared, and no live standby can (...)", "no_standby"),
-    ("pillar: hanet:networks: ...", "pillar"),
-    ("no decision: etcd quorum lost", "record"),
-    ("something new", "other"),
-])
+@pytest.mark.parametrize(
+    "reason, kind",
+    [
+        ("malformed tag", "malformed"),
+        ("stale event (detected 61.0 s ago: ...)", "stale"),
+        ("replayed event", "replayed"),
+        ("not from net1: bad signature", "forged"),
+        ("net2 watches no network that net1 holds", "not_at_stake"),
+        ("second opinion: net1 answers the master (192.0.2.11)", "alive"),
+        ("second opinion: the master cannot check net1", "unchecked"),
+        ("no live standby for shared", "no_standby"),
+        ("net1 cannot serve shared, and no live standby can (...)", "no_standby"),
+        ("pillar: hanet:networks: ...", "pillar"),
+        ("no decision: etcd quorum lost", "record"),
+        ("something new", "other"),
+    ],
+)
 def test_rejected_reasons_become_labels(reason, kind):
     assert failover.reject_kind(reason) == kind
 

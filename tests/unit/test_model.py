@@ -1,4 +1,5 @@
 """The pillar model: defaults, validation with paths, and the desired host state."""
+
 import copy
 import os
 
@@ -9,8 +10,9 @@ from hypothesis import strategies as st
 
 from _hanet import desired, model
 
-CONTRACT = os.environ.get("HANET_CONTRACT", os.path.join(os.path.dirname(__file__), "..", "..", "..",
-                                                          "shared", "contract"))
+CONTRACT = os.environ.get(
+    "HANET_CONTRACT", os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "contract")
+)
 EXAMPLE_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "pillar", "hanet.sls")
 
 
@@ -89,40 +91,116 @@ def test_broken_pillar_reports_every_mistake_with_its_path():
     assert all(path in rendered for path in expected)
 
 
-@pytest.mark.parametrize("mutate, path, text", [
-    (lambda p: p["networks"]["private"].update(cidr="192.168.0.1/24"), "hanet:networks:private:cidr", "host bits"),
-    (lambda p: p["networks"]["blue"]["vxlan"].update(group="10.0.0.1"), "hanet:networks:blue:vxlan:group", "not a multicast"),
-    (lambda p: p["networks"]["blue"]["vxlan"].update(remotes=["192.0.2.1"]), "hanet:networks:blue:vxlan", "exclusive"),
-    (lambda p: p["networks"]["blue"].update(vlan=7), "hanet:networks:blue", "exclusive"),
-    (lambda p: p["networks"]["shared"].update(network_hosts=[]), "hanet:networks:shared:network_hosts", "required"),
-    (lambda p: p["networks"]["shared"].update(network_hosts=["net1", "net9"]), "hanet:networks:shared:network_hosts:1", "unknown host"),
-    (lambda p: p["hosts"]["net2"]["networks"].pop("shared"), "hanet:networks:shared:network_hosts:1", "no address on shared"),
-    (lambda p: p["hosts"]["net1"]["networks"]["shared"].update(address="10.20.0.1"), "hanet:hosts:net1:networks:shared:address", "gateway"),
-    (lambda p: p["networks"]["green"].update(vlan=101, bridge_interface="eth2"), "hanet:networks:red:vlan", "already network green's"),
-    (lambda p: p["networks"]["green"].update(bridge="br101"), "hanet:networks:red:bridge", "already network green's"),
-    (lambda p: p["networks"]["red"].pop("gateway"), "hanet:networks:red:gateway", "required with gateway_mode: hardware"),
-    (lambda p: p["networks"]["red"].update(gateway_mode="router"), "hanet:networks:red:gateway_mode", "not host or hardware"),
-    (lambda p: p["networks"]["red"].update(bridge="a-very-long-bridge-name"), "hanet:networks:red:bridge", "interface name"),
-    (lambda p: p["hosts"]["compute1"]["networks"].pop("private"), "hanet:instances:web1:nics:0:network", "no address on it"),
-    (lambda p: p["instances"]["web1"].update(nics=[]), "hanet:instances:web1:nics", "at least one NIC"),
-    (lambda p: p["instances"]["web1"]["nics"].append({"network": "private", "mac": "fa:16:3e:00:00:09", "ip": "192.168.0.99"}),
-     "hanet:instances:web1:nics:2:network", "already has NIC 0"),
-    (lambda p: p["instances"]["db1"]["floating_ips"][0].update(fixed_ip="172.16.101.99"), "hanet:instances:db1:floating_ips:0:fixed_ip", "not one of"),
-    (lambda p: p["instances"]["db1"].update(floating_ips=["203.0.113.50"]), "hanet:instances:web1:floating_ips:0", "already used at hanet:instances:db1"),
-    (lambda p: p["instances"]["db1"]["nics"][0].update(mac="01:00:5e:00:00:01"), "hanet:instances:db1:nics:0:mac", "multicast"),
-    (lambda p: p["instances"]["db1"]["nics"][0].update(ip="172.16.101.1"), "hanet:instances:db1:nics:0:ip", "gateway"),
-    (lambda p: p["instances"]["db1"]["nics"][0].update(ip="172.16.101.255"), "hanet:instances:db1:nics:0:ip", "broadcast"),
-    (lambda p: p["ha"].update(probe_misses=0), "hanet:ha:probe_misses", "out of range"),
-    (lambda p: p.update(dhcp_lease_time="a day"), "hanet:dhcp_lease_time", "integer"),
-    (lambda p: p.update(send_arp_for_ha="yes"), "hanet:send_arp_for_ha", "true or false"),
-    (lambda p: p.update(dns_servers=["8.8.8.x"]), "hanet:dns_servers:0", "not an IPv4"),
-    (lambda p: p.update(networks=[]), "hanet:networks", "must be a mapping"),
-    (lambda p: p["hosts"]["compute1"].update(routing_source_ip="203.0.113.50"), "hanet:hosts:compute1:routing_source_ip", "floating IP"),
-    # a value ending in a newline passed a ^...$ match: every pattern must match all of it
-    (lambda p: p["networks"]["red"].update(bridge="br102\n"), "hanet:networks:red:bridge", "interface name"),
-    (lambda p: p["instances"]["web1"].update(hostname="web1\n"), "hanet:instances:web1:hostname", ""),
-    (lambda p: p.update(dhcp_domain="novalocal\n"), "hanet:dhcp_domain", "DNS domain"),
-])
+@pytest.mark.parametrize(
+    "mutate, path, text",
+    [
+        (lambda p: p["networks"]["private"].update(cidr="192.168.0.1/24"), "hanet:networks:private:cidr", "host bits"),
+        (
+            lambda p: p["networks"]["blue"]["vxlan"].update(group="10.0.0.1"),
+            "hanet:networks:blue:vxlan:group",
+            "not a multicast",
+        ),
+        (
+            lambda p: p["networks"]["blue"]["vxlan"].update(remotes=["192.0.2.1"]),
+            "hanet:networks:blue:vxlan",
+            "exclusive",
+        ),
+        (lambda p: p["networks"]["blue"].update(vlan=7), "hanet:networks:blue", "exclusive"),
+        (lambda p: p["networks"]["shared"].update(network_hosts=[]), "hanet:networks:shared:network_hosts", "required"),
+        (
+            lambda p: p["networks"]["shared"].update(network_hosts=["net1", "net9"]),
+            "hanet:networks:shared:network_hosts:1",
+            "unknown host",
+        ),
+        (
+            lambda p: p["hosts"]["net2"]["networks"].pop("shared"),
+            "hanet:networks:shared:network_hosts:1",
+            "no address on shared",
+        ),
+        (
+            lambda p: p["hosts"]["net1"]["networks"]["shared"].update(address="10.20.0.1"),
+            "hanet:hosts:net1:networks:shared:address",
+            "gateway",
+        ),
+        (
+            lambda p: p["networks"]["green"].update(vlan=101, bridge_interface="eth2"),
+            "hanet:networks:red:vlan",
+            "already network green's",
+        ),
+        (
+            lambda p: p["networks"]["green"].update(bridge="br101"),
+            "hanet:networks:red:bridge",
+            "already network green's",
+        ),
+        (
+            lambda p: p["networks"]["red"].pop("gateway"),
+            "hanet:networks:red:gateway",
+            "required with gateway_mode: hardware",
+        ),
+        (
+            lambda p: p["networks"]["red"].update(gateway_mode="router"),
+            "hanet:networks:red:gateway_mode",
+            "not host or hardware",
+        ),
+        (
+            lambda p: p["networks"]["red"].update(bridge="a-very-long-bridge-name"),
+            "hanet:networks:red:bridge",
+            "interface name",
+        ),
+        (
+            lambda p: p["hosts"]["compute1"]["networks"].pop("private"),
+            "hanet:instances:web1:nics:0:network",
+            "no address on it",
+        ),
+        (lambda p: p["instances"]["web1"].update(nics=[]), "hanet:instances:web1:nics", "at least one NIC"),
+        (
+            lambda p: p["instances"]["web1"]["nics"].append(
+                {"network": "private", "mac": "fa:16:3e:00:00:09", "ip": "192.168.0.99"}
+            ),
+            "hanet:instances:web1:nics:2:network",
+            "already has NIC 0",
+        ),
+        (
+            lambda p: p["instances"]["db1"]["floating_ips"][0].update(fixed_ip="172.16.101.99"),
+            "hanet:instances:db1:floating_ips:0:fixed_ip",
+            "not one of",
+        ),
+        (
+            lambda p: p["instances"]["db1"].update(floating_ips=["203.0.113.50"]),
+            "hanet:instances:web1:floating_ips:0",
+            "already used at hanet:instances:db1",
+        ),
+        (
+            lambda p: p["instances"]["db1"]["nics"][0].update(mac="01:00:5e:00:00:01"),
+            "hanet:instances:db1:nics:0:mac",
+            "multicast",
+        ),
+        (
+            lambda p: p["instances"]["db1"]["nics"][0].update(ip="172.16.101.1"),
+            "hanet:instances:db1:nics:0:ip",
+            "gateway",
+        ),
+        (
+            lambda p: p["instances"]["db1"]["nics"][0].update(ip="172.16.101.255"),
+            "hanet:instances:db1:nics:0:ip",
+            "broadcast",
+        ),
+        (lambda p: p["ha"].update(probe_misses=0), "hanet:ha:probe_misses", "out of range"),
+        (lambda p: p.update(dhcp_lease_time="a day"), "hanet:dhcp_lease_time", "integer"),
+        (lambda p: p.update(send_arp_for_ha="yes"), "hanet:send_arp_for_ha", "true or false"),
+        (lambda p: p.update(dns_servers=["8.8.8.x"]), "hanet:dns_servers:0", "not an IPv4"),
+        (lambda p: p.update(networks=[]), "hanet:networks", "must be a mapping"),
+        (
+            lambda p: p["hosts"]["compute1"].update(routing_source_ip="203.0.113.50"),
+            "hanet:hosts:compute1:routing_source_ip",
+            "floating IP",
+        ),
+        # a value ending in a newline passed a ^...$ match: every pattern must match all of it
+        (lambda p: p["networks"]["red"].update(bridge="br102\n"), "hanet:networks:red:bridge", "interface name"),
+        (lambda p: p["instances"]["web1"].update(hostname="web1\n"), "hanet:instances:web1:hostname", ""),
+        (lambda p: p.update(dhcp_domain="novalocal\n"), "hanet:dhcp_domain", "DNS domain"),
+    ],
+)
 def test_each_mistake_is_named_by_its_path(mutate, path, text):
     p = example()
     mutate(p)
@@ -137,15 +215,46 @@ def test_not_a_mapping():
 
 # ---------------------------------------------------------------- property tests
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 70000), st.text(max_size=12),
-                    st.sampled_from(["10.0.0.0/24", "10.0.0.1", "fa:16:3e:00:00:01", "br0", "eth1",
-                                     "203.0.113.5", "239.1.1.1", "hardware", "host", "nftables"]))
-trees = st.recursive(scalars, lambda kids: st.one_of(
-    st.lists(kids, max_size=4),
-    st.dictionaries(st.sampled_from(sorted(model.TOP_KEYS | model.NETWORK_KEYS | model.INSTANCE_KEYS
-                                           | model.NIC_KEYS | {"vni", "group", "remotes", "address",
-                                                               "a", "b", "compute1"})), kids, max_size=5)),
-    max_leaves=30)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 70000),
+    st.text(max_size=12),
+    st.sampled_from(
+        [
+            "10.0.0.0/24",
+            "10.0.0.1",
+            "fa:16:3e:00:00:01",
+            "br0",
+            "eth1",
+            "203.0.113.5",
+            "239.1.1.1",
+            "hardware",
+            "host",
+            "nftables",
+        ]
+    ),
+)
+trees = st.recursive(
+    scalars,
+    lambda kids: st.one_of(
+        st.lists(kids, max_size=4),
+        st.dictionaries(
+            st.sampled_from(
+                sorted(
+                    model.TOP_KEYS
+                    | model.NETWORK_KEYS
+                    | model.INSTANCE_KEYS
+                    | model.NIC_KEYS
+                    | {"vni", "group", "remotes", "address", "a", "b", "compute1"}
+                )
+            ),
+            kids,
+            max_size=5,
+        ),
+    ),
+    max_leaves=30,
+)
 
 
 def _assert_only_model_errors(value):
@@ -176,6 +285,7 @@ def _mutations():
             for i, v in enumerate(node):
                 walk(v, path + (i,))
         leaves.append(path)
+
     walk(example(), ())
     return st.tuples(st.sampled_from([p for p in leaves if p]), scalars | trees)
 
@@ -200,6 +310,7 @@ def test_mutated_example_only_raises_model_errors(mutation):
 
 
 # ---------------------------------------------------------------- desired state
+
 
 def test_multi_host_compute_host_serves_its_own_instances():
     cfg = model.load(example())
@@ -236,7 +347,8 @@ def test_network_host_holds_gateway_and_standby_does_not():
     assert dict(b.liveness) == {"net1": (("br200", "10.20.0.2"), ("eth0", "203.0.113.21"))}
     assert dict(desired.compute(cfg, "compute1").liveness) == {
         "net1": (("br200", "10.20.0.2"), ("eth0", "203.0.113.21")),
-        "net2": (("br200", "10.20.0.3"), ("eth0", "203.0.113.22"))}
+        "net2": (("br200", "10.20.0.3"), ("eth0", "203.0.113.22")),
+    }
     # after a failover the record says net2 holds it
     a2, b2 = desired.compute(cfg, "net1", {"shared": "net2"}), desired.compute(cfg, "net2", {"shared": "net2"})
     assert a2.bridges[0].addresses == ("10.20.0.2/24",) and dict(a2.roles) == {"shared": "standby"}
@@ -267,6 +379,7 @@ def test_desired_state_is_deterministic_and_plain():
     cfg = model.load(example())
     assert desired.compute(cfg, "compute2") == desired.compute(model.load(copy.deepcopy(example())), "compute2")
     import json
+
     json.dumps(desired.compute(cfg, "compute2").to_dict())
 
 
@@ -281,12 +394,15 @@ def test_nic_port_names_the_tap_and_reaches_the_guard():
     assert guard.pairs == (("fa:16:3e:00:00:01", "192.168.0.10"),)
 
 
-@pytest.mark.parametrize("port, text", [
-    ("a-very-long-tap-name", "interface name"),
-    ("tap web1", "interface name"),
-    ("", "interface name"),
-    (7, "interface name"),
-])
+@pytest.mark.parametrize(
+    "port, text",
+    [
+        ("a-very-long-tap-name", "interface name"),
+        ("tap web1", "interface name"),
+        ("", "interface name"),
+        (7, "interface name"),
+    ],
+)
 def test_bad_nic_port_is_named_by_its_path(port, text):
     p = example()
     p["instances"]["web1"]["nics"][0]["port"] = port
@@ -299,8 +415,9 @@ def test_one_port_is_one_nics():
     p["instances"]["web1"]["nics"][0]["port"] = "vnet0"
     p["instances"]["web1"]["nics"][1]["port"] = "vnet0"  # same host compute1
     got = problems(p)
-    assert any(pp == "hanet:instances:web1:nics:1:port" and "already hanet:instances:web1:nics:0:port"
-               in m for pp, m in got), got
+    assert any(
+        pp == "hanet:instances:web1:nics:1:port" and "already hanet:instances:web1:nics:0:port" in m for pp, m in got
+    ), got
     p["instances"]["web1"]["nics"][1]["port"] = "vnet1"
     p["instances"]["db1"]["nics"][0]["port"] = "vnet0"  # another host: fine
     model.load(p)

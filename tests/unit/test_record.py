@@ -2,6 +2,7 @@
 entry encoding, a save's changes and its compare-and-swap transaction, and the retry
 of a decision after a conflict. The etcd backend against a real cluster:
 tests/integration/test_record_etcd.py."""
+
 import base64
 import json
 import socket
@@ -49,28 +50,31 @@ def test_the_option_must_be_a_mapping():
         record.config({"hanet_record": "etcd"})
 
 
-@pytest.mark.parametrize("raw, key", [
-    ({"backend": "etdc"}, "hanet_record.backend"),
-    ({"backend": "etcd", "endpoint": EPS}, "hanet_record.endpoint"),  # unknown (typo)
-    ({"backend": "etcd"}, "hanet_record.endpoints"),
-    ({"backend": "etcd", "endpoints": []}, "hanet_record.endpoints"),
-    ({"backend": "etcd", "endpoints": ["192.0.2.21:2379"]}, "hanet_record.endpoints.0"),
-    ({"backend": "etcd", "endpoints": [EPS[0], "http://192.0.2.22"]}, "hanet_record.endpoints.1"),
-    ({"backend": "etcd", "endpoints": ["ftp://192.0.2.21:2379"]}, "hanet_record.endpoints.0"),
-    ({"backend": "etcd", "endpoints": ["http://192.0.2.21:2379/v3"]}, "hanet_record.endpoints.0"),
-    ({"backend": "etcd", "endpoints": [EPS[0], EPS[0]]}, "hanet_record.endpoints"),
-    ({"backend": "etcd", "endpoints": [2379]}, "hanet_record.endpoints.0"),
-    ({"backend": "etcd", "endpoints": EPS, "timeout": 0}, "hanet_record.timeout"),
-    ({"backend": "etcd", "endpoints": EPS, "timeout": "2s"}, "hanet_record.timeout"),
-    ({"backend": "etcd", "endpoints": EPS, "timeout": True}, "hanet_record.timeout"),
-    ({"backend": "etcd", "endpoints": EPS, "timeout": 600}, "hanet_record.timeout"),
-    ({"backend": "etcd", "endpoints": EPS, "prefix": ""}, "hanet_record.prefix"),
-    ({"backend": "etcd", "endpoints": EPS, "prefix": "/hänet/"}, "hanet_record.prefix"),
-    ({"backend": "etcd", "endpoints": EPS, "user": "hanet"}, "hanet_record.password"),
-    ({"backend": "etcd", "endpoints": EPS, "password": "x"}, "hanet_record.user"),
-    ({"backend": "etcd", "endpoints": EPS, "user": ""}, "hanet_record.user"),
-    ({"backend": "file", "endpoints": EPS}, "hanet_record.endpoints"),
-])
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"backend": "etdc"}, "hanet_record.backend"),
+        ({"backend": "etcd", "endpoint": EPS}, "hanet_record.endpoint"),  # unknown (typo)
+        ({"backend": "etcd"}, "hanet_record.endpoints"),
+        ({"backend": "etcd", "endpoints": []}, "hanet_record.endpoints"),
+        ({"backend": "etcd", "endpoints": ["192.0.2.21:2379"]}, "hanet_record.endpoints.0"),
+        ({"backend": "etcd", "endpoints": [EPS[0], "http://192.0.2.22"]}, "hanet_record.endpoints.1"),
+        ({"backend": "etcd", "endpoints": ["ftp://192.0.2.21:2379"]}, "hanet_record.endpoints.0"),
+        ({"backend": "etcd", "endpoints": ["http://192.0.2.21:2379/v3"]}, "hanet_record.endpoints.0"),
+        ({"backend": "etcd", "endpoints": [EPS[0], EPS[0]]}, "hanet_record.endpoints"),
+        ({"backend": "etcd", "endpoints": [2379]}, "hanet_record.endpoints.0"),
+        ({"backend": "etcd", "endpoints": EPS, "timeout": 0}, "hanet_record.timeout"),
+        ({"backend": "etcd", "endpoints": EPS, "timeout": "2s"}, "hanet_record.timeout"),
+        ({"backend": "etcd", "endpoints": EPS, "timeout": True}, "hanet_record.timeout"),
+        ({"backend": "etcd", "endpoints": EPS, "timeout": 600}, "hanet_record.timeout"),
+        ({"backend": "etcd", "endpoints": EPS, "prefix": ""}, "hanet_record.prefix"),
+        ({"backend": "etcd", "endpoints": EPS, "prefix": "/hänet/"}, "hanet_record.prefix"),
+        ({"backend": "etcd", "endpoints": EPS, "user": "hanet"}, "hanet_record.password"),
+        ({"backend": "etcd", "endpoints": EPS, "password": "x"}, "hanet_record.user"),
+        ({"backend": "etcd", "endpoints": EPS, "user": ""}, "hanet_record.user"),
+        ({"backend": "file", "endpoints": EPS}, "hanet_record.endpoints"),
+    ],
+)
 def test_each_bad_option_is_named(raw, key):
     msg = problems_of(**raw)
     assert f"{key}:" in msg
@@ -84,13 +88,15 @@ def test_tls_options(tmp_path):
     https = [e.replace("http:", "https:") for e in EPS]
     cfg = cfg_of(backend="etcd", endpoints=https, ca_cert=str(ca), cert_cert=str(cert), cert_key=str(key))
     assert (cfg.ca_cert, cfg.cert_cert, cfg.cert_key) == (str(ca), str(cert), str(key))
-    assert "hanet_record.ca_cert: " in problems_of(backend="etcd", endpoints=https,
-                                                   ca_cert=str(tmp_path / "missing.pem"))
+    assert "hanet_record.ca_cert: " in problems_of(
+        backend="etcd", endpoints=https, ca_cert=str(tmp_path / "missing.pem")
+    )
     assert "hanet_record.cert_key:" in problems_of(backend="etcd", endpoints=https, cert_cert=str(cert))
     assert "hanet_record.cert_cert:" in problems_of(backend="etcd", endpoints=https, cert_key=str(key))
     # TLS options with only http endpoints: a mistake, said so
-    assert "hanet_record.ca_cert: set, but no endpoint is https://" in \
-        problems_of(backend="etcd", endpoints=EPS, ca_cert=str(ca))
+    assert "hanet_record.ca_cert: set, but no endpoint is https://" in problems_of(
+        backend="etcd", endpoints=EPS, ca_cert=str(ca)
+    )
 
 
 def test_every_problem_is_listed_and_the_password_never():
@@ -123,8 +129,14 @@ def test_entry_round_trip_and_refusals():
     text = record.encode_entry(entry)
     assert text == json.dumps(entry, sort_keys=True, separators=(",", ":"))
     assert record.decode_entry("/hanet/owners/shared", text.encode()) == entry
-    for bad in (b"{", b"[]", b'{"owner": "net2"}', b'{"owner": 1, "epoch": 1}', b'{"owner": "a", "epoch": true}',
-                b"\xff"):
+    for bad in (
+        b"{",
+        b"[]",
+        b'{"owner": "net2"}',
+        b'{"owner": 1, "epoch": 1}',
+        b'{"owner": "a", "epoch": true}',
+        b"\xff",
+    ):
         with pytest.raises(failover.RecordError, match="/hanet/owners/shared"):
             record.decode_entry("/hanet/owners/shared", bad)
 
@@ -144,8 +156,11 @@ def test_changes_are_only_what_the_decision_changed():
 
 
 def test_the_transaction_compares_each_changed_key():
-    chg = [record.Change("b", '{"epoch":5,"owner":"net1"}', 12), record.Change("new", '{"epoch":1,"owner":"n"}', 0),
-           record.Change("gone", None, 13)]
+    chg = [
+        record.Change("b", '{"epoch":5,"owner":"net1"}', 12),
+        record.Change("new", '{"epoch":1,"owner":"n"}', 0),
+        record.Change("gone", None, 13),
+    ]
     txn = record.txn_payload("/hanet/", chg)
 
     def key(net):
@@ -156,8 +171,9 @@ def test_the_transaction_compares_each_changed_key():
         {"key": key("new"), "result": "EQUAL", "target": "CREATE", "create_revision": "0"},
         {"key": key("gone"), "result": "EQUAL", "target": "MOD", "mod_revision": "13"},
     ]
-    assert txn["success"][0] == {"request_put": {"key": key("b"),
-                                                 "value": base64.b64encode(b'{"epoch":5,"owner":"net1"}').decode()}}
+    assert txn["success"][0] == {
+        "request_put": {"key": key("b"), "value": base64.b64encode(b'{"epoch":5,"owner":"net1"}').decode()}
+    }
     assert txn["success"][2] == {"request_delete_range": {"key": key("gone")}}
     assert txn["failure"] == [{"request_range": {"key": key(n)}} for n in ("b", "new", "gone")]
 
@@ -172,8 +188,11 @@ def test_a_failed_compare_is_a_conflict_unless_the_store_holds_our_change(monkey
     chg = [record.Change("shared", record.encode_entry(ours), 7)]
 
     def answer(kvs):
-        monkeypatch.setattr(store, "call", lambda what, fn: {
-            "header": {"revision": "9"}, "responses": [{"response_range": {"kvs": kvs}}]})
+        monkeypatch.setattr(
+            store,
+            "call",
+            lambda what, fn: {"header": {"revision": "9"}, "responses": [{"response_range": {"kvs": kvs}}]},
+        )
 
     answer([_kv({"owner": "net3", "epoch": 2}, 8)])  # another master won
     with pytest.raises(record.RecordConflict, match="shared .now net3 at epoch 2") as err:
@@ -233,6 +252,7 @@ def test_unreachable_endpoints_are_unavailable_within_the_timeout(tmp_path):
         with record.open(opts):
             pass
     import fcntl
+
     with open(tmp_path / "hanet" / "owners.lock") as lock:  # the failed open let its lock go
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
@@ -247,8 +267,7 @@ def test_a_seeded_first_attempt_reads_nothing_and_a_conflict_reads_again(tmp_pat
 
     def read_owners(self):
         reads.append(1)
-        return ({n: dict(e) for n, (e, _) in stored.items()},
-                {n: (dict(e), r) for n, (e, r) in stored.items()})
+        return ({n: dict(e) for n, (e, _) in stored.items()}, {n: (dict(e), r) for n, (e, r) in stored.items()})
 
     monkeypatch.setattr(record.EtcdStore, "read_owners", read_owners)
     saved = []

@@ -1,5 +1,6 @@
 """The ruleset applier: rendering (both drivers), and apply/current/plan against the real
 kernel in a network namespace each test creates (never the root namespace's ruleset)."""
+
 import contextlib
 import ctypes
 import dataclasses
@@ -22,26 +23,51 @@ MAC1, MAC2 = "fa:16:3e:00:00:01", "fa:16:3e:00:00:02"
 
 def sample(driver="nftables", metadata_host="127.0.0.1", table="hanet"):
     return Ruleset(
-        driver=driver, table=table,
+        driver=driver,
+        table=table,
         snat=(
-            Snat(network="private", cidr="192.168.0.0/24", source="203.0.113.11",
-                 out_interface="eth0", exempt=("10.0.0.0/8", "192.168.0.0/24"),
-                 force=("198.51.100.0/24",)),
-            Snat(network="red", cidr="172.16.100.0/24", source=None, out_interface="eth0",
-                 exempt=("172.16.100.0/24",), force=("198.51.100.0/24",),
-                 **({"all_destinations": False} if "all_destinations" in
-                    Snat.__dataclass_fields__ else {})),
+            Snat(
+                network="private",
+                cidr="192.168.0.0/24",
+                source="203.0.113.11",
+                out_interface="eth0",
+                exempt=("10.0.0.0/8", "192.168.0.0/24"),
+                force=("198.51.100.0/24",),
+            ),
+            Snat(
+                network="red",
+                cidr="172.16.100.0/24",
+                source=None,
+                out_interface="eth0",
+                exempt=("172.16.100.0/24",),
+                force=("198.51.100.0/24",),
+                **({"all_destinations": False} if "all_destinations" in Snat.__dataclass_fields__ else {}),
+            ),
         ),
-        metadata=Metadata(bridges=("br100",), host=metadata_host, port=8775,
-                          local_service=metadata_host == "127.0.0.1"),
-        forward_bridges=("br100",), service_bridges=("br100", "br101"),
+        metadata=Metadata(
+            bridges=("br100",), host=metadata_host, port=8775, local_service=metadata_host == "127.0.0.1"
+        ),
+        forward_bridges=("br100",),
+        service_bridges=("br100", "br101"),
         guards=(
-            PortGuard(bridge="br100", trusted_ports=("eth1",),
-                      pairs=((MAC1, "192.168.0.10"), (MAC2, "192.168.0.11")), dhcp_isolated=True),
+            PortGuard(
+                bridge="br100",
+                trusted_ports=("eth1",),
+                pairs=((MAC1, "192.168.0.10"), (MAC2, "192.168.0.11")),
+                dhcp_isolated=True,
+            ),
             PortGuard(bridge="br101", trusted_ports=("vlan101",), pairs=(), dhcp_isolated=False),
         ),
-        floating=(FloatingIp(address="203.0.113.50", fixed_ip="192.168.0.10", instance="web1",
-                             network="private", public_interface="eth0", cidr="192.168.0.0/24"),),
+        floating=(
+            FloatingIp(
+                address="203.0.113.50",
+                fixed_ip="192.168.0.10",
+                instance="web1",
+                network="private",
+                public_interface="eth0",
+                cidr="192.168.0.0/24",
+            ),
+        ),
     )
 
 
@@ -61,6 +87,7 @@ def postrouting(text):
 
 # --------------------------------------------------------------------------- rendering
 
+
 def test_nft_snat_exempt_force_and_order():
     rules = postrouting(R.render(sample()))
     assert rules == [
@@ -73,25 +100,49 @@ def test_nft_snat_exempt_force_and_order():
     ]
 
 
-@pytest.mark.skipif("all_destinations" not in Snat.__dataclass_fields__,
-                    reason="Snat.all_destinations not in the model yet")
+@pytest.mark.skipif(
+    "all_destinations" not in Snat.__dataclass_fields__, reason="Snat.all_destinations not in the model yet"
+)
 def test_hardware_gateway_snat_only_force():
-    rs = Ruleset(driver="nftables", table="hanet", snat=(
-        Snat(network="red", cidr="172.16.100.0/24", source="203.0.113.11", out_interface="eth0",
-             exempt=("172.16.100.0/24",), force=("198.51.100.0/24", "198.51.100.0/25"),
-             all_destinations=False),))
+    rs = Ruleset(
+        driver="nftables",
+        table="hanet",
+        snat=(
+            Snat(
+                network="red",
+                cidr="172.16.100.0/24",
+                source="203.0.113.11",
+                out_interface="eth0",
+                exempt=("172.16.100.0/24",),
+                force=("198.51.100.0/24", "198.51.100.0/25"),
+                all_destinations=False,
+            ),
+        ),
+    )
     assert postrouting(R.render(rs)) == [
-        'ip saddr 172.16.100.0/24 ip daddr 198.51.100.0/24 oifname "eth0" snat to 203.0.113.11']
+        'ip saddr 172.16.100.0/24 ip daddr 198.51.100.0/24 oifname "eth0" snat to 203.0.113.11'
+    ]
     ipt = R.render(dataclasses.replace(rs, driver="iptables"))
-    assert ("-A hanet-POSTROUTING -s 172.16.100.0/24 -d 198.51.100.0/24 -o eth0 "
-            "-j SNAT --to-source 203.0.113.11") in ipt
+    assert (
+        "-A hanet-POSTROUTING -s 172.16.100.0/24 -d 198.51.100.0/24 -o eth0 -j SNAT --to-source 203.0.113.11"
+    ) in ipt
     assert "-j RETURN" not in ipt
 
 
 def test_overlapping_exempt_ranges_are_collapsed():
-    rs = Ruleset(driver="nftables", table="hanet", snat=(
-        Snat(network="n", cidr="10.1.0.0/24", source=None, out_interface="eth0",
-             exempt=("10.0.0.0/8", "10.1.0.0/24", "10.1.0.5/32")),))
+    rs = Ruleset(
+        driver="nftables",
+        table="hanet",
+        snat=(
+            Snat(
+                network="n",
+                cidr="10.1.0.0/24",
+                source=None,
+                out_interface="eth0",
+                exempt=("10.0.0.0/8", "10.1.0.0/24", "10.1.0.5/32"),
+            ),
+        ),
+    )
     assert "ip saddr 10.1.0.0/24 ip daddr 10.0.0.0/8 accept" in R.render(rs)
 
 
@@ -135,13 +186,11 @@ def test_nft_port_guard():
     assert set_type(text, "br100_arp") == "type ifname . ether_addr . ether_addr . ipv4_addr"
     assert set_type(text, "br100_macs") == "type ifname . ether_addr"
     # render has no kernel view: only the pillar's ports are bound (none in sample())
-    assert elements(text, "br100_pairs") == elements(text, "br100_arp") == [] == \
-        elements(text, "br100_macs")
+    assert elements(text, "br100_pairs") == elements(text, "br100_arp") == [] == elements(text, "br100_macs")
     assert 'meta ibrname "br100" iifname != { "eth1" } jump br100_vm' in text
     assert chain(text, "br100_vm") == [
         "ether type ip udp sport 67 counter drop",
-        "ether type ip ip saddr 0.0.0.0 udp sport 68 udp dport 67"
-        " iifname . ether saddr @br100_macs return",
+        "ether type ip ip saddr 0.0.0.0 udp sport 68 udp dport 67 iifname . ether saddr @br100_macs return",
         "ether type ip iifname . ether saddr . ip saddr @br100_pairs return",
         "ether type arp iifname . ether saddr . arp saddr ether . arp saddr ip @br100_arp return",
         "counter drop",
@@ -149,7 +198,7 @@ def test_nft_port_guard():
     # dhcp isolation only for br100 (br101's guard is not isolated)
     assert 'iifname { "eth1" } ether type ip udp dport 67-68 drop' in text
     assert 'oifname { "eth1" } ether type ip udp dport 67-68 drop' in text
-    assert "vlan101\" } ether type ip udp dport" not in text
+    assert 'vlan101" } ether type ip udp dport' not in text
 
 
 def test_tap_mac_is_libvirts_rule():
@@ -161,15 +210,19 @@ def test_tap_mac_is_libvirts_rule():
 def test_each_pair_bound_to_its_own_port():
     """The MAC rule finds each NIC's tap; a port that is no NIC's (tapx) and the uplink get
     nothing, so a VM can send only its own (MAC, IP), from its own port."""
-    port_macs = {"br100": {"eth1": MAC1, "tap-a": TAP1, "tap-b": TAP2, "tapx": "fe:00:00:00:00:99"},
-                 "br101": {"vlan101": "02:00:00:00:00:01"}}
+    port_macs = {
+        "br100": {"eth1": MAC1, "tap-a": TAP1, "tap-b": TAP2, "tapx": "fe:00:00:00:00:99"},
+        "br101": {"vlan101": "02:00:00:00:00:01"},
+    }
     for ports in (None, {b: sorted(p) for b, p in port_macs.items()}):
         text = R._parts(sample(), ports, port_macs)["nft"]
-        assert elements(text, "br100_pairs") == [
-            f'"tap-a" . {MAC1} . 192.168.0.10', f'"tap-b" . {MAC2} . 192.168.0.11']
+        assert elements(text, "br100_pairs") == [f'"tap-a" . {MAC1} . 192.168.0.10', f'"tap-b" . {MAC2} . 192.168.0.11']
         assert elements(text, "br100_arp") == [
-            f'"tap-a" . {MAC1} . {MAC1} . 0.0.0.0', f'"tap-a" . {MAC1} . {MAC1} . 192.168.0.10',
-            f'"tap-b" . {MAC2} . {MAC2} . 0.0.0.0', f'"tap-b" . {MAC2} . {MAC2} . 192.168.0.11']
+            f'"tap-a" . {MAC1} . {MAC1} . 0.0.0.0',
+            f'"tap-a" . {MAC1} . {MAC1} . 192.168.0.10',
+            f'"tap-b" . {MAC2} . {MAC2} . 0.0.0.0',
+            f'"tap-b" . {MAC2} . {MAC2} . 192.168.0.11',
+        ]
         assert elements(text, "br100_macs") == [f'"tap-a" . {MAC1}', f'"tap-b" . {MAC2}']
         assert "tapx" not in text.split("chain prerouting")[0]  # no element names it
         assert elements(text, "br101_pairs") == []
@@ -179,14 +232,12 @@ def test_each_pair_bound_to_its_own_port():
 
 def test_pillar_port_binds_without_the_mac_rule():
     g = sample().guards[0]
-    rs = dataclasses.replace(sample(), guards=(
-        dataclasses.replace(g, ports=((MAC2, "vnet7"),)),) + sample().guards[1:])
+    rs = dataclasses.replace(sample(), guards=(dataclasses.replace(g, ports=((MAC2, "vnet7"),)),) + sample().guards[1:])
     # render: the pillar's port is bound already (no kernel view needed) ...
     assert elements(R.render(rs), "br100_pairs") == [f'"vnet7" . {MAC2} . 192.168.0.11']
     # ... and it wins over a port that carries the MAC rule's MAC
     text = R._parts(rs, None, {"br100": {"tap-a": TAP1, "tap-b": TAP2}})["nft"]
-    assert elements(text, "br100_pairs") == [
-        f'"tap-a" . {MAC1} . 192.168.0.10', f'"vnet7" . {MAC2} . 192.168.0.11']
+    assert elements(text, "br100_pairs") == [f'"tap-a" . {MAC1} . 192.168.0.10', f'"vnet7" . {MAC2} . 192.168.0.11']
     assert R._from_plain(R.plan(rs, None)[0].detail["ruleset"]) == rs
 
 
@@ -194,10 +245,12 @@ def test_render_changes_with_every_pair():
     """Pairs bound by the MAC rule are not in render's sets (no kernel view), yet adding or
     changing one must change the text, or plan would see nothing to do."""
     g = sample().guards[0]
-    for pairs in (g.pairs + (("fa:16:3e:00:00:03", "192.168.0.12"),), g.pairs[:1],
-                  ((MAC1, "192.168.0.10"), (MAC2, "192.168.0.12"))):
-        rs = dataclasses.replace(sample(), guards=(dataclasses.replace(g, pairs=pairs),)
-                                 + sample().guards[1:])
+    for pairs in (
+        g.pairs + (("fa:16:3e:00:00:03", "192.168.0.12"),),
+        g.pairs[:1],
+        ((MAC1, "192.168.0.10"), (MAC2, "192.168.0.12")),
+    ):
+        rs = dataclasses.replace(sample(), guards=(dataclasses.replace(g, pairs=pairs),) + sample().guards[1:])
         assert R.render(rs) != R.render(sample())
         assert R.plan(rs, R.render(sample())) != []
 
@@ -219,13 +272,18 @@ def test_port_list_mode_names_vm_ports():
 def test_iptables_driver():
     text = R.render(sample(driver="iptables"))
     restore, nft = text.split("# --- nft -f\n")
-    for chain, builtin in (("hanet-PREROUTING", "PREROUTING"), ("hanet-OUTPUT", "OUTPUT"),
-                           ("hanet-POSTROUTING", "POSTROUTING"), ("hanet-FORWARD", "FORWARD"),
-                           ("hanet-INPUT", "INPUT")):
+    for chain, builtin in (
+        ("hanet-PREROUTING", "PREROUTING"),
+        ("hanet-OUTPUT", "OUTPUT"),
+        ("hanet-POSTROUTING", "POSTROUTING"),
+        ("hanet-FORWARD", "FORWARD"),
+        ("hanet-INPUT", "INPUT"),
+    ):
         assert f":{chain} - [0:0]" in restore
         assert restore.count(f"-j {chain}\n") == 1 and f"-I {builtin} 1 -j {chain}" in restore
-    assert ("-A hanet-PREROUTING -i br100 -d 169.254.169.254/32 -p tcp -m tcp --dport 80 "
-            "-j REDIRECT --to-ports 8775") in restore
+    assert (
+        "-A hanet-PREROUTING -i br100 -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j REDIRECT --to-ports 8775"
+    ) in restore
     assert "-A hanet-POSTROUTING -s 192.168.0.0/24 -d 10.0.0.0/8 -j RETURN" in restore
     assert "-A hanet-POSTROUTING -s 192.168.0.0/24 -o eth0 -j SNAT --to-source 203.0.113.11" in restore
     assert "-A hanet-PREROUTING -d 203.0.113.50/32 -j DNAT --to-destination 192.168.0.10" in restore
@@ -238,11 +296,11 @@ def test_floating_ip():
     text = R.render(sample())
     pre = chain(text, "prerouting")
     out = chain(text, "output")
-    assert "ip daddr 203.0.113.50 dnat to 192.168.0.10" in pre and \
-        "ip daddr 203.0.113.50 dnat to 192.168.0.10" in out
+    assert "ip daddr 203.0.113.50 dnat to 192.168.0.10" in pre and "ip daddr 203.0.113.50 dnat to 192.168.0.10" in out
     rules = postrouting(text)
-    assert rules.index('ip saddr 192.168.0.10 oifname "eth0" snat to 203.0.113.50') < \
-        rules.index('ip saddr 192.168.0.0/24 oifname "eth0" snat to 203.0.113.11')
+    assert rules.index('ip saddr 192.168.0.10 oifname "eth0" snat to 203.0.113.50') < rules.index(
+        'ip saddr 192.168.0.0/24 oifname "eth0" snat to 203.0.113.11'
+    )
 
 
 def test_empty_and_plan_pure():
@@ -273,47 +331,66 @@ octet = st.integers(0, 255)
 def rulesets(draw):
     n = draw(st.integers(0, 3))
     bridges = draw(st.lists(ifname, min_size=n, max_size=n, unique=True))
-    uplinks = draw(st.lists(ifname.filter(lambda x: x not in bridges), min_size=n, max_size=n,
-                            unique=True))
+    uplinks = draw(st.lists(ifname.filter(lambda x: x not in bridges), min_size=n, max_size=n, unique=True))
     snat, guards, floating = [], [], []
     used_ips = set()
     for i, (br, up) in enumerate(zip(bridges, uplinks)):
         cidr = f"10.{i}.{draw(octet)}.0/24"
         base = cidr.rsplit(".", 1)[0]
-        exempt = tuple(draw(st.lists(st.sampled_from(
-            [cidr, "10.0.0.0/8", "172.16.0.0/12", f"{base}.5/32"]), max_size=3)))
-        force = tuple(draw(st.lists(st.sampled_from(["198.51.100.0/24", "198.51.0.0/16"]),
-                                    max_size=2)))
-        extra = {"all_destinations": draw(st.booleans())} \
-            if "all_destinations" in Snat.__dataclass_fields__ else {}
+        exempt = tuple(
+            draw(st.lists(st.sampled_from([cidr, "10.0.0.0/8", "172.16.0.0/12", f"{base}.5/32"]), max_size=3))
+        )
+        force = tuple(draw(st.lists(st.sampled_from(["198.51.100.0/24", "198.51.0.0/16"]), max_size=2)))
+        extra = {"all_destinations": draw(st.booleans())} if "all_destinations" in Snat.__dataclass_fields__ else {}
         if draw(st.booleans()):
-            snat.append(Snat(network=f"n{i}", cidr=cidr, source=draw(st.none() | st.just("203.0.113.11")),
-                             out_interface=draw(st.sampled_from(["eth0", ""])), exempt=exempt,
-                             force=force, **extra))
+            snat.append(
+                Snat(
+                    network=f"n{i}",
+                    cidr=cidr,
+                    source=draw(st.none() | st.just("203.0.113.11")),
+                    out_interface=draw(st.sampled_from(["eth0", ""])),
+                    exempt=exempt,
+                    force=force,
+                    **extra,
+                )
+            )
         hosts = draw(st.lists(st.integers(2, 254), max_size=4, unique=True))
         pairs = tuple((":".join(f"{draw(octet):02x}" for _ in range(6)), f"{base}.{h}") for h in hosts)
         named = tuple((m, f"vnet{i}{j}") for j, (m, _) in enumerate(pairs) if draw(st.booleans()))
-        guards.append(PortGuard(bridge=br, trusted_ports=tuple(draw(st.lists(st.just(up), max_size=1))),
-                                pairs=pairs, dhcp_isolated=draw(st.booleans()), ports=named))
+        guards.append(
+            PortGuard(
+                bridge=br,
+                trusted_ports=tuple(draw(st.lists(st.just(up), max_size=1))),
+                pairs=pairs,
+                dhcp_isolated=draw(st.booleans()),
+                ports=named,
+            )
+        )
         for _, ip in pairs[:1]:
             addr = f"203.0.113.{50 + i}"
             if addr not in used_ips:
                 used_ips.add(addr)
-                floating.append(FloatingIp(address=addr, fixed_ip=ip, instance=f"i{i}",
-                                           network=f"n{i}", public_interface="eth0"))
+                floating.append(
+                    FloatingIp(address=addr, fixed_ip=ip, instance=f"i{i}", network=f"n{i}", public_interface="eth0")
+                )
     md = None
     if bridges and draw(st.booleans()):
-        md = Metadata(bridges=tuple(bridges[:draw(st.integers(0, len(bridges)))]),
-                      host=draw(st.sampled_from(["127.0.0.1", "10.99.0.1"])), port=8775,
-                      local_service=True)
-    return Ruleset(driver=draw(st.sampled_from(["nftables", "iptables"])), table="hanet",
-                   snat=tuple(snat), metadata=md,
-                   forward_bridges=tuple(draw(st.lists(st.sampled_from(bridges), unique=True))
-                                         if bridges else ()),
-                   service_bridges=tuple(draw(st.lists(st.sampled_from(bridges), unique=True))
-                                         if bridges else ()),
-                   guards=tuple(guards) if draw(st.booleans()) else (),
-                   floating=tuple(floating) if draw(st.booleans()) else ())
+        md = Metadata(
+            bridges=tuple(bridges[: draw(st.integers(0, len(bridges)))]),
+            host=draw(st.sampled_from(["127.0.0.1", "10.99.0.1"])),
+            port=8775,
+            local_service=True,
+        )
+    return Ruleset(
+        driver=draw(st.sampled_from(["nftables", "iptables"])),
+        table="hanet",
+        snat=tuple(snat),
+        metadata=md,
+        forward_bridges=tuple(draw(st.lists(st.sampled_from(bridges), unique=True)) if bridges else ()),
+        service_bridges=tuple(draw(st.lists(st.sampled_from(bridges), unique=True)) if bridges else ()),
+        guards=tuple(guards) if draw(st.booleans()) else (),
+        floating=tuple(floating) if draw(st.booleans()) else (),
+    )
 
 
 def _shuffled(rs, seed):
@@ -325,9 +402,13 @@ def _shuffled(rs, seed):
         return tuple(t)
 
     return dataclasses.replace(
-        rs, snat=sh(rs.snat), floating=sh(rs.floating), forward_bridges=sh(rs.forward_bridges),
+        rs,
+        snat=sh(rs.snat),
+        floating=sh(rs.floating),
+        forward_bridges=sh(rs.forward_bridges),
         service_bridges=sh(rs.service_bridges),
-        guards=sh(dataclasses.replace(g, pairs=sh(g.pairs)) for g in rs.guards))
+        guards=sh(dataclasses.replace(g, pairs=sh(g.pairs)) for g in rs.guards),
+    )
 
 
 @settings(max_examples=200, deadline=None)
@@ -362,8 +443,9 @@ def inside(ns):
                 raise OSError(ctypes.get_errno(), "setns back")
 
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft"),
-                                reason="needs root and nft (network namespaces)")
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("nft"), reason="needs root and nft (network namespaces)"
+)
 
 
 @pytest.fixture
@@ -393,8 +475,10 @@ def run(rs, paths):
     return changes, R.apply(changes, paths, Managed(paths))
 
 
-FOREIGN = "table inet other {\n\tchain c {\n\t\ttype filter hook forward priority 0; policy accept;\n" \
-          "\t\tip saddr 1.2.3.4 counter drop\n\t}\n}\n"
+FOREIGN = (
+    "table inet other {\n\tchain c {\n\t\ttype filter hook forward priority 0; policy accept;\n"
+    "\t\tip saddr 1.2.3.4 counter drop\n\t}\n}\n"
+)
 
 
 @needs_root
@@ -439,8 +523,9 @@ def test_netns_apply_idempotent_foreign_untouched_tamper_remove(env):
 
 def ipt_jumps(nx):
     save = nx("iptables-save")
-    return [ln for ln in save.splitlines() if ln.startswith("-A ") and "-j hanet-" in ln
-            and not ln.startswith("-A hanet-")]
+    return [
+        ln for ln in save.splitlines() if ln.startswith("-A ") and "-j hanet-" in ln and not ln.startswith("-A hanet-")
+    ]
 
 
 @needs_root
@@ -451,7 +536,8 @@ def test_netns_iptables_driver_no_duplicates_and_switching(env):
     rs = sample(driver="iptables")
     run(rs, paths)
     assert sorted(ipt_jumps(nx)) == sorted(
-        f"-A {b} -j hanet-{b}" for b in ("PREROUTING", "OUTPUT", "POSTROUTING", "FORWARD", "INPUT"))
+        f"-A {b} -j hanet-{b}" for b in ("PREROUTING", "OUTPUT", "POSTROUTING", "FORWARD", "INPUT")
+    )
     assert R.plan(rs, R.current(rs, paths)) == []
     # apply again (forced), and with a changed model: still exactly one jump each
     R.apply(R.plan(rs, None), paths, Managed(paths))
@@ -520,8 +606,7 @@ def test_rendered_scripts_load_in_the_kernel(rs):
     _sh("ip", "netns", "add", name)
     try:
         with inside(name):
-            port_macs = {g.bridge: {f"tap{j}": R.tap_mac(m) for j, (m, _) in enumerate(g.pairs)}
-                         for g in rs.guards}
+            port_macs = {g.bridge: {f"tap{j}": R.tap_mac(m) for j, (m, _) in enumerate(g.pairs)} for g in rs.guards}
             ports = {b: sorted(p) + ["tapx"] for b, p in port_macs.items()}
             if R.bridge_meta_supported():
                 ports = None
@@ -568,12 +653,18 @@ def test_netns_binding_follows_plugged_nics(env, monkeypatch):
 
 def test_port_report_names_unknown_ports_and_unplugged_nics():
     guards = sample().guards
-    port_macs = {"br100": {"eth1": "52:54:00:aa:bb:cc",  # the uplink: trusted
-                           "tap1": R.tap_mac(MAC1),  # MAC1's port by libvirt's rule
-                           "tap9": "fe:16:3e:00:00:99"},  # a VM the pillar does not know
-                 "br101": {}}
+    port_macs = {
+        "br100": {
+            "eth1": "52:54:00:aa:bb:cc",  # the uplink: trusted
+            "tap1": R.tap_mac(MAC1),  # MAC1's port by libvirt's rule
+            "tap9": "fe:16:3e:00:00:99",
+        },  # a VM the pillar does not know
+        "br101": {},
+    }
     got = R.port_report(guards, port_macs)
     assert got["unknown"] == [("br100", "tap9", "fe:16:3e:00:00:99")]
     assert got["unplugged"] == [("br100", MAC2, "192.168.0.11")]
-    assert R.port_report(guards, {}) == {"unknown": [], "unplugged": [("br100", MAC1, "192.168.0.10"),
-                                                                      ("br100", MAC2, "192.168.0.11")]}
+    assert R.port_report(guards, {}) == {
+        "unknown": [],
+        "unplugged": [("br100", MAC1, "192.168.0.10"), ("br100", MAC2, "192.168.0.11")],
+    }

@@ -1,5 +1,6 @@
 """common.run: a child process created from a thread of a process that forks (the
 minion forks its jobs from its main thread) must not wait for those forks to exit."""
+
 import os
 import subprocess
 import threading

@@ -1,4 +1,5 @@
 """sysctls: key paths, the pure planner, and apply inside a throw-away network namespace."""
+
 import os
 import secrets
 
@@ -16,13 +17,21 @@ def test_path_of():
 
 
 def test_plan_is_pure_and_minimal():
-    desired = (("net.ipv4.ip_forward", "1"), ("net.ipv4.conf.br100.forwarding", "1"),
-               ("net.ipv4.tcp_rmem", "4096 87380 6291456"))
-    current = (("net.ipv4.ip_forward", "0"), ("net.ipv4.conf.br100.forwarding", None),
-               ("net.ipv4.tcp_rmem", "4096\t87380\t6291456"))
+    desired = (
+        ("net.ipv4.ip_forward", "1"),
+        ("net.ipv4.conf.br100.forwarding", "1"),
+        ("net.ipv4.tcp_rmem", "4096 87380 6291456"),
+    )
+    current = (
+        ("net.ipv4.ip_forward", "0"),
+        ("net.ipv4.conf.br100.forwarding", None),
+        ("net.ipv4.tcp_rmem", "4096\t87380\t6291456"),
+    )
     changes = sysctls.plan(desired, current)
-    assert changes == [Change("sysctls", "set", "net.ipv4.ip_forward"),
-                       Change("sysctls", "set", "net.ipv4.conf.br100.forwarding")]
+    assert changes == [
+        Change("sysctls", "set", "net.ipv4.ip_forward"),
+        Change("sysctls", "set", "net.ipv4.conf.br100.forwarding"),
+    ]
     assert changes[0].detail == {"value": "1", "old": "0"}
     assert changes[1].detail == {"value": "1", "old": None}
     assert sysctls.plan(desired, desired) == []
@@ -61,8 +70,11 @@ def test_apply_in_a_namespace_leaves_the_root_namespace_alone():
             with IPRoute() as ipr:
                 ipr.link("add", ifname="br100", kind="bridge")
             want = "0" if root_forward == "1" else "1"
-            desired = (("net.ipv4.ip_forward", want), ("net.ipv4.conf.br100.forwarding", want),
-                       ("net.ipv4.conf.br100.rp_filter", "1"))
+            desired = (
+                ("net.ipv4.ip_forward", want),
+                ("net.ipv4.conf.br100.forwarding", want),
+                ("net.ipv4.conf.br100.rp_filter", "1"),
+            )
             keys = [k for k, _ in desired]
             changes = sysctls.plan(desired, sysctls.current(keys))
             assert [c.target for c in changes][:2] == keys[:2]

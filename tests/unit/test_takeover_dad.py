@@ -1,5 +1,6 @@
 """Duplicate address detection before a takeover binds (takeover._dad), with the ARP
 probe replaced by a script: which answers stop a takeover, which are waited out."""
+
 import time
 from types import SimpleNamespace
 
