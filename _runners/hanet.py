@@ -305,7 +305,16 @@ def _reject(network, reason, tag, data):
 def liveness(tag=None, data=None, via="reactor"):
     """React to a hanet_liveness transition: called by ``reactor/failover.sls`` and, when
     the master runs it, by the ``hanet_failover`` engine (``via="engine"``) for the same
-    event. Whichever comes first handles it; the other returns quietly."""
+    event. Whichever comes first handles it; the other returns quietly.
+
+    Reactor example (``reactor/failover.sls``)::
+
+        hanet-liveness:
+          runner.hanet.liveness:
+            - args:
+              - tag: {{ tag | json }}
+              - data: {{ data | json }}
+    """
     failover = _lib("failover")
     t0 = time.time()
     if via == "reactor" and failover.engine_alive(__opts__["cachedir"]):
@@ -573,7 +582,13 @@ def reconcile(via="reconcile"):
 
 def outcome(tag=None, data=None, via="engine"):  # pylint: disable=unused-argument
     """A takeover's ``hanet/failover/<network>/complete``: the record's owner confirmed
-    at that epoch (the engine calls it; the reconcile loop re-sends unconfirmed moves)."""
+    at that epoch (the engine calls it; the reconcile loop re-sends unconfirmed moves).
+
+    CLI example (what the engine does with the event's data)::
+
+        salt-run hanet.outcome tag=hanet/failover/shared/complete \
+            data='{"network": "shared", "to": "net2", "epoch": 4}'
+    """
     failover = _lib("failover")
     if not isinstance(data, dict) or failover.parse_failover_tag(tag) != (data.get("network"), "complete"):
         return {"result": False, "reason": "not a complete event"}

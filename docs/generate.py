@@ -2,6 +2,9 @@
 
 - docs/metrics.md, below its ``GENERATED`` marker: every metric in
   ``_hanet.metrics.CATALOGUE`` (name, type, labels, who writes it, meaning);
+- docs/reference.md, below its marker: every execution function, runner function and
+  state with the example its docstring gives, and every event with example data
+  (``_hanet.events.CATALOGUE``);
 - docs/pillar.md, below its marker: every pillar key the model accepts, with its
   default from ``_hanet.model`` and its meaning and nova.conf name from the example
   pillar (``pillar/hanet.sls``, the contract's schema by example).
@@ -192,7 +195,54 @@ REQUIRED = {
     "instances:*:nics:ip",
 }
 
-TARGETS = {"metrics.md": metrics_reference, "pillar.md": pillar_reference}
+API = (  # (section title, source file, how it is called)
+    ("Execution functions (`salt <minion> hanet.<name>`)", "_modules/hanet.py", "hanet.{}"),
+    ("Runner functions (`salt-run hanet.<name>`)", "_runners/hanet.py", "hanet.{}"),
+    ("States (`hanet.<name>` in an SLS; `salt://hanet` applies them in order)", "_states/hanet.py", "hanet.{}"),
+)
+
+
+def _public_functions(path):
+    """[(name, signature, docstring)] of the public functions in ``path`` (by its AST:
+    nothing is imported)."""
+    import ast
+
+    with open(os.path.join(CHECKOUT, path), encoding="utf-8") as fh:
+        tree = ast.parse(fh.read())
+    out = []
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+            args = ast.unparse(node.args)
+            out.append((node.name, args, ast.get_docstring(node) or ""))
+    return out
+
+
+def api_reference():
+    """Every execution function, runner function, state (with the example its docstring
+    gives) and event (with example data)."""
+    import json
+
+    from _hanet import events
+
+    out, missing = [""], []
+    for title, path, call in API:
+        out += [f"## {title}", "", f"From `{path}`.", ""]
+        for name, args, doc in _public_functions(path):
+            if "example" not in doc.lower() and "code-block" not in doc:
+                missing.append(f"{path}:{name}")
+            out += [f"### `{call.format(name)}({args})`", "", doc.strip(), ""]
+    out += ["## Events", "", "| Tag | Fired by | When |", "|---|---|---|"]
+    for tag, who, when, _ in events.CATALOGUE:
+        out.append(f"| `{tag}` | {who} | {when} |")
+    out.append("")
+    for tag, _, _, example in events.CATALOGUE:
+        out += [f"`{tag}`, example data:", "", "```json", json.dumps(example, indent=1), "```", ""]
+    if missing:
+        raise SystemExit(f"docs/generate.py: no example in the docstring of {', '.join(missing)}")
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+TARGETS = {"metrics.md": metrics_reference, "pillar.md": pillar_reference, "reference.md": api_reference}
 
 
 def generated(name):
