@@ -370,6 +370,10 @@ def liveness(tag=None, data=None, via="reactor"):
         return _reject(None, f"no decision: {err}", tag, data)
     for network, reason in verdict.rejected:
         out = _reject(network, reason, tag, data)
+    if opinion.verdict == failover.ALIVE_VERDICT:
+        # reported down, answers the master: the reconcile loop asks the hosts carrying its
+        # networks whether it is cut off from a segment (failover.segment_cuts)
+        _RECONCILE["suspects"][rep.peer] = t0
     if verdict.rejected and not verdict.moves:
         return out
     for move in verdict.moves:
@@ -478,7 +482,7 @@ def _health(rep, tag, data, via, t0):
 
 # --------------------------------------------------------------------------- reconcile
 
-_RECONCILE = {"issued": {}, "audit_at": 0.0, "dead_since": {}}
+_RECONCILE = {"issued": {}, "audit_at": 0.0, "dead_since": {}, "suspects": {}, "cut_since": {}}
 AUDIT_S = 5.0  # how often the network hosts are asked what they hold
 GRACE_S = 2.0  # how long a death is left to the report path before the loop acts on it
 
@@ -542,7 +546,10 @@ def reconcile(via="reconcile"):
         log.error("hanet reconcile: no decision: %s", err)
         return {"result": False, "reason": str(err)}
     audit = now - _RECONCILE["audit_at"] >= AUDIT_S
-    ask = failover.to_ask(cfg, owners, verdicts, audit)
+    suspects = _RECONCILE["suspects"]
+    for h in [h for h, at in suspects.items() if now - at > failover.SUSPECT_S]:
+        del suspects[h]
+    ask = failover.to_ask(cfg, owners, verdicts, audit, suspects)
     got = _ask(sorted(ask), "hanet.serving") if ask else {}
     views = {h: r.get("peers") or {} for h, r in got.items()}
     holdings = None
@@ -555,19 +562,36 @@ def reconcile(via="reconcile"):
     moves, orders = failover.reconcile(
         cfg, owners, verdicts, views, holdings, now, _RECONCILE["issued"], health=_HEALTH
     )
+    cut_since, cuts = _RECONCILE["cut_since"], failover.segment_cuts(cfg, owners, verdicts, views)
+    for label in [label for label in cut_since if label not in cuts]:
+        del cut_since[label]  # healed, or not asked this round
+    reasons = {}
+    for label, (owner, standby, down, asked) in sorted(cuts.items()):
+        first = cut_since.setdefault(label, now)
+        if now - first < failover.CUT_DWELL_S or any(m.network == label for m in moves):
+            continue
+        move = failover.Move(label, owner, standby, failover.epoch_of(owners, label) + 1, handover=True)
+        moves.append(move)
+        orders += failover.handover_orders(move)
+        reasons[label] = f"{owner} cut off from the segment of {label} (seen down by {down} of {asked} hosts)"
+        log.warning("hanet reconcile: %s", reasons[label])
     if moves:
         try:
             for attempt in _records():
                 with attempt as rec:  # decided on a copy: keep only what still holds
                     valid = [m for m in moves if failover.still_valid(cfg, rec.owners, m)]
-                    rec.record(valid, now, "reconcile")
+                    for m in valid:  # one save: one transaction with the etcd record
+                        failover.record_move(rec.owners, m, now, reasons.get(m.network, "reconcile"))
+                    if valid:
+                        rec.save()
         except failover.RecordError as err:
             log.error("hanet reconcile: no decision: %s", err)
             return {"result": False, "reason": str(err)}
         stale = {(m.network, m.epoch) for m in moves if m not in valid}
         orders = [o for o in orders if (o.network, o.epoch) not in stale]
         moves = valid
-        _count_moves(moves, "reconcile")
+        for m in moves:
+            _count_moves([m], "segment_cut" if m.network in reasons else "reconcile")
     for order in orders:
         _RECONCILE["issued"][order.key] = now
         _send(order, via)

@@ -179,6 +179,22 @@ class Matrix:
     def segment(self):
         yield from self._link("eth3")
 
+    def segment_blocked(self):
+        old = self.owner()
+        chaos.block(self.lab, old, ["eth3"])  # the switch drops its segment frames; carrier up
+        try:
+            new = self.served_by(self.others(old))
+            held = [a.split("/")[0] for a in self.lab.addresses(old)]
+            if GATEWAY in held or FLOATING in held:
+                raise Unmet(f"{old} still holds {held}")
+            yield f"{old} cut off from the segment (carrier up) -> {new} serves, {old} holds nothing"
+        finally:
+            chaos.unblock(self.lab, old)
+        time.sleep(3)
+        if self.holders(GATEWAY) != [new]:
+            raise Unmet(f"after the heal the gateway is on {self.holders(GATEWAY)}")
+        self.standby_again(old)
+
     def observer_only(self):
         old, before = self.owner(), self.epoch()
         chaos.unplug(self.lab, old, ["mgmt0"])
@@ -319,6 +335,11 @@ class Matrix:
         ("power_loss", "power loss of the owner", "a standby serves"),
         ("uplink", "owner loses only its public uplink", "a standby serves; owner gives up"),
         ("segment", "owner loses only its VM-segment link", "a standby serves; owner gives up"),
+        (
+            "segment_blocked",
+            "owner cut off from its VM segment, carrier up (the switch drops its frames)",
+            "a standby serves; owner gives up",
+        ),
         ("observer_only", "master cannot reach the owner (VMs and standbys can)", "no move"),
         (
             "healed_partition",
@@ -342,6 +363,7 @@ class Matrix:
         "flapping_uplink": 1,
         "uplink": 1,
         "segment": 1,
+        "segment_blocked": 1,
         "power_loss": 1,
         "healed_partition": 1,
         "cut_off_but_router": 1,

@@ -981,10 +981,52 @@ def reconcile(cfg, owners, verdicts, views, holdings, now, issued, confirm_s=CON
     return moves, orders
 
 
-def to_ask(cfg, owners, verdicts, audit):
+CUT_DWELL_S = 3.0  # a cut segment must be seen this long before its network moves
+SUSPECT_S = 60.0  # after a down report the master refused (the suspect answers it): ask its witnesses
+
+
+def segment_cuts(cfg, owners, verdicts, views):
+    """Networks whose owner is cut off from the network's segment without losing carrier
+    (a switch port that drops its frames, a VLAN removed upstream, a filter): the master
+    sees the owner alive, so no down report moves it, but a strict majority of the other
+    hosts carrying the network that answered (at least two) see it down, and a live
+    standby among them is seen up by the rest. ``{label: (owner, standby, down, asked)}``.
+    The runner moves such a network by handover once the cut has lasted ``CUT_DWELL_S``:
+    the owner (alive, reachable) lets go first, the standby binds once the gateway is
+    silent on its side. Pure."""
+    out = {}
+    for label, net in sorted(cfg.networks.items()):
+        if net.multi_host or not net.network_hosts:
+            continue
+        owner = owner_of(cfg, owners, label)
+        if verdicts.get(owner) != ALIVE_VERDICT:
+            continue  # a dead owner is the dead-owner rules' business
+        carriers = [
+            h
+            for h in sorted(cfg.hosts_carrying(label))
+            if h != owner and h in views and verdicts.get(h) != DEAD_VERDICT
+        ]
+        down = [h for h in carriers if (views[h] or {}).get(owner) == DOWN]
+        if len(carriers) < 2 or 2 * len(down) <= len(carriers):
+            continue
+        standbys = [
+            h
+            for h in net.network_hosts
+            if h != owner
+            and h in down
+            and verdicts.get(h) == ALIVE_VERDICT
+            and not any((views[w] or {}).get(h) == DOWN for w in down if w != h)
+        ]
+        if standbys:
+            out[label] = (owner, standbys[0], len(down), len(carriers))
+    return out
+
+
+def to_ask(cfg, owners, verdicts, audit, suspects=()):
     """The hosts the reconcile loop asks what they hold and see (``hanet.serving``): the
     network hosts when it is time for an ``audit``, and every live host carrying a
-    network whose owner the master sees dead (its witnesses)."""
+    network whose owner the master sees dead (its witnesses), or that was reported down
+    while the master sees it alive (``suspects``: is it cut off from its segment?)."""
     dead = [
         label
         for label, n in cfg.networks.items()
@@ -992,6 +1034,9 @@ def to_ask(cfg, owners, verdicts, audit):
     ]
     ask = set(watched_hosts(cfg)) if audit else set()
     ask |= {h for label in dead for h in cfg.hosts_carrying(label)}
+    # an owner reported down that answers the master: is it cut off from a segment?
+    cut = [label for label, n in cfg.networks.items() if not n.multi_host and owner_of(cfg, owners, label) in suspects]
+    ask |= {h for label in cut for h in cfg.hosts_carrying(label)}
     return {h for h in ask if verdicts.get(h) != DEAD_VERDICT}
 
 

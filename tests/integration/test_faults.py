@@ -362,3 +362,30 @@ def test_the_master_alone_losing_the_owner_moves_nothing(cluster):
         assert lab.ping("app1", ROUTER, count=3, timeout=5)
     finally:
         chaos.replug(lab, owner, ["mgmt0"])
+
+
+def test_an_owner_cut_off_from_its_segment_without_losing_carrier_hands_it_over(cluster):
+    """The switch drops every frame between the owner and the rest of shared's segment;
+    its carrier stays up and it still hears the master and the router. The master's
+    watch sees it alive, so the down reports are refused; the reconcile loop then asks
+    the hosts carrying shared, finds a majority that sees the owner down and a standby
+    that they see up, and hands the network over (the owner lets go first). Before this,
+    the VMs on shared stayed without a gateway for as long as the cut lasted."""
+    from hanet_lab import chaos
+
+    lab = cluster
+    owner, before = record(lab)[NET]["owner"], record(lab)[NET]["epoch"]
+    segment = [i for i, s in lab.topology.nodes()[owner].links.items() if s == "seg-shared"]
+    assert segment, lab.topology.nodes()[owner].links
+    chaos.block(lab, owner, segment)
+    try:
+        got = served_by(lab, tuple(h for h in NETWORK_HOSTS if h != owner))
+        assert got["epoch"] == before + 1 and "cut off from the segment of shared" in got["reason"], got
+        held = [a.split("/")[0] for a in lab.addresses(owner)]
+        assert GATEWAY not in held and FLOATING not in held, held  # it let go
+        assert lab.ping("router", FLOATING, count=3, timeout=5)
+    finally:
+        chaos.unblock(lab, owner)
+    for _ in range(8):  # healed: one holder, the new one
+        assert holders(lab, GATEWAY) == [got["owner"]] and holders(lab, FLOATING) == [got["owner"]]
+        time.sleep(0.25)

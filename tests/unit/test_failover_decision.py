@@ -624,6 +624,30 @@ def test_a_confirmed_move_keeps_how_long_it_took_and_its_path():
     assert "0.350 s" in row and "engine/warm" in row, row
 
 
+def test_an_owner_cut_off_from_its_segment_without_losing_carrier(cfg3):
+    alive = {"net1": "alive", "net2": "alive", "net3": "alive"}
+    views = {
+        "net2": {"net1": "down", "net3": "up"},
+        "net3": {"net1": "down", "net2": "up"},
+        "compute1": {"net1": "down", "net2": "up", "net3": "up"},
+    }
+    assert failover.segment_cuts(cfg3, {}, alive, views) == {"shared": ("net1", "net2", 3, 3)}
+    # the first standby looks cut off too to a witness: the next one
+    views["compute1"]["net2"] = "down"
+    assert failover.segment_cuts(cfg3, {}, alive, views) == {"shared": ("net1", "net3", 3, 3)}
+    # only a minority sees it down (the standby's own link may be the broken one)
+    few = {"net2": {"net1": "down"}, "net3": {"net1": "up"}, "compute1": {"net1": "up"}}
+    assert failover.segment_cuts(cfg3, {}, alive, few) == {}
+    # one witness is not enough, a dead owner is another rule's, and a moved network's owner is asked
+    assert failover.segment_cuts(cfg3, {}, alive, {"net2": {"net1": "down"}}) == {}
+    assert failover.segment_cuts(cfg3, {}, dict(alive, net1="dead"), views) == {}
+    moved = {"shared": {"owner": "net2", "epoch": 1}}
+    assert failover.segment_cuts(cfg3, moved, alive, views) == {}, "net2 is not seen down"
+    # the reconcile loop asks the hosts carrying a suspect's networks
+    assert failover.to_ask(cfg3, {}, alive, audit=False) == set()
+    assert failover.to_ask(cfg3, {}, alive, audit=False, suspects={"net1": 0}) == {"net1", "net2", "net3", "compute1"}
+
+
 def test_whom_the_reconcile_loop_asks(cfg3):
     verdicts = dict(ALIVE3)
     assert failover.to_ask(cfg3, {}, verdicts, audit=False) == set()
