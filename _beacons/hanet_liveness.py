@@ -40,6 +40,10 @@ hanet's ``hanet.liveness`` state configures this beacon from the pillar; by hand
 With ``supervise: true`` it also restarts dnsmasq and the metadata service when they die
 (``_hanet.supervise``) and fires ``hanet/daemon/<minion>/<daemon>/<name>/restarted``.
 
+Wherever it runs it also binds VM ports as they are plugged (``_hanet.portwatch``: the
+anti-spoofing table's dynamic sets, on every link event) and writes the host's metrics
+file every few seconds (``hanet.metrics``).
+
 With ``health`` (a network host: ``{uplink: eth0, segments: {shared: eth3}}``) it watches
 the host's own uplink (carrier and next hop) and each network's segment link
 (``_hanet.health``) and reports, signed like a liveness report, which networks the host
@@ -502,6 +506,7 @@ class _Running:
         self.health = None
         self.metrics = None
         self.refresh = None
+        self.ports = None
         self.save = save  # writes the peers' view (for hanet.status)
         self.parse_order = parse_order
         self.orders = {}  # master -> its OrderListener, once signed in to it; False: none
@@ -516,6 +521,8 @@ class _Running:
             self.metrics.stop()
         if self.refresh is not None:
             self.refresh.stop()
+        if self.ports is not None:
+            self.ports.stop()
         if self.fence is not None:
             self.fence.stop()
         if self.health is not None:
@@ -540,7 +547,19 @@ def _start(cfg):
     opts = _real(__opts__)
     lib = {
         name: _lib(name)
-        for name in ("liveness", "failover", "arp", "common", "model", "supervise", "fence", "health", "metrics")
+        for name in (
+            "liveness",
+            "failover",
+            "arp",
+            "common",
+            "model",
+            "supervise",
+            "fence",
+            "health",
+            "metrics",
+            "portwatch",
+            "ruleset",
+        )
     }
     _warm()
     _fork_safe_salt()
@@ -630,6 +649,8 @@ def _start(cfg):
     running.health = holder["health"].start() if holder.get("health") is not None else None
     salt_metrics = _real(__salt__)
     running.metrics = lib["metrics"].Writer(lambda: salt_metrics["hanet.metrics"]()).start()
+    # VM ports bound when plugged (and unbound when unplugged), not at the next apply
+    running.ports = lib["portwatch"].PortWatch(lambda: lib["ruleset"].bind_ports(paths)).start()
     if cfg.get("orders") and cfg.get("garp_refresh_s"):
         # ha:garp_refresh_s: the owner says again who holds its gateways and floating IPs
         # (one round), before a switch's MAC table or a neighbour's ARP cache forgets it

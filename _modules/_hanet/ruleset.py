@@ -67,7 +67,7 @@ import subprocess
 
 from . import desired as D
 from . import ruleset_templates as T
-from .common import Change, Paths, write_atomic
+from .common import Change, FileLock, Paths, write_atomic
 
 FACET = "ruleset"
 METADATA_IP = "169.254.169.254"
@@ -240,42 +240,59 @@ def _nft_ip_table(rs):
     )
 
 
-def _nft_bridge_table(rs, ports=None, port_macs=None):
-    """``ports``: None to scope each guard with ``meta ibrname``; else {bridge: [VM ports]}.
-    ``port_macs``: {bridge: {port: MAC}} of the ports now (None: only the pillar's ports)."""
+def _binding_elements(bound):
+    """The (pairs, arp, macs) elements of the bindings ``bound`` [(port, mac, ip)]."""
+    macs = sorted({(p, m) for p, m, _ in bound})
+    arp = sorted(
+        {f"{_q(p)} . {m} . {m} . {ip}" for p, m, ip in bound} | {f"{_q(p)} . {m} . {m} . 0.0.0.0" for p, m in macs}
+    )
+    return sorted(f"{_q(p)} . {m} . {ip}" for p, m, ip in bound), arp, [f"{_q(p)} . {m}" for p, m in macs]
+
+
+DYNAMIC = ("_dpairs", "_darp", "_dmacs", "_ports")  # the sets bind_ports fills (not the apply)
+
+
+def _idents(guards):
+    """{bridge: the identifier its sets and chain are named with}."""
+    used: set = set()
+    return {g.bridge: _ident(g.bridge, used) for g in sorted(guards, key=lambda g: g.bridge)}
+
+
+def _nft_bridge_table(rs, port_list=False):
+    """The anti-spoofing table. Each NIC's (MAC, IP) is bound to its port: the pillar's
+    ports (``port:``) in the static sets (``_pairs``, ``_arp``, ``_macs``), the ports
+    found by libvirt's MAC rule in the dynamic ones (``_dpairs``, ``_darp``, ``_dmacs``),
+    which ``bind_ports`` fills when a port appears, changes or goes (the beacon's port
+    watch, and every apply). ``port_list``: the kernel has no ``meta ibrname``; the VM
+    ports of a bridge are then the elements of its ``_ports`` set (bind_ports too)."""
     sets, chains, pre, fwd, inp, out, notes = [], [], [], [], [], [], []
-    used = set()
+    idents = _idents(rs.guards)
     for g in sorted(rs.guards, key=lambda g: g.bridge):
-        ident = _ident(g.bridge, used)
-        bound = _bindings(g, (port_macs or {}).get(g.bridge))
-        if port_macs is None:  # render: the pairs the applier binds by libvirt's MAC rule
-            named = {_mac(m) for m, _ in g.ports}
-            notes += sorted(
-                f"{g.bridge}: {_mac(m)} . {ip} from the port with MAC {tap_mac(m)}"
-                for m, ip in g.pairs
-                if _mac(m) not in named
-            )
-        macs = sorted({(p, m) for p, m, _ in bound})
-        arp = sorted(
-            {f"{_q(p)} . {m} . {m} . {ip}" for p, m, ip in bound} | {f"{_q(p)} . {m} . {m} . 0.0.0.0" for p, m in macs}
+        ident = idents[g.bridge]
+        bound = _bindings(g, None)  # the pillar's ports: known without a kernel view
+        named = {_mac(m) for m, _ in g.ports}
+        notes += sorted(
+            f"{g.bridge}: {_mac(m)} . {ip} from the port with MAC {tap_mac(m)}"
+            for m, ip in g.pairs
+            if _mac(m) not in named
         )
+        pairs, arp, macs = _binding_elements(bound)
         sets += [
-            dict(
-                name=f"{ident}_pairs",
-                type="ifname . ether_addr . ipv4_addr",
-                elements=[f"{_q(p)} . {m} . {ip}" for p, m, ip in bound],
-            ),
+            dict(name=f"{ident}_pairs", type="ifname . ether_addr . ipv4_addr", elements=pairs),
             dict(name=f"{ident}_arp", type="ifname . ether_addr . ether_addr . ipv4_addr", elements=arp),
-            dict(name=f"{ident}_macs", type="ifname . ether_addr", elements=[f"{_q(p)} . {m}" for p, m in macs]),
+            dict(name=f"{ident}_macs", type="ifname . ether_addr", elements=macs),
+            dict(name=f"{ident}_dpairs", type="ifname . ether_addr . ipv4_addr", elements=[]),
+            dict(name=f"{ident}_darp", type="ifname . ether_addr . ether_addr . ipv4_addr", elements=[]),
+            dict(name=f"{ident}_dmacs", type="ifname . ether_addr", elements=[]),
         ]
+        if port_list:
+            sets.append(dict(name=f"{ident}_ports", type="ifname", elements=[]))
         vm = f"{ident}_vm"
-        if ports is None:
+        if not port_list:
             trusted = f" iifname != {_names(g.trusted_ports)}" if g.trusted_ports else ""
             pre.append(f"meta ibrname {_q(g.bridge)}{trusted} jump {vm}")
         else:
-            vm_ports = sorted(set(ports.get(g.bridge, ())) - set(g.trusted_ports))
-            if vm_ports:
-                pre.append(f"iifname {_names(vm_ports)} jump {vm}")
+            pre.append(f"iifname @{ident}_ports jump {vm}")
         chains.append(
             dict(
                 name=vm,
@@ -284,8 +301,12 @@ def _nft_bridge_table(rs, ports=None, port_macs=None):
                     "ether type ip udp sport 67 counter drop",
                     "ether type ip ip saddr 0.0.0.0 udp sport 68 udp dport 67"
                     f" iifname . ether saddr @{ident}_macs return",
+                    "ether type ip ip saddr 0.0.0.0 udp sport 68 udp dport 67"
+                    f" iifname . ether saddr @{ident}_dmacs return",
                     f"ether type ip iifname . ether saddr . ip saddr @{ident}_pairs return",
+                    f"ether type ip iifname . ether saddr . ip saddr @{ident}_dpairs return",
                     f"ether type arp iifname . ether saddr . arp saddr ether . arp saddr ip @{ident}_arp return",
+                    f"ether type arp iifname . ether saddr . arp saddr ether . arp saddr ip @{ident}_darp return",
                     "counter drop",
                 ],
             )
@@ -396,9 +417,9 @@ def _objects(rs):
     return sorted(objs)
 
 
-def _parts(rs, ports=None, port_macs=None):
+def _parts(rs, port_list=False):
     """{'iptables': restore input or '', 'nft': nft script or ''} for the ruleset
-    (``ports``, ``port_macs``: see :func:`_nft_bridge_table`)."""
+    (``port_list``: see :func:`_nft_bridge_table`)."""
     if rs.driver not in ("nftables", "iptables"):
         raise ValueError(f"unknown firewall_driver {rs.driver!r} (nftables | iptables)")
     if is_empty(rs):
@@ -411,7 +432,7 @@ def _parts(rs, ports=None, port_macs=None):
         else:
             tables.append(_nft_ip_table(rs))
     if rs.guards:
-        tables.append(_nft_bridge_table(rs, ports, port_macs))
+        tables.append(_nft_bridge_table(rs, port_list))
     return {"iptables": ipt, "nft": _nft_script(tables) if tables else ""}
 
 
@@ -626,12 +647,86 @@ def _snapshot(objects):
             family, name = rest.split(":", 1)
             if (family, name) in tables:
                 text = _nft("-s", "list", "table", family, name)
-                out.append(f"## {obj}\n" + "\n".join(line.rstrip() for line in text.splitlines()))
+                out.append(f"## {obj}\n" + "\n".join(_without_dynamic(text.splitlines())))
         elif kind == "iptables":
             lines = _ipt_lines(rest, "nat") + _ipt_lines(rest, "filter")
             if lines:
                 out.append(f"## {obj}\n" + "\n".join(lines))
     return "\n".join(out)
+
+
+def _without_dynamic(lines):
+    """An ``nft list`` listing without the elements of the sets ``bind_ports`` fills (the
+    ports plugged now are not part of what an apply compares)."""
+    out, in_dynamic, skipping = [], False, False
+    for line in lines:
+        line = line.rstrip()
+        words = line.split()
+        if len(words) >= 3 and words[0] == "set" and words[2] == "{":
+            in_dynamic = words[1].endswith(DYNAMIC)
+        elif line.strip() == "}":
+            in_dynamic = in_dynamic and skipping
+        if skipping:
+            skipping = not line.endswith("}")
+            continue
+        if in_dynamic and line.strip().startswith("elements = {"):
+            skipping = not line.endswith("}")
+            continue
+        out.append(line)
+    return out
+
+
+def dynamic_elements(guards, port_macs, port_list):
+    """{set name: sorted elements} for the sets ``bind_ports`` fills (pure): each NIC's
+    (MAC, IP) bound to the port carrying its tap MAC (libvirt's rule; the pillar's
+    ``port:`` bindings are static), and with ``port_list`` every port of the bridge that is
+    not trusted (the VM ports the prerouting rule sends to the guard chain)."""
+    out = {}
+    idents = _idents(guards)
+    for g in guards:
+        ident = idents[g.bridge]
+        present = port_macs.get(g.bridge) or {}
+        dynamic = sorted(set(_bindings(g, present)) - set(_bindings(g, None)))
+        pairs, arp, macs = _binding_elements(dynamic)
+        out.update({f"{ident}_dpairs": pairs, f"{ident}_darp": arp, f"{ident}_dmacs": macs})
+        if port_list:
+            out[f"{ident}_ports"] = sorted(_q(p) for p in present if p not in g.trusted_ports)
+    return out
+
+
+def _bind_script(table, elements):
+    lines = []
+    for name, els in sorted(elements.items()):
+        lines.append(f"flush set bridge {table} {name}")
+        if els:
+            lines.append(f"add element bridge {table} {name} {{ {', '.join(els)} }}")
+    return "\n".join(lines) + "\n"
+
+
+def _lock(paths):
+    return FileLock(paths.state("ruleset.lock"))
+
+
+def bind_ports(paths, locked=False):
+    """Bind the VM ports on hanet's guarded bridges now (``dynamic_elements``), in one nft
+    transaction (the sets are flushed and filled at once: a port is never unbound in
+    between). Called after every apply and by the beacon's port watch when a port
+    appears, changes its MAC or goes. Returns {set: elements}, or None when hanet guards
+    no bridge here."""
+    if not locked:
+        with _lock(paths):
+            return bind_ports(paths, locked=True)
+    state = _load_state(paths)
+    if not state.get("ruleset") or "nft:bridge:" + str(state.get("table")) not in state.get("objects", ()):
+        return None
+    guards = _from_plain(state["ruleset"]).guards
+    if not guards:
+        return None
+    elements = dynamic_elements(
+        guards, _bridge_port_macs(sorted({g.bridge for g in guards})), bool(state.get("port_list"))
+    )
+    _nft("-f", "-", stdin=_bind_script(state["table"], elements))
+    return elements
 
 
 def _load_state(paths):
@@ -655,20 +750,15 @@ def _candidates(desired, state):
 def current(ruleset_desired: D.Ruleset, paths: Paths):
     """What the kernel holds now for hanet: None when none of hanet's tables/chains
     exists; the text hanet last applied when the kernel still holds exactly what that
-    apply left (same normalized listing, same bridge ports in port-list mode); otherwise
-    a text describing the live state (never equal to a rendered ruleset)."""
+    apply left (the same normalized listing: the ports bound since, by ``bind_ports``,
+    are not part of it); otherwise a text describing the live state (never equal to a
+    rendered ruleset)."""
     state = _load_state(paths)
     snap = _snapshot(_candidates(ruleset_desired, state))
     if not snap:
         return None
     if state and snap == state.get("snapshot"):
-        ports, port_macs = state.get("ports"), state.get("port_macs")
-        bridges = sorted(set(ports or ()) | set(port_macs or ()))
-        now = _bridge_port_macs(bridges) if bridges else {}
-        if (ports is None or {b: sorted(now[b]) for b in ports} == ports) and (
-            port_macs is None or {b: now[b] for b in port_macs} == port_macs
-        ):
-            return state.get("text")
+        return state.get("text")
     return "# hanet: the kernel differs from what hanet applied last\n" + snap + "\n"
 
 
@@ -775,21 +865,31 @@ def apply(changes, paths: Paths, managed):
             rs = _from_plain(change.detail["ruleset"])
             text = render(rs)
             new = set(_objects(rs))
-            ports = port_macs = None
-            if rs.guards:
-                port_macs = _bridge_port_macs(sorted({g.bridge for g in rs.guards}))
-                if not bridge_meta_supported():
-                    ports = {b: sorted(p) for b, p in port_macs.items()}
-            parts = _parts(rs, ports, port_macs)
-            if parts["iptables"]:
-                _run(["iptables-restore", "--noflush"], _ipt_apply_script(rs, parts["iptables"]))
-            if parts["nft"]:
-                _nft("-f", "-", stdin=parts["nft"])
+            port_list = bool(rs.guards) and not bridge_meta_supported()
+            parts = _parts(rs, port_list)
+            lock = _lock(paths)
+            lock.__enter__()  # the port watch does not bind between the table and its ports
+            try:
+                if parts["iptables"]:
+                    _run(["iptables-restore", "--noflush"], _ipt_apply_script(rs, parts["iptables"]))
+                if parts["nft"]:
+                    _nft("-f", "-", stdin=parts["nft"])
+                applied_state = {
+                    "driver": rs.driver,
+                    "table": rs.table,
+                    "objects": sorted(new),
+                    "ruleset": change.detail["ruleset"],
+                    "port_list": port_list,
+                }
+                write_atomic(paths.state(STATE_FILE), json.dumps(applied_state) + "\n", mode=0o600)
+                bound = bind_ports(paths, locked=True) if rs.guards else None
+            finally:
+                lock.__exit__(None, None, None)
             # Stale objects: a renamed table, the other driver's rules, a part no longer needed.
             stale = _present(_candidates(rs, state) | recorded) - new
             removed = _remove(stale)
             paths.ensure()
-            if state.get("digest") == digest(text) and state.get("ports") == ports:
+            if state.get("digest") == digest(text):
                 # the same ruleset again: someone changed the kernel's (drift, put back)
                 from . import metrics
 
@@ -803,8 +903,8 @@ def apply(changes, paths: Paths, managed):
                         "table": rs.table,
                         "digest": digest(text),
                         "objects": sorted(new),
-                        "ports": ports,
-                        "port_macs": port_macs,
+                        "ruleset": change.detail["ruleset"],
+                        "port_list": port_list,
                         "snapshot": snap,
                         "text": text,
                     },
@@ -818,8 +918,9 @@ def apply(changes, paths: Paths, managed):
             msg = f"ruleset: applied {', '.join(sorted(new))} ({rs.driver}, digest {digest(text)})"
             if removed:
                 msg += f"; removed {', '.join(removed)}"
-            if ports is not None:
-                msg += "; kernel lacks meta ibrname: guarding the VM ports present now"
+            if bound is not None:
+                n = sum(len(v) for k, v in bound.items() if k.endswith("_dpairs"))
+                msg += f"; {n} NIC(s) bound to their ports" + (" (port set: no meta ibrname)" if port_list else "")
             done.append(msg)
         else:
             raise ValueError(f"ruleset: unknown action {change.action!r}")
@@ -841,5 +942,5 @@ def handle(paths: Paths):
         "tables": state.get("objects", []),
         "digest": state.get("digest"),
         "in_place": in_place,
-        "port_list_mode": state.get("ports") is not None,
+        "port_list_mode": bool(state.get("port_list")),
     }

@@ -220,6 +220,40 @@ def test_removing_a_network_leaves_nothing(lab, base):
     assert changes(state_apply(lab)) == {h: {} for h in HOSTS}
 
 
+def test_a_vm_plugged_after_the_apply_is_bound_at_once_and_the_next_apply_changes_nothing(lab, base):
+    """nova's nwfilter took effect at plug time; so does hanet's port watch (the beacon):
+    web2, in the pillar and applied while it was not running, gets its lease right after
+    it is plugged, with no apply in between; the highstate after that has nothing to do;
+    unplugged, its binding goes."""
+    import time
+
+    p = base
+    p["hanet"]["instances"]["web2"] = copy.deepcopy(WEB2)
+    lab.unplug_vm("web2")
+    lab.set_pillar(p)
+    state_apply(lab)
+    bound = "fa:16:3e:00:00:03 . 192.168.0.12"
+
+    def dpairs():
+        return lab.exec("compute1", "nft list table bridge hanet", check=True).stdout.split("br100_dpairs", 1)[1]
+
+    assert bound not in dpairs().split("}", 1)[0]
+    t0 = time.monotonic()
+    lab.plug_vm("web2")
+    lease = lab.dhcp("web2", "udhcpc")
+    took = time.monotonic() - t0
+    assert lease["address"] == "192.168.0.12", lease
+    assert bound in dpairs().split("}", 1)[0]
+    print(f"plug -> lease {took:.2f} s (udhcpc)")
+    assert changes(state_apply(lab)) == {h: {} for h in HOSTS}, "the apply after plugging changed something"
+    lab.unplug_vm("web2")
+    deadline = time.monotonic() + 5
+    while bound in dpairs().split("}", 1)[0] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert bound not in dpairs().split("}", 1)[0], "the unplugged port is still bound"
+    lab.plug_vm("web2")  # as the other tests expect it
+
+
 def test_status_names_a_vm_port_that_is_no_instance_nics(lab, base):
     """web2 is plugged into compute1's br100 but is not in the pillar: its port may send
     nothing, and the operator's screens say so (and stop saying so once it is)."""

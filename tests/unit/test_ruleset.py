@@ -4,7 +4,6 @@ kernel in a network namespace each test creates (never the root namespace's rule
 import contextlib
 import ctypes
 import dataclasses
-import json
 import os
 import random
 import shutil
@@ -191,10 +190,15 @@ def test_nft_port_guard():
     assert chain(text, "br100_vm") == [
         "ether type ip udp sport 67 counter drop",
         "ether type ip ip saddr 0.0.0.0 udp sport 68 udp dport 67 iifname . ether saddr @br100_macs return",
+        "ether type ip ip saddr 0.0.0.0 udp sport 68 udp dport 67 iifname . ether saddr @br100_dmacs return",
         "ether type ip iifname . ether saddr . ip saddr @br100_pairs return",
+        "ether type ip iifname . ether saddr . ip saddr @br100_dpairs return",
         "ether type arp iifname . ether saddr . arp saddr ether . arp saddr ip @br100_arp return",
+        "ether type arp iifname . ether saddr . arp saddr ether . arp saddr ip @br100_darp return",
         "counter drop",
     ]
+    # the dynamic sets start empty: bind_ports fills them (after an apply, on a plug)
+    assert elements(text, "br100_dpairs") == elements(text, "br100_darp") == [] == elements(text, "br100_dmacs")
     # dhcp isolation only for br100 (br101's guard is not isolated)
     assert 'iifname { "eth1" } ether type ip udp dport 67-68 drop' in text
     assert 'oifname { "eth1" } ether type ip udp dport 67-68 drop' in text
@@ -214,20 +218,24 @@ def test_each_pair_bound_to_its_own_port():
         "br100": {"eth1": MAC1, "tap-a": TAP1, "tap-b": TAP2, "tapx": "fe:00:00:00:00:99"},
         "br101": {"vlan101": "02:00:00:00:00:01"},
     }
-    for ports in (None, {b: sorted(p) for b, p in port_macs.items()}):
-        text = R._parts(sample(), ports, port_macs)["nft"]
-        assert elements(text, "br100_pairs") == [f'"tap-a" . {MAC1} . 192.168.0.10', f'"tap-b" . {MAC2} . 192.168.0.11']
-        assert elements(text, "br100_arp") == [
+    for port_list in (False, True):
+        got = R.dynamic_elements(sample().guards, port_macs, port_list)
+        assert got["br100_dpairs"] == [f'"tap-a" . {MAC1} . 192.168.0.10', f'"tap-b" . {MAC2} . 192.168.0.11']
+        assert got["br100_darp"] == [
             f'"tap-a" . {MAC1} . {MAC1} . 0.0.0.0',
             f'"tap-a" . {MAC1} . {MAC1} . 192.168.0.10',
             f'"tap-b" . {MAC2} . {MAC2} . 0.0.0.0',
             f'"tap-b" . {MAC2} . {MAC2} . 192.168.0.11',
         ]
-        assert elements(text, "br100_macs") == [f'"tap-a" . {MAC1}', f'"tap-b" . {MAC2}']
-        assert "tapx" not in text.split("chain prerouting")[0]  # no element names it
-        assert elements(text, "br101_pairs") == []
-    nft = R._parts(sample(), {b: sorted(p) for b, p in port_macs.items()}, port_macs)["nft"]
-    assert 'iifname { "tap-a", "tap-b", "tapx" } jump br100_vm' in nft  # tapx: guarded, all dropped
+        assert got["br100_dmacs"] == [f'"tap-a" . {MAC1}', f'"tap-b" . {MAC2}']
+        assert "tapx" not in str({k: v for k, v in got.items() if not k.endswith("_ports")})  # no binding
+        assert got["br101_dpairs"] == []
+        # port-list mode: every VM port (tapx too: guarded, everything it sends dropped)
+        assert got.get("br100_ports") == (['"tap-a"', '"tap-b"', '"tapx"'] if port_list else None)
+    script = R._bind_script("hanet", R.dynamic_elements(sample().guards, port_macs, True))
+    assert "flush set bridge hanet br100_dpairs\nadd element bridge hanet br100_dpairs {" in script
+    assert "flush set bridge hanet br101_dpairs\nflush set bridge hanet br101_darp" not in script  # sorted
+    assert "add element bridge hanet br101_dpairs" not in script  # nothing to add: flushed only
 
 
 def test_pillar_port_binds_without_the_mac_rule():
@@ -235,9 +243,9 @@ def test_pillar_port_binds_without_the_mac_rule():
     rs = dataclasses.replace(sample(), guards=(dataclasses.replace(g, ports=((MAC2, "vnet7"),)),) + sample().guards[1:])
     # render: the pillar's port is bound already (no kernel view needed) ...
     assert elements(R.render(rs), "br100_pairs") == [f'"vnet7" . {MAC2} . 192.168.0.11']
-    # ... and it wins over a port that carries the MAC rule's MAC
-    text = R._parts(rs, None, {"br100": {"tap-a": TAP1, "tap-b": TAP2}})["nft"]
-    assert elements(text, "br100_pairs") == [f'"tap-a" . {MAC1} . 192.168.0.10', f'"vnet7" . {MAC2} . 192.168.0.11']
+    # ... and it wins over a port that carries the MAC rule's MAC (no dynamic binding for it)
+    got = R.dynamic_elements(rs.guards, {"br100": {"tap-a": TAP1, "tap-b": TAP2}}, False)
+    assert got["br100_dpairs"] == [f'"tap-a" . {MAC1} . 192.168.0.10']
     assert R._from_plain(R.plan(rs, None)[0].detail["ruleset"]) == rs
 
 
@@ -256,17 +264,50 @@ def test_render_changes_with_every_pair():
 
 
 def test_iptables_driver_binds_ports_the_same():
-    port_macs = {"br100": {"tap-a": TAP1}, "br101": {}}
-    nft = R._parts(sample(), None, port_macs)["nft"]
-    ipt = R._parts(sample(driver="iptables"), None, port_macs)["nft"]
+    nft = R._parts(sample())["nft"]
+    ipt = R._parts(sample(driver="iptables"))["nft"]
     bridge = "table bridge hanet {" + nft.split("table bridge hanet {", 1)[1]
-    assert bridge in ipt and f'"tap-a" . {MAC1} . 192.168.0.10' in ipt  # the same bridge table
+    assert bridge in ipt and "@br100_dpairs return" in ipt  # the same bridge table
 
 
-def test_port_list_mode_names_vm_ports():
-    nft = R._parts(sample(), {"br100": ["eth1", "tap1", "tap0"], "br101": ["vlan101"]})["nft"]
-    assert 'iifname { "tap0", "tap1" } jump br100_vm' in nft
-    assert "jump br101_vm" not in nft and "ibrname" not in nft
+def test_port_list_mode_sends_the_port_sets_ports_to_the_guard():
+    nft = R._parts(sample(), True)["nft"]
+    assert "iifname @br100_ports jump br100_vm" in nft and "iifname @br101_ports jump br101_vm" in nft
+    assert set_type(nft, "br100_ports") == "type ifname" and "ibrname" not in nft
+
+
+def test_a_listing_without_the_dynamic_elements():
+    listing = [
+        "table bridge hanet {",
+        "\tset br100_pairs {",
+        "\t\ttype ifname . ether_addr . ipv4_addr",
+        '\t\telements = { "vnet7" . fa:16:3e:00:00:02 . 192.168.0.11 }',
+        "\t}",
+        "\tset br100_dpairs {",
+        "\t\ttype ifname . ether_addr . ipv4_addr",
+        '\t\telements = { "tap-a" . fa:16:3e:00:00:01 . 192.168.0.10,',
+        '\t\t\t     "tap-b" . fa:16:3e:00:00:02 . 192.168.0.11 }',
+        "\t}",
+        "\tset br100_ports {",
+        "\t\ttype ifname",
+        '\t\telements = { "tap-a" }',
+        "\t}",
+        "}",
+    ]
+    assert R._without_dynamic(listing) == [
+        "table bridge hanet {",
+        "\tset br100_pairs {",
+        "\t\ttype ifname . ether_addr . ipv4_addr",
+        '\t\telements = { "vnet7" . fa:16:3e:00:00:02 . 192.168.0.11 }',
+        "\t}",
+        "\tset br100_dpairs {",
+        "\t\ttype ifname . ether_addr . ipv4_addr",
+        "\t}",
+        "\tset br100_ports {",
+        "\t\ttype ifname",
+        "\t}",
+        "}",
+    ]
 
 
 def test_iptables_driver():
@@ -587,14 +628,17 @@ def test_netns_port_list_mode_follows_new_ports(env, monkeypatch):
     nx("ip", "link", "set", "tap0", "master", "br100")
     monkeypatch.setattr(R, "bridge_meta_supported", lambda: False)
     run(sample(), paths)
-    assert 'iifname "tap0" jump br100_vm' in nx("nft", "list", "table", "bridge", "hanet")
+    assert '"tap0"' in nx("nft", "list", "set", "bridge", "hanet", "br100_ports")
     assert R.handle(paths)["port_list_mode"] is True
     assert R.plan(sample(), R.current(sample(), paths)) == []
     nx("ip", "link", "add", "tap1", "type", "veth", "peer", "name", "tap1p")
     nx("ip", "link", "set", "tap1", "master", "br100")
-    assert R.plan(sample(), R.current(sample(), paths)) != []
-    run(sample(), paths)
-    assert 'iifname { "tap0", "tap1" } jump br100_vm' in nx("nft", "list", "table", "bridge", "hanet")
+    # a new port changes nothing the apply compares; bind_ports (the port watch) guards it
+    assert R.plan(sample(), R.current(sample(), paths)) == []
+    R.bind_ports(paths)
+    listing = nx("nft", "list", "set", "bridge", "hanet", "br100_ports")
+    assert '"tap0"' in listing and '"tap1"' in listing
+    assert R.plan(sample(), R.current(sample(), paths)) == []
 
 
 @needs_root
@@ -607,13 +651,16 @@ def test_rendered_scripts_load_in_the_kernel(rs):
     try:
         with inside(name):
             port_macs = {g.bridge: {f"tap{j}": R.tap_mac(m) for j, (m, _) in enumerate(g.pairs)} for g in rs.guards}
-            ports = {b: sorted(p) + ["tapx"] for b, p in port_macs.items()}
-            if R.bridge_meta_supported():
-                ports = None
-            parts = R._parts(rs, ports, port_macs)
+            for b in port_macs:
+                port_macs[b]["tapx"] = "fe:00:00:00:00:99"
+            port_list = not R.bridge_meta_supported()
+            parts = R._parts(rs, port_list)
             if parts["nft"]:
                 _sh("nft", "-f", "-", input=parts["nft"])
                 _sh("nft", "-f", "-", input=parts["nft"])  # re-apply over itself
+                if rs.guards:  # and the ports bound into it
+                    dyn = R.dynamic_elements(rs.guards, port_macs, port_list)
+                    _sh("nft", "-f", "-", input=R._bind_script(rs.table, dyn))
             if parts["iptables"] and shutil.which("iptables-restore"):
                 _sh("iptables-restore", "--noflush", input=parts["iptables"])
     finally:
@@ -622,33 +669,32 @@ def test_rendered_scripts_load_in_the_kernel(rs):
 
 @needs_root
 def test_netns_binding_follows_plugged_nics(env, monkeypatch):
-    """A NIC is bound to the port carrying its tap MAC once an apply sees it; plugging a
-    NIC (a port with a NIC's tap MAC) makes ``current`` differ, also with meta ibrname."""
+    """A NIC is bound to the port carrying its tap MAC by the apply and then by
+    bind_ports (the port watch) when it is plugged, changes its MAC or goes; none of it
+    makes the apply see a change."""
     paths, nx = env
     nx("ip", "link", "add", "br100", "type", "bridge")
     nx("ip", "link", "add", "tap-a", "address", TAP1, "type", "veth", "peer", "name", "tap-ap")
     nx("ip", "link", "set", "tap-a", "master", "br100")
     monkeypatch.setattr(R, "bridge_meta_supported", lambda: False)
     run(sample(), paths)
-    listing = nx("nft", "list", "set", "bridge", "hanet", "br100_pairs")
+    listing = nx("nft", "list", "set", "bridge", "hanet", "br100_dpairs")
     assert f'"tap-a" . {MAC1} . 192.168.0.10' in listing and MAC2 not in listing
     assert R.plan(sample(), R.current(sample(), paths)) == []
     nx("ip", "link", "add", "tap-b", "address", TAP2, "type", "veth", "peer", "name", "tap-bp")
     nx("ip", "link", "set", "tap-b", "master", "br100")
-    assert R.plan(sample(), R.current(sample(), paths)) != []
-    run(sample(), paths)
-    listing = nx("nft", "list", "set", "bridge", "hanet", "br100_pairs")
+    R.bind_ports(paths)
+    listing = nx("nft", "list", "set", "bridge", "hanet", "br100_dpairs")
     assert f'"tap-b" . {MAC2} . 192.168.0.11' in listing
-    # a port's MAC changing counts too (the meta ibrname path records port MACs as well)
-    state = json.loads(open(paths.state("ruleset.json")).read())
-    assert state["port_macs"]["br100"] == {"tap-a": TAP1, "tap-b": TAP2}
+    assert R.plan(sample(), R.current(sample(), paths)) == []
+    # its MAC changes (no NIC's any more): unbound; it goes: unbound
     nx("ip", "link", "set", "tap-b", "address", "fe:00:00:00:00:99")
-    assert R.plan(sample(), R.current(sample(), paths)) != []
-    monkeypatch.setattr(R, "bridge_meta_supported", lambda: True)
-    state["ports"] = None  # as an apply on a meta ibrname kernel records it
-    with open(paths.state("ruleset.json"), "w") as fh:
-        json.dump(state, fh)
-    assert R.plan(sample(), R.current(sample(), paths)) != []
+    R.bind_ports(paths)
+    assert MAC2 not in nx("nft", "list", "set", "bridge", "hanet", "br100_dpairs")
+    nx("ip", "link", "del", "tap-a")
+    R.bind_ports(paths)
+    assert MAC1 not in nx("nft", "list", "set", "bridge", "hanet", "br100_dpairs")
+    assert R.plan(sample(), R.current(sample(), paths)) == []
 
 
 def test_port_report_names_unknown_ports_and_unplugged_nics():
