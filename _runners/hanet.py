@@ -562,7 +562,14 @@ def reconcile(via="reconcile"):
     moves, orders = failover.reconcile(
         cfg, owners, verdicts, views, holdings, now, _RECONCILE["issued"], health=_HEALTH
     )
-    cut_since, cuts = _RECONCILE["cut_since"], failover.segment_cuts(cfg, owners, verdicts, views)
+    links = {h: r.get("links") or {} for h, r in got.items()}
+    # a network host that sees an owner silent on a segment (while the owner may still
+    # answer on its uplink): ask the hosts carrying its networks from the next round on
+    for seen in links.values():
+        for peer, by_link in seen.items():
+            if "down" in by_link.values():
+                suspects[peer] = now
+    cut_since, cuts = _RECONCILE["cut_since"], failover.segment_cuts(cfg, owners, verdicts, links)
     for label in [label for label in cut_since if label not in cuts]:
         del cut_since[label]  # healed, or not asked this round
     reasons = {}

@@ -985,7 +985,7 @@ CUT_DWELL_S = 3.0  # a cut segment must be seen this long before its network mov
 SUSPECT_S = 60.0  # after a down report the master refused (the suspect answers it): ask its witnesses
 
 
-def segment_cuts(cfg, owners, verdicts, views):
+def segment_cuts(cfg, owners, verdicts, links):
     """Networks whose owner is cut off from the network's segment without losing carrier
     (a switch port that drops its frames, a VLAN removed upstream, a filter): the master
     sees the owner alive, so no down report moves it, but a strict majority of the other
@@ -993,7 +993,9 @@ def segment_cuts(cfg, owners, verdicts, views):
     standby among them is seen up by the rest. ``{label: (owner, standby, down, asked)}``.
     The runner moves such a network by handover once the cut has lasted ``CUT_DWELL_S``:
     the owner (alive, reachable) lets go first, the standby binds once the gateway is
-    silent on its side. Pure."""
+    silent on its side. ``links``: {host: {peer: {ifname: "up" | "down"}}}, what each host
+    that answered sees of its peers on each link (``host.link_states``): the owner is
+    "down" on the network's bridge even while it answers on its uplink. Pure."""
     out = {}
     for label, net in sorted(cfg.networks.items()):
         if net.multi_host or not net.network_hosts:
@@ -1001,12 +1003,16 @@ def segment_cuts(cfg, owners, verdicts, views):
         owner = owner_of(cfg, owners, label)
         if verdicts.get(owner) != ALIVE_VERDICT:
             continue  # a dead owner is the dead-owner rules' business
+
+        def on_segment(w, peer, bridge=net.bridge):
+            return ((links.get(w) or {}).get(peer) or {}).get(bridge)
+
         carriers = [
             h
             for h in sorted(cfg.hosts_carrying(label))
-            if h != owner and h in views and verdicts.get(h) != DEAD_VERDICT
+            if h != owner and on_segment(h, owner) is not None and verdicts.get(h) != DEAD_VERDICT
         ]
-        down = [h for h in carriers if (views[h] or {}).get(owner) == DOWN]
+        down = [h for h in carriers if on_segment(h, owner) == DOWN]
         if len(carriers) < 2 or 2 * len(down) <= len(carriers):
             continue
         standbys = [
@@ -1015,7 +1021,7 @@ def segment_cuts(cfg, owners, verdicts, views):
             if h != owner
             and h in down
             and verdicts.get(h) == ALIVE_VERDICT
-            and not any((views[w] or {}).get(h) == DOWN for w in down if w != h)
+            and not any(on_segment(w, h) == DOWN for w in down if w != h)
         ]
         if standbys:
             out[label] = (owner, standbys[0], len(down), len(carriers))

@@ -232,6 +232,32 @@ def status(host, state, cfg, paths, peers):
     return out
 
 
+LINK_SILENT_S = 2.0  # a peer's target silent this long (as of the view) is down on that link
+
+
+def link_states(view):
+    """{peer: {ifname: "up" | "down"}} from the beacon's view: per link the peer is probed
+    on, whether it answered there within ``LINK_SILENT_S`` of the view being written. A
+    peer cut off from one segment but answering on its uplink is "up" as a peer and
+    "down" on that segment's bridge (``failover.segment_cuts``). Pure."""
+    at = view.get("written_at")
+    peers = view.get("peers") if isinstance(view.get("peers"), dict) else {}
+    if not isinstance(at, (int, float)):
+        return {}
+    out = {}
+    for peer, v in peers.items():
+        seen = v.get("seen") if isinstance(v, dict) else None
+        if not isinstance(seen, dict):
+            continue
+        links = out.setdefault(peer, {})
+        for target, t in seen.items():
+            ifname = str(target).rsplit(":", 1)[0]
+            up = isinstance(t, (int, float)) and at - t <= LINK_SILENT_S
+            if up or links.get(ifname) != "up":
+                links[ifname] = "up" if up else "down"
+    return out
+
+
 def serving(host, cfg, owners, view):
     """What this host holds of the network-host networks it is a network host of, and
     its beacon's view of its peers (the master's reconcile loop asks):
@@ -250,6 +276,7 @@ def serving(host, cfg, owners, view):
         "networks": nets,
         "epochs": epochs,
         "peers": {p: v.get("state") for p, v in peers.items() if isinstance(v, dict)},
+        "links": link_states(view),
     }
     health = view.get("health")
     if isinstance(health, dict) and isinstance(health.get("lost"), list):

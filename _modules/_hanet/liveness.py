@@ -148,6 +148,7 @@ class Prober(Worker):
         self._macs = {}  # (ifname, ip) -> the MAC that answers for it (bytes)
         self._warned = set()
         self._sent_at = time.monotonic()
+        self._target_seen = {}  # (ifname, ip) -> when it last answered (wall clock)
 
     # -- lifecycle -----------------------------------------------------------------
     def stop(self, timeout=2.0):
@@ -162,6 +163,8 @@ class Prober(Worker):
                 "state": p.state,
                 "last_seen": p.last_seen,
                 "targets": [f"{i}:{a}" for i, a in p.targets],
+                # per target: a peer answering on one link only is up, but not on the other
+                "seen": {f"{i}:{a}": self._target_seen.get((i, a)) for i, a in p.targets},
                 "rtt": p.rtt,
                 "missed_total": p.missed_total,
             }
@@ -227,6 +230,7 @@ class Prober(Worker):
                 ip = parse_arp_reply(frame)
                 peer = self._by_ip.get((ifname, ip)) if ip else None
                 if peer is not None and self._from_peer(ifname, ip, frame[22:28]):
+                    self._target_seen[(ifname, ip)] = time.time()
                     if not peer.answered:
                         peer.rtt = time.monotonic() - self._sent_at
                     peer.answered = True

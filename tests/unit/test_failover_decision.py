@@ -626,23 +626,31 @@ def test_a_confirmed_move_keeps_how_long_it_took_and_its_path():
 
 def test_an_owner_cut_off_from_its_segment_without_losing_carrier(cfg3):
     alive = {"net1": "alive", "net2": "alive", "net3": "alive"}
-    views = {
-        "net2": {"net1": "down", "net3": "up"},
-        "net3": {"net1": "down", "net2": "up"},
-        "compute1": {"net1": "down", "net2": "up", "net3": "up"},
+
+    def seg(state, uplink="up"):  # a peer as seen on the segment's bridge and on the uplink
+        return {"br200": state, "eth0": uplink}
+
+    links = {
+        "net2": {"net1": seg("down"), "net3": seg("up")},
+        "net3": {"net1": seg("down"), "net2": seg("up")},
+        "compute1": {"net1": seg("down"), "net2": seg("up"), "net3": seg("up")},
     }
-    assert failover.segment_cuts(cfg3, {}, alive, views) == {"shared": ("net1", "net2", 3, 3)}
+    # net1 still answers on its uplink (its peers see it up as a peer): cut off all the same
+    assert failover.segment_cuts(cfg3, {}, alive, links) == {"shared": ("net1", "net2", 3, 3)}
     # the first standby looks cut off too to a witness: the next one
-    views["compute1"]["net2"] = "down"
-    assert failover.segment_cuts(cfg3, {}, alive, views) == {"shared": ("net1", "net3", 3, 3)}
+    links["compute1"]["net2"] = seg("down")
+    assert failover.segment_cuts(cfg3, {}, alive, links) == {"shared": ("net1", "net3", 3, 3)}
     # only a minority sees it down (the standby's own link may be the broken one)
-    few = {"net2": {"net1": "down"}, "net3": {"net1": "up"}, "compute1": {"net1": "up"}}
+    few = {"net2": {"net1": seg("down")}, "net3": {"net1": seg("up")}, "compute1": {"net1": seg("up")}}
     assert failover.segment_cuts(cfg3, {}, alive, few) == {}
+    # silent on the uplink only is not a segment cut
+    upl = {h: {p: seg("up", "down") for p in v} for h, v in links.items()}
+    assert failover.segment_cuts(cfg3, {}, alive, upl) == {}
     # one witness is not enough, a dead owner is another rule's, and a moved network's owner is asked
-    assert failover.segment_cuts(cfg3, {}, alive, {"net2": {"net1": "down"}}) == {}
-    assert failover.segment_cuts(cfg3, {}, dict(alive, net1="dead"), views) == {}
+    assert failover.segment_cuts(cfg3, {}, alive, {"net2": {"net1": seg("down")}}) == {}
+    assert failover.segment_cuts(cfg3, {}, dict(alive, net1="dead"), links) == {}
     moved = {"shared": {"owner": "net2", "epoch": 1}}
-    assert failover.segment_cuts(cfg3, moved, alive, views) == {}, "net2 is not seen down"
+    assert failover.segment_cuts(cfg3, moved, alive, links) == {}, "net2 is not seen down"
     # the reconcile loop asks the hosts carrying a suspect's networks
     assert failover.to_ask(cfg3, {}, alive, audit=False) == set()
     assert failover.to_ask(cfg3, {}, alive, audit=False, suspects={"net1": 0}) == {"net1", "net2", "net3", "compute1"}

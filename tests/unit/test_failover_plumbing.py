@@ -208,3 +208,19 @@ def test_a_job_forked_while_a_beacon_thread_builds_the_salt_cache_does_not_hang(
         release.set()
         t.join()
     assert os.waitstatus_to_exitcode(status) == 0, "the forked job found the lock held"
+
+
+def test_link_states_tell_a_segment_cut_from_a_dead_peer():
+    view = {
+        "written_at": 100.0,
+        "peers": {
+            "net1": {"state": "up", "seen": {"br200:10.20.0.2": 90.0, "eth0:203.0.113.21": 99.9}},
+            "net2": {"state": "down", "seen": {"br200:10.20.0.3": None, "eth0:203.0.113.22": 97.0}},
+            "old": {"state": "up"},
+        },
+    }
+    assert host.link_states(view) == {
+        "net1": {"br200": "down", "eth0": "up"},
+        "net2": {"br200": "down", "eth0": "down"},
+    }
+    assert host.link_states({"peers": view["peers"]}) == {}, "no time stamp: nothing to judge"
