@@ -260,7 +260,7 @@ def test_status_names_a_vm_port_that_is_no_instance_nics(lab, base):
     problem = "(MAC fe:16:3e:00:00:03) is no instance NIC's: it may send nothing"
     st = lab.salt("compute1", "hanet.status")["compute1"]
     assert [p for p in st["problems"] if problem in p and "on br100" in p], st["problems"]
-    assert any(u[1] == "fe:16:3e:00:00:03" for u in st["ports"]["unknown"]), st["ports"]
+    assert any(u[2] == "fe:16:3e:00:00:03" for u in st["ports"]["unknown"]), st["ports"]
     cluster = lab.salt_run("hanet.status")
     assert [p for p in cluster["problems"] if p.get("host") == "compute1" and problem in p["problem"]]
     assert set(cluster["clock_skew"]) == set(HOSTS) and all(abs(v) < 5 for v in cluster["clock_skew"].values())
