@@ -647,8 +647,10 @@ def _start(cfg):
     )
     running.fence = fence.start() if fence is not None else None
     running.health = holder["health"].start() if holder.get("health") is not None else None
-    salt_metrics = _real(__salt__)
-    running.metrics = lib["metrics"].Writer(lambda: salt_metrics["hanet.metrics"]()).start()
+    # the periodic threads use the library only: a job the minion forks while one of them
+    # is inside Salt's loader would inherit its locks held (a state.apply that never ends)
+    hostlib = _lib("host")
+    running.metrics = lib["metrics"].Writer(lambda: hostlib.beacon_metrics(opts["id"], paths)).start()
     # VM ports bound when plugged (and unbound when unplugged), not at the next apply
     running.ports = lib["portwatch"].PortWatch(lambda: lib["ruleset"].bind_ports(paths)).start()
     if cfg.get("orders") and cfg.get("garp_refresh_s"):
@@ -656,7 +658,7 @@ def _start(cfg):
         # (one round), before a switch's MAC table or a neighbour's ARP cache forgets it
         running.refresh = (
             lib["metrics"]
-            .Writer(lambda: salt_metrics["hanet.announce"](rounds=1), float(cfg["garp_refresh_s"]), first=False)
+            .Writer(lambda: hostlib.beacon_announce(opts["id"], paths), float(cfg["garp_refresh_s"]), first=False)
             .start()
         )
     return running

@@ -336,25 +336,12 @@ def metrics(write=True):
 
         salt compute1 hanet.metrics
     """
-    m, paths = _h("metrics"), _paths()
+    paths = _paths()
     try:
         cfg = _config(last_known=True)
     except PillarInvalid:
         cfg = None
-    st, daemons, view = status(), _h("supervise").running(paths), _h("liveness").read_view(paths)
-    store = m.host_store(paths)
-    if not st["networks"] and not daemons and not view.get("peers"):
-        if write:
-            store.forget()  # hanet left this host (or never came): no file to scrape
-        return ""
-    fams = m.host_families(__opts__["id"], st, daemons, view)
-    text = m.render(m.merge(fams, store.families().values()).values())
-    directory = cfg.metrics_textfile_dir if cfg is not None else m.DEFAULT_DIR
-    if write and directory:
-        directory = os.path.join(paths.root_dir, directory.lstrip("/"))
-        m.write_textfile(directory, m.TEXTFILE, text)
-        store.note_textfile(os.path.join(directory, m.TEXTFILE))
-    return text
+    return _h("host").write_metrics(__opts__["id"], paths, cfg, None, status(), write=write)
 
 
 def serving():

@@ -258,6 +258,68 @@ def link_states(view):
     return out
 
 
+def write_metrics(me, paths, cfg, state, status_now, write=True):
+    """This host's metrics text (``hanet.metrics``; the beacon's writer calls it without
+    Salt's loader): ``status_now`` is ``hanet.status``'s answer, ``cfg``/``state`` None
+    when there is no valid pillar. Writes the textfile (``metrics_textfile_dir``) and
+    returns the text; "" (and the file and counters removed) when hanet has nothing here."""
+    from . import liveness, supervise
+
+    daemons, view = supervise.running(paths), liveness.read_view(paths)
+    store = metrics.host_store(paths)
+    if not status_now["networks"] and not daemons and not view.get("peers"):
+        if write:
+            store.forget()  # hanet left this host (or never came): no file to scrape
+        return ""
+    fams = metrics.host_families(me, status_now, daemons, view)
+    text = metrics.render(metrics.merge(fams, store.families().values()).values())
+    directory = cfg.metrics_textfile_dir if cfg is not None else metrics.DEFAULT_DIR
+    if write and directory:
+        directory = os.path.join(paths.root_dir, directory.lstrip("/"))
+        metrics.write_textfile(directory, metrics.TEXTFILE, text)
+        store.note_textfile(os.path.join(directory, metrics.TEXTFILE))
+    return text
+
+
+def applied_config(paths, last_known="pillar.json"):
+    """The model of the last pillar applied here (``<state_dir>/pillar.json``), or None."""
+    import json
+
+    from . import model
+
+    try:
+        with open(paths.state(last_known), encoding="utf-8") as fh:
+            return model.load(json.load(fh))
+    except (OSError, ValueError, model.PillarError):
+        return None
+
+
+def beacon_metrics(me, paths):
+    """The beacon's metrics writer: everything from the library and files (the last
+    applied pillar, the host's own owner record), nothing through Salt's loader, whose
+    locks a job forked from the minion at that moment would inherit held."""
+    from . import desired, liveness, takeover
+
+    cfg = applied_config(paths)
+    state = desired.compute(cfg, me, takeover.owner_map({}, paths)) if cfg is not None else None
+    st = status(me, state, cfg, paths, liveness.read_view(paths))
+    return write_metrics(me, paths, cfg, state, st)
+
+
+def beacon_announce(me, paths, rounds=1):
+    """The beacon's periodic re-announcement (``ha:garp_refresh_s``), from the library:
+    the addresses of the networks this host owns by its own record."""
+    from . import takeover
+
+    cfg = applied_config(paths)
+    if cfg is None:
+        return []
+    ctx = takeover.Context(
+        me=me, cfg=cfg, paths=paths, owners=lambda: takeover.local_owners(paths), fire=lambda tag, data: None
+    )
+    return takeover.announce(ctx, rounds)
+
+
 def serving(host, cfg, owners, view):
     """What this host holds of the network-host networks it is a network host of, and
     its beacon's view of its peers (the master's reconcile loop asks):

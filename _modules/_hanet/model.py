@@ -10,7 +10,6 @@ pillar path (``hanet:instances:web1:nics:0:ip``)::
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -227,12 +226,14 @@ class Config:
         """The hosts that need network ``label``'s bridge (``carrying``), computed once
         per Config for every network: the failover decision asks for each network of
         each report (100 reports x 64 networks in bench/decision.py)."""
-        return self._carrying[label]
-
-    @functools.cached_property
-    def _carrying(self):
-        homes = {(i.host, n.network) for i in self.instances.values() for n in i.nics}
-        return {label: frozenset(carrying(self.networks, self.hosts, homes, label)) for label in self.networks}
+        got = self.__dict__.get("_carrying")
+        if got is None:
+            # not functools.cached_property: Python 3.11's holds one lock per property, and
+            # a job the minion forks while a beacon thread holds it would wait for ever
+            homes = {(i.host, n.network) for i in self.instances.values() for n in i.nics}
+            got = {label: frozenset(carrying(self.networks, self.hosts, homes, label)) for label in self.networks}
+            object.__setattr__(self, "_carrying", got)
+        return got[label]
 
 
 # --------------------------------------------------------------------------- checks
