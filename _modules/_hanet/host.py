@@ -301,7 +301,8 @@ def beacon_metrics(me, paths):
     from . import desired, liveness, takeover
 
     cfg = applied_config(paths)
-    state = desired.compute(cfg, me, takeover.owner_map({}, paths)) if cfg is not None else None
+    owners = takeover.owner_map(takeover.local_owners(paths), paths)
+    state = desired.compute(cfg, me, owners) if cfg is not None else None
     st = status(me, state, cfg, paths, liveness.read_view(paths))
     return write_metrics(me, paths, cfg, state, st)
 
