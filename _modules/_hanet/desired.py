@@ -77,10 +77,13 @@ class Dnsmasq:
     conf_file: str = ""  # dnsmasq_config_file pass-through
     mtu: Optional[int] = None  # handed out as option 26 when not 1500
     hosts: tuple = ()  # DhcpHost entries, only the instances this host serves
+    # (ip, fqdn, short name) of every instance NIC on the network, on whatever host: its
+    # DNS answers for all of them (nova's update_dns_entries), not only for its leases
+    names: tuple = ()
 
     def options_key(self):
-        """Everything that needs a restart when it changes (hosts only need SIGHUP)."""
-        return dataclasses.replace(self, hosts=())
+        """Everything that needs a restart when it changes (hosts and names only need SIGHUP)."""
+        return dataclasses.replace(self, hosts=(), names=())
 
 
 @dataclass(frozen=True)
@@ -305,6 +308,16 @@ def compute(cfg, host, owners=None):
                                 for i, n in served
                             ),
                             key=lambda h: (h.mac, h.ip),
+                        )
+                    ),
+                    names=tuple(
+                        sorted(
+                            {
+                                (n.ip, f"{i.hostname}.{domain}", i.hostname)
+                                for i in cfg.instances.values()
+                                for n in i.nics
+                                if n.network == label
+                            }
                         )
                     ),
                 )

@@ -10,6 +10,9 @@ Files, per network label (``Paths`` keeps them under the minion's root_dir):
 - ``run/hanet/dnsmasq-<label>.pid``        the pid file dnsmasq writes
 - ``var/lib/hanet/dnsmasq/<label>.hosts``  ``--dhcp-hostsfile`` (re-read on SIGHUP)
 - ``var/lib/hanet/dnsmasq/<label>.opts``   ``--dhcp-optsfile`` (re-read on SIGHUP)
+- ``var/lib/hanet/dnsmasq/<label>.names``  ``--addn-hosts`` (re-read on SIGHUP): every
+  instance of the network, on every host, so that each host's dnsmasq resolves them all
+  (nova's ``update_dns_entries``); its own DHCP clients' names it knows anyway
 - ``var/lib/hanet/dnsmasq/<label>.leases`` ``--dhcp-leasefile``
 - ``var/lib/hanet/dnsmasq/<label>.log``    ``--log-facility``
 - ``var/lib/hanet/dnsmasq/<label>.json``   what ``apply`` started: the options digest, the
@@ -81,6 +84,7 @@ def files(label, paths):
         "pid": paths.run(f"dnsmasq-{label}.pid"),
         "hosts": paths.state("dnsmasq", f"{label}.hosts"),
         "opts": paths.state("dnsmasq", f"{label}.opts"),
+        "names": paths.state("dnsmasq", f"{label}.names"),
         "leases": paths.state("dnsmasq", f"{label}.leases"),
         "log": paths.state("dnsmasq", f"{label}.log"),
         "record": paths.state("dnsmasq", f"{label}.json"),
@@ -126,6 +130,7 @@ def argv(spec: Dnsmasq, paths) -> list:
         f"--dhcp-hostsfile={f['hosts']}",
         f"--dhcp-leasefile={f['leases']}",
         "--no-hosts",
+        f"--addn-hosts={f['names']}",
         "--dhcp-authoritative",
         "--user=root",
         f"--log-facility={f['log']}",
@@ -157,6 +162,12 @@ def hostsfile(spec: Dnsmasq) -> str:
     return "".join(line + "\n" for line in lines)
 
 
+def namesfile(spec: Dnsmasq) -> str:
+    """The ``--addn-hosts`` file: ``ip fqdn short`` for every instance NIC of the
+    network, sorted (hosts-file syntax)."""
+    return "".join(f"{ip} {fqdn} {short}\n" for ip, fqdn, short in sorted(spec.names))
+
+
 def nogw_macs(spec: Dnsmasq) -> list:
     """The MACs of the NICs that get no router (``default_route`` False), sorted."""
     return sorted({h.mac.lower() for h in spec.hosts if not h.default_route})
@@ -178,6 +189,7 @@ def options_digest(spec: Dnsmasq) -> str:
     plus the no-default-route MACs (they are on the command line)."""
     data = _plain(dataclasses.asdict(spec.options_key()))
     data["nogw_macs"] = nogw_macs(spec)
+    data["addn_hosts"] = True  # the flag is new: a dnsmasq started without it restarts once
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -192,6 +204,7 @@ def spec_from_dict(data) -> Dnsmasq:
     data = dict(data)
     data["hosts"] = tuple(h if isinstance(h, DhcpHost) else DhcpHost(**h) for h in data.get("hosts", ()))
     data["dns_servers"] = tuple(data.get("dns_servers", ()))
+    data["names"] = tuple(tuple(n) for n in data.get("names", ()))
     return Dnsmasq(**data)
 
 
@@ -278,6 +291,7 @@ def current(paths, managed=None) -> dict:
             "alive": alive,
             "argv_digest": record.get("argv_digest"),
             "hosts_text": _read(f["hosts"]) or "",
+            "names_text": _read(f["names"]) or "",
             "bridge": record.get("bridge"),
             "listen_address": _listen_address(record.get("argv") or ()),
             "leases": [list(lease) for lease in parse_leases(_read(f["leases"]))],
@@ -300,7 +314,7 @@ def plan(desired, current) -> list:
 
     - ``start``: not running yet (detail: spec)
     - ``restart``: options changed (``options_key``) or the process died (detail: spec, pid, reason)
-    - ``reload``: only the hosts changed: SIGHUP, no lease is lost (detail: spec, pid)
+    - ``reload``: only the hosts or names changed: SIGHUP, no lease is lost (detail: spec, pid)
     - ``release``: an instance left a running dnsmasq while holding a lease: dhcp_release
       (detail: network, bridge, ip, mac, pid); ordered before the restart/reload
     - ``stop``: the network is no longer served: stop it, remove its files (detail: pid)
@@ -344,7 +358,7 @@ def plan(desired, current) -> list:
             changes.append(
                 Change(FACET, "restart", label, {"spec": spec_to_dict(spec), "pid": cur.get("pid"), "reason": reason})
             )
-        elif (cur.get("hosts_text") or "") != hostsfile(spec):
+        elif (cur.get("hosts_text") or "") != hostsfile(spec) or (cur.get("names_text") or "") != namesfile(spec):
             changes.extend(releases)
             changes.append(Change(FACET, "reload", label, {"spec": spec_to_dict(spec), "pid": cur.get("pid")}))
         else:
@@ -364,6 +378,7 @@ def _write_files(spec, paths):
     os.makedirs(os.path.dirname(f["pid"]), exist_ok=True)
     write_atomic(f["hosts"], hostsfile(spec))
     write_atomic(f["opts"], optsfile(spec))
+    write_atomic(f["names"], namesfile(spec))
 
 
 def _prune_leases(spec, paths):

@@ -1148,6 +1148,18 @@ class Lab:
             raise LabError(f"GET {url} from {node}: {cp.stderr.strip()}")
         return cp.stdout
 
+    def resolve(self, node: str, name: str, server: str) -> list[str]:
+        """The IPv4 addresses ``server`` gives for ``name``, asked from inside ``node``
+        (busybox nslookup); [] when it has none."""
+        cp = self.exec(node, ["busybox", "nslookup", "-type=a", name, server], timeout=20)
+        out, seen_name = [], False
+        for line in cp.stdout.splitlines():
+            if line.startswith("Name:"):
+                seen_name = True
+            elif seen_name and line.startswith("Address"):
+                out.append(line.split()[-1])
+        return out
+
     def router_log(self, router: str = "router") -> list[tuple[str, str, str]]:
         """Requests the router's web server saw: [(client_ip, method, path)]."""
         path = os.path.join(self.rundir, f"http-{router}.log")

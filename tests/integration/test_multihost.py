@@ -197,6 +197,20 @@ def test_metadata_is_the_vms_own(lab, pillar, vm):
     assert f"{vm}-key" in lab.http_get(vm, f"{ec2}/public-keys/")
 
 
+# --------------------------------------------------------------------------- DNS
+
+
+def test_every_host_resolves_every_instance_of_the_network(lab, pillar):
+    """nova's update_dns_entries: web1 (compute1) and db1 (compute2) each ask their own
+    host's dnsmasq for the other, which that dnsmasq never leased."""
+    lab.dhcp("web1", "udhcpc")
+    lab.dhcp("db1", "udhcpc")
+    assert lab.resolve("web1", "db1.novalocal", HOST_ADDR["compute1"]) == ["192.168.0.11"]
+    assert lab.resolve("db1", "web1.novalocal", HOST_ADDR["compute2"]) == ["192.168.0.10"]
+    # and its own lease's name, as before
+    assert lab.resolve("web1", "web1.novalocal", HOST_ADDR["compute1"]) == ["192.168.0.10"]
+
+
 # --------------------------------------------------------------------------- network host
 
 

@@ -16,6 +16,8 @@ from _hanet.desired import DhcpHost, Dnsmasq
 PATHS = Paths(root_dir="/r")
 H1 = DhcpHost(mac="fa:16:3e:00:00:01", hostname="web1.novalocal", ip="192.168.0.10")
 H2 = DhcpHost(mac="fa:16:3e:00:00:02", hostname="web2.novalocal", ip="192.168.0.11")
+N1 = ("192.168.0.10", "web1.novalocal", "web1")
+N2 = ("192.168.0.11", "db1.novalocal", "db1")  # on another host: named, not served
 H3 = DhcpHost(mac="FA:16:3E:00:00:03", hostname="web3.novalocal", ip="192.168.0.12", default_route=False)
 
 
@@ -55,6 +57,7 @@ def test_argv_nova_flags():
         "--dhcp-hostsfile=/r/var/lib/hanet/dnsmasq/private.hosts",
         "--dhcp-leasefile=/r/var/lib/hanet/dnsmasq/private.leases",
         "--no-hosts",
+        "--addn-hosts=/r/var/lib/hanet/dnsmasq/private.names",
         "--dhcp-authoritative",
         "--user=root",
         "--log-facility=/r/var/lib/hanet/dnsmasq/private.log",
@@ -139,7 +142,7 @@ def test_options_digest_ignores_hosts_but_not_nogw():
 
 
 def test_spec_round_trip():
-    s = spec(hosts=(H1, H3), dns_servers=("8.8.8.8",), mtu=1400)
+    s = spec(hosts=(H1, H3), dns_servers=("8.8.8.8",), mtu=1400, names=(N1, N2))
     assert dnsmasq.spec_from_dict(json.loads(json.dumps(dnsmasq.spec_to_dict(s)))) == s
 
 
@@ -154,6 +157,7 @@ def simulate(desired, pid=100, leases=()):
             "alive": True,
             "argv_digest": dnsmasq.options_digest(s),
             "hosts_text": dnsmasq.hostsfile(s),
+            "names_text": dnsmasq.namesfile(s),
             "bridge": s.bridge,
             "leases": [[m, ip] for m, ip in leases],
         }
@@ -179,6 +183,21 @@ def test_plan_reload_when_only_hosts_change():
     changes = dnsmasq.plan((spec(hosts=(H1, H2)),), simulate((spec(),)))
     assert actions(changes) == [("reload", "private")]
     assert changes[0].detail["pid"] == 100
+
+
+def test_namesfile_lists_every_instance_of_the_network_sorted():
+    assert dnsmasq.namesfile(spec(names=(N2, N1))) == (
+        "192.168.0.10 web1.novalocal web1\n192.168.0.11 db1.novalocal db1\n"
+    )
+    assert dnsmasq.namesfile(spec()) == ""
+
+
+def test_plan_reload_when_only_names_change():
+    """An instance on another host came or went: this host's DNS learns it by SIGHUP."""
+    assert dnsmasq.options_digest(spec(names=(N1,))) == dnsmasq.options_digest(spec(names=(N1, N2)))
+    changes = dnsmasq.plan((spec(names=(N1, N2)),), simulate((spec(names=(N1,)),)))
+    assert actions(changes) == [("reload", "private")]
+    assert dnsmasq.plan((spec(names=(N1, N2)),), simulate((spec(names=(N1, N2)),))) == []
 
 
 def test_plan_restart_when_options_change():

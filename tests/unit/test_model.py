@@ -312,6 +312,25 @@ def test_mutated_example_only_raises_model_errors(mutation):
 # ---------------------------------------------------------------- desired state
 
 
+def test_every_hosts_dnsmasq_names_every_instance_of_the_network():
+    """nova's update_dns_entries: compute1's dnsmasq for `private` resolves db2 too,
+    which compute2 serves; compute1's DHCP hosts stay its own."""
+    p = example()
+    p["instances"]["db2"] = {
+        "host": "compute2",
+        "nics": [{"network": "private", "mac": "fa:16:3e:00:00:09", "ip": "192.168.0.11"}],
+    }
+    cfg = model.load(p)
+    for host in ("compute1", "compute2"):
+        dm = {d.network: d for d in desired.compute(cfg, host).dnsmasqs}["private"]
+        assert dm.names == (
+            ("192.168.0.10", "web1.novalocal", "web1"),
+            ("192.168.0.11", "db2.novalocal", "db2"),
+        )
+    dm = {d.network: d for d in desired.compute(cfg, "compute1").dnsmasqs}["private"]
+    assert [h.ip for h in dm.hosts] == ["192.168.0.10"]
+
+
 def test_multi_host_compute_host_serves_its_own_instances():
     cfg = model.load(example())
     st_ = desired.compute(cfg, "compute1")
