@@ -6,11 +6,19 @@ A small stdlib HTTP server that tells each instance, recognised by the request's
 instance's data: an unknown source gets 404 (``X-Forwarded-For`` is ignored, a VM could
 forge it). It re-reads the records file when it changes, so record changes need no
 restart. It listens on ``metadata_port`` on all the host's addresses, so the ruleset's
-REDIRECT of 169.254.169.254:80 and a hardware router's forward both reach it.
+REDIRECT of 169.254.169.254:80 and a hardware router's forward both reach it; the
+ruleset's input chain accepts that port only from the VM bridges and the loopback, and
+drops it from everywhere else (public and management interfaces).
+
+It is built to serve many idle or hostile VMs: a connection that sends nothing for
+``CONNECTION_TIMEOUT_S`` is closed, one source address holds at most ``MAX_PER_SOURCE``
+connections at once and the service ``MAX_CONNECTIONS`` (more are closed at once,
+unanswered), and its log (``--log``) is kept under ``LOG_MAX_BYTES``, with one older
+copy (``metadata.log.1``).
 
 Run it::
 
-    python -m _hanet.metadata --records FILE --port 8775 --bind 0.0.0.0 --pidfile=FILE [--daemonize]
+    python -m _hanet.metadata --records FILE --port 8775 --bind 0.0.0.0 --pidfile=FILE [--log FILE] [--daemonize]
 
 Paths it serves (any EC2 date version and any OpenStack date version read as latest):
 
@@ -48,6 +56,10 @@ NAME = "metadata"
 BIND = "0.0.0.0"
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
+CONNECTION_TIMEOUT_S = 10.0  # a connection idle this long is closed
+MAX_PER_SOURCE = 8  # connections one VM (source address) may hold at once
+MAX_CONNECTIONS = 256  # connections the service holds at once
+LOG_MAX_BYTES = 1 << 20  # the log is rotated (one older copy) past this size
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
@@ -199,6 +211,7 @@ def render(rec, source_ip, path):
 class Handler(BaseHTTPRequestHandler):
     server_version = "hanet-metadata"
     protocol_version = "HTTP/1.0"
+    timeout = CONNECTION_TIMEOUT_S  # the socket's timeout: an idle client is dropped
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
         try:
@@ -224,24 +237,86 @@ class Handler(BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
     def log_message(self, fmt, *args):
-        sys.stderr.write("%s %s %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%S"), self.client_address[0], fmt % args))
+        self.server.log.write("%s %s %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%S"), self.client_address[0], fmt % args))
+
+
+class Log:
+    """The service's log: standard error, and, given a path (the file standard error
+    is), rotated past ``max_bytes`` to ``<path>.1`` (one older copy): a VM that
+    requests in a loop cannot fill the disk."""
+
+    def __init__(self, path=None, max_bytes=LOG_MAX_BYTES):
+        self.path, self.max_bytes = path, max_bytes
+        self._lock = threading.Lock()
+
+    def write(self, line):
+        with self._lock:
+            try:
+                if self.path and os.fstat(2).st_size + len(line) > self.max_bytes:
+                    os.replace(self.path, self.path + ".1")
+                    fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                    os.dup2(fd, 1)
+                    os.dup2(fd, 2)
+                    os.close(fd)
+                sys.stderr.write(line)
+                sys.stderr.flush()
+            except OSError:
+                pass  # a full or vanished log never stops the service
 
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 64
+    max_per_source = MAX_PER_SOURCE
+    max_connections = MAX_CONNECTIONS
 
-    def __init__(self, address, records_path):
+    def __init__(self, address, records_path, log=None):
         self.records = Records(records_path)
+        self.log = log or Log()
+        self._conn_lock = threading.Lock()
+        self._active = {}  # source address -> connections being served
         super().__init__(address, Handler)
 
+    def process_request(self, request, client_address):
+        """Serve the connection in a thread, unless its source (or the service) is at
+        its limit: then it is closed at once, unanswered."""
+        source = client_address[0]
+        with self._conn_lock:
+            total = sum(self._active.values())
+            full = total >= self.max_connections or self._active.get(source, 0) >= self.max_per_source
+            if not full:
+                self._active[source] = self._active.get(source, 0) + 1
+        if full:
+            self.log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {source} refused: too many connections\n")
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release(source)
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release(client_address[0])
+
+    def _release(self, source):
+        with self._conn_lock:
+            left = self._active.get(source, 0) - 1
+            if left > 0:
+                self._active[source] = left
+            else:
+                self._active.pop(source, None)
+
     def handle_error(self, request, client_address):  # log, never die
-        sys.stderr.write(f"error serving {client_address}: {sys.exc_info()[1]!r}\n")
+        self.log.write(f"error serving {client_address}: {sys.exc_info()[1]!r}\n")
 
 
-def serve(records_path, port, bind=BIND, pidfile=None, daemonize=False):
-    server = Server((bind, port), records_path)  # bind first: errors reach the caller
+def serve(records_path, port, bind=BIND, pidfile=None, daemonize=False, log_path=None):
+    server = Server((bind, port), records_path, Log(log_path))  # bind first: errors reach the caller
     if daemonize:
         if os.fork():
             os._exit(0)
@@ -273,9 +348,10 @@ def main(argv=None):
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--bind", default=BIND)
     parser.add_argument("--pidfile")
+    parser.add_argument("--log", help="the file standard error goes to: rotated past LOG_MAX_BYTES")
     parser.add_argument("--daemonize", action="store_true")
     args = parser.parse_args(argv)
-    serve(args.records, args.port, args.bind, args.pidfile, args.daemonize)
+    serve(args.records, args.port, args.bind, args.pidfile, args.daemonize, args.log)
 
 
 # --------------------------------------------------------------------------- the applier
@@ -291,6 +367,7 @@ def argv(port, paths, bind=BIND) -> list:
         f"--port={port}",
         f"--bind={bind}",
         f"--pidfile={f['pid']}",
+        f"--log={f['log']}",
         "--daemonize",
     ]
 

@@ -224,6 +224,9 @@ def _nft_ip_table(rs):
         inp.append(f"iifname {sb} meta l4proto {{ tcp, udp }} th dport 53 accept")
     if md and md.bridges:
         inp.append(f"iifname {_names(md.bridges)} tcp dport {md.port} accept")
+        if md.local_service:  # the local service answers only where VMs (or their router) reach it
+            inp.append(f'iifname "lo" tcp dport {md.port} accept')
+            inp.append(f"tcp dport {md.port} drop")
     chains = [
         dict(name="prerouting", type="nat", hook="prerouting", priority=-100, rules=pre),
         dict(name="output", type="nat", hook="output", priority=-100, rules=out),
@@ -390,6 +393,9 @@ def _ipt_tables(rs):
     if md and md.bridges:
         for b in sorted(set(md.bridges)):
             inp.append(f"-i {b} -p tcp -m tcp --dport {md.port} -j ACCEPT")
+        if md.local_service:  # as in nftables: not from the public or management side
+            inp.append(f"-i lo -p tcp -m tcp --dport {md.port} -j ACCEPT")
+            inp.append(f"-p tcp -m tcp --dport {md.port} -j DROP")
 
     def chain(builtin, rules):
         return dict(name=_ipt_chain(rs, builtin), builtin=builtin, rules=rules)

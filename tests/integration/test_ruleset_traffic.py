@@ -262,6 +262,7 @@ def test_snat_antispoofing_and_metadata(topo, driver):
     time.sleep(0.3)
     assert MAC1 in topo.neigh("vm2", "192.168.0.3")  # poisoned: the check can see it
     topo.x("vm2", "ip", "neigh", "flush", "dev", "eth0")
+    assert topo.curl("up", "http://203.0.113.11:8775/") == "metadata 203.0.113.1"  # open upstream
 
     topo.apply(ruleset(driver))
 
@@ -295,6 +296,9 @@ def test_snat_antispoofing_and_metadata(topo, driver):
 
     # (c) metadata: 169.254.169.254:80 reaches the host's listener on metadata_port
     assert topo.curl("vm1", "http://169.254.169.254/") == "metadata 192.168.0.10"
+    # ... and nowhere else: not from upstream, still from the host itself
+    assert topo.curl("up", "http://203.0.113.11:8775/") == ""
+    assert topo.curl("host", "http://127.0.0.1:8775/") == "metadata 127.0.0.1"
 
 
 def dhcp_capture(topo):

@@ -183,3 +183,80 @@ def test_a_start_planned_before_another_applier_started_it_keeps_that_service(se
     assert any("started meanwhile" in d for d in done), done
     assert metadata.current(paths, managed)["pid"] == cur["pid"] and metadata.current(paths)["alive"]
     assert _get(port, "/latest/meta-data/hostname") == (200, "db1.novalocal")
+
+
+# --------------------------------------------------------------------------- a hostile VM
+
+
+@pytest.fixture
+def server(tmp_path):
+    """The service's Server on loopback (port 0), DB1 at 127.0.0.1, its log in tmp_path."""
+    import threading
+
+    records = tmp_path / "records.json"
+    records.write_text(metadata.records_text([DB1]))
+    srv = metadata.Server(("127.0.0.1", 0), str(records), metadata.Log())
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_idle_connections_of_one_vm_cannot_starve_the_service(server, monkeypatch):
+    """One source holds MAX_PER_SOURCE connections that send nothing: its next one is
+    closed unanswered; when it lets go, it is served again."""
+    port = server.server_address[1]
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(metadata.MAX_PER_SOURCE)]
+    try:
+        deadline = time.monotonic() + 5
+        while sum(server._active.values()) < metadata.MAX_PER_SOURCE and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server._active == {"127.0.0.1": metadata.MAX_PER_SOURCE}
+        extra = socket.create_connection(("127.0.0.1", port))
+        extra.sendall(b"GET /openstack/latest/meta_data.json HTTP/1.0\r\n\r\n")
+        extra.settimeout(5)
+        assert extra.recv(100) == b""  # closed, no answer
+        extra.close()
+    finally:
+        for s in idle:
+            s.close()
+    deadline = time.monotonic() + 5
+    while server._active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _get(port, "/openstack/latest/meta_data.json")[0] == 200
+
+
+def test_an_idle_connection_is_closed_after_the_timeout(server, monkeypatch):
+    monkeypatch.setattr(metadata.Handler, "timeout", 0.3)
+    port = server.server_address[1]
+    s = socket.create_connection(("127.0.0.1", port))
+    s.settimeout(5)
+    t0 = time.monotonic()
+    assert s.recv(100) == b""  # the server hung up on a client that said nothing
+    assert 0.2 < time.monotonic() - t0 < 4
+    s.close()
+    assert _get(port, "/latest/meta-data/hostname") == (200, "db1.novalocal")
+
+
+def test_the_log_is_bounded(tmp_path):
+    """Past max_bytes the log moves to <log>.1 and a new one starts: at most two files of
+    about max_bytes each, whatever a VM does. (Run in a child: the log owns fd 2.)"""
+    import subprocess
+    import sys
+
+    log = tmp_path / "metadata.log"
+    code = (
+        "import sys; from _hanet import metadata\n"
+        f"lg = metadata.Log({str(log)!r}, max_bytes=1000)\n"
+        "for i in range(300): lg.write('x' * 49 + '\\n')\n"
+    )
+    with open(log, "ab") as fh:
+        subprocess.run([sys.executable, "-c", code], stderr=fh, check=True, env=dict(os.environ, PYTHONPATH=_modules()))
+    assert os.path.getsize(log) <= 1000
+    assert 900 <= os.path.getsize(str(log) + ".1") <= 1000
+    assert set((tmp_path / "metadata.log.1").read_text().splitlines()) == {"x" * 49}  # whole lines
+
+
+def _modules():
+    return os.path.join(os.path.dirname(__file__), "..", "..", "_modules")

@@ -149,8 +149,23 @@ def test_nft_metadata_redirect_and_dnat():
     text = R.render(sample())
     assert 'iifname { "br100" } ip daddr 169.254.169.254 tcp dport 80 redirect to :8775' in text
     assert 'iifname { "br100" } tcp dport 8775 accept' in text
+    # the local service's port: from the VM bridges and the loopback only, in that order
+    inp = text.split("chain input {")[1].split("\n\t}")[0]
+    order = ['iifname { "br100" } tcp dport 8775 accept', 'iifname "lo" tcp dport 8775 accept', "tcp dport 8775 drop"]
+    assert [inp.index(r) for r in order] == sorted(inp.index(r) for r in order)
     text = R.render(sample(metadata_host="10.0.0.5"))
     assert "tcp dport 80 dnat to 10.0.0.5:8775" in text and "redirect" not in text
+    assert "drop" not in text.split("table bridge hanet {")[0]  # no local service: nothing to shut
+
+
+def test_iptables_metadata_port_only_from_vm_bridges():
+    text = R.render(sample(driver="iptables"))
+    rules = [ln for ln in text.splitlines() if "--dport 8775" in ln]
+    assert [r.split(" ", 2)[2] for r in rules] == [
+        "-i br100 -p tcp -m tcp --dport 8775 -j ACCEPT",
+        "-i lo -p tcp -m tcp --dport 8775 -j ACCEPT",
+        "-p tcp -m tcp --dport 8775 -j DROP",
+    ]
 
 
 def test_nft_forward_and_service_bridges():
@@ -159,9 +174,11 @@ def test_nft_forward_and_service_bridges():
     assert 'iifname { "br100" } accept' in text and 'oifname { "br100" } accept' in text
     assert 'iifname { "br100", "br101" } udp dport 67 accept' in text
     assert 'iifname { "br100", "br101" } meta l4proto { tcp, udp } th dport 53 accept' in text
-    # hanet's ip filter chains never drop: accept-only, policy accept
+    # hanet's ip filter chains drop nothing but the local metadata port from outside the
+    # VM bridges; policy accept
     ip_table = text.split("table bridge hanet {")[0]
-    assert " drop" not in ip_table and "policy drop" not in text
+    drops = [ln.strip() for ln in ip_table.splitlines() if " drop" in ln]
+    assert drops == ["tcp dport 8775 drop"] and "policy drop" not in text
 
 
 TAP1, TAP2 = "fe:16:3e:00:00:01", "fe:16:3e:00:00:02"  # libvirt's taps of MAC1, MAC2
