@@ -34,6 +34,8 @@ import yaml
 from . import nslib, state
 from .topology import Topology, default_topology
 
+HIDDEN_IN_ROOTS = r"(^|/)\.[^/]+(/|$)"  # master file_ignore_regex: .venv, .git, caches
+
 log = logging.getLogger("hanet_lab")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -601,6 +603,9 @@ class Lab:
                 "interface": self.master_ip_of(m.name),
                 "auto_accept": True,
                 "file_roots": {"base": [os.path.join(self.checkout, "salt"), self.checkout]},
+                # the checkout's hidden directories (the dev .venv: 23,000 files) are not
+                # served: listing them made every saltutil.sync_* slow (README, install)
+                "file_ignore_regex": [HIDDEN_IN_ROOTS],
                 "pillar_roots": {"base": [self.pillar_dir]},
             }
             reactor = os.path.join(self.checkout, "reactor", "failover.sls")
