@@ -114,6 +114,13 @@ class Tour:
     def __init__(self, lab: Lab, topo, pause: bool = False):
         self.lab, self.topo, self.pause = lab, topo, pause
         self.pillar = lab_pillar(topo)
+        # the VM on a network-host network gets a floating IP: the failover then shows
+        # the upstream router's ARP entry for it moving to the standby's MAC
+        h = self.pillar["hanet"]
+        for inst in h["instances"].values():
+            if h["networks"][inst["nics"][0]["network"]].get("network_hosts") and not inst.get("floating_ips"):
+                inst["floating_ips"] = [STANDBY_FIP]
+                break
         self.n = 1  # section 1 (what this is) is printed before the lab exists
         self.leases = {}  # vm -> lab.dhcp() result
 
@@ -582,13 +589,21 @@ def failover(t: Tour) -> None:
     gateway = t.network(label)["gateway"]
     old = _owner(t, label)
     new = next(h for h in t.network(label)["network_hosts"] if h != old)
+    fip = _first_fip(t.instance(vm))
     print(f"  {label}: gateway {gateway} held by {old}; {new} stands by")
-    print(f"  {vm}'s ARP cache: {gateway} is at {(lab.arp_cache(vm).get(gateway) or {}).get('mac')} ({old}'s)")
+    print(f"  {vm}'s ARP cache: {gateway} is at {_mac_of(lab, vm, gateway)}")
+    if fip:
+        lab.ping("router", fip)  # so that the router has an entry to show
+        print(f"  router's ARP cache: {vm}'s floating IP {fip} is at {_mac_of(lab, 'router', fip)}")
     print(f"$ salt {new} hanet.metrics; salt-run hanet.metrics   (a few lines, before)")
     for line in _scrape(t, label, [new]):
         print(f"  {line}")
     events = []
-    with lab.events() as ev, chaos.Pinger(lab, vm, ROUTER, interval=0.01) as ping:
+    with (
+        lab.events() as ev,
+        chaos.Pinger(lab, vm, ROUTER, interval=0.01) as ping,
+        chaos.Pinger(lab, "router", fip or ROUTER, interval=0.01) as ping_up,
+    ):
         time.sleep(1.0)
         print(f"$ (power off {old})")
         t_off = chaos.power_off(lab, old)
@@ -605,10 +620,18 @@ def failover(t: Tour) -> None:
     outage, _, lost = ping.outage(after=t_off)
     for line in _timeline(events, t_off):
         print(line)
-    mac = (lab.arp_cache(vm).get(gateway) or {}).get("mac")
     if outage is None:
         raise DemoFailed(f"{vm} got no pings answered around the failover")
-    print(f"  {vm}'s pings stopped for {outage * 1000:.0f} ms ({lost} lost); its ARP cache: {gateway} is now at {mac}")
+    print(
+        f"  {vm}'s pings to the router stopped for {outage * 1000:.0f} ms ({lost} lost); "
+        f"its ARP cache: {gateway} is now at {_mac_of(lab, vm, gateway)}"
+    )
+    if fip:
+        up_outage, _, up_lost = ping_up.outage(after=t_off)
+        print(
+            f"  the router's pings to {fip} stopped for {(up_outage or 0) * 1000:.0f} ms ({up_lost} lost); "
+            f"its ARP cache: {fip} is now at {_mac_of(lab, 'router', fip)}"
+        )
     if outage > 5 or not lab.ping(vm, ROUTER, count=2, timeout=5):
         raise DemoFailed(f"{vm} did not reach the router again after {old} died")
     lease = lab.dhcp(vm, client="udhcpc")
@@ -691,6 +714,28 @@ def teardown_note(t: Tour) -> None:
 
 
 ROUTER = "203.0.113.1"
+STANDBY_FIP = "203.0.113.60"  # the floating IP of the VM on the network-host network
+
+
+def _first_fip(inst):
+    fips = inst.get("floating_ips") or []
+    if not fips:
+        return None
+    return fips[0] if isinstance(fips[0], str) else fips[0].get("address")
+
+
+def _mac_of(lab, node, ip):
+    """``ip``'s MAC in ``node``'s ARP cache, with the host whose interface has it."""
+    mac = (lab.arp_cache(node).get(ip) or {}).get("mac")
+    if not mac:
+        return "(no entry)"
+    for host in sorted(lab.topology.hosts):
+        cp = lab.exec(host, "cat /sys/class/net/*/address")
+        if mac.lower() in cp.stdout.lower().split():
+            return f"{mac} ({host}'s)"
+    return mac
+
+
 SECTIONS = (
     show_topology,
     show_minions,

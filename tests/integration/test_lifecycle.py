@@ -56,7 +56,7 @@ def dnsmasq_files(lab, host, label):
     root = lab.minion_root(host)
     return {
         k: os.path.join(root, "var/lib/hanet/dnsmasq", f"{label}.{k}")
-        for k in ("hosts", "leases", "log", "json", "opts")
+        for k in ("hosts", "names", "leases", "log", "json", "opts")
     } | {"pid": os.path.join(root, "run/hanet", f"dnsmasq-{label}.pid")}
 
 
@@ -287,7 +287,14 @@ def test_adding_an_instance_sighups_dnsmasq_and_keeps_leases(lab, base):
     res = state_apply(lab)
     msgs = changes(res)["compute1"][DNSMASQ_STATE]["dnsmasq"]
     assert msgs == [f"reloaded dnsmasq private hosts: SIGHUP pid {pid}"], msgs
-    assert DNSMASQ_STATE not in changes(res)["compute2"]  # web2 is compute1's alone
+    # compute2 learns web2's name (DNS across hosts), by SIGHUP, but serves it no DHCP
+    c2 = dnsmasq_files(lab, "compute2", "private")
+    c2_pid = dnsmasq_pid(lab, "compute2", "private")
+    assert changes(res)["compute2"][DNSMASQ_STATE]["dnsmasq"] == [
+        f"reloaded dnsmasq private hosts: SIGHUP pid {c2_pid}"
+    ]
+    assert "192.168.0.12 web2.novalocal web2" in read(c2["names"])
+    assert "web2" not in read(c2["hosts"])
     # same process, never restarted
     assert dnsmasq_pid(lab, "compute1", "private") == pid and start_time(pid) == started
     assert "fa:16:3e:00:00:03,web2.novalocal,192.168.0.12" in read(files["hosts"])
