@@ -44,7 +44,8 @@ def bound(lab):
 def apply(lab, tgt):
     res = lab.salt(tgt, "state.apply", ["hanet"], timeout=240)
     bad = {m: [k for k, v in r.items() if v["result"] is False] for m, r in res.items() if isinstance(r, dict)}
-    if set(res) != ({tgt} if isinstance(tgt, str) else set(lab.topology.hosts)) or any(bad.values()):
+    want = set(lab.topology.hosts) if tgt == "*" else ({tgt} if isinstance(tgt, str) else set(tgt))
+    if set(res) != want or any(bad.values()):
         raise RuntimeError(f"state.apply failed: {res}")
 
 
