@@ -37,7 +37,7 @@ def facet(name, state, paths, managed, salt=None, conf_dir=None):
         cur = links.current(bridges, managed.get("links"))
         changes = links.plan(bridges, cur, managed.get("links"))
         guarded = {(br.name, a) for br in bridges for a in br.guarded}
-        return changes, lambda: apply_links(changes, guarded, managed)
+        return changes, lambda: apply_links(changes, guarded, managed, state.garp_count)
     if name == "sysctls":
         cur = sysctls.current([k for k, _ in state.sysctls])
         changes = sysctls.plan(state.sysctls, cur)
@@ -65,18 +65,22 @@ def facet(name, state, paths, managed, salt=None, conf_dir=None):
     raise ValueError(f"unknown facet {name!r}; one of {', '.join(FACETS)}")
 
 
-def apply_links(changes, guarded, managed):
+def apply_links(changes, guarded, managed, garp_count=0):
     """``links.apply`` with duplicate address detection: an address in ``guarded``
     ({(link, "ip/len")}: a gateway that moves between hosts) is added last, and only when
     no other host answers ARP for it on that link. So an apply (the start-up highstate of
     a host that was cut off, a record that is behind) never makes a second holder; the
     master's reconcile loop settles who serves. A link that cannot send (no carrier, no
-    port) reaches nobody who could hold the address, and the address is bound."""
+    port) reaches nobody who could hold the address, and the address is bound.
+    ``garp_count`` (nova's ``send_arp_for_ha_count``; 0 when ``send_arp_for_ha`` is off):
+    the gateways bound here are announced with that many gratuitous ARP rounds, as a
+    takeover announces them, so neighbours that learnt another MAC for them meanwhile
+    learn this host's."""
     from . import arp
 
     later = [c for c in changes if c.action == "add" and (c.detail.get("link"), c.detail.get("address")) in guarded]
     done = links.apply([c for c in changes if c not in later], managed)
-    refused = []
+    refused, bound = [], []
     for change in later:
         ip, link = change.detail["address"].split("/")[0], change.detail["link"]
         try:
@@ -87,6 +91,13 @@ def apply_links(changes, guarded, managed):
             refused.append(f"{ip} on {link} is answered by {holder}")
         else:
             done += links.apply([change], managed)
+            bound.append((ip, link))
+    if bound and garp_count:
+        try:
+            arp.garp_many(bound, garp_count)
+            done += [f"announced {ip} on {link} ({garp_count} gratuitous ARP rounds)" for ip, link in bound]
+        except OSError as err:  # bound all the same: the next announcement (refresh, peer back) tells them
+            done += [f"could not announce {ip} on {link}: {err}" for ip, link in bound]
     if refused:
         raise RuntimeError(
             "not bound (duplicate address detection; the master's reconcile loop "
@@ -294,14 +305,36 @@ def applied_config(paths, last_known="pillar.json"):
         return None
 
 
+APPLIED_RECORD = "pillar-owners.json"  # the master's record (hanet_owners) as the last apply saw it
+
+
+def beacon_owners(paths):
+    """{network: owner} as the beacon can know it without Salt: the master's record as
+    the last apply saw it merged with the host's own copy (its takeovers and
+    relinquishes), the higher epoch winning, as the execution module merges them. A
+    host that was off while its network moved learns it from the first, so it does not
+    call itself the server of a network it no longer holds."""
+    import json
+
+    from . import failover, takeover
+
+    try:
+        with open(paths.state(APPLIED_RECORD), encoding="utf-8") as fh:
+            applied = json.load(fh)
+    except (OSError, ValueError):
+        applied = {}
+    merged = failover.merge(applied if isinstance(applied, dict) else {}, takeover.local_owners(paths))
+    return takeover.owner_map(merged, paths)
+
+
 def beacon_metrics(me, paths):
     """The beacon's metrics writer: everything from the library and files (the last
-    applied pillar, the host's own owner record), nothing through Salt's loader, whose
-    locks a job forked from the minion at that moment would inherit held."""
-    from . import desired, liveness, takeover
+    applied pillar, the owner record: ``beacon_owners``), nothing through Salt's loader,
+    whose locks a job forked from the minion at that moment would inherit held."""
+    from . import desired, liveness
 
     cfg = applied_config(paths)
-    owners = takeover.owner_map(takeover.local_owners(paths), paths)
+    owners = beacon_owners(paths)
     state = desired.compute(cfg, me, owners) if cfg is not None else None
     st = status(me, state, cfg, paths, liveness.read_view(paths))
     return write_metrics(me, paths, cfg, state, st)

@@ -58,11 +58,18 @@ def pillar(lab):
         inst["public_keys"] = {f"{name}-key": f"ssh-ed25519 AAAA{name} {name}@example"}
         inst["user_data"] = f"#cloud-config\nhostname: {name}\n"
     lab.set_pillar(p)
-    state_apply(lab)
+    # the first apply binds shared's gateway on net1: what crosses the segment is heard
+    # on net2's link to it (eth3), for test_the_apply_that_binds_the_gateway_announces_it
+    with sniff(lab, "net2", "eth3", "arp") as seen:
+        FIRST_APPLY["result"] = state_apply(lab)
+    FIRST_APPLY["arp"] = seen
     for vm in ("web1", "db1", "app1"):
         lab.plug_vm(vm)
     state_apply(lab)
     return p["hanet"]
+
+
+FIRST_APPLY = {}  # the pillar fixture's first highstate: its result and the ARP heard
 
 
 @contextlib.contextmanager
@@ -232,6 +239,18 @@ def test_network_host_serves_app1(lab, pillar, client):
     assert lab.http_get("app1", f"http://{ROUTER}/whoami").strip() == SOURCE_IP["net1"]
     # and the packet really went through net1 (its ARP cache knows app1)
     assert lab.arp_cache("net1").get("10.20.0.10", {}).get("mac") == "fa:16:3e:00:01:01"
+
+
+def test_the_apply_that_binds_the_gateway_announces_it(lab, pillar):
+    """nova's send_arp_for_ha on a plain apply (not only in a takeover): the highstate
+    that binds shared's gateway on net1 (after duplicate address detection) announces it
+    with send_arp_for_ha_count rounds of gratuitous ARP, heard on the segment."""
+    assert pillar["send_arp_for_ha"] is True
+    links = changes_of(FIRST_APPLY["result"])["net1"]["hanet_|-hanet-links_|-hanet-links_|-links"]["links"]
+    assert "announced 10.20.0.1 on br200 (3 gratuitous ARP rounds)" in links, links
+    mac = lab.exec("net1", "cat /sys/class/net/br200/address", check=True).stdout.strip()
+    garps = [ln for ln in FIRST_APPLY["arp"] if "who-has 10.20.0.1 tell 10.20.0.1" in ln and mac in ln]
+    assert len(garps) >= 3, FIRST_APPLY["arp"]
 
 
 # --------------------------------------------------------------------------- status

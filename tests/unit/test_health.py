@@ -233,3 +233,24 @@ def test_an_apply_adds_a_moving_gateway_last_and_only_when_nobody_answers(monkey
     assert "10.20.0.1 on br200 is answered by 02:00:00:00:00:09" in str(err.value)
     assert applied == [create, own, free], "the others first; the held gateway never"
     assert probed == ["10.20.0.1", "10.30.0.1"]
+
+
+def test_an_apply_announces_the_gateways_it_binds_when_send_arp_for_ha(monkeypatch):
+    """nova's send_arp_for_ha on a plain apply: a moving gateway bound after DAD is
+    announced with send_arp_for_ha_count rounds; nothing is announced when it is off."""
+    from _hanet import arp, links
+    from _hanet.common import Change
+
+    monkeypatch.setattr(links, "apply", lambda changes, managed: [str(c) for c in changes])
+    monkeypatch.setattr(arp, "probe", lambda ip, link, timeout, tries: None)
+    sent = []
+    monkeypatch.setattr(arp, "garp_many", lambda pairs, count: sent.append((list(pairs), count)) or 0)
+    gw = Change("links", "add", "br200 10.20.0.1/24", {"link": "br200", "address": "10.20.0.1/24"})
+    own = Change("links", "add", "br200 10.20.0.2/24", {"link": "br200", "address": "10.20.0.2/24"})
+    guarded = {("br200", "10.20.0.1/24")}
+    done = host.apply_links([gw, own], guarded, None, garp_count=3)
+    assert sent == [([("10.20.0.1", "br200")], 3)], "the moving gateway only, not the host's own address"
+    assert "announced 10.20.0.1 on br200 (3 gratuitous ARP rounds)" in done
+    sent.clear()
+    host.apply_links([gw, own], guarded, None, garp_count=0)
+    assert sent == []
