@@ -150,9 +150,26 @@ def _config(pillar=None, last_known=False):
 
 def _keep_applied(pillar=None):
     """``pillar`` (default: this minion's hanet pillar), valid and being applied, is the
-    last one applied on this host."""
+    last one applied on this host; with it the master's failover record as this apply
+    saw it (``hanet_owners``), for the beacon, which reads files, not Salt's pillar."""
     applied = __pillar__.get("hanet", {}) if pillar is None else pillar
     _remember_pillar(applied, _pillar_key(applied))
+    _remember_record(__pillar__.get("hanet_owners") or {})
+
+
+def _remember_record(record):
+    path = _paths().state(_h("host").APPLIED_RECORD)
+    try:
+        text = json.dumps(record, sort_keys=True, default=str) + "\n"
+        try:
+            with open(path, encoding="utf-8") as fh:
+                if fh.read() == text:
+                    return
+        except FileNotFoundError:
+            pass
+        _h("common").write_atomic(path, text, mode=0o600)
+    except (OSError, TypeError, ValueError) as err:  # the apply must not fail on it
+        log.warning("hanet: cannot keep the failover record in %s: %s", path, err)
 
 
 def _remember_pillar(pillar, key):

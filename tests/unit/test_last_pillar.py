@@ -81,3 +81,25 @@ def test_a_test_mode_run_keeps_nothing(tmp_path, example):
     assert not kept(tmp_path).exists()
     _apply(mod)
     assert kept(tmp_path).exists()
+
+
+def test_the_beacon_knows_the_record_the_last_apply_saw(tmp_path, example):
+    """A host that was off while its network moved: its own copy still says it serves
+    (epoch 1), the master's record (pillar hanet_owners, epoch 2) says net1 does. The
+    beacon, which reads files only, must see the move: the apply keeps the record."""
+    from _hanet import takeover
+    from _hanet.common import Paths
+
+    paths = Paths(root_dir=str(tmp_path))
+    takeover.write_local_owner(paths, "shared", "net2", 1)
+    from _hanet import host
+
+    assert host.beacon_owners(paths)["shared"] == "net2"
+    mod = _module(tmp_path, {"hanet": example, "hanet_owners": {"shared": {"owner": "net1", "epoch": 2}}})
+    _apply(mod)
+    assert host.beacon_owners(paths)["shared"] == "net1"
+    rec = tmp_path / "var" / "lib" / "hanet" / host.APPLIED_RECORD
+    assert stat.S_IMODE(os.stat(rec).st_mode) == 0o600
+    # a later takeover here (epoch 3) wins over the record the apply saw
+    takeover.write_local_owner(paths, "shared", "net2", 3)
+    assert host.beacon_owners(paths)["shared"] == "net2"
