@@ -43,6 +43,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -60,6 +61,10 @@ CONNECTION_TIMEOUT_S = 10.0  # a connection idle this long is closed
 MAX_PER_SOURCE = 8  # connections one VM (source address) may hold at once
 MAX_CONNECTIONS = 256  # connections the service holds at once
 LOG_MAX_BYTES = 1 << 20  # the log is rotated (one older copy) past this size
+CONNECTION_DEADLINE_S = 30.0  # a connection is closed this long after it opened, whatever it sends
+# what the running service can do; a service started by an older hanet (another version)
+# is restarted by the next apply, so that the limits above reach it
+SERVICE_VERSION = 2
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
@@ -68,6 +73,7 @@ def files(paths):
         "records": paths.state("metadata", "records.json"),
         "service": paths.state("metadata", "service.json"),
         "log": paths.state("metadata", "metadata.log"),
+        "log_old": paths.state("metadata", "metadata.log.1"),  # the rotated log (it names VMs' addresses)
         "pid": paths.run("metadata.pid"),
     }
 
@@ -212,6 +218,24 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "hanet-metadata"
     protocol_version = "HTTP/1.0"
     timeout = CONNECTION_TIMEOUT_S  # the socket's timeout: an idle client is dropped
+    deadline = CONNECTION_DEADLINE_S  # and one that trickles a byte at a time, at this age
+
+    def setup(self):
+        super().setup()
+        # the socket timeout bounds each read; this bounds the whole connection
+        self._deadline = threading.Timer(self.deadline, self._expire)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _expire(self):
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def finish(self):
+        self._deadline.cancel()
+        super().finish()
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
         try:
@@ -402,6 +426,7 @@ def current(paths, managed=None) -> dict:
         "alive": _alive(pid, f["pid"]),
         "port": info.get("port"),
         "bind": info.get("bind"),
+        "version": info.get("version"),
         "records_text": _read(f["records"]),
     }
 
@@ -410,7 +435,8 @@ def plan(desired, current, records=()) -> list:
     """Changes for ``desired`` (a ``Metadata`` or None) and the instance ``records``.
 
     - ``start`` (detail: port, bind): not running
-    - ``restart`` (detail: port, bind, pid, reason): port changed, or the process died
+    - ``restart`` (detail: port, bind, pid, reason): port changed, the process died, or
+      it was started by another version of the service (``SERVICE_VERSION``)
     - ``records`` (detail: records, plain dicts): the records file differs; rewritten,
       the service re-reads it (no restart)
     - ``stop`` (detail: pid): no local service wanted; process and files removed
@@ -425,8 +451,13 @@ def plan(desired, current, records=()) -> list:
     detail = {"port": desired.port, "bind": BIND}
     if not current:
         changes.append(Change(FACET, "start", NAME, detail))
-    elif not current.get("alive") or current.get("port") != desired.port:
-        reason = "dead" if not current.get("alive") else "port changed"
+    elif not current.get("alive") or current.get("port") != desired.port or current.get("version") != SERVICE_VERSION:
+        if not current.get("alive"):
+            reason = "dead"
+        elif current.get("port") != desired.port:
+            reason = "port changed"
+        else:
+            reason = f"service version {current.get('version')} -> {SERVICE_VERSION}"
         changes.append(Change(FACET, "restart", NAME, dict(detail, pid=current.get("pid"), reason=reason)))
     return changes
 
@@ -472,7 +503,8 @@ def _start(port, paths, bind=BIND):
     pid = daemon.wait_for_pid(f["pid"], f"--pidfile={f['pid']}", deadline, errors=OSError)
     if pid is None:
         raise RuntimeError(f"metadata service did not come up within {START_TIMEOUT}s (see {f['log']})")
-    write_atomic(f["service"], json.dumps({"port": port, "bind": bind, "argv": cmd}, indent=1) + "\n")
+    service = {"port": port, "bind": bind, "argv": cmd, "version": SERVICE_VERSION}
+    write_atomic(f["service"], json.dumps(service, indent=1) + "\n")
     return pid
 
 

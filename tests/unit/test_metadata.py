@@ -78,7 +78,14 @@ def test_records_round_trip(tmp_path):
 
 
 def sim(records, port=8775):
-    return {"pid": 1, "alive": True, "port": port, "bind": "0.0.0.0", "records_text": metadata.records_text(records)}
+    return {
+        "pid": 1,
+        "alive": True,
+        "port": port,
+        "bind": "0.0.0.0",
+        "version": metadata.SERVICE_VERSION,
+        "records_text": metadata.records_text(records),
+    }
 
 
 def test_plan():
@@ -93,6 +100,11 @@ def test_plan():
     remote = Metadata(bridges=("br100",), host="10.0.0.5", port=8775, local_service=False)
     assert [c.action for c in metadata.plan(remote, sim([WEB1]))] == ["stop"]
     assert metadata.plan(None, {}) == []
+    # a service an older hanet started (no limits, no deadline) is restarted once
+    old = dict(sim([WEB1]), version=None)
+    assert [(c.action, c.detail["reason"]) for c in metadata.plan(META, old, [WEB1])] == [
+        ("restart", f"service version None -> {metadata.SERVICE_VERSION}")
+    ]
 
 
 def _free_port():
@@ -160,7 +172,9 @@ def test_service_lifecycle(service):
     started.append(cur2["pid"])
     assert cur2["pid"] != cur["pid"] and not metadata._alive(cur["pid"], metadata.files(paths)["pid"])
     assert _get(port2, "/latest/meta-data/hostname") == (200, "db1.novalocal")
-    # stop: process and files gone
+    # stop: process and files gone, the rotated log too
+    with open(metadata.files(paths)["log_old"], "w") as fh:
+        fh.write("an older log line\n")
     metadata.apply(metadata.plan(None, metadata.current(paths, managed)), paths, managed)
     assert not metadata._alive(cur2["pid"], metadata.files(paths)["pid"])
     assert not any(os.path.exists(p) for p in metadata.files(paths).values())
@@ -225,6 +239,26 @@ def test_idle_connections_of_one_vm_cannot_starve_the_service(server, monkeypatc
     while server._active and time.monotonic() < deadline:
         time.sleep(0.01)
     assert _get(port, "/openstack/latest/meta_data.json")[0] == 200
+
+
+def test_a_trickling_connection_is_closed_at_its_deadline(server, monkeypatch):
+    """A client that sends a byte well within each read timeout still loses its
+    connection at the deadline (it cannot hold a slot for ever)."""
+    monkeypatch.setattr(metadata.Handler, "deadline", 0.5)
+    port = server.server_address[1]
+    s = socket.create_connection(("127.0.0.1", port))
+    s.settimeout(0.05)
+    t0, closed = time.monotonic(), False
+    while time.monotonic() - t0 < 5 and not closed:
+        try:
+            s.sendall(b"G")
+            closed = s.recv(100) == b""
+        except socket.timeout:
+            time.sleep(0.05)
+        except OSError:  # reset or broken pipe: closed all the same
+            closed = True
+    s.close()
+    assert closed and 0.4 < time.monotonic() - t0 < 4
 
 
 def test_an_idle_connection_is_closed_after_the_timeout(server, monkeypatch):
