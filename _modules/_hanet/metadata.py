@@ -11,7 +11,8 @@ ruleset's input chain accepts that port only from the VM bridges and the loopbac
 drops it from everywhere else (public and management interfaces).
 
 It is built to serve many idle or hostile VMs: a connection that sends nothing for
-``CONNECTION_TIMEOUT_S`` is closed, one source address holds at most ``MAX_PER_SOURCE``
+``CONNECTION_TIMEOUT_S``, or still open ``CONNECTION_DEADLINE_S`` after it was accepted,
+is closed, one source address holds at most ``MAX_PER_SOURCE``
 connections at once and the service ``MAX_CONNECTIONS`` (more are closed at once,
 unanswered), and its log (``--log``) is kept under ``LOG_MAX_BYTES``, with one older
 copy (``metadata.log.1``).
