@@ -29,9 +29,11 @@ def test_failover_cycles_leak_nothing(lab):
     cycles.planned_cycle(lab, NETWORKS)
     cycles.power_cycle(lab, NETWORKS)
     baseline = leaks.snapshot(lab, nodes)
+    named = {n: leaks.details(lab, n) for n in nodes}
     for _ in range(3):
         cycles.planned_cycle(lab, NETWORKS)
     for _ in range(2):
         cycles.power_cycle(lab, NETWORKS)
     rows = leaks.compare(baseline, leaks.snapshot(lab, nodes))
-    assert not leaks.leaks(rows), "\n" + leaks.table(rows)
+    grown = leaks.grew(named, {n: leaks.details(lab, n) for n in nodes}) if leaks.leaks(rows) else []
+    assert not leaks.leaks(rows), "\n" + leaks.table(rows) + "\nwhat grew:\n" + "\n".join(grown)
