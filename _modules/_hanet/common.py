@@ -171,18 +171,36 @@ _SPAWNING = threading.RLock()
 os.register_at_fork(before=_SPAWNING.acquire, after_in_parent=_SPAWNING.release, after_in_child=_SPAWNING.release)
 
 
-def run(cmd, timeout=None, **popen_kwargs):
-    """``subprocess.run(cmd, ...)`` without ``check``/``input``, safe in a thread of the
-    minion's process (the beacon's supervisor restarting dnsmasq, a warm takeover).
+def run(cmd, timeout=None, input=None, capture_output=False, **popen_kwargs):  # noqa: A002
+    """``subprocess.run(cmd, ...)`` without ``check``, safe in a thread of the minion's
+    process (the beacon's supervisor restarting dnsmasq, a warm takeover, the port watch
+    binding VM ports with ``nft -f -``).
 
     Creating a child opens pipes (the exec-status pipe; a captured stdout) whose write
     ends only the child should keep. A Salt job forked by the main thread in that moment
     inherits them too, and this thread then waits for the job to exit, while it may
     hold a lock the job waits for (it happened with conntrack, ``floating.py``). So the
     child is created under a lock that every fork of this process takes first: a fork
-    waits the few milliseconds until the child has exec'd."""
-    with _SPAWNING:
-        proc = subprocess.Popen(cmd, **popen_kwargs)
+    waits the few milliseconds until the child has exec'd. ``input`` is not fed through
+    a pipe (a job forked later would keep its write end, and the child would never see
+    the end of its input) but from an unlinked temporary file."""
+    import tempfile
+
+    if capture_output:
+        popen_kwargs["stdout"] = popen_kwargs["stderr"] = subprocess.PIPE
+    feed = None
+    if input is not None:
+        feed = tempfile.TemporaryFile()
+        feed.write(input.encode() if isinstance(input, str) else input)
+        feed.flush()
+        feed.seek(0)
+        popen_kwargs["stdin"] = feed
+    try:
+        with _SPAWNING:
+            proc = subprocess.Popen(cmd, **popen_kwargs)
+    finally:
+        if feed is not None:
+            feed.close()
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

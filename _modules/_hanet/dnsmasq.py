@@ -63,7 +63,7 @@ import subprocess
 import time
 
 from . import daemon
-from .common import Change, write_atomic
+from .common import Change, run, write_atomic
 from .daemon import process_matches  # dnsmasq.process_matches: the tests use it too
 from .desired import DhcpHost, Dnsmasq, _plain
 
@@ -603,13 +603,12 @@ def _apply(changes, paths, managed):
                 except OSError as err:
                     error = str(err)
             else:
-                proc = subprocess.run(
+                proc = run(
                     [DHCP_RELEASE, d["bridge"], d["ip"], d["mac"]],
                     stdin=subprocess.DEVNULL,
                     capture_output=True,
                     text=True,
                     timeout=10,
-                    check=False,
                 )
                 if proc.returncode != 0:
                     error = (proc.stderr or proc.stdout).strip()

@@ -63,11 +63,10 @@ import json
 import os
 import re
 import shutil
-import subprocess
 
 from . import desired as D
 from . import ruleset_templates as T
-from .common import Change, FileLock, Paths, write_atomic
+from .common import Change, FileLock, Paths, run, write_atomic
 
 FACET = "ruleset"
 METADATA_IP = "169.254.169.254"
@@ -524,7 +523,8 @@ def _from_plain(d):
 
 
 def _run(args, stdin=None):
-    proc = subprocess.run(args, input=stdin, capture_output=True, text=True)
+    # common.run: the beacon's port watch binds ports from a thread of the minion's process
+    proc = run(args, input=stdin, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc.stdout
@@ -557,7 +557,7 @@ def bridge_meta_supported():
     key = _netns_id()
     if key not in _BRIDGE_META:
         probe = 'table bridge hanet_probe {\n\tchain c {\n\t\tmeta ibrname "lo" accept\n\t}\n}\n'
-        proc = subprocess.run(["nft", "-c", "-f", "-"], input=probe, capture_output=True, text=True)
+        proc = run(["nft", "-c", "-f", "-"], input=probe, capture_output=True, text=True)
         _BRIDGE_META[key] = proc.returncode == 0
     return _BRIDGE_META[key]
 
@@ -613,7 +613,7 @@ def _nft_tables():
 def _ipt_save(table):
     if not shutil.which("iptables-save"):
         return ""
-    proc = subprocess.run(["iptables-save", "-t", table], capture_output=True, text=True)
+    proc = run(["iptables-save", "-t", table], capture_output=True, text=True)
     return proc.stdout if proc.returncode == 0 else ""
 
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from _hanet import common
+from _hanet import common, ruleset
 
 
 def test_run_returns_the_output_and_the_exit_code():
@@ -21,17 +21,37 @@ def test_run_kills_a_child_that_overruns_its_timeout():
         common.run(["sleep", "5"], timeout=0.2)
 
 
-def test_children_started_from_a_thread_never_wait_for_the_main_threads_forks():
+def test_run_feeds_its_input_and_captures_both_outputs():
+    got = common.run(["sh", "-c", "cat; echo err >&2"], input="a\nb\n", capture_output=True, text=True)
+    assert (got.stdout, got.stderr, got.returncode) == ("a\nb\n", "err\n", 0)
+    assert common.run(["cat"], input=b"\x00\x01", capture_output=True).stdout == b"\x00\x01"
+
+
+def _output(cmd):
+    return lambda: common.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param(_output(["true"]), id="captured output (dnsmasq by the supervisor)"),
+        pytest.param(lambda: common.run(["cat"], input="x" * 100, capture_output=True), id="input (nft -f -)"),
+        pytest.param(lambda: ruleset._run(["cat"], "table x {}\n"), id="ruleset (the port watch)"),
+    ],
+)
+def test_children_started_from_a_thread_never_wait_for_the_main_threads_forks(command):
     """The main thread forks children that live 0.5 s (Salt jobs), while a thread runs
-    short commands with a captured stdout (dnsmasq started by the supervisor). A fork
-    made while a command is being created would keep its pipes open, and that command
-    would then take as long as the forked child lives."""
+    short commands with a captured stdout, or fed an input (the port watch's
+    ``nft -f -``, holding the ruleset lock the job's apply then waits for). A fork made
+    while a command is being created would keep its pipes open, and that command would
+    then take as long as the forked child lives; a fork that keeps the write end of the
+    input pipe would leave the command waiting for the end of its input for ever."""
     slowest, stop = [0.0], threading.Event()
 
     def commands():
         while not stop.is_set():
             t0 = time.monotonic()
-            common.run(["true"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            command()
             slowest[0] = max(slowest[0], time.monotonic() - t0)
 
     t = threading.Thread(target=commands)
