@@ -6,8 +6,12 @@ the very L2 path that VM traffic takes, and costs one frame per address per peri
 
 A peer is **down** after ``misses`` consecutive periods in which none of its
 addresses answered (an answer counts only from the MAC that first answered for that
-address: proxy ARP or another device claiming it does not keep a dead peer alive), and **up** again only after ``rise`` consecutive periods in which
-one did (hysteresis). A probe is answered when its reply arrives within half a period
+address: proxy ARP or another device claiming it does not keep a dead peer alive), and
+**up** again only after ``rise`` consecutive periods in which one did (hysteresis). An
+address that answers from a new MAC while the peer is up, vouched for by another of its
+addresses answering from its known MAC, has that MAC learnt: the peer rebooted and
+rebuilt that link (a bridge on a VXLAN segment takes a new MAC) or it was replaced;
+without that, the peer would look cut off from that segment for good. A probe is answered when its reply arrives within half a period
 (``window``): a live kernel answers ARP on a LAN within a millisecond, so each period's
 verdict is known then, not only when the next period begins (that brings a failure's
 detection forward by half a period without probing more often). The first verdict about a peer (from unknown) is reported with
@@ -240,12 +244,32 @@ class Prober(Worker):
         except OSError:
             self._drop(ifname)
 
+    def _vouched(self, peer, ifname, ip):
+        """Whether ``peer`` is up and another of its addresses answered from its known
+        MAC within the last ``misses`` periods: the host itself is there."""
+        if peer is None or peer.state != UP:
+            return False
+        recent = time.time() - self.interval * max(1, self.misses)
+        return any((i, a) != (ifname, ip) and (self._target_seen.get((i, a)) or 0) >= recent for i, a in peer.targets)
+
     def _from_peer(self, ifname, ip, mac):
         """Whether a reply for the peer's ``ip`` comes from the peer itself: the first
         MAC that answered for it, which every later reply must carry. Anybody else
         answering for it (proxy ARP, a device that took the address over) does not keep
-        the peer alive. The MAC is learnt anew when the prober restarts."""
+        the peer alive. A new MAC is learnt when the peer is up and vouched for by
+        another of its addresses (``_vouched``: a rebooted or replaced host), and
+        anew when the prober restarts."""
         known = self._macs.setdefault((ifname, ip), mac)
+        if known != mac and self._vouched(self._by_ip.get((ifname, ip)), ifname, ip):
+            log.warning(
+                "hanet liveness: %s on %s now answers from %s (was %s), and its host answers on its other links: learnt",
+                ip,
+                ifname,
+                mac.hex(":"),
+                known.hex(":"),
+            )
+            self._macs[(ifname, ip)] = known = mac
+            self._warned.discard((ifname, ip))
         if known != mac and (ifname, ip) not in self._warned:
             self._warned.add((ifname, ip))
             log.warning(

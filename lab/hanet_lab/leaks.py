@@ -146,7 +146,8 @@ def _read(path: str) -> Optional[str]:
 def details(lab, node) -> dict:
     """What ``count`` counts, item by item, for what can be named: {"processes":
     Counter(command lines), "threads": Counter(thread names), "fds": Counter(fd
-    targets)} (threads and fds of the same processes ``count`` sums)."""
+    targets)} (threads and fds of the same processes ``count`` sums, named without their
+    pids: a host that was power-cycled has new ones)."""
     from collections import Counter
 
     procs = lab.processes(node)[node]
@@ -163,10 +164,10 @@ def details(lab, node) -> dict:
         except OSError:
             continue
         for tid in tids:
-            out["threads"][f"{pid}:{_read(f'/proc/{pid}/task/{tid}/comm') or '?'}"] += 1
+            out["threads"][_read(f"/proc/{pid}/task/{tid}/comm") or "?"] += 1
         for fd in fds:
             try:
-                out["fds"][f"{pid}:{_fd_kind(os.readlink(f'/proc/{pid}/fd/{fd}'))}"] += 1
+                out["fds"][_fd_kind(os.readlink(f"/proc/{pid}/fd/{fd}"))] += 1
             except OSError:
                 pass
     return out

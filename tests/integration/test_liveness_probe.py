@@ -159,6 +159,60 @@ def test_a_reply_from_another_mac_does_not_keep_the_peer_alive(ns_pair):
         prober.stop()
 
 
+@pytest.mark.parametrize("rebooted", [False, True], ids=["link rebuilt", "host rebooted"])
+def test_a_new_mac_is_learnt_when_the_peer_answers_on_its_other_link(ns_pair, rebooted):
+    """The peer answers on two links; one of them takes a new MAC (a bridge on a VXLAN
+    segment, rebuilt by the peer's apply or its reboot). Its other link still answers
+    from the MAC the prober knows: the host is there, so the new MAC is its own and the
+    link is up again (without it, the peer looked cut off from that segment for good,
+    and the master moved the network away after every reboot)."""
+    a, b = ns_pair
+    from pyroute2 import netns
+
+    from _hanet.liveness import DOWN, UP, Prober
+    from _hanet.model import Probe
+
+    sh("ip", "-n", a, "link", "add", "eth1", "type", "veth", "peer", "name", "eth1", "netns", b)
+    for ns, addr in ((a, "10.9.1.1/24"), (b, "10.9.1.2/24")):
+        sh("ip", "-n", ns, "addr", "add", addr, "dev", "eth1")
+        sh("ip", "-n", ns, "link", "set", "eth1", "up")
+    events = []
+    cond = threading.Condition()
+
+    def on_change(peer, state, at, initial):
+        with cond:
+            events.append((peer, state))
+            cond.notify_all()
+
+    targets = [("eth0", "10.9.0.2"), ("eth1", "10.9.1.2")]
+    netns.pushns(a)
+    try:
+        prober = Prober({"b": targets}, on_change, Probe(interval_ms=50, misses=3, rise=3)).start()
+    finally:
+        netns.popns()
+    try:
+        with cond:
+            assert cond.wait_for(lambda: events == [("b", UP)], 5), events
+        if rebooted:
+            for link in ("eth0", "eth1"):
+                sh("ip", "-n", b, "link", "set", link, "down")
+            with cond:
+                assert cond.wait_for(lambda: events[-1:] == [("b", DOWN)], 5), events
+        sh("ip", "-n", b, "link", "set", "eth1", "address", "02:00:00:00:99:98")
+        changed = time.time()
+        if rebooted:
+            for link in ("eth0", "eth1"):
+                sh("ip", "-n", b, "link", "set", link, "up")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not (prober.view()["b"]["seen"]["eth1:10.9.1.2"] or 0) > changed + 0.2:
+            time.sleep(0.05)
+        seen = prober.view()["b"]["seen"]
+        assert (seen["eth1:10.9.1.2"] or 0) > changed + 0.2, f"eth1 answers from its new MAC, never counted: {seen}"
+        assert events == ([("b", UP), ("b", DOWN), ("b", UP)] if rebooted else [("b", UP)]), events
+    finally:
+        prober.stop()
+
+
 @pytest.mark.parametrize("reachable", [False, True])
 def test_an_isolated_owner_fences_itself_and_only_then(ns_pair, reachable):
     """Rule 2: every peer silent and the master silent too: fence, once. With
