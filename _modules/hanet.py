@@ -157,10 +157,11 @@ def _keep_applied(pillar=None):
     _remember_record(__pillar__.get("hanet_owners") or {})
 
 
-def _remember_record(record):
-    path = _paths().state(_h("host").APPLIED_RECORD)
+def _keep_json(path, data, what):
+    """Write ``data`` as JSON to ``path`` (0600, atomically) unless the file already
+    holds it; an error is a warning (an apply or the failover path must not fail on it)."""
     try:
-        text = json.dumps(record, sort_keys=True, default=str) + "\n"
+        text = json.dumps(data, sort_keys=True, default=str) + "\n"
         try:
             with open(path, encoding="utf-8") as fh:
                 if fh.read() == text:
@@ -168,8 +169,12 @@ def _remember_record(record):
         except FileNotFoundError:
             pass
         _h("common").write_atomic(path, text, mode=0o600)
-    except (OSError, TypeError, ValueError) as err:  # the apply must not fail on it
-        log.warning("hanet: cannot keep the failover record in %s: %s", path, err)
+    except (OSError, TypeError, ValueError) as err:
+        log.warning("hanet: cannot keep %s in %s: %s", what, path, err)
+
+
+def _remember_record(record):
+    _keep_json(_paths().state(_h("host").APPLIED_RECORD), record, "the failover record")
 
 
 def _remember_pillar(pillar, key):
@@ -177,11 +182,7 @@ def _remember_pillar(pillar, key):
     if not pillar or key is None or __context__.get("hanet.remembered") == key:
         return
     __context__["hanet.remembered"] = key  # tried once per pillar: one warning, not one per call
-    try:
-        text = json.dumps(pillar, sort_keys=True, default=str)
-        _h("common").write_atomic(_paths().state(LAST_KNOWN), text + "\n", mode=0o600)
-    except (OSError, TypeError, ValueError) as err:  # the failover path must not fail on it
-        log.warning("hanet: cannot keep the last hanet pillar in %s: %s", _paths().state(LAST_KNOWN), err)
+    _keep_json(_paths().state(LAST_KNOWN), pillar, "the last hanet pillar")
 
 
 def _last_known_pillar():
