@@ -75,6 +75,7 @@ class Dnsmasq:
     router: Optional[str]  # the router option handed out (None: no router option)
     dns_servers: tuple = ()
     conf_file: str = ""  # dnsmasq_config_file pass-through
+    user: str = ""  # dnsmasq_user: "" for the host's "dnsmasq" user, else root (dnsmasq.run_as)
     mtu: Optional[int] = None  # handed out as option 26 when not 1500
     hosts: tuple = ()  # DhcpHost entries, only the instances this host serves
     # (ip, fqdn, short name) of every instance NIC on the network, on whatever host: its
@@ -295,6 +296,7 @@ def compute(cfg, host, owners=None):
                     router=router,
                     dns_servers=net.dns_servers or cfg.dns_servers,
                     conf_file=cfg.dnsmasq_config_file,
+                    user=cfg.dnsmasq_user,
                     mtu=net.mtu if net.mtu != 1500 else None,
                     hosts=tuple(
                         sorted(

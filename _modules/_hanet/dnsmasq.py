@@ -20,8 +20,10 @@ Files, per network label (``Paths`` keeps them under the minion's root_dir):
 
 The flags are nova-network's (``linux_net.restart_dhcp``), with two deliberate
 differences: dnsmasq keeps its own lease file (nova used ``--leasefile-ro`` plus its
-``nova-dhcpbridge`` script as the lease database) and it runs with ``--user=root``
-(see ``argv``).
+``nova-dhcpbridge`` script as the lease database). It drops its privileges to the
+distribution's ``dnsmasq`` user (or the pillar's ``dnsmasq_user``), and stays root only
+where that user is missing or cannot read the files it re-reads on SIGHUP
+(``run_as``; the reason is logged).
 
 Tags, chosen so that nova's ``dnsmasq_config_file`` recipes behave as they did:
 
@@ -56,6 +58,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -66,6 +69,8 @@ from . import daemon
 from .common import Change, run, write_atomic
 from .daemon import process_matches  # dnsmasq.process_matches: the tests use it too
 from .desired import DhcpHost, Dnsmasq, _plain
+
+log = logging.getLogger(__name__)
 
 FACET = "dnsmasq"
 DNSMASQ = "dnsmasq"
@@ -99,13 +104,68 @@ def no_router_tag(label):
 # --------------------------------------------------------------------------- pure rendering
 
 
-def argv(spec: Dnsmasq, paths) -> list:
+DEFAULT_USER = "dnsmasq"  # the user Debian's dnsmasq-base creates (nova's dnsmasq ran as the default user too)
+
+
+def _readable_by(pw, path):
+    """Whether the user of ``pw`` (a ``pwd`` entry) can read ``path`` and reach it
+    (search permission on every directory above it), by the mode bits."""
+    import grp
+    import stat
+
+    gids = {pw.pw_gid} | {g.gr_gid for g in grp.getgrall() if pw.pw_name in g.gr_mem}
+
+    def allowed(st, bits):  # bits: (owner, group, other)
+        if st.st_uid == pw.pw_uid:
+            return bool(st.st_mode & bits[0])
+        if st.st_gid in gids:
+            return bool(st.st_mode & bits[1])
+        return bool(st.st_mode & bits[2])
+
+    path = os.path.abspath(path)
+    try:
+        if not allowed(os.stat(path), (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH)):
+            return False
+        parent = os.path.dirname(path)
+        while True:
+            if not allowed(os.stat(parent), (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH)):
+                return False
+            if parent == os.path.dirname(parent):
+                return True
+            parent = os.path.dirname(parent)
+    except OSError:
+        return False
+
+
+def run_as(spec: Dnsmasq, paths):
+    """``(user, why)``: the user the dnsmasq of ``spec`` drops its privileges to.
+    ``dnsmasq_user`` when the pillar names one (a user the host lacks is an error);
+    else the distribution's ``dnsmasq`` user, when the host has it and it can read the
+    files dnsmasq reads again on SIGHUP (hosts, opts, names: the lease file and the
+    log are opened before privileges are dropped); else root, with ``why``."""
+    import pwd
+
+    f = files(spec.network, paths)
+    if spec.user:
+        try:
+            pwd.getpwnam(spec.user)
+        except KeyError:
+            raise ValueError(f"dnsmasq_user {spec.user!r}: this host has no such user") from None
+        return spec.user, None
+    try:
+        pw = pwd.getpwnam(DEFAULT_USER)
+    except KeyError:
+        return "root", f"this host has no {DEFAULT_USER!r} user"
+    blocked = [f[k] for k in ("hosts", "opts", "names") if not _readable_by(pw, f[k])]
+    if blocked:
+        return "root", f"user {DEFAULT_USER!r} cannot read {blocked[0]}"
+    return DEFAULT_USER, None
+
+
+def argv(spec: Dnsmasq, paths, user: str = "root") -> list:
     """dnsmasq's command line for ``spec`` (nova-network's flags).
 
-    ``--user=root``: dnsmasq drops privileges after start-up, but it re-reads the hosts
-    and opts files on SIGHUP and rewrites its lease file long after that; hanet's files
-    live under the minion's root_dir, which need not be readable by an unprivileged user
-    (or a ``dnsmasq`` user may not exist), so it stays root, as nova's did under rootwrap.
+    ``--user``: the user dnsmasq drops its privileges to after start-up (``run_as``).
     ``--conf-file=`` (empty) keeps dnsmasq from reading the host's /etc/dnsmasq.conf.
     ``--dhcp-authoritative``: each hanet dnsmasq is the only DHCP server its VMs can reach
     (DHCP is isolated per host on multi_host networks, and one network host serves a
@@ -132,7 +192,7 @@ def argv(spec: Dnsmasq, paths) -> list:
         "--no-hosts",
         f"--addn-hosts={f['names']}",
         "--dhcp-authoritative",
-        "--user=root",
+        f"--user={user}",
         f"--log-facility={f['log']}",
     ]
     # the network's router (or none), untagged: the weakest rule, so that a router given
@@ -184,12 +244,17 @@ def optsfile(spec: Dnsmasq) -> str:
     return f"tag:{no_router_tag(spec.network)},option:router\n"
 
 
+# the command line's format: bumped when ``argv`` changes in a way ``spec`` does not show
+# (2: --addn-hosts; 3: --user no longer root), so that every running dnsmasq restarts once
+ARGV_VERSION = 3
+
+
 def options_digest(spec: Dnsmasq) -> str:
     """A digest of everything that needs a restart when it changes: ``options_key``
     plus the no-default-route MACs (they are on the command line)."""
     data = _plain(dataclasses.asdict(spec.options_key()))
     data["nogw_macs"] = nogw_macs(spec)
-    data["addn_hosts"] = True  # the flag is new: a dnsmasq started without it restarts once
+    data["argv_version"] = ARGV_VERSION
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -410,7 +475,10 @@ def _start(spec, paths):
         os.unlink(f["pid"])
     except FileNotFoundError:
         pass
-    cmd = argv(spec, paths)
+    user, why = run_as(spec, paths)
+    if why:
+        log.warning("hanet: dnsmasq %s runs as root: %s", spec.network, why)
+    cmd = argv(spec, paths, user)
     pid = _launch(cmd, spec.network, paths)
     record = {"argv_digest": options_digest(spec), "bridge": spec.bridge, "argv": cmd}
     write_atomic(f["record"], json.dumps(record, indent=1, sort_keys=True) + "\n")

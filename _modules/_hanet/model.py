@@ -31,6 +31,7 @@ GLOBAL_DEFAULTS = {
     "use_single_default_gateway": False,
     "firewall_driver": "nftables",
     "dnsmasq_config_file": "",
+    "dnsmasq_user": "",  # "": the distribution's "dnsmasq" user where it exists, else root
     "metrics_textfile_dir": "/var/lib/hanet/metrics",
 }
 HA_DEFAULTS = {
@@ -59,6 +60,7 @@ HOST_NET_KEYS = {"address"}
 INSTANCE_KEYS = {"host", "nics", "floating_ips", "uuid", "hostname", "public_keys", "user_data", "availability_zone"}
 NIC_KEYS = {"network", "mac", "ip", "port"}
 FLOAT_KEYS = {"address", "fixed_ip"}
+USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
@@ -216,6 +218,7 @@ class Config:
     use_single_default_gateway: bool
     firewall_driver: str
     dnsmasq_config_file: str
+    dnsmasq_user: str  # "": the "dnsmasq" user where the host has one (dnsmasq.run_as)
     metrics_textfile_dir: str  # under the minion's root_dir; "" writes no metrics file
     ha: Ha
     networks: dict  # label -> Network
@@ -420,6 +423,7 @@ def load(pillar):
         "use_single_default_gateway": c.bool(g["use_single_default_gateway"], p("use_single_default_gateway")),
         "firewall_driver": g["firewall_driver"],
         "dnsmasq_config_file": g["dnsmasq_config_file"],
+        "dnsmasq_user": g["dnsmasq_user"],
         "metrics_textfile_dir": g["metrics_textfile_dir"],
     }
     if glob["firewall_driver"] not in ("nftables", "iptables"):
@@ -428,6 +432,10 @@ def load(pillar):
         c.add(p("dnsmasq_config_file"), f"must be a file path, not {glob['dnsmasq_config_file']!r}")
     elif glob["dnsmasq_config_file"] and not glob["dnsmasq_config_file"].startswith("/"):
         c.add(p("dnsmasq_config_file"), f"{glob['dnsmasq_config_file']!r} must be an absolute path")
+    if glob["dnsmasq_user"] != "" and not c.str(
+        glob["dnsmasq_user"], p("dnsmasq_user"), USER_RE, "a user name (or '' for the distribution's dnsmasq user)"
+    ):
+        glob["dnsmasq_user"] = ""
     mdir = glob["metrics_textfile_dir"]
     if not isinstance(mdir, str) or (mdir and not mdir.startswith("/")):
         c.add(p("metrics_textfile_dir"), f"{mdir!r} must be an absolute directory path, or '' (no metrics file)")

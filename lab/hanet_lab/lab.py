@@ -638,6 +638,11 @@ class Lab:
             f.write("#!yaml\n{}\n")
         for h in topo.hosts.values():
             os.makedirs(self.minion_conf_dir(h.name))
+            # a host's /var and /var/lib are world-searchable (Salt would make <root>/var
+            # 0750): its dnsmasqs, running as the dnsmasq user, read their files there
+            for d in ("var", os.path.join("var", "lib")):
+                os.makedirs(os.path.join(self.minion_root(h.name), d), exist_ok=True)
+                os.chmod(os.path.join(self.minion_root(h.name), d), 0o755)
             opts = {"id": h.name, "master": master_ip, "root_dir": self.minion_root(h.name), "loop_interval": 1}
             if len(topo.masters()) > 1:
                 # hot multi-master: signed in to every master, beacons run once (by the

@@ -256,6 +256,23 @@ def test_the_apply_that_binds_the_gateway_announces_it(lab, pillar):
 # --------------------------------------------------------------------------- status
 
 
+def test_dnsmasq_runs_as_the_unprivileged_dnsmasq_user(lab, pillar):
+    """Every hanet dnsmasq drops its privileges to the distribution's ``dnsmasq`` user
+    (the leases and reloads above were served by it), none stays root."""
+    import pwd
+
+    uid = pwd.getpwnam("dnsmasq").pw_uid
+    seen = {}
+    for host in lab.topology.hosts:
+        for pid, cmdline in lab.processes(host)[host]:
+            if cmdline.startswith("dnsmasq ") and "/var/lib/hanet/dnsmasq/" in cmdline:
+                with open(f"/proc/{pid}/status") as fh:
+                    uids = next(line for line in fh if line.startswith("Uid:")).split()[1:]
+                seen[(host, pid)] = {int(u) for u in uids}
+    assert len(seen) >= 3, seen  # compute1 and compute2 (private), net1 (shared)
+    assert all(u == {uid} for u in seen.values()), seen
+
+
 def test_status_reports_bridges_addresses_and_dnsmasq(lab, pillar):
     lab.dhcp("web1", "udhcpc")
     st = lab.salt(["compute1", "net1", "net2"], "hanet.status")

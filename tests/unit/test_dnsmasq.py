@@ -59,7 +59,7 @@ def test_argv_nova_flags():
         "--no-hosts",
         "--addn-hosts=/r/var/lib/hanet/dnsmasq/private.names",
         "--dhcp-authoritative",
-        "--user=root",
+        "--user=root",  # argv's default; _start passes run_as's user
         "--log-facility=/r/var/lib/hanet/dnsmasq/private.log",
         "--dhcp-option=option:router,192.168.0.3",
         "--domain=novalocal",
@@ -441,3 +441,43 @@ def test_apply_start_planned_before_another_applier_started_it(tmp_path, monkeyp
     finally:
         stand_in.send_signal(signal.SIGKILL)
         stand_in.wait()
+
+
+# --------------------------------------------------------------------------- the user
+
+
+def test_argv_drops_privileges_to_the_user_given():
+    assert "--user=dnsmasq" in dnsmasq.argv(spec(), PATHS, "dnsmasq")
+    assert [a for a in dnsmasq.argv(spec(), PATHS, "dnsmasq") if a.startswith("--user")] == ["--user=dnsmasq"]
+
+
+def test_the_pillars_user_is_used_and_a_missing_one_is_an_error_naming_the_key(tmp_path):
+    paths = Paths(root_dir=str(tmp_path))
+    assert dnsmasq.run_as(spec(user="root"), paths) == ("root", None)
+    with pytest.raises(ValueError, match="dnsmasq_user 'no-such-user-here'"):
+        dnsmasq.run_as(spec(user="no-such-user-here"), paths)
+
+
+def test_the_distributions_user_where_it_can_read_the_files_else_root():
+    """dnsmasq reads its hosts, opts and names files again on SIGHUP, as the user it
+    dropped to: under a directory that user cannot enter it stays root, and says why."""
+    import pwd
+    import shutil
+    import tempfile
+
+    top = tempfile.mkdtemp(prefix="hanet-test-user-")  # /tmp: pytest's tmp_path is private
+    try:
+        os.chmod(top, 0o755)
+        paths = Paths(root_dir=top)
+        dnsmasq._write_files(spec(), paths)
+        try:
+            pwd.getpwnam(dnsmasq.DEFAULT_USER)
+        except KeyError:
+            assert dnsmasq.run_as(spec(), paths) == ("root", "this host has no 'dnsmasq' user")
+            return
+        assert dnsmasq.run_as(spec(), paths) == ("dnsmasq", None)
+        os.chmod(top, 0o700)
+        user, why = dnsmasq.run_as(spec(), paths)
+        assert user == "root" and "user 'dnsmasq' cannot read" in why and "private.hosts" in why
+    finally:
+        shutil.rmtree(top, ignore_errors=True)

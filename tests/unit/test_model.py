@@ -199,6 +199,8 @@ def test_broken_pillar_reports_every_mistake_with_its_path():
         (lambda p: p["networks"]["red"].update(bridge="br102\n"), "hanet:networks:red:bridge", "interface name"),
         (lambda p: p["instances"]["web1"].update(hostname="web1\n"), "hanet:instances:web1:hostname", ""),
         (lambda p: p.update(dhcp_domain="novalocal\n"), "hanet:dhcp_domain", "DNS domain"),
+        (lambda p: p.update(dnsmasq_user="dns masq"), "hanet:dnsmasq_user", "user name"),
+        (lambda p: p.update(dnsmasq_user=0), "hanet:dnsmasq_user", "user name"),
     ],
 )
 def test_each_mistake_is_named_by_its_path(mutate, path, text):
