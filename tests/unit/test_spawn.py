@@ -3,6 +3,7 @@ minion forks its jobs from its main thread) must not wait for those forks to exi
 
 import os
 import subprocess
+import sys
 import threading
 import time
 
@@ -71,3 +72,43 @@ def test_children_started_from_a_thread_never_wait_for_the_main_threads_forks(co
         for pid in children:
             os.waitpid(pid, 0)
     assert slowest[0] < 0.4, f"a command waited {slowest[0]:.2f} s for a forked child"
+
+
+SCRIPT = """
+import os, sys, threading, time
+from _hanet import common  # registers the at-fork hooks
+sys.path.insert(0, sys.argv[1])
+threading.Thread(target=__import__, args=("hanet_slow_import",)).start()
+time.sleep(0.3)
+pid = os.fork()
+if pid == 0:
+    import hanet_slow_import
+    os._exit(0)
+deadline = time.monotonic() + 5
+while time.monotonic() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        print("child exit", status)
+        break
+    time.sleep(0.05)
+else:
+    print("child hung")
+    os.kill(pid, 9)
+"""
+
+
+def test_a_child_forked_while_a_thread_imports_a_module_imports_it_afresh(tmp_path):
+    """A Salt job forked while a beacon thread is importing a module lazily: without
+    ``common``'s at-fork hook the job's own import of that module waits for ever for
+    a lock held by a thread it does not have (checked: it hangs). In a fresh
+    interpreter, as in the minion."""
+    (tmp_path / "hanet_slow_import.py").write_text("import time\ntime.sleep(1.0)\nX = 1\n")
+    modules = os.path.dirname(os.path.dirname(os.path.abspath(common.__file__)))
+    got = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=dict(os.environ, PYTHONPATH=modules),
+    )
+    assert got.stdout.strip() == "child exit 0", got.stdout + got.stderr
