@@ -279,6 +279,9 @@ def start_crash(mode):
         text=True,
         env=ENV,
         cwd=ROOT,
+        # Ctrl-C reaches the owner as at a terminal, also when the tests run in a
+        # background job (a shell starts those with SIGINT ignored, and Python keeps it so)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     prefix = json.loads(p.stdout.readline())["prefix"]
     line = p.stdout.readline()  # after up: the processes in the lab's namespaces
