@@ -217,8 +217,6 @@ def run(cmd, timeout=None, input=None, capture_output=False, **popen_kwargs):  #
     waits the few milliseconds until the child has exec'd. ``input`` is not fed through
     a pipe (a job forked later would keep its write end, and the child would never see
     the end of its input) but from an unlinked temporary file."""
-    import tempfile
-
     if capture_output:
         popen_kwargs["stdout"] = popen_kwargs["stderr"] = subprocess.PIPE
     feed = None

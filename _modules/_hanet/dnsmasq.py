@@ -107,13 +107,11 @@ def no_router_tag(label):
 DEFAULT_USER = "dnsmasq"  # the user Debian's dnsmasq-base creates (nova's dnsmasq ran as the default user too)
 
 
-def _readable_by(pw, path):
-    """Whether the user of ``pw`` (a ``pwd`` entry) can read ``path`` and reach it
-    (search permission on every directory above it), by the mode bits."""
-    import grp
+def _readable_by(pw, gids, path):
+    """Whether the user of ``pw`` (a ``pwd`` entry, in groups ``gids``) can read
+    ``path`` and reach it (search permission on every directory above it), by the
+    mode bits."""
     import stat
-
-    gids = {pw.pw_gid} | {g.gr_gid for g in grp.getgrall() if pw.pw_name in g.gr_mem}
 
     def allowed(st, bits):  # bits: (owner, group, other)
         if st.st_uid == pw.pw_uid:
@@ -156,7 +154,10 @@ def run_as(spec: Dnsmasq, paths):
         pw = pwd.getpwnam(DEFAULT_USER)
     except KeyError:
         return "root", f"this host has no {DEFAULT_USER!r} user"
-    blocked = [f[k] for k in ("hosts", "opts", "names") if not _readable_by(pw, f[k])]
+    import grp
+
+    gids = {pw.pw_gid} | {g.gr_gid for g in grp.getgrall() if pw.pw_name in g.gr_mem}
+    blocked = [f[k] for k in ("hosts", "opts", "names") if not _readable_by(pw, gids, f[k])]
     if blocked:
         return "root", f"user {DEFAULT_USER!r} cannot read {blocked[0]}"
     return DEFAULT_USER, None
