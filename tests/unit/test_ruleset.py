@@ -1,14 +1,12 @@
 """The ruleset applier: rendering (both drivers), and apply/current/plan against the real
 kernel in a network namespace each test creates (never the root namespace's ruleset)."""
 
-import contextlib
-import ctypes
 import dataclasses
 import os
 import random
 import shutil
-import subprocess
 
+import kernel_ns
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -480,25 +478,7 @@ def test_render_never_crashes_and_is_deterministic(rs, seed):
 
 # --------------------------------------------------------------------------- netns
 
-libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET = 0x40000000
-
-
-def _sh(*args, check=True, **kw):
-    return subprocess.run(args, check=check, capture_output=True, text=True, **kw)
-
-
-@contextlib.contextmanager
-def inside(ns):
-    """Run this thread (and the commands it starts) in network namespace ``ns``."""
-    with open("/proc/self/ns/net") as home, open(f"/run/netns/{ns}") as target:
-        if libc.setns(target.fileno(), CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns")
-        try:
-            yield
-        finally:
-            if libc.setns(home.fileno(), CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back")
+_sh, inside = kernel_ns.sh, kernel_ns.inside
 
 
 needs_root = pytest.mark.skipif(
@@ -508,12 +488,8 @@ needs_root = pytest.mark.skipif(
 
 @pytest.fixture
 def netns():
-    name = f"hr-{os.getpid()}-{random.randrange(16**6):06x}"
-    _sh("ip", "netns", "add", name)
-    try:
+    with kernel_ns.fresh("hr") as name:
         yield name
-    finally:
-        _sh("ip", "netns", "del", name, check=False)
 
 
 @pytest.fixture
