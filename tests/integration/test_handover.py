@@ -38,8 +38,8 @@ def cluster(lab):
     return lab
 
 
-def holders(lab, address):
-    return [h for h in HOSTS if any(a.split("/")[0] == address for a in lab.addresses(h))]
+def holders(lab, address, hosts=HOSTS):
+    return [h for h in hosts if any(a.split("/")[0] == address for a in lab.addresses(h))]
 
 
 def record(lab):
@@ -68,7 +68,12 @@ def wait_for(what, predicate, timeout=30):
 
 class Holders:
     """Samples the gateway's and the floating IP's holders in a thread; ``doubled``:
-    the samples where two hosts held one of them."""
+    the samples where two hosts held one of them.
+
+    The hosts are read one after another (a few ms each, more under load), and a
+    handover from the host read first to the one read second can fall between the two
+    reads. So a sample that finds both is only a double if the first still holds the
+    address when it is read again, after the second."""
 
     def __init__(self, lab):
         self.lab, self.doubled, self.samples = lab, [], 0
@@ -79,7 +84,7 @@ class Holders:
         while not self._stop.is_set():
             for address in (GATEWAY, FLOATING):
                 got = holders(self.lab, address)
-                if len(got) > 1:
+                if len(got) > 1 and holders(self.lab, address, got[:1]) == got[:1]:
                     self.doubled.append((time.time(), address, got))
             self.samples += 1
             time.sleep(0.02)
@@ -148,7 +153,7 @@ def test_an_owner_that_loses_a_link_hands_the_network_over(cluster, link):
     # handover of a few seconds gets a dozen or so); the wire's ARP watch below is the
     # exhaustive check
     assert seen.samples >= 10, seen.samples
-    assert seen.doubled == [], seen.doubled
+    assert seen.doubled == [], (seen.doubled, wire.summary())
     got = wire.summary()
     for address in (GATEWAY, FLOATING):
         assert len(got[address]["macs"]) == 2, f"the wire saw {address} move: {got[address]}"
@@ -209,5 +214,5 @@ def test_a_flapping_uplink_moves_the_network_at_most_once(cluster):
         healthy_again(lab, old)
     assert epoch(lab) == before + 1, f"{epoch(lab) - before} moves"
     served_by(lab, new, before)
-    assert seen.doubled == [], seen.doubled
+    assert seen.doubled == [], (seen.doubled, wire.summary())
     assert all(v["two_holders_s"] == 0 for v in wire.summary().values()), wire.summary()
