@@ -1232,6 +1232,27 @@ class Lab:
         if self._is_up:
             self._write_state()
 
+    def move_vm(self, name: str, host: str) -> list[str]:
+        """Live-migrate ``name`` to ``host``: its taps move into ``host``'s namespace, onto
+        the same bridges; the VM's side (addresses, routes, ARP cache, DHCP client) stays
+        as it was, as a live migration leaves the guest. Returns the tap names."""
+        vm = self.topology.vms[name]
+        was = self.plugged.get(name)
+        if was is None:
+            raise LabError(f"{name} is not plugged: plug_vm it first")
+        if was["host"] == host:
+            return was["taps"]
+        for nic in vm.nics:
+            if not nslib.has_link(self.ns(host), nic.bridge):
+                raise LabError(f"{host} has no bridge {nic.bridge} yet (for {name}.{nic.ifname})")
+        for i, nic in enumerate(vm.nics):
+            nslib.move_link(self.ns(was["host"]), vm.tap(i), self.ns(host))
+            nslib.set_master(self.ns(host), vm.tap(i), nic.bridge)
+        self.plugged[name] = {"host": host, "taps": was["taps"]}
+        if self._is_up:
+            self._write_state()
+        return was["taps"]
+
     def _plug_present_vms(self):
         for name, vm in self.topology.vms.items():
             if all(nslib.has_link(self.ns(vm.host), nic.bridge) for nic in vm.nics):

@@ -248,6 +248,14 @@ def del_link(ns: str, ifname: str) -> bool:
         return True
 
 
+def move_link(ns: str, ifname: str, to_ns: str) -> None:
+    """Move ``ifname`` from ``ns`` into ``to_ns`` (it arrives down, without a master)."""
+    if not ns_exists(to_ns):
+        raise FileNotFoundError(f"no network namespace {to_ns}")
+    with ipr(ns) as ip:
+        ip.link("set", index=_index(ip, ifname), net_ns_fd=to_ns)
+
+
 def set_master(ns: str, ifname: str, bridge: str, up: bool = True) -> None:
     with ipr(ns) as ip:
         idx = _index(ip, ifname)

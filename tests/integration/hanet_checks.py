@@ -1,5 +1,10 @@
-"""What several lab tests check the same way: a state run through the master, and the
-changes it reported."""
+"""What several lab tests check the same way: a state run through the master, the
+changes it reported, and what crossed a link."""
+
+import contextlib
+import os
+import subprocess
+import time
 
 
 def state_apply(lab, tgt="*", test=False, timeout=240, highstate=False):
@@ -45,3 +50,23 @@ def failover_cluster(lab, floating="203.0.113.60", gateway="10.20.0.1"):
     assert (lease["address"], lease["server"]) == ("10.20.0.10", gateway)
     time.sleep(2)  # the beacons' first verdicts (peers up)
     return lab
+
+
+@contextlib.contextmanager
+def sniff(lab, node, iface, filt, verbose=False):
+    """tcpdump in ``node`` on ``iface``; yields a list that holds its output lines on exit."""
+    out = os.path.join(lab.rundir, f"tcpdump-{node}-{iface}-{time.monotonic_ns()}.txt")
+    argv = ["tcpdump", "-i", iface, "-n", "-e", "-l"] + (["-vv"] if verbose else []) + [filt]
+    with open(out, "w") as fh:
+        p = lab.popen(node, argv, stdout=fh, stderr=subprocess.PIPE, text=True)
+        while "listening on" not in (p.stderr.readline() or "listening on"):
+            pass  # the capture is open once tcpdump says so (after "verbose output suppressed")
+        lines = []
+        try:
+            yield lines
+            time.sleep(0.5)
+        finally:
+            p.terminate()
+            p.wait(5)
+    with open(out) as fh:
+        lines.extend(fh.read().splitlines())

@@ -13,14 +13,12 @@ address, router, DHCP server, its egress address as the upstream router sees it,
 its own metadata.
 """
 
-import contextlib
 import json
 import os
-import subprocess
 import time
 
 import pytest
-from hanet_checks import state_apply
+from hanet_checks import sniff, state_apply
 
 pytestmark = pytest.mark.lab
 
@@ -70,26 +68,6 @@ def pillar(lab):
 
 
 FIRST_APPLY = {}  # the pillar fixture's first highstate: its result and the ARP heard
-
-
-@contextlib.contextmanager
-def sniff(lab, node, iface, filt, verbose=False):
-    """tcpdump in ``node`` on ``iface``; yields a list that holds its output lines on exit."""
-    out = os.path.join(lab.rundir, f"tcpdump-{node}-{iface}-{time.monotonic_ns()}.txt")
-    argv = ["tcpdump", "-i", iface, "-n", "-e", "-l"] + (["-vv"] if verbose else []) + [filt]
-    with open(out, "w") as fh:
-        p = lab.popen(node, argv, stdout=fh, stderr=subprocess.PIPE, text=True)
-        while "listening on" not in (p.stderr.readline() or "listening on"):
-            pass  # the capture is open once tcpdump says so (after "verbose output suppressed")
-        lines = []
-        try:
-            yield lines
-            time.sleep(0.5)
-        finally:
-            p.terminate()
-            p.wait(5)
-    with open(out) as fh:
-        lines.extend(fh.read().splitlines())
 
 
 def forget_lease(lab, vm):
