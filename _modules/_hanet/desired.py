@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .model import Probe
+from .model import HostNet, Probe
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,8 @@ class Bridge:
     ``segment``'s link name when the network is VLAN/VXLAN segmented, or None for a
     host-only bridge. ``addresses`` are "ip/prefixlen" strings in order: the host's own
     address first, then (on the active network host) the network's gateway.
-    STP is off, forward delay 0, and the bridge MAC is pinned to the uplink's.
+    STP is off, forward delay 0, and the bridge MAC is pinned to the uplink's, or to
+    ``shared_mac`` when set (share_dhcp_address: the MAC of the gateway every host holds).
     """
 
     name: str
@@ -50,6 +51,7 @@ class Bridge:
     # addresses that move between hosts (the gateway of a network-host network): an
     # apply binds one only after duplicate address detection finds nobody holding it
     guarded: tuple = ()
+    shared_mac: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,9 @@ class PortGuard:
     pairs: tuple  # ((mac, ip), ...)
     dhcp_isolated: bool
     ports: tuple = ()  # ((mac, port), ...): the pillar's ``port`` of a NIC, where given
+    # ((ip, mac), ...) that stay on this host (share_dhcp_address: the gateway every host
+    # holds): no ARP for the ip and no frame from or to the mac crosses the trusted ports
+    local_only: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -230,6 +235,8 @@ def compute(cfg, host, owners=None):
             continue
         net = cfg.networks[label]
         own = me.networks.get(label)
+        if net.share_dhcp_address:  # every host carrying it serves it, at the gateway
+            own = HostNet(address=net.gateway)
         if net.multi_host:
             role = SERVING if own else MEMBER
             owner = None
@@ -254,6 +261,7 @@ def compute(cfg, host, owners=None):
                 mtu=net.mtu,
                 addresses=tuple(addresses),
                 guarded=(net.gateway_cidr,) if role == SERVING and not net.multi_host else (),
+                shared_mac=net.shared_mac,
             )
         )
 
@@ -265,6 +273,7 @@ def compute(cfg, host, owners=None):
                 pairs=tuple(sorted((n.mac, n.ip) for _, n in local)),
                 dhcp_isolated=net.multi_host,
                 ports=tuple(sorted((n.mac, n.port) for _, n in local if getattr(n, "port", None))),
+                local_only=((net.gateway, net.shared_mac),) if net.share_dhcp_address else (),
             )
         )
         if role == MEMBER:

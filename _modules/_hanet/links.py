@@ -312,7 +312,10 @@ def _plan_bridge(d, c, desired_uplinks, deleted, mtu_touched):
         want.update(stp_state=0, forward_delay=0)
     if fresh or enslaving or port_mtu_moves or c.mtu != d.mtu:
         want["mtu"] = d.mtu  # after enslaving: an explicit MTU is not auto-adjusted
-    if d.uplink and (
+    if d.shared_mac:
+        if fresh or (obs is not None and obs.mac != d.shared_mac):
+            want["address"] = d.shared_mac
+    elif d.uplink and (
         fresh or enslaving or fresh_seg or (obs is not None and obs.uplink_mac and obs.mac != obs.uplink_mac)
     ):
         want["address_of"] = d.uplink
@@ -510,6 +513,8 @@ def current(bridges_of_interest=(), managed_names=(), ipr=None):
                     stp_state=data.get_attr("IFLA_BR_STP_STATE") if data else 0,
                     forward_delay=data.get_attr("IFLA_BR_FORWARD_DELAY") if data else 0,
                     mac=msg.get_attr("IFLA_ADDRESS"),
+                    # the desired shape holds a MAC only where one is pinned (shared gateway)
+                    shared_mac=msg.get_attr("IFLA_ADDRESS") if d is not None and d.shared_mac else None,
                     uplink_mac=up_msg.get_attr("IFLA_ADDRESS") if up_msg is not None else None,
                     uplink_mtu=up_msg.get_attr("IFLA_MTU") if up_msg is not None else None,
                     uplink_up=_up(up_msg) if up_msg is not None else True,
@@ -711,6 +716,9 @@ def _do(ipr, change, made):
             # what keeps the kernel from changing it when a lower-MAC port joins
             ipr.link("set", index=index, address=mac)
             done.append(f"MAC {mac} (of {d['address_of']}) pinned")
+        if d.get("address"):
+            ipr.link("set", index=index, address=d["address"])
+            done.append(f"MAC {d['address']} (the shared gateway's) pinned")
         if d.get("state") == "up" and not _up(msg):
             ipr.link("set", index=index, state="up")
             done.append("up")

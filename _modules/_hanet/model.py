@@ -10,6 +10,7 @@ pillar path (``hanet:instances:web1:nics:0:ip``)::
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -53,6 +54,7 @@ NETWORK_KEYS = {
     "gateway_mode",
     "network_hosts",
     "dns_servers",
+    "share_dhcp_address",
 }
 VXLAN_KEYS = {"vni", "group", "remotes", "port"}
 HOST_KEYS = {"public_interface", "routing_source_ip", "networks"}
@@ -102,6 +104,17 @@ class Network:
     gateway_mode: str = "host"
     network_hosts: tuple = ()
     dns_servers: tuple = ()
+    share_dhcp_address: bool = False  # multi_host: every host is the gateway, one address
+
+    @property
+    def shared_mac(self):
+        """share_dhcp_address: the MAC every host's bridge carries with the shared
+        gateway, the same on every host (an instance moved to another host keeps a valid
+        ARP entry for its gateway); locally administered, derived from the cidr."""
+        if not self.share_dhcp_address:
+            return None
+        digest = hashlib.sha256(f"hanet-shared-gateway {self.cidr}".encode()).digest()
+        return ":".join(f"{b:02x}" for b in (0x02,) + tuple(digest[:5]))
 
     @property
     def net(self):
@@ -484,6 +497,7 @@ def _networks(c, raw):
         if bif is not None:
             bif = c.str(bif, f"{path}:bridge_interface", IFNAME_RE, "an interface name (1-15 chars)")
         multi_host = c.bool(spec.get("multi_host", False), f"{path}:multi_host")
+        share = c.bool(spec.get("share_dhcp_address", False), f"{path}:share_dhcp_address")
         mode = spec.get("gateway_mode", "host")
         if mode not in ("host", "hardware"):
             c.add(f"{path}:gateway_mode", f"{mode!r} is not host or hardware")
@@ -540,6 +554,12 @@ def _networks(c, raw):
             )
         if multi_host is False and not nh:
             c.add(f"{path}:network_hosts", "is required when multi_host is false (ordered: the first live one serves)")
+        if share and multi_host is False:
+            c.add(f"{path}:share_dhcp_address", "is for multi_host networks (every host its instances' gateway)")
+        elif share and mode == "hardware":
+            c.add(f"{path}:share_dhcp_address", "is for networks whose hosts are the gateway (gateway_mode: host)")
+        elif share and spec.get("gateway") is None:
+            c.add(f"{path}:gateway", "is required with share_dhcp_address (the address every host uses)")
         servers = tuple(
             x
             for i, v in enumerate(c.list(spec.get("dns_servers"), f"{path}:dns_servers"))
@@ -549,6 +569,7 @@ def _networks(c, raw):
             None in (cidr, bridge, multi_host, mode, dhcp_start)
             or (spec.get("vlan") is not None and vlan is None)
             or (spec.get("vxlan") is not None and vx is None)
+            or share is None
         ):
             continue
         out[label] = Network(
@@ -565,6 +586,7 @@ def _networks(c, raw):
             gateway_mode=mode,
             network_hosts=tuple(nh),
             dns_servers=servers,
+            share_dhcp_address=bool(share and multi_host and mode == "host" and gateway),
         )
     return out
 
@@ -611,11 +633,23 @@ def _hosts(c, raw, networks):
             npath = f"{path}:networks:{label}"
             hn = c.mapping(hn, npath, required=True)
             c.unknown_keys(hn, HOST_NET_KEYS, npath)
+            if label in networks and networks[label].share_dhcp_address and hn.get("address") is None:
+                nets[label] = HostNet(address=networks[label].gateway)  # it may be left out
+                continue
             addr = c.ip(hn.get("address"), f"{npath}:address")
             if label not in networks:
                 c.unknown("networks", label, npath, "network")
                 continue
             net = networks[label]
+            if net.share_dhcp_address:
+                if addr and addr != net.gateway:
+                    c.add(
+                        f"{npath}:address",
+                        f"network {label} shares its DHCP address: every host uses its gateway "
+                        f"{net.gateway} (leave address out)",
+                    )
+                nets[label] = HostNet(address=net.gateway)  # as every host carrying it
+                continue
             if addr and (why := _usable(addr, net.cidr)):
                 c.add(f"{npath}:address", f"{addr} is {why} network {label}'s cidr {net.cidr}")
                 continue
@@ -689,7 +723,7 @@ def _instances(c, raw, networks, hosts):
             elif ip and ip == net.gateway:
                 c.add(f"{npath}:ip", f"{ip} is network {label}'s gateway")
                 ip = None
-            if host in hosts and net.multi_host and label not in hosts[host].networks:
+            if host in hosts and net.multi_host and not net.share_dhcp_address and label not in hosts[host].networks:
                 c.add(
                     f"{npath}:network",
                     f"host {host} serves multi_host network {label} for this "
@@ -830,11 +864,12 @@ def _cross_checks(c, networks, hosts, instances, nics, fips):
 
     for label in labels:
         n = networks[label]
-        if n.gateway and (not n.multi_host or n.hardware):
+        if n.gateway and (not n.multi_host or n.hardware or n.share_dhcp_address):
             claim(n.gateway, f"{ROOT}:networks:{label}:gateway")
     for h in sorted(hosts):
         for label, hn in sorted(hosts[h].networks.items()):
-            claim(hn.address, f"{ROOT}:hosts:{h}:networks:{label}:address")
+            if not networks[label].share_dhcp_address:  # the shared one is the gateway's
+                claim(hn.address, f"{ROOT}:hosts:{h}:networks:{label}:address")
     macs = {}
     for name, index, mac, ip, _host, _label in nics:
         path = f"{ROOT}:instances:{name}:nics:{index}"

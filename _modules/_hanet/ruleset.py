@@ -319,6 +319,15 @@ def _nft_bridge_table(rs, port_list=False):
             fwd.append(f"oifname {t} ether type ip udp dport 67-68 drop")
             inp.append(f"iifname {t} ether type ip udp dport 67-68 drop")
             out.append(f"oifname {t} ether type ip udp dport 67-68 drop")
+        for ip, mac in g.local_only if g.trusted_ports else ():
+            # share_dhcp_address: every host holds this ip with this mac; neither is seen
+            # beyond the host (no ARP for the ip, no frame from or to the mac)
+            t = _names(g.trusted_ports)
+            arp = [f"ether type arp arp saddr ip {ip} drop", f"ether type arp arp daddr ip {ip} drop"]
+            for chain in (fwd, inp):
+                chain += [f"iifname {t} {r}" for r in arp] + [f"iifname {t} ether daddr {mac} drop"]
+            for chain in (fwd, out):
+                chain += [f"oifname {t} {r}" for r in arp] + [f"oifname {t} ether saddr {mac} drop"]
     base = [
         dict(name="prerouting", type="filter", hook="prerouting", priority=-200, rules=pre),
         dict(name="forward", type="filter", hook="forward", priority=-200, rules=fwd),
@@ -512,6 +521,7 @@ def _from_plain(d):
                 pairs=tuple(tuple(p) for p in g["pairs"]),
                 dhcp_isolated=g["dhcp_isolated"],
                 ports=tuple(tuple(p) for p in g.get("ports", ())),
+                local_only=tuple(tuple(p) for p in g.get("local_only", ())),
             )
             for g in d.get("guards", ())
         ),

@@ -62,6 +62,34 @@ def test_fresh_flat_bridge_plan_in_order():
     assert all(c.facet == "links" for c in changes)
 
 
+def test_a_shared_gateway_mac_is_pinned_on_the_bridge_and_kept():
+    """share_dhcp_address: the bridge carries the network's shared MAC, not the uplink's;
+    pinned when the bridge is made and again when it drifted, not otherwise."""
+    d = Bridge(name="br100", network="private", uplink="eth1", addresses=("192.168.0.1/24",), shared_mac=SHARED)
+    changes = plan((d,), (), set())
+    sets = [c for c in changes if c.action == "set" and c.target == "br100"]
+    assert sets[0].detail == {"mtu": 1500, "address": SHARED, "state": "up"}
+    kept = Observed(**{**_as_dict(d), "mac": SHARED, "uplink_mac": "52:54:00:00:00:01"})
+    assert plan((d,), Snapshot((kept,), {"br100", "eth1"}), set()) == []
+    drifted = Observed(**{**_as_dict(d), "shared_mac": "52:54:00:00:00:01", "mac": "52:54:00:00:00:01"})
+    again = plan((d,), Snapshot((drifted,), {"br100", "eth1"}), set())
+    assert [(c.target, c.detail) for c in again] == [("br100", {"address": SHARED})]
+    # without it, the bridge goes back to the uplink's MAC
+    plain = flat(addresses=("192.168.0.1/24",))
+    was_shared = Observed(**{**_as_dict(plain), "mac": SHARED, "uplink_mac": "52:54:00:00:00:01"})
+    back = plan((plain,), Snapshot((was_shared,), {"br100", "eth1"}), set())
+    assert [(c.target, c.detail) for c in back] == [("br100", {"address_of": "eth1"})]
+
+
+SHARED = "02:5a:11:22:33:44"
+
+
+def _as_dict(bridge):
+    import dataclasses
+
+    return {f.name: getattr(bridge, f.name) for f in dataclasses.fields(Bridge)}
+
+
 def test_converged_plan_is_empty():
     d = (
         flat(),
@@ -363,6 +391,8 @@ class KernelModel:
                 link["stp"], link["fd"] = d["stp_state"], d["forward_delay"]
             if d.get("address_of"):
                 link["mac"] = self.links[d["address_of"]]["mac"]
+            if d.get("address"):
+                link["mac"] = d["address"]
             if d.get("state") == "up":
                 link["up"] = True
         elif "address" in d:
@@ -452,6 +482,7 @@ class KernelModel:
                     stp_state=br["stp"],
                     forward_delay=br["fd"],
                     mac=br["mac"],
+                    shared_mac=br["mac"] if d is not None and d.shared_mac else None,
                     uplink_mac=up["mac"] if up else None,
                     uplink_mtu=up["mtu"] if up else None,
                     uplink_up=up["up"] if up else True,
@@ -507,7 +538,18 @@ def desired_states(draw):
         if uplink:
             used.add(uplink)
         addrs = draw(st.lists(st.sampled_from(ADDRS), unique=True, max_size=3))
-        out.append(Bridge(name=name, network=name, uplink=uplink, segment=seg, mtu=mtu, addresses=tuple(addrs)))
+        shared = draw(st.sampled_from((None, None, f"02:5a:00:00:00:{names.index(name):02x}")))
+        out.append(
+            Bridge(
+                name=name,
+                network=name,
+                uplink=uplink,
+                segment=seg,
+                mtu=mtu,
+                addresses=tuple(addrs),
+                shared_mac=shared,
+            )
+        )
     return tuple(out)
 
 
@@ -598,8 +640,11 @@ def test_property_plan_converges_on_the_kernel_model(before, after, noise):
         if d.addresses:
             assert b.addresses[0] == d.addresses[0]
         assert b.up and b.stp_state == 0 and b.forward_delay == 0
-        if d.uplink:
+        if d.shared_mac:
+            assert b.mac == d.shared_mac
+        elif d.uplink:
             assert b.mac == model.links[d.uplink]["mac"]
+        if d.uplink:
             assert model.links[d.uplink]["up"] and model.links[d.uplink]["mtu"] >= d.mtu
     # and a second plan has nothing to do
     assert plan(after, model.read(after, made), made) == []

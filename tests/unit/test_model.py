@@ -459,3 +459,101 @@ def test_a_standby_probes_the_floating_ips_that_would_move_with_the_network():
     assert dict(b.standby_for) == {"net1": (("br200", "10.20.0.1"), ("eth0", "203.0.113.70"))}
     # the FIP of web1's first NIC (private, multi-host) is not the standby's business
     assert all(ip != "203.0.113.50" for _, ip in dict(b.standby_for)["net1"])
+
+
+def shared_private():
+    """The example with share_dhcp_address on `private` (multi_host): the hosts that
+    serve it list it without an address (with it, their address is the gateway)."""
+    p = example()
+    p["networks"]["private"]["share_dhcp_address"] = True
+    for host in p["hosts"].values():
+        if "private" in (host.get("networks") or {}):
+            host["networks"]["private"] = {}
+    return p
+
+
+def test_share_dhcp_address_gives_every_host_the_gateway_and_one_mac():
+    cfg = model.load(shared_private())
+    net = cfg.networks["private"]
+    assert net.share_dhcp_address and net.shared_mac
+    first = int(net.shared_mac.split(":")[0], 16)
+    assert first & 2 and not first & 1  # locally administered, unicast
+    by_host = {}
+    for host in ("compute1", "compute2"):
+        st_ = desired.compute(cfg, host)
+        br = {b.name: b for b in st_.bridges}["br100"]
+        dm = {d.network: d for d in st_.dnsmasqs}["private"]
+        guard = {g.bridge: g for g in st_.ruleset.guards}["br100"]
+        assert br.addresses == ("192.168.0.1/24",) and br.shared_mac == net.shared_mac
+        assert dm.listen_address == dm.router == "192.168.0.1"
+        assert guard.local_only == (("192.168.0.1", net.shared_mac),) and guard.trusted_ports == ("eth1",)
+        assert dict(st_.roles)["private"] == "serving"
+        by_host[host] = [h.ip for h in dm.hosts]
+    assert by_host == {"compute1": ["192.168.0.10"], "compute2": []}  # each its own instances
+    # a network without it keeps the uplink's MAC and per-host addresses
+    plain = {b.name: b for b in desired.compute(model.load(example()), "compute1").bridges}["br100"]
+    assert plain.shared_mac is None and plain.addresses == ("192.168.0.3/24",)
+
+
+def test_the_shared_mac_is_the_same_for_the_same_network_and_differs_between_networks():
+    a = model.load(shared_private()).networks["private"].shared_mac
+    assert a == model.load(shared_private()).networks["private"].shared_mac
+    p = shared_private()
+    p["networks"]["private"]["cidr"] = "192.168.8.0/24"
+    p["networks"]["private"]["gateway"] = "192.168.8.1"
+    p["networks"]["private"]["dhcp_start"] = "192.168.8.2"
+    for inst in p["instances"].values():
+        for nic in inst["nics"]:
+            if nic["network"] == "private":
+                nic["ip"] = nic["ip"].replace("192.168.0.", "192.168.8.")
+    assert model.load(p).networks["private"].shared_mac != a
+
+
+@pytest.mark.parametrize(
+    "mutate, path, text",
+    [
+        (
+            lambda p: p["networks"]["shared"].update(share_dhcp_address=True),
+            "hanet:networks:shared:share_dhcp_address",
+            "is for multi_host networks",
+        ),
+        (
+            lambda p: p["networks"]["red"].update(share_dhcp_address=True),
+            "hanet:networks:red:share_dhcp_address",
+            "gateway_mode: host",
+        ),
+        (
+            lambda p: p["networks"]["private"].pop("gateway"),
+            "hanet:networks:private:gateway",
+            "is required with share_dhcp_address",
+        ),
+        (
+            lambda p: p["networks"]["private"].update(share_dhcp_address="yes"),
+            "hanet:networks:private:share_dhcp_address",
+            "must be true or false",
+        ),
+        (
+            lambda p: p["hosts"]["compute1"]["networks"].update(private={"address": "192.168.0.3"}),
+            "hanet:hosts:compute1:networks:private:address",
+            "every host uses its gateway 192.168.0.1",
+        ),
+        (
+            lambda p: p["instances"]["web1"]["nics"][0].update(ip="192.168.0.1"),
+            "hanet:instances:web1:nics:0:ip",
+            "gateway",
+        ),
+    ],
+)
+def test_share_dhcp_address_mistakes_are_named_by_their_path(mutate, path, text):
+    p = shared_private()
+    mutate(p)
+    got = problems(p)
+    assert any(where == path and text in why for where, why in got), got
+
+
+def test_share_dhcp_address_allows_the_gateway_as_a_hosts_address():
+    p = shared_private()
+    p["hosts"]["compute1"]["networks"]["private"] = {"address": "192.168.0.1"}
+    cfg = model.load(p)
+    assert cfg.hosts["compute1"].networks["private"].address == "192.168.0.1"
+    assert cfg.hosts["compute2"].networks["private"].address == "192.168.0.1"

@@ -420,6 +420,7 @@ def rulesets(draw):
                 pairs=pairs,
                 dhcp_isolated=draw(st.booleans()),
                 ports=named,
+                local_only=((f"{base}.1", f"02:5a:00:00:00:{i:02x}"),) if draw(st.booleans()) else (),
             )
         )
         for _, ip in pairs[:1]:
@@ -513,6 +514,35 @@ FOREIGN = (
     "table inet other {\n\tchain c {\n\t\ttype filter hook forward priority 0; policy accept;\n"
     "\t\tip saddr 1.2.3.4 counter drop\n\t}\n}\n"
 )
+
+
+def test_a_shared_gateway_stays_on_its_host():
+    """share_dhcp_address: the gateway every host holds is never ARPed for or answered
+    across the uplink, and its MAC never leaves the host nor enters from outside; the
+    guard of a bridge without it has none of these rules."""
+    rs = dataclasses.replace(
+        sample(),
+        guards=(
+            PortGuard(
+                bridge="br100",
+                trusted_ports=("eth1",),
+                pairs=((MAC1, "192.168.0.10"),),
+                dhcp_isolated=True,
+                local_only=(("192.168.0.1", "02:5a:11:22:33:44"),),
+            ),
+            PortGuard(bridge="br101", trusted_ports=("vlan101",), pairs=(), dhcp_isolated=False),
+        ),
+    )
+    text = R.render(rs)
+    chains = {c["name"]: c["rules"] for c in R._nft_bridge_table(rs)["chains"]}
+    for chain, way in (("input", "iifname"), ("forward", "iifname"), ("forward", "oifname"), ("output", "oifname")):
+        for rule in ("arp saddr ip 192.168.0.1 drop", "arp daddr ip 192.168.0.1 drop"):
+            assert f'{way} {{ "eth1" }} ether type arp {rule}' in chains[chain], (chain, way, rule)
+    assert 'oifname { "eth1" } ether saddr 02:5a:11:22:33:44 drop' in chains["output"]
+    assert 'oifname { "eth1" } ether saddr 02:5a:11:22:33:44 drop' in chains["forward"]
+    assert 'iifname { "eth1" } ether daddr 02:5a:11:22:33:44 drop' in chains["input"]
+    assert "vlan101" not in "".join(r for rules in chains.values() for r in rules if "arp saddr ip" in r)
+    assert "02:5a:11:22:33:44" not in R.render(sample()) and "02:5a:11:22:33:44" in text
 
 
 @needs_root
