@@ -139,10 +139,42 @@ def garp_bytes(ip, mac):
     return [liveness.arp_request(mac, ip, ip), reply]
 
 
+# Pacing of large announcements, per interface: a token bucket. The first GARP_BURST
+# frames go at once (every announcement of up to GARP_BURST / 2 addresses: a gateway and
+# its floating IPs, unpaced), then at most GARP_PPS frames a second: switches police ARP
+# to their CPU (control-plane policing), and a burst of thousands of frames is dropped
+# there. 2,000 frames/s announces 1,000 addresses (their first frames go first) in 0.4 s.
+GARP_BURST = 256
+GARP_PPS = 2000
+
+
+def garp_schedule(counts, rounds, interval=0.02, burst=GARP_BURST, pps=GARP_PPS):
+    """When each frame of an announcement goes (pure). ``counts``: {interface: frames per
+    round}. Returns [(at, interface, index)], sorted by ``at`` (seconds from the start):
+    round after round, each at least ``interval`` after the previous round's last frame,
+    and on each interface the k-th frame of the whole announcement no earlier than
+    ``(k + 1 - burst) / pps`` (a bucket of ``burst`` tokens, refilled at ``pps``)."""
+    out, start, sent = [], 0.0, dict.fromkeys(counts, 0)
+    for r in range(int(rounds)):
+        last = start
+        for iface, n in counts.items():
+            for i in range(n):
+                k = sent[iface]
+                sent[iface] += 1
+                at = max(start, (k + 1 - burst) / pps) if k >= burst else start
+                out.append((at, iface, i))
+                last = max(last, at)
+        start = last + interval if r + 1 < rounds else last
+    out.sort(key=lambda x: x[0])
+    return out
+
+
 def garp_many(pairs, count=3, interval=0.02):
     """Announce several addresses at once: ``pairs`` is [(ip, interface)]. Each round
-    sends every address's frames, so the first announcement of every address goes out
-    before any repeat. Returns the number of frames sent."""
+    sends every address's first frame (the ARP request), then every address's second (the
+    reply), so the first announcement of every address goes out before any repeat; past
+    ``GARP_BURST`` frames an interface is paced to ``GARP_PPS`` (``garp_schedule``).
+    Returns the number of frames sent."""
     from . import liveness
 
     by_iface = {}
@@ -154,14 +186,15 @@ def garp_many(pairs, count=3, interval=0.02):
         for iface, ips in by_iface.items():
             socks[iface] = sock = _raw(iface)
             mac = liveness._hwaddr(sock, iface)  # pylint: disable=protected-access
-            frames[iface] = [f for ip in ips for f in garp_bytes(ip, mac)]
-        for i in range(int(count)):
-            for iface, fs in frames.items():
-                for frame in fs:
-                    socks[iface].send(frame)
-                    sent += 1
-            if i + 1 < count:
-                time.sleep(interval)
+            both = [garp_bytes(ip, mac) for ip in ips]
+            frames[iface] = [b[0] for b in both] + [b[1] for b in both]
+        t0 = time.monotonic()
+        for at, iface, i in garp_schedule({k: len(v) for k, v in frames.items()}, count, interval):
+            wait = t0 + at - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            socks[iface].send(frames[iface][i])
+            sent += 1
     finally:
         for sock in socks.values():
             sock.close()
