@@ -16,6 +16,15 @@ import time
 BROADCAST = "ff:ff:ff:ff:ff:ff"
 DAD_TIMEOUT_S = 0.03  # a live holder's kernel answers an ARP request within a millisecond
 
+# Pacing of large announcements, per interface: a token bucket. The first GARP_BURST
+# frames go at once (every announcement of up to GARP_BURST / 2 addresses: a gateway and
+# its floating IPs, unpaced), then at most GARP_PPS frames a second: switches police ARP
+# to their CPU (control-plane policing), and a burst of thousands of frames is dropped
+# there. 2,000 frames/s announces 1,000 addresses (their first frames go first) in 0.4 s.
+GARP_BURST = 256
+GARP_PPS = 2000
+GARP_INTERVAL = 0.02  # between the rounds of an announcement (s)
+
 
 def link_of(ip):
     """(ifname, mac) of the link that holds ``ip`` on this host, or (None, None)."""
@@ -49,15 +58,37 @@ def garp_frames(ip, mac):
     ]
 
 
-def _raw(interface):
+def _raw(interface, receive=True):
+    """A packet socket on ``interface``; ``receive``: it also receives the ARP frames
+    (a send-only socket binds protocol 0: it receives nothing, and registers no receive
+    hook)."""
     import socket
 
-    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
-    sock.bind((interface, 0x0806))
+    proto = 0x0806 if receive else 0
+    # created with protocol 0, the protocol given at the bind: a socket created with one
+    # registers its hook at once, and the bind then replaces it, waiting for an RCU grace
+    # period (3-30 ms measured here)
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    try:
+        sock.bind((interface, proto))
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
-def garp(ip, interface=None, count=3, interval=0.02):
+def _close_later(socks):
+    """Close packet sockets off the caller's path: closing one waits for an RCU grace
+    period in the kernel (``packet_release``: 6-30 ms measured here), which a takeover
+    paid once per interface between binding an address and announcing the next."""
+    import threading
+
+    socks = list(socks)
+    if socks:
+        threading.Thread(target=lambda: [s.close() for s in socks], name="hanet-arp-close", daemon=True).start()
+
+
+def garp(ip, interface=None, count=3, interval=GARP_INTERVAL):
     """Send ``count`` rounds of gratuitous ARP for ``ip`` out of ``interface`` (default:
     the link that holds it). Returns {ip, interface, mac, sent}."""
     if interface is None:
@@ -120,8 +151,7 @@ def probe_many(pairs, timeout=DAD_TIMEOUT_S, tries=1):
             if len(found) == sum(len(v) for v in wanted.values()):
                 break
     finally:
-        for sock in socks:
-            sock.close()
+        _close_later(socks)
     return found
 
 
@@ -139,16 +169,7 @@ def garp_bytes(ip, mac):
     return [liveness.arp_request(mac, ip, ip), reply]
 
 
-# Pacing of large announcements, per interface: a token bucket. The first GARP_BURST
-# frames go at once (every announcement of up to GARP_BURST / 2 addresses: a gateway and
-# its floating IPs, unpaced), then at most GARP_PPS frames a second: switches police ARP
-# to their CPU (control-plane policing), and a burst of thousands of frames is dropped
-# there. 2,000 frames/s announces 1,000 addresses (their first frames go first) in 0.4 s.
-GARP_BURST = 256
-GARP_PPS = 2000
-
-
-def garp_schedule(counts, rounds, interval=0.02, burst=GARP_BURST, pps=GARP_PPS):
+def garp_schedule(counts, rounds, interval=GARP_INTERVAL, burst=GARP_BURST, pps=GARP_PPS):
     """When each frame of an announcement goes (pure). ``counts``: {interface: frames per
     round}. Returns [(at, interface, index)], sorted by ``at`` (seconds from the start):
     round after round, each at least ``interval`` after the previous round's last frame,
@@ -169,12 +190,13 @@ def garp_schedule(counts, rounds, interval=0.02, burst=GARP_BURST, pps=GARP_PPS)
     return out
 
 
-def garp_many(pairs, count=3, interval=0.02):
+def garp_many(pairs, count=3, interval=GARP_INTERVAL, frames_of=(0, 1)):
     """Announce several addresses at once: ``pairs`` is [(ip, interface)]. Each round
     sends every address's first frame (the ARP request), then every address's second (the
     reply), so the first announcement of every address goes out before any repeat; past
     ``GARP_BURST`` frames an interface is paced to ``GARP_PPS`` (``garp_schedule``).
-    Returns the number of frames sent."""
+    ``frames_of``: which of the two frames (0: the request, 1: the reply) each round
+    sends. Returns the number of frames sent."""
     from . import liveness
 
     by_iface = {}
@@ -184,10 +206,10 @@ def garp_many(pairs, count=3, interval=0.02):
     sent = 0
     try:
         for iface, ips in by_iface.items():
-            socks[iface] = sock = _raw(iface)
+            socks[iface] = sock = _raw(iface, receive=False)
             mac = liveness._hwaddr(sock, iface)  # pylint: disable=protected-access
             both = [garp_bytes(ip, mac) for ip in ips]
-            frames[iface] = [b[0] for b in both] + [b[1] for b in both]
+            frames[iface] = [b[k] for k in frames_of for b in both]
         t0 = time.monotonic()
         for at, iface, i in garp_schedule({k: len(v) for k, v in frames.items()}, count, interval):
             wait = t0 + at - time.monotonic()
@@ -196,6 +218,5 @@ def garp_many(pairs, count=3, interval=0.02):
             socks[iface].send(frames[iface][i])
             sent += 1
     finally:
-        for sock in socks.values():
-            sock.close()
+        _close_later(socks.values())
     return sent

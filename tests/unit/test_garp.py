@@ -89,3 +89,26 @@ def test_a_thousand_addresses_are_announced_paced_on_the_wire():
     span = seen[-1][0] - seen[0][0]
     assert took < least + 1.0 and span >= least * 0.9, (took, span)
     print(f"1,000 addresses: {2 * n} frames in {took:.3f} s (paced: {least:.3f} s at the least)")
+
+
+@needs_root
+@pytest.mark.parametrize("frames_of, ops", [((0,), {1}), ((1,), {2})], ids=["requests", "replies"])
+def test_an_announcement_can_send_only_the_requests_or_only_the_replies(frames_of, ops):
+    """A takeover sends every address's request at the binding, the replies later."""
+    ips = ["10.98.0.1", "10.98.0.2", "10.98.0.3"]
+    with kernel_ns.fresh("hg") as ns:
+        kernel_ns.sh("ip", "-n", ns, "link", "add", "ga", "type", "veth", "peer", "name", "gb")
+        kernel_ns.sh("ip", "-n", ns, "link", "set", "ga", "up")
+        kernel_ns.sh("ip", "-n", ns, "link", "set", "gb", "up")
+        with kernel_ns.inside(ns):
+            rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+            rx.bind(("gb", 0x0806))
+            try:
+                sent = arp.garp_many([(ip, "ga") for ip in ips], count=2, interval=0.0, frames_of=frames_of)
+                seen = []
+                while select.select([rx], [], [], 0.5)[0]:
+                    frame = rx.recv(128)
+                    seen.append((frame[21], socket.inet_ntoa(frame[28:32])))
+            finally:
+                rx.close()
+    assert sent == 6 and sorted(seen) == sorted((op, ip) for op in ops for ip in ips * 2)
