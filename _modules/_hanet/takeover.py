@@ -345,7 +345,67 @@ def run(
 ):
     """Become the holder of ``network`` at ``epoch`` (see the module's docstring).
     Returns the ``complete`` event's data (warm: only what was bound); fires
-    ``hanet/failover/<network>/complete``, or ``/failed`` with the reason and raises."""
+    ``hanet/failover/<network>/complete``, or ``/failed`` with the reason and raises.
+    The announcement's first frames (an ARP request for every moved address) go out as
+    soon as the addresses are bound; the rest (the replies, then the repeat rounds)
+    once the takeover is done (``repeat_announcement``), so that nothing after the
+    binding (dnsmasq, the ``complete`` event) waits for them."""
+    repeats = []
+    data = _run(
+        ctx,
+        network,
+        epoch,
+        previous=previous,
+        detected_at=detected_at,
+        planned=planned,
+        decision=decision,
+        warm=warm,
+        prechecked=prechecked,
+        handover=handover,
+        repeats=repeats,
+    )
+    for moved, rounds in repeats:
+        repeat_announcement(ctx, network, epoch, moved, rounds)
+    return data
+
+
+def repeat_announcement(ctx, network, epoch, moved, rounds):
+    """The rest of a takeover's announcement of ``moved`` [(ip, interface)]: the first
+    round's replies (its requests went out at the binding), then ``rounds`` full rounds.
+    Each round holds the network's slot and goes out only while this host still owns
+    ``network`` at ``epoch`` in its own copy of the record and has not fenced it: a
+    relinquish or a newer order (which take the slot) ends the announcement, so no
+    frame announces an address this host gave up. Rounds are ``arp.GARP_INTERVAL``
+    apart, and at least the time the pacing bucket needs to refill (each round starts
+    with a full bucket, ``arp.garp_many``)."""
+    per_iface = {}
+    for _ip, iface in moved:
+        per_iface[iface] = per_iface.get(iface, 0) + 2  # a request and a reply each
+    gap = max([arp.GARP_INTERVAL] + [min(n, arp.GARP_BURST) / arp.GARP_PPS for n in per_iface.values()])
+    for frames_of in [(1,)] + [(0, 1)] * int(rounds):
+        time.sleep(gap)
+        with Slot(ctx.paths, network):
+            if network in fenced(ctx.paths) or local_owners(ctx.paths).get(network) != {
+                "owner": ctx.me,
+                "epoch": int(epoch),
+            }:
+                return
+            _garp(ctx, moved, 1, frames_of)
+
+
+def _run(
+    ctx,
+    network,
+    epoch,
+    previous=None,
+    detected_at=None,
+    planned=False,
+    decision=None,
+    warm=False,
+    prechecked=None,
+    handover=False,
+    repeats=None,
+):
     tag_base = {
         "network": network,
         "from": previous,
@@ -399,8 +459,10 @@ def run(
                 done = bind_moved(net, state, managed)
                 mark("bound")
                 moved = moving_addresses(net, state)
-                _garp(ctx, moved, max(state.garp_count, GARP_MIN))
+                _garp(ctx, moved, 1, (0,))  # every address's request now; the rest when done (run)
                 mark("announced")
+                if repeats is not None:
+                    repeats.append((moved, max(state.garp_count, GARP_MIN) - 1))
                 _merge(done, host.apply_now(("links", "floating"), state, ctx.paths, managed))
                 if warm:
                     slot.write(epoch=int(epoch), outcome="bound", marks=mark.marks, moved=moved, by="warm")
@@ -452,10 +514,10 @@ def _transition(ctx, network):
     )
 
 
-def _garp(ctx, pairs, count):
+def _garp(ctx, pairs, count, frames_of=(0, 1)):
     """Announce ``pairs`` (``arp.garp_many``) and count the frames."""
     try:
-        sent = arp.garp_many(pairs, count)
+        sent = arp.garp_many(pairs, count, frames_of=frames_of)
     except OSError:
         metrics.host_store(ctx.paths).add("hanet_garps_sent_total", {"result": "error"}, 1)
         raise

@@ -91,3 +91,64 @@ def test_the_hand_built_announcements_are_scapys_byte_for_byte():
     mac = "02:11:22:33:44:55"
     want = [bytes(f) for f in arp.garp_frames("203.0.113.60", mac)]
     assert arp.garp_bytes("203.0.113.60", bytes.fromhex(mac.replace(":", ""))) == want
+
+
+# --------------------------------------------------------------------------- the repeats
+
+
+def repeats_ctx(tmp_path, monkeypatch):
+    """A context with a real run/state directory, GARPs recorded instead of sent."""
+    from _hanet.common import Paths
+
+    paths = Paths(root_dir=str(tmp_path))
+    paths.ensure()
+    sent = []
+    monkeypatch.setattr(
+        takeover, "_garp", lambda ctx, pairs, count, frames_of: sent.append((list(pairs), count, frames_of)) or 0
+    )
+    return SimpleNamespace(paths=paths, me="net2"), sent
+
+
+def test_the_repeats_go_while_this_host_owns_the_network_at_that_epoch(tmp_path, monkeypatch):
+    ctx, sent = repeats_ctx(tmp_path, monkeypatch)
+    takeover.write_local_owner(ctx.paths, "shared", "net2", 4)
+    takeover.repeat_announcement(ctx, "shared", 4, MOVING, 2)
+    # the first round's replies (its requests went at the binding), then two full rounds
+    assert sent == [(MOVING, 1, (1,)), (MOVING, 1, (0, 1)), (MOVING, 1, (0, 1))]
+
+
+@pytest.mark.parametrize(
+    "after_first",
+    [
+        lambda paths: takeover.write_local_owner(paths, "shared", "net1", 5),  # relinquished to net1
+        lambda paths: takeover.write_local_owner(paths, "shared", "net2", 5),  # a newer order: its own
+        lambda paths: takeover._set_fenced(paths, lambda rec: rec.update({"shared": 4})),  # fenced
+    ],
+    ids=["relinquished", "newer-epoch", "fenced"],
+)
+def test_the_repeats_stop_once_the_host_let_go(tmp_path, monkeypatch, after_first):
+    """No frame announces an address after a relinquish, a newer takeover or a fence."""
+    ctx, sent = repeats_ctx(tmp_path, monkeypatch)
+    takeover.write_local_owner(ctx.paths, "shared", "net2", 4)
+    real = takeover._garp
+
+    def garp_then_let_go(c, pairs, count, frames_of):
+        real(c, pairs, count, frames_of)
+        after_first(ctx.paths)
+
+    monkeypatch.setattr(takeover, "_garp", garp_then_let_go)
+    takeover.repeat_announcement(ctx, "shared", 4, MOVING, 3)
+    assert len(sent) == 1
+
+
+def test_a_large_announcement_s_rounds_are_as_far_apart_as_the_bucket_needs(tmp_path, monkeypatch):
+    ctx, _sent = repeats_ctx(tmp_path, monkeypatch)
+    takeover.write_local_owner(ctx.paths, "shared", "net2", 4)
+    slept = []
+    monkeypatch.setattr(takeover.time, "sleep", slept.append)
+    many = [(f"198.18.0.{i}", "eth0") for i in range(2, 202)] + [("10.20.0.1", "br200")]
+    takeover.repeat_announcement(ctx, "shared", 4, many, 2)
+    assert slept == [arp.GARP_BURST / arp.GARP_PPS] * 3  # 400 frames on eth0: a full bucket
+    slept.clear()
+    takeover.repeat_announcement(ctx, "shared", 4, MOVING, 1)
+    assert slept == [arp.GARP_INTERVAL] * 2
