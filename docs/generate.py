@@ -40,6 +40,7 @@ NOVA = {
     "use_single_default_gateway": "use_single_default_gateway",
     "firewall_driver": "firewall_driver (a class name there)",
     "dnsmasq_config_file": "dnsmasq_config_file",
+    "dhcp_checksum_fill": "none (nova added the mangle CHECKSUM rule itself where /dev/vhost-net existed)",
     "networks:*:cidr": "fixed_range / `nova-manage network create --fixed_range_v4`",
     "networks:*:bridge": "flat_network_bridge / network's bridge",
     "networks:*:bridge_interface": "flat_interface / vlan_interface",

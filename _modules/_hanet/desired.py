@@ -173,6 +173,8 @@ class Ruleset:
     service_bridges: tuple = ()  # bridges where DHCP/DNS input is accepted
     guards: tuple = ()  # PortGuard
     floating: tuple = ()  # FloatingIp
+    # bridges whose DHCP replies to VMs get their UDP checksum filled in (dhcp_checksum_fill)
+    checksum_fill: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -388,6 +390,7 @@ def compute(cfg, host, owners=None):
         service_bridges=tuple(service),
         guards=tuple(guards),
         floating=tuple(sorted(nat_floating, key=lambda f: f.address)),
+        checksum_fill=tuple(sorted(set(service))) if cfg.dhcp_checksum_fill else (),
     )
     sysctls = (("net.ipv4.ip_forward", "1"),) if (forward or floating or snat) else ()
     watch, standby_for = {}, {}

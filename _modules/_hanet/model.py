@@ -34,6 +34,7 @@ GLOBAL_DEFAULTS = {
     "dnsmasq_config_file": "",
     "dnsmasq_user": "",  # "": the distribution's "dnsmasq" user where it exists, else root
     "metrics_textfile_dir": "/var/lib/hanet/metrics",
+    "dhcp_checksum_fill": False,
 }
 HA_DEFAULTS = {
     "probe_interval_ms": None,
@@ -233,6 +234,7 @@ class Config:
     dnsmasq_config_file: str
     dnsmasq_user: str  # "": the "dnsmasq" user where the host has one (dnsmasq.run_as)
     metrics_textfile_dir: str  # under the minion's root_dir; "" writes no metrics file
+    dhcp_checksum_fill: bool  # fill in the UDP checksum of DHCP replies to VMs (iptables' CHECKSUM)
     ha: Ha
     networks: dict  # label -> Network
     hosts: dict  # name -> Host
@@ -438,6 +440,7 @@ def load(pillar):
         "dnsmasq_config_file": g["dnsmasq_config_file"],
         "dnsmasq_user": g["dnsmasq_user"],
         "metrics_textfile_dir": g["metrics_textfile_dir"],
+        "dhcp_checksum_fill": c.bool(g["dhcp_checksum_fill"], p("dhcp_checksum_fill")),
     }
     if glob["firewall_driver"] not in ("nftables", "iptables"):
         c.add(p("firewall_driver"), f"{glob['firewall_driver']!r} is not nftables or iptables")

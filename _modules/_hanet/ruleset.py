@@ -73,6 +73,7 @@ METADATA_IP = "169.254.169.254"
 STATE_FILE = "ruleset.json"
 NAT_CHAINS = ("PREROUTING", "OUTPUT", "POSTROUTING")
 FILTER_CHAINS = ("FORWARD", "INPUT")
+MANGLE_CHAINS = ("POSTROUTING",)  # the DHCP checksum fill
 
 
 # --------------------------------------------------------------------------- helpers
@@ -158,7 +159,7 @@ def _all_destinations(snat):
 
 def is_empty(ruleset: D.Ruleset) -> bool:
     """True when the ruleset holds nothing: hanet's tables/chains must not exist."""
-    return not (_has_ip_part(ruleset) or ruleset.guards)
+    return not (_has_ip_part(ruleset) or ruleset.guards or ruleset.checksum_fill)
 
 
 def _has_ip_part(rs):
@@ -418,6 +419,19 @@ def _ipt_script(rs):
     return _template(T.IPTABLES).render(tables=_ipt_tables(rs)).strip("\n") + "\n"
 
 
+def _mangle_script(rs):
+    """The DHCP checksum fill (``dhcp_checksum_fill``, nova's mangle rule): DHCP replies
+    leaving through a served bridge get their UDP checksum computed in software. A reply
+    from the host's own dnsmasq leaves with the checksum left to the NIC (offload), which
+    a VM's virtual NIC (veth, vhost-net) never fills in; a guest that reads DHCP on a raw
+    socket and checks the checksum (an old dhclient) drops it. nftables has no such
+    statement, so this is an iptables rule (object ``iptables-mangle:<table>``: the chain
+    ``<table>-POSTROUTING`` of the mangle table) with either driver."""
+    rules = [f"-o {b} -p udp -m udp --dport 68 -j CHECKSUM --checksum-fill" for b in sorted(set(rs.checksum_fill))]
+    chain = dict(name=_ipt_chain(rs, "POSTROUTING"), builtin="POSTROUTING", rules=rules)
+    return _template(T.IPTABLES).render(tables=[dict(name="mangle", chains=[chain])]).strip("\n") + "\n"
+
+
 # --------------------------------------------------------------------------- render
 
 
@@ -428,6 +442,8 @@ def _objects(rs):
         objs.append(f"iptables:{rs.table}" if rs.driver == "iptables" else f"nft:ip:{rs.table}")
     if rs.guards:
         objs.append(f"nft:bridge:{rs.table}")
+    if rs.checksum_fill:
+        objs.append(f"iptables-mangle:{rs.table}")
     return sorted(objs)
 
 
@@ -437,7 +453,7 @@ def _parts(rs, port_list=False):
     if rs.driver not in ("nftables", "iptables"):
         raise ValueError(f"unknown firewall_driver {rs.driver!r} (nftables | iptables)")
     if is_empty(rs):
-        return {"iptables": "", "nft": ""}
+        return {"iptables": "", "nft": "", "mangle": ""}
     tables = []
     ipt = ""
     if _has_ip_part(rs):
@@ -447,7 +463,11 @@ def _parts(rs, port_list=False):
             tables.append(_nft_ip_table(rs))
     if rs.guards:
         tables.append(_nft_bridge_table(rs, port_list))
-    return {"iptables": ipt, "nft": _nft_script(tables) if tables else ""}
+    return {
+        "iptables": ipt,
+        "nft": _nft_script(tables) if tables else "",
+        "mangle": _mangle_script(rs) if rs.checksum_fill else "",
+    }
 
 
 def render(ruleset: D.Ruleset) -> str:
@@ -455,15 +475,18 @@ def render(ruleset: D.Ruleset) -> str:
     input followed by the nft script of the bridge table. Pure and deterministic; ``""``
     for an empty ruleset."""
     parts = _parts(ruleset)
-    if not (parts["iptables"] or parts["nft"]):
+    if not (parts["iptables"] or parts["nft"] or parts["mangle"]):
         return ""
     head = f"# hanet ruleset: driver {ruleset.driver}, table {ruleset.table}\n"
     if ruleset.driver == "iptables":
         text = head + "# --- iptables-restore --noflush\n" + parts["iptables"]
         if parts["nft"]:
             text += "# --- nft -f\n" + parts["nft"]
-        return text
-    return head + parts["nft"]
+    else:
+        text = head + parts["nft"]
+    if parts["mangle"]:
+        text += "# --- iptables-restore --noflush (mangle: DHCP checksum fill)\n" + parts["mangle"]
+    return text
 
 
 def digest(text: str) -> str:
@@ -526,6 +549,7 @@ def _from_plain(d):
             for g in d.get("guards", ())
         ),
         floating=tuple(D.FloatingIp(**f) for f in d.get("floating", ())),
+        checksum_fill=tuple(d.get("checksum_fill", ())),
     )
 
 
@@ -629,7 +653,7 @@ def _ipt_save(table):
 
 def _ipt_lines(prefix, table, save=None):
     """hanet's lines in ``iptables-save -t table``: its chains, their rules, the jumps."""
-    names = NAT_CHAINS if table == "nat" else FILTER_CHAINS
+    names = {"nat": NAT_CHAINS, "mangle": MANGLE_CHAINS}.get(table, FILTER_CHAINS)
     mine = {f"{prefix}-{n}" for n in names}
     save = _ipt_save(table) if save is None else save
     lines = []
@@ -666,6 +690,10 @@ def _snapshot(objects):
                 out.append(f"## {obj}\n" + "\n".join(_without_dynamic(text.splitlines())))
         elif kind == "iptables":
             lines = _ipt_lines(rest, "nat") + _ipt_lines(rest, "filter")
+            if lines:
+                out.append(f"## {obj}\n" + "\n".join(lines))
+        elif kind == "iptables-mangle":
+            lines = _ipt_lines(rest, "mangle")
             if lines:
                 out.append(f"## {obj}\n" + "\n".join(lines))
     return "\n".join(out)
@@ -791,9 +819,9 @@ def _nft_remove_script(objects):
     return "\n".join(lines) + "\n" if lines else ""
 
 
-def _ipt_remove_script(prefix):
+def _ipt_remove_script(prefix, tables=(("nat", NAT_CHAINS), ("filter", FILTER_CHAINS))):
     blocks = []
-    for table, names in (("nat", NAT_CHAINS), ("filter", FILTER_CHAINS)):
+    for table, names in tables:
         save = _ipt_save(table)
         mine = [f"{prefix}-{n}" for n in names]
         lines = _ipt_lines(prefix, table, save)
@@ -818,13 +846,25 @@ def _ipt_apply_script(rs, text):
             pending = [
                 "-D " + ln[3:]
                 for ln in _ipt_lines(rs.table, table)
-                if ln.startswith("-A ") and ln.split()[1] in (NAT_CHAINS + FILTER_CHAINS)
+                if ln.startswith("-A ") and ln.split()[1] in (NAT_CHAINS + FILTER_CHAINS + MANGLE_CHAINS)
             ]
         elif pending and (line.startswith("-A ") or line.startswith("-I ") or line == "COMMIT"):
             out += pending
             pending = []
         out.append(line)
     return "\n".join(out) + "\n"
+
+
+def _apply_mangle(rs, text):
+    if not shutil.which("iptables-restore"):
+        raise RuntimeError("dhcp_checksum_fill needs iptables (iptables-restore), which this host does not have")
+    try:
+        _run(["iptables-restore", "--noflush"], _ipt_apply_script(rs, text))
+    except RuntimeError as err:
+        raise RuntimeError(
+            "dhcp_checksum_fill: this host cannot fill DHCP checksums (iptables' CHECKSUM target, "
+            f"kernel module xt_CHECKSUM): {err}"
+        ) from err
 
 
 def _remove(objects):
@@ -834,8 +874,12 @@ def _remove(objects):
         _nft("-f", "-", stdin=script)
         done += [o for o in sorted(objects) if o.startswith("nft:")]
     for obj in sorted(objects):
-        if obj.startswith("iptables:") and shutil.which("iptables-restore"):
-            script = _ipt_remove_script(obj.split(":", 1)[1])
+        kind, _, prefix = obj.partition(":")
+        if kind in ("iptables", "iptables-mangle") and shutil.which("iptables-restore"):
+            if kind == "iptables-mangle":
+                script = _ipt_remove_script(prefix, (("mangle", MANGLE_CHAINS),))
+            else:
+                script = _ipt_remove_script(prefix)
             if script:
                 _run(["iptables-restore", "--noflush"], script)
                 done.append(obj)
@@ -855,6 +899,8 @@ def _present(objects):
             if tuple(rest.split(":", 1)) in tables:
                 out.add(obj)
         elif kind == "iptables" and (_ipt_lines(rest, "nat") or _ipt_lines(rest, "filter")):
+            out.add(obj)
+        elif kind == "iptables-mangle" and _ipt_lines(rest, "mangle"):
             out.add(obj)
     return out
 
@@ -886,6 +932,8 @@ def apply(changes, paths: Paths, managed):
             lock = _lock(paths)
             lock.__enter__()  # the port watch does not bind between the table and its ports
             try:
+                if parts["mangle"]:  # first: where the kernel cannot, nothing else changes
+                    _apply_mangle(rs, parts["mangle"])
                 if parts["iptables"]:
                     _run(["iptables-restore", "--noflush"], _ipt_apply_script(rs, parts["iptables"]))
                 if parts["nft"]:

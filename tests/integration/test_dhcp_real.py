@@ -356,6 +356,71 @@ def test_dhcp_lifecycle(lab):
     assert converge(lab, []) == []
 
 
+class DhcpReplies:
+    """Every DHCP reply (UDP 67 -> 68) that reaches ``vm``'s eth0, with whether its UDP
+    checksum is valid, as a guest reading raw frames sees it."""
+
+    def __init__(self, lab, vm):
+        import socket
+        import threading
+
+        with in_netns(lab.vms[vm]):
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+            self.sock.bind(("eth0", 0x0800))
+        self.valid = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        import select
+
+        from hanet_lab.wire import udp_checksum_valid, udp_ports
+
+        while not self._stop.is_set():
+            if not select.select([self.sock], [], [], 0.1)[0]:
+                continue
+            ip = self.sock.recv(4096)[14:]
+            if udp_ports(ip) == (67, 68):
+                self.valid.append(udp_checksum_valid(ip))
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+        return self.valid
+
+
+def test_dhcp_checksum_fill_gives_the_guest_valid_checksums(lab):
+    """dhcp_checksum_fill (nova's mangle CHECKSUM rule): without it, dnsmasq's replies
+    reach the guest with the checksum left to offload; with hanet's ruleset applied in
+    the host, every reply a real client gets carries a valid one."""
+    from _hanet import ruleset
+    from _hanet.desired import Ruleset
+
+    if not shutil.which("iptables-restore"):
+        pytest.skip("needs iptables")
+    lab.add_vm("1", MAC1)
+    converge(lab, [spec([H1])])
+    seen = DhcpReplies(lab, "1")
+    try:
+        assert lab.udhcpc("1")["ip"] == IP1
+    finally:
+        before = seen.stop()
+    assert before and not any(before), before  # offloaded: what a checking guest drops
+    rs = Ruleset(driver="nftables", table="hanet", checksum_fill=("br100",))
+    managed = Managed(lab.paths)
+    with in_netns(lab.host):
+        ruleset.apply(ruleset.plan(rs, ruleset.current(rs, lab.paths)), lab.paths, managed)
+    seen = DhcpReplies(lab, "1")
+    try:
+        assert lab.udhcpc("1")["ip"] == IP1
+        assert lab.dhclient("1")["new_ip_address"] == IP1
+    finally:
+        after = seen.stop()
+    assert len(after) >= 3 and all(after), after  # offer and ack to udhcpc, an ack to dhclient
+
+
 def test_a_client_with_another_servers_lease_is_answered_at_once(lab):
     """An instance that moved here (or renews from a new owner after a failover) asks
     for its old lease first (DHCPREQUEST, INIT-REBOOT). hanet's dnsmasq is authoritative:

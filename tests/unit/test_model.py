@@ -557,3 +557,16 @@ def test_share_dhcp_address_allows_the_gateway_as_a_hosts_address():
     cfg = model.load(p)
     assert cfg.hosts["compute1"].networks["private"].address == "192.168.0.1"
     assert cfg.hosts["compute2"].networks["private"].address == "192.168.0.1"
+
+
+def test_dhcp_checksum_fill_covers_every_bridge_a_host_serves_dhcp_on():
+    p = example()
+    for host in ("compute1", "net1", "net2"):
+        assert desired.compute(model.load(p), host).ruleset.checksum_fill == ()
+    p["dhcp_checksum_fill"] = True
+    cfg = model.load(p)
+    for host in ("compute1", "net1", "net2"):
+        rs = desired.compute(cfg, host).ruleset
+        assert rs.checksum_fill == tuple(sorted(set(rs.service_bridges))) and rs.checksum_fill
+    p["dhcp_checksum_fill"] = "yes"
+    assert any(path == "hanet:dhcp_checksum_fill" for path, _ in problems(p))

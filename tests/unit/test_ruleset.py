@@ -737,3 +737,105 @@ def test_port_report_names_unknown_ports_and_unplugged_nics():
         "unknown": [],
         "unplugged": [("br100", MAC1, "192.168.0.10"), ("br100", MAC2, "192.168.0.11")],
     }
+
+
+# --------------------------------------------------------------------------- DHCP checksum fill
+
+
+def test_checksum_fill_is_an_iptables_mangle_rule_per_served_bridge_with_either_driver():
+    for driver in ("nftables", "iptables"):
+        rs = dataclasses.replace(sample(driver), checksum_fill=("br101", "br100"))
+        text = R.render(rs)
+        assert "# --- iptables-restore --noflush (mangle: DHCP checksum fill)\n*mangle\n" in text
+        for b in ("br100", "br101"):
+            assert f"-A hanet-POSTROUTING -o {b} -p udp -m udp --dport 68 -j CHECKSUM --checksum-fill" in text
+        assert "-I POSTROUTING 1 -j hanet-POSTROUTING" in text
+        assert "iptables-mangle:hanet" in R._objects(rs)
+        assert "CHECKSUM" not in R.render(sample(driver)) and "iptables-mangle:hanet" not in R._objects(sample(driver))
+    # the fill alone (a host serving DHCP on a hardware-gateway network only) is not empty
+    alone = Ruleset(driver="nftables", table="hanet", checksum_fill=("br300",))
+    assert not R.is_empty(alone) and R.render(alone).count("CHECKSUM") == 1
+
+
+def mangle_lines(nx):
+    return [ln for ln in nx("iptables-save", "-t", "mangle").splitlines() if "hanet" in ln]
+
+
+@needs_root
+@pytest.mark.skipif(not shutil.which("iptables-restore"), reason="needs iptables")
+@pytest.mark.parametrize("driver", ["nftables", "iptables"])
+def test_netns_checksum_fill_applied_idempotent_repaired_removed(env, driver):
+    paths, nx = env
+    rs = dataclasses.replace(sample(driver), checksum_fill=("br100",))
+    changes, done = run(rs, paths)
+    assert [c.action for c in changes] == ["replace"] and "iptables-mangle:hanet" in done[0]
+    assert mangle_lines(nx) == [
+        ":hanet-POSTROUTING - [0:0]",
+        "-A POSTROUTING -j hanet-POSTROUTING",
+        "-A hanet-POSTROUTING -o br100 -p udp -m udp --dport 68 -j CHECKSUM --checksum-fill",
+    ]
+    assert R.plan(rs, R.current(rs, paths)) == []
+    R.apply(R.plan(rs, None), paths, Managed(paths))  # forced again: still one jump
+    assert len(mangle_lines(nx)) == 3 and R.plan(rs, R.current(rs, paths)) == []
+    nx("iptables", "-t", "mangle", "-F", "hanet-POSTROUTING")  # tampered with: put back
+    assert R.plan(rs, R.current(rs, paths)) != []
+    run(rs, paths)
+    assert len(mangle_lines(nx)) == 3
+    run(sample(driver), paths)  # the fill turned off: its chain and jump go, the rest stays
+    assert mangle_lines(nx) == [] and R.plan(sample(driver), R.current(sample(driver), paths)) == []
+    run(rs, paths)
+    run(empty(driver), paths)  # hanet removed: nothing of it in the mangle table
+    assert mangle_lines(nx) == []
+
+
+@needs_root
+@pytest.mark.skipif(not shutil.which("iptables-restore"), reason="needs iptables")
+def test_netns_a_dhcp_reply_through_a_filled_bridge_carries_a_valid_checksum(env):
+    """What a guest that checks checksums on a raw socket sees: a UDP packet to port 68
+    sent by the host over its bridge into a veth arrives with the checksum left to
+    offload (invalid on the wire) until the fill is applied."""
+    paths, nx = env
+    nx("ip", "link", "add", "br100", "type", "bridge")
+    nx("ip", "link", "add", "tap0", "type", "veth", "peer", "name", "guest0")
+    nx("ip", "link", "set", "tap0", "master", "br100")
+    for link in ("br100", "tap0", "guest0"):
+        nx("ip", "link", "set", link, "up")
+    nx("ip", "addr", "add", "10.5.0.1/24", "dev", "br100")
+    mac = nx("cat", "/sys/class/net/guest0/address").strip()
+    nx("ip", "neigh", "add", "10.5.0.2", "lladdr", mac, "dev", "br100")
+
+    def reply_checksum_valid():
+        import select
+        import socket
+
+        from hanet_lab.wire import udp_checksum_valid, udp_ports
+
+        rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+        rx.bind(("guest0", 0x0800))
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            tx.bind(("10.5.0.1", 0))
+            tx.sendto(b"dhcp" * 75, ("10.5.0.2", 68))
+            while select.select([rx], [], [], 2)[0]:
+                ip = rx.recv(2048)[14:]
+                if (udp_ports(ip) or (0, 0))[1] == 68:
+                    return udp_checksum_valid(ip)
+            raise AssertionError("the UDP packet never reached the guest's side")
+        finally:
+            rx.close()
+            tx.close()
+
+    assert not reply_checksum_valid()  # offloaded: what such a guest drops
+    run(Ruleset(driver="nftables", table="hanet", checksum_fill=("br100",)), paths)
+    assert reply_checksum_valid()
+
+
+@needs_root
+def test_netns_checksum_fill_where_iptables_is_missing_fails_and_changes_nothing(env, monkeypatch):
+    paths, nx = env
+    which = shutil.which
+    monkeypatch.setattr(R.shutil, "which", lambda name: None if name.startswith("iptables") else which(name))
+    rs = dataclasses.replace(sample(), checksum_fill=("br100",))
+    with pytest.raises(RuntimeError, match="dhcp_checksum_fill needs iptables"):
+        run(rs, paths)
+    assert "hanet" not in nx("nft", "list", "ruleset")
