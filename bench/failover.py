@@ -29,6 +29,11 @@ Rows (same run, same lab, one after the other):
    nftables 1:1 NAT 203.0.113.60 <-> 10.20.0.10 on both hosts (what hanet's floating IP
    does); app1 keeps 10.20.0.10 with 10.20.0.1 as its gateway (static: keepalived does
    no DHCP). A rebooted host gets its address, NAT and keepalived back (its start-up).
+3b. ``--fips N`` (issue 14; default 1,000, 0 skips it): hanet defaults with app1 holding N - 1 more
+   floating IPs, from 198.18.0.0/22 (RFC 2544's benchmarking range, added to the
+   router's public link); the router also pings the last of them, and the row reports
+   when the first and the last answered again after the power loss (every address's
+   gratuitous ARP is paced: ``arp.GARP_BURST``, ``arp.GARP_PPS``).
 4. hanet with two salt-masters and the failover record in etcd (issue 11), in a second
    lab built after the first is torn down (``--masters 2 --etcd 3``: master 192.0.2.1,
    master2 192.0.2.2, etcd 192.0.2.31-33): both masters up; then the first master
@@ -40,7 +45,7 @@ Prints per system and direction p50 / p95 / max (and the ratio to keepalived), t
 phase medians, and writes a PNG timeline of the median hanet trial (``--png``).
 
     ./dev bench failover [--trials 10] [--no-fast] [--no-keepalived] [--no-two-masters]
-                         [--png FILE] [--json FILE] [--md FILE]
+                         [--fips N] [--png FILE] [--json FILE] [--md FILE]
 """
 
 from __future__ import annotations
@@ -65,6 +70,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKOUT = os.path.dirname(HERE)
 VM, VM_IP, GW, ROUTER_IP, FIP = "app1", "10.20.0.10", "10.20.0.1", "203.0.113.1", "203.0.113.60"
 NETHOSTS = ("net1", "net2")
+MANY_NET, MANY_ROUTER = "198.18.0.0/22", "198.18.0.1/22"  # the --fips row's floating IPs
+
+
+def many_fips(n):
+    """The N - 1 floating IPs of the ``--fips N`` row (after FIP)."""
+    import ipaddress
+
+    hosts = ipaddress.ip_network(MANY_NET).hosts()
+    next(hosts)  # the router's
+    return [str(next(hosts)) for _ in range(n - 1)]
+
+
 HOST_IP = {"net1": "10.20.0.2", "net2": "10.20.0.3"}
 DIRS = [("vm", f"VM -> router (via gateway {GW})"), ("up", f"router -> floating IP {FIP}")]
 PHASES = [
@@ -73,7 +90,7 @@ PHASES = [
     ("runner", "decision (validate, 2nd opinion, record, publish)"),
     ("to_takeover", "publish -> takeover start (warm path, or the job)"),
     ("to_bound", "takeover start -> bound (DAD probe, addresses)"),
-    ("to_garp", "bound -> announced (GARPs sent)"),
+    ("to_garp", "bound -> announced (every address's first GARP sent)"),
     ("to_announced", "power-off -> announced (sum)"),
 ]
 
@@ -179,7 +196,7 @@ class Bench:
             self.lab.down()
             self.lab = None
 
-    def pillar(self, ha=None, keepalived=False):
+    def pillar(self, ha=None, keepalived=False, fips=0):
         p = lab_pillar(self.lab.topology)
         h = p["hanet"]
         if keepalived:
@@ -188,7 +205,7 @@ class Bench:
                 h["hosts"].pop(host, None)
             h["instances"].pop(VM)
         else:
-            h["instances"][VM]["floating_ips"] = [FIP]
+            h["instances"][VM]["floating_ips"] = [FIP] + [{"address": a, "fixed_ip": VM_IP} for a in many_fips(fips)]
             if ha:
                 h["ha"] = dict(ha)
         return p
@@ -245,9 +262,15 @@ class Bench:
         return d
 
     # ------------------------------------------------------------------ hanet
-    def hanet_setup(self, ha):
-        log(f"hanet: pillar with shared network, floating IP {FIP} for {VM}, ha={ha or 'defaults'}")
-        self.lab.set_pillar(self.pillar(ha=ha))
+    def hanet_setup(self, ha, fips=0):
+        log(
+            f"hanet: pillar with shared network, floating IP {FIP}"
+            + (f" and {fips - 1} more" if fips > 1 else "")
+            + f" for {VM}, ha={ha or 'defaults'}"
+        )
+        if fips > 1 and MANY_ROUTER not in self.lab.addresses("router", "eth0"):
+            self.lab.exec("router", ["ip", "addr", "add", MANY_ROUTER, "dev", "eth0"], check=True)
+        self.lab.set_pillar(self.pillar(ha=ha, fips=fips))
         self.apply("*")
         if VM not in self.lab.plugged:
             self.lab.plug_vm(VM)
@@ -273,9 +296,10 @@ class Bench:
             out.append(got)
             wait = 0.05
 
-    def hanet_trial(self, active, row, kill_master=None):
+    def hanet_trial(self, active, row, kill_master=None, last_fip=None):
         """One power loss of ``active``; ``kill_master``: that salt-master is killed at the
-        same moment (its events are then heard on another master)."""
+        same moment (its events are then heard on another master); ``last_fip``: the
+        router also pings that floating IP (the --fips row's last)."""
         lab = self.lab
         # every master's bus (one master: the lab's own); a master killed at the power
         # loss is not listened to
@@ -284,6 +308,7 @@ class Bench:
         try:
             vm = chaos.Pinger(lab, VM, ROUTER_IP).start()
             up = chaos.Pinger(lab, "router", FIP).start()
+            last = chaos.Pinger(lab, "router", last_fip).start() if last_fip else None
             time.sleep(1)
             if kill_master:  # the master dies with the owner: started together
                 killer = threading.Thread(target=lab.stop_master, args=(kill_master,))
@@ -308,6 +333,8 @@ class Bench:
             time.sleep(1.5)
             vm.stop()
             up.stop()
+            if last is not None:
+                last.stop()
             rejected += [e for e in self.drain(ev, "hanet/failover/*", 0.2) if e["tag"].endswith("/rejected")]
             downs = self.drain(ev, f"salt/beacon/*/hanet_liveness/{active}/down")
             runs = [
@@ -333,9 +360,13 @@ class Bench:
             "vm_replies": vm.replies(),
             "up_replies": up.replies(),
         }
-        for key, p in (("vm", vm), ("up", up)):
+        for key, p in (("vm", vm), ("up", up), ("last", last)):
+            if p is None:
+                continue
             gap, began, lost = p.outage(after=t0)
-            trial[key] = {"outage": gap, "began": began, "lost": lost}
+            # back: when it answered again, counted from the power loss
+            back = began + gap - t0 if gap is not None and began is not None else None
+            trial[key] = {"outage": gap, "began": began, "lost": lost, "back": back}
         trial["downs"] = [
             {
                 "observer": e["tag"].split("/")[2],
@@ -446,9 +477,12 @@ class Bench:
             log(f"WARNING: no hanet/prime from {host} within 30 s of its power-on")
         time.sleep(1.5)
 
-    def hanet_row(self, label, ha, kill_master=None):
-        self.hanet_setup(ha)
+    def hanet_row(self, label, ha, kill_master=None, fips=0):
+        self.hanet_setup(ha, fips)
         settings = dict(ha or {"probe_interval_ms": 100, "probe_misses": 3})
+        last_fip = many_fips(fips)[-1] if fips > 1 else None
+        if last_fip:
+            settings["floating IPs"] = fips
         if len(self.lab.masters) > 1:
             settings["masters"] = len(self.lab.masters)
             if kill_master:
@@ -456,7 +490,7 @@ class Bench:
         row = {"system": "hanet", "label": label, "settings": settings, "trials": [], "load_before": loadavg()}
         active = self.owner()
         for i in range(self.args.trials):
-            tr = self.hanet_trial(active, label, kill_master=kill_master)
+            tr = self.hanet_trial(active, label, kill_master=kill_master, last_fip=last_fip)
             row["trials"].append(tr)
             if "failure" in tr:
                 self.reboot_hanet(active)
@@ -696,6 +730,20 @@ vrrp_instance shared {{
                         f"| {r['label']} | {name} | {f(s['p50'])} | "
                         f"{'-' if delta is None else f'{delta:+.3f}'} | {f(s['max'])} |"
                     )
+        many = [r for r in hanet_rows if any("last" in t for t in r["trials"])]
+        for r in many:
+            lines.append("")
+            lines.append(
+                f"{r['label']}: when the router reached {FIP} (announced after the 198.18 ones: the "
+                "addresses go in sorted order) and the last floating IP again, counted from the power "
+                "loss (s; the target: the last within 1.5 s at p50):"
+            )
+            lines.append("")
+            lines.append("| floating IP | trials | p50 | max |")
+            lines.append("|---|---|---|---|")
+            for key, name in (("up", FIP), ("last", "the last")):
+                vals = [t[key]["back"] for t in r["trials"] if "failure" not in t and (t.get(key) or {}).get("back")]
+                lines.append(f"| {name} | {len(vals)} | {f(pctl(vals, 50))} | {f(max(vals) if vals else None)} |")
         if hanet_rows:
             lines.append("")
             lines.append("hanet outage by phase, median over the trials (s), from the events' stamps:")
@@ -827,6 +875,8 @@ vrrp_instance shared {{
             self.hanet_row("hanet defaults", None)
             if not self.args.no_fast:
                 self.hanet_row("hanet 50 ms x 3", {"probe_interval_ms": 50, "probe_misses": 3})
+            if self.args.fips > 1:
+                self.hanet_row(f"hanet {self.args.fips} floating IPs", None, fips=self.args.fips)
         if not self.args.no_keepalived:
             self.ka_setup()
             for adv in (1, 0.1):
@@ -849,6 +899,12 @@ def main(argv=None):
     ap.add_argument("--no-fast", action="store_true", help="skip the hanet row with probe_interval_ms 50")
     ap.add_argument("--no-keepalived", action="store_true")
     ap.add_argument("--no-hanet", action="store_true")
+    ap.add_argument(
+        "--fips",
+        type=int,
+        default=1000,
+        help="a row where the owner serves this many floating IPs (issue 14; default 1000; 0: no such row)",
+    )
     ap.add_argument(
         "--no-two-masters",
         action="store_true",
