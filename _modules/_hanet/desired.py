@@ -136,6 +136,17 @@ class PortGuard:
     # ((ip, mac), ...) that stay on this host (share_dhcp_address: the gateway every host
     # holds): no ARP for the ip and no frame from or to the mac crosses the trusted ports
     local_only: tuple = ()
+    # Hardware-gateway networks (nova's ebtables redirect, the seed's "hybrid" option): IP
+    # frames from these VM addresses (the fixed IPs whose floating IP this host holds) to
+    # destinations outside ``routed_exempt`` go to this host's IP stack instead of the
+    # hardware router, where the floating IP's SNAT applies; so do frames from any VM of
+    # the bridge to ``routed_force`` (force_snat_range)
+    routed_from: tuple = ()
+    routed_force: tuple = ()
+    routed_exempt: tuple = ()  # the network's range, dmz_cidr, the metadata host
+    # the VMs' metadata requests (169.254.169.254:80) go to this host's IP stack too, where
+    # the ruleset hands them to the metadata service: the hardware router needs no recipe
+    routed_metadata: bool = False
 
 
 @dataclass(frozen=True)
@@ -268,6 +279,11 @@ def compute(cfg, host, owners=None):
         )
 
         local = [(i, n) for i in cfg.instances.values() for n in i.nics if n.network == label and i.host == host]
+        exempt = list(cfg.dmz_cidr) + [net.cidr]
+        if cfg.metadata_host != "127.0.0.1":
+            exempt.append(f"{cfg.metadata_host}/32")
+        hybrid = net.hardware and role == SERVING  # this host holds its VMs' floating IPs
+        routed_from = sorted({n.ip for i, n in local for f in i.floating_ips if f.fixed_ip == n.ip}) if hybrid else []
         guards.append(
             PortGuard(
                 bridge=net.bridge,
@@ -276,6 +292,10 @@ def compute(cfg, host, owners=None):
                 dhcp_isolated=net.multi_host,
                 ports=tuple(sorted((n.mac, n.port) for _, n in local if getattr(n, "port", None))),
                 local_only=((net.gateway, net.shared_mac),) if net.share_dhcp_address else (),
+                routed_from=tuple(routed_from),
+                routed_force=tuple(cfg.force_snat_range) if hybrid and local else (),
+                routed_exempt=tuple(exempt) if hybrid and (routed_from or cfg.force_snat_range) and local else (),
+                routed_metadata=bool(hybrid and local and cfg.metadata_host == "127.0.0.1"),
             )
         )
         if role == MEMBER:
@@ -336,12 +356,11 @@ def compute(cfg, host, owners=None):
                 )
             )
         service.append(net.bridge)
-        exempt = list(cfg.dmz_cidr) + [net.cidr]
-        if cfg.metadata_host != "127.0.0.1":
-            exempt.append(f"{cfg.metadata_host}/32")
         if not net.hardware:
             forward.append(net.bridge)
-        # Hardware gateway too: the router routes 169.254.169.254 to the host serving the VM
+        # Hardware gateway too: the bridge hands the VMs' requests for 169.254.169.254 to
+        # this host (PortGuard.routed_metadata); a router that routes them to the host
+        # serving the VM works as well
         # (docs/segmentation.md), which REDIRECTs it here. A router that DNATs it to the
         # host's address instead breaks: the host answers the VM directly, on the shared L2.
         meta_bridges.append(net.bridge)

@@ -252,7 +252,7 @@ def _binding_elements(bound):
     return sorted(f"{_q(p)} . {m} . {ip}" for p, m, ip in bound), arp, [f"{_q(p)} . {m}" for p, m in macs]
 
 
-DYNAMIC = ("_dpairs", "_darp", "_dmacs", "_ports")  # the sets bind_ports fills (not the apply)
+DYNAMIC = ("_dpairs", "_darp", "_dmacs", "_ports", "_brmac")  # what bind_ports fills (not the apply)
 
 
 def _idents(guards):
@@ -293,9 +293,24 @@ def _nft_bridge_table(rs, port_list=False):
         vm = f"{ident}_vm"
         if not port_list:
             trusted = f" iifname != {_names(g.trusted_ports)}" if g.trusted_ports else ""
-            pre.append(f"meta ibrname {_q(g.bridge)}{trusted} jump {vm}")
+            from_vm = f"meta ibrname {_q(g.bridge)}{trusted}"
         else:
-            pre.append(f"iifname @{ident}_ports jump {vm}")
+            from_vm = f"iifname @{ident}_ports"
+        pre.append(f"{from_vm} jump {vm}")
+        if g.routed_from or g.routed_force or g.routed_metadata:
+            # nova's ebtables redirect: what passed the guard and leaves the network is
+            # handed to this host's IP stack (its floating IP's SNAT), not to the hardware
+            # router. The frame is addressed to the bridge's own MAC (the map, which
+            # bind_ports fills per VM port); a port not in it yet is left alone
+            sets.append(dict(name=f"{ident}_brmac", kind="map", type="ifname : ether_addr", elements=[]))
+            to_host = f"ether daddr set iifname map @{ident}_brmac meta pkttype set host"
+            not_to = f" ip daddr != {_nft_set(_nets(g.routed_exempt))}" if g.routed_exempt else ""
+            if g.routed_from:
+                pre.append(f"{from_vm} ether type ip ip saddr {_nft_set(sorted(g.routed_from))}{not_to} {to_host}")
+            if g.routed_force:
+                pre.append(f"{from_vm} ether type ip ip daddr {_nft_set(_nets(g.routed_force))}{not_to} {to_host}")
+            if g.routed_metadata:
+                pre.append(f"{from_vm} ether type ip ip daddr {METADATA_IP} tcp dport 80 {to_host}")
         chains.append(
             dict(
                 name=vm,
@@ -545,6 +560,10 @@ def _from_plain(d):
                 dhcp_isolated=g["dhcp_isolated"],
                 ports=tuple(tuple(p) for p in g.get("ports", ())),
                 local_only=tuple(tuple(p) for p in g.get("local_only", ())),
+                routed_from=tuple(g.get("routed_from", ())),
+                routed_force=tuple(g.get("routed_force", ())),
+                routed_exempt=tuple(g.get("routed_exempt", ())),
+                routed_metadata=bool(g.get("routed_metadata", False)),
             )
             for g in d.get("guards", ())
         ),
@@ -599,17 +618,26 @@ def bridge_meta_supported():
 def _bridge_port_macs(bridges):
     """{bridge: {port: MAC}} for ``bridges`` (empty for one that does not exist), read
     with one link dump (pyroute2, this netns)."""
+    return _bridge_links(bridges)[0]
+
+
+def _bridge_links(bridges):
+    """(``_bridge_port_macs``, {bridge: its own MAC}) from one link dump."""
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
         links = ipr.get_links()
     names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in links}
     ports = {b: {} for b in bridges}
+    own = {}
     for link in links:
+        name = link.get_attr("IFLA_IFNAME")
+        if name in ports:
+            own[name] = _mac(link.get_attr("IFLA_ADDRESS") or "")
         master = names.get(link.get_attr("IFLA_MASTER"))
         if master in ports:
-            ports[master][link.get_attr("IFLA_IFNAME")] = _mac(link.get_attr("IFLA_ADDRESS") or "")
-    return {b: dict(sorted(p.items())) for b, p in ports.items()}
+            ports[master][name] = _mac(link.get_attr("IFLA_ADDRESS") or "")
+    return {b: dict(sorted(p.items())) for b, p in ports.items()}, own
 
 
 def port_report(guards, port_macs):
@@ -706,7 +734,7 @@ def _without_dynamic(lines):
     for line in lines:
         line = line.rstrip()
         words = line.split()
-        if len(words) >= 3 and words[0] == "set" and words[2] == "{":
+        if len(words) >= 3 and words[0] in ("set", "map") and words[2] == "{":
             in_dynamic = words[1].endswith(DYNAMIC)
         elif line.strip() == "}":
             in_dynamic = in_dynamic and skipping
@@ -720,11 +748,13 @@ def _without_dynamic(lines):
     return out
 
 
-def dynamic_elements(guards, port_macs, port_list):
+def dynamic_elements(guards, port_macs, port_list, bridge_macs=None):
     """{set name: sorted elements} for the sets ``bind_ports`` fills (pure): each NIC's
     (MAC, IP) bound to the port carrying its tap MAC (libvirt's rule; the pillar's
     ``port:`` bindings are static), and with ``port_list`` every port of the bridge that is
-    not trusted (the VM ports the prerouting rule sends to the guard chain)."""
+    not trusted (the VM ports the prerouting rule sends to the guard chain); where frames
+    are routed by the host (``routed_from``), the map of every VM port to its bridge's
+    MAC (``bridge_macs``: {bridge: MAC})."""
     out = {}
     idents = _idents(guards)
     for g in guards:
@@ -735,13 +765,18 @@ def dynamic_elements(guards, port_macs, port_list):
         out.update({f"{ident}_dpairs": pairs, f"{ident}_darp": arp, f"{ident}_dmacs": macs})
         if port_list:
             out[f"{ident}_ports"] = sorted(_q(p) for p in present if p not in g.trusted_ports)
+        if g.routed_from or g.routed_force or g.routed_metadata:
+            mac = (bridge_macs or {}).get(g.bridge)
+            vm_ports = [p for p in present if p not in g.trusted_ports] if mac else []
+            out[f"{ident}_brmac"] = sorted(f"{_q(p)} : {mac}" for p in vm_ports)
     return out
 
 
 def _bind_script(table, elements):
     lines = []
     for name, els in sorted(elements.items()):
-        lines.append(f"flush set bridge {table} {name}")
+        kind = "map" if name.endswith("_brmac") else "set"
+        lines.append(f"flush {kind} bridge {table} {name}")
         if els:
             lines.append(f"add element bridge {table} {name} {{ {', '.join(els)} }}")
     return "\n".join(lines) + "\n"
@@ -766,9 +801,8 @@ def bind_ports(paths, locked=False):
     guards = _from_plain(state["ruleset"]).guards
     if not guards:
         return None
-    elements = dynamic_elements(
-        guards, _bridge_port_macs(sorted({g.bridge for g in guards})), bool(state.get("port_list"))
-    )
+    port_macs, bridge_macs = _bridge_links(sorted({g.bridge for g in guards}))
+    elements = dynamic_elements(guards, port_macs, bool(state.get("port_list")), bridge_macs)
     _nft("-f", "-", stdin=_bind_script(state["table"], elements))
     return elements
 

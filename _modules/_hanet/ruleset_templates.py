@@ -19,7 +19,7 @@ table {{ t.family }} {{ t.name }} {
 	# {{ n }}
 {%- endfor %}
 {%- for s in t.sets %}
-	set {{ s.name }} {
+	{{ s.get("kind", "set") }} {{ s.name }} {
 		type {{ s.type }}
 {%- if s.elements %}
 		elements = { {{ s.elements | join(", ") }} }

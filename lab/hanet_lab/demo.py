@@ -379,7 +379,9 @@ def vm_upstream(t: Tour) -> None:
         source address it saw. VMs on hanet-gatewayed networks leave through their host's
         SNAT: the router sees that host's routing_source_ip, or the VM's floating IP when
         it has one. On the hardware-gateway network the router itself is the VMs'
-        gateway, so it sees the VM's own address.""",
+        gateway, so it sees the VM's own address; except from a VM with a floating IP,
+        whose traffic off the network its host takes from the bridge and SNATs to the
+        floating IP (nova's "hybrid" option).""",
     )
     lab, hosts = t.lab, t.pillar["hanet"]["hosts"]
     for vm in t.leases:
@@ -392,7 +394,9 @@ def vm_upstream(t: Tour) -> None:
             for f in inst.get("floating_ips", [])
             if isinstance(f, str) or f.get("fixed_ip") == nic["ip"]
         ]
-        if net.get("gateway_mode") == "hardware":
+        if net.get("gateway_mode") == "hardware" and fips:
+            want, why = fips[0], "its floating IP (its host routes it off the network)"
+        elif net.get("gateway_mode") == "hardware":
             want, why = nic["ip"], "its own address (the router is its gateway)"
         elif fips:
             want, why = fips[0], "its floating IP"
@@ -463,17 +467,14 @@ def vm_metadata(t: Tour) -> None:
         """
         http://169.254.169.254/ is redirected by each host's ruleset to hanet's metadata
         service on that host, which finds the VM by its source address and answers with
-        its own data only (EC2 and OpenStack paths). A hardware-gateway network's VMs
-        need the hardware router to forward 169.254.169.254 to a host; the lab's router
-        does not, so those are skipped.""",
+        its own data only (EC2 and OpenStack paths). On the hardware-gateway network the
+        request would go to the router: the host's bridge takes it off the wire first
+        and hands it to the same service, so the router needs no configuration.""",
     )
     lab = t.lab
     ec2 = "http://169.254.169.254/latest/meta-data"
     for vm in t.leases:
         nic = t.instance(vm)["nics"][0]
-        if t.network(nic["network"]).get("gateway_mode") == "hardware":
-            print(f"  {vm:<5} (hardware-gateway network: skipped)")
-            continue
         try:
             hostname = lab.http_get(vm, f"{ec2}/hostname").strip()
             iid = lab.http_get(vm, f"{ec2}/instance-id").strip()

@@ -18,8 +18,9 @@ Every network is ``gateway_mode: hardware``: the hosts run DHCP (and floating-IP
 not route or SNAT the VMs' traffic; dnsmasq hands out the network's router. What is checked
 is what a user checks: each VM's default route is its own network's router, it reaches it,
 its traffic reaches upstream with its own address (not the host's routing_source_ip), the
-segments are isolated at L2, and the VM gets its own metadata through the router (the
-docs/segmentation.md recipe: the router routes 169.254.169.254 to the host serving the VM).
+segments are isolated at L2, and the VM gets its own metadata (the host serving it takes
+the request off the bridge; the routers also carry the docs/segmentation.md routing recipe
+for a central metadata host, which these requests then never reach).
 
 The same result with a ``dnsmasq_config_file`` holding nova's recipe lines instead of the
 pillar's ``gateway_mode: hardware``; and an end-to-end VLAN test that runs where the kernel
@@ -232,7 +233,7 @@ def test_segments_are_isolated(lab, applied):
 
 
 @pytest.mark.parametrize("vm", list(VMS))
-def test_metadata_through_the_hardware_router(lab, applied, vm):
+def test_metadata_on_a_hardware_gateway_network(lab, applied, vm):
     leases(lab, "udhcpc")
     assert get(lab, vm, "http://169.254.169.254/latest/meta-data/hostname") == f"{vm}.novalocal"
     assert get(lab, vm, "http://169.254.169.254/latest/meta-data/local-ipv4") == vm_ip(vm)

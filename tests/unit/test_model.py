@@ -570,3 +570,22 @@ def test_dhcp_checksum_fill_covers_every_bridge_a_host_serves_dhcp_on():
         assert rs.checksum_fill == tuple(sorted(set(rs.service_bridges))) and rs.checksum_fill
     p["dhcp_checksum_fill"] = "yes"
     assert any(path == "hanet:dhcp_checksum_fill" for path, _ in problems(p))
+
+
+def test_hybrid_on_hardware_gateway_networks_where_the_host_holds_the_floating_ips():
+    """The example's green network (gateway_mode hardware, multi_host): compute2 serves
+    green1, whose floating IP it holds: its frames off the network, and every VM's
+    metadata requests, go to compute2's IP stack; a host-gatewayed network has none."""
+    cfg = model.load(example())
+    guards = {g.bridge: g for g in desired.compute(cfg, "compute2").ruleset.guards}
+    green = next(g for g in guards.values() if "172.16.101.20" in dict((ip, m) for m, ip in g.pairs))
+    assert green.routed_from == ("172.16.101.20",) and green.routed_metadata
+    assert "172.16.101.0/24" in green.routed_exempt and not green.routed_force
+    assert not any(g.routed_from or g.routed_metadata for b, g in guards.items() if b == "br100")
+    p = example()
+    p["force_snat_range"] = ["198.51.100.0/24"]
+    p["metadata_host"] = "10.0.0.5"  # a central metadata host: not taken off the bridge
+    guards = {g.bridge: g for g in desired.compute(model.load(p), "compute2").ruleset.guards}
+    green = next(g for g in guards.values() if g.routed_from)
+    assert green.routed_force == ("198.51.100.0/24",) and not green.routed_metadata
+    assert "10.0.0.5/32" in green.routed_exempt

@@ -421,6 +421,10 @@ def rulesets(draw):
                 dhcp_isolated=draw(st.booleans()),
                 ports=named,
                 local_only=((f"{base}.1", f"02:5a:00:00:00:{i:02x}"),) if draw(st.booleans()) else (),
+                routed_from=tuple(ip for _, ip in pairs[:1]) if draw(st.booleans()) else (),
+                routed_force=force if draw(st.booleans()) else (),
+                routed_exempt=exempt,
+                routed_metadata=draw(st.booleans()),
             )
         )
         for _, ip in pairs[:1]:
@@ -682,7 +686,8 @@ def test_rendered_scripts_load_in_the_kernel(rs):
                 _sh("nft", "-f", "-", input=parts["nft"])
                 _sh("nft", "-f", "-", input=parts["nft"])  # re-apply over itself
                 if rs.guards:  # and the ports bound into it
-                    dyn = R.dynamic_elements(rs.guards, port_macs, port_list)
+                    bridge_macs = {g.bridge: "02:00:00:00:00:01" for g in rs.guards}
+                    dyn = R.dynamic_elements(rs.guards, port_macs, port_list, bridge_macs)
                     _sh("nft", "-f", "-", input=R._bind_script(rs.table, dyn))
             if parts["iptables"] and shutil.which("iptables-restore"):
                 _sh("iptables-restore", "--noflush", input=parts["iptables"])
@@ -839,3 +844,67 @@ def test_netns_checksum_fill_where_iptables_is_missing_fails_and_changes_nothing
     with pytest.raises(RuntimeError, match="dhcp_checksum_fill needs iptables"):
         run(rs, paths)
     assert "hanet" not in nx("nft", "list", "ruleset")
+
+
+# --------------------------------------------------------------------------- hybrid
+
+
+def hybrid(port_list=False):
+    g = dataclasses.replace(
+        sample().guards[0],
+        routed_from=("192.168.0.10",),
+        routed_force=("198.51.100.0/24",),
+        routed_exempt=("192.168.0.0/24", "10.0.0.0/8"),
+    )
+    return dataclasses.replace(sample(), guards=(g,) + sample().guards[1:])
+
+
+def test_hybrid_hands_what_leaves_the_network_to_the_host_after_the_guard():
+    """nova's ebtables redirect, in hanet's bridge table: frames from a VM port (that
+    passed the guard) from the fixed IP with a floating IP here, or to force_snat_range,
+    and not to the network or dmz_cidr, are addressed to the bridge and go up to the
+    host's IP stack; other bridges and other VMs are left alone."""
+    rs = hybrid()
+    pre = {c["name"]: c["rules"] for c in R._nft_bridge_table(rs)["chains"]}["prerouting"]
+    to_host = "ether daddr set iifname map @br100_brmac meta pkttype set host"
+    vm = 'meta ibrname "br100" iifname != { "eth1" }'
+    assert pre[0] == f"{vm} jump br100_vm"  # the guard first
+    assert f"{vm} ether type ip ip saddr 192.168.0.10 ip daddr != {{ 10.0.0.0/8, 192.168.0.0/24 }} {to_host}" in pre
+    assert f"{vm} ether type ip ip daddr 198.51.100.0/24 ip daddr != {{ 10.0.0.0/8, 192.168.0.0/24 }} {to_host}" in pre
+    assert "br101_brmac" not in R.render(rs) and "pkttype" not in R.render(sample())
+    assert "\tmap br100_brmac {\n\t\ttype ifname : ether_addr\n\t}" in R.render(rs)
+    pre_list = {c["name"]: c["rules"] for c in R._nft_bridge_table(rs, port_list=True)["chains"]}["prerouting"]
+    assert (
+        f"iifname @br100_ports ether type ip ip saddr 192.168.0.10 ip daddr != {{ 10.0.0.0/8, 192.168.0.0/24 }} {to_host}"
+        in pre_list
+    )
+
+
+def test_hybrid_map_names_each_vm_port_s_bridge_mac():
+    port_macs = {"br100": {"eth1": MAC1, "tap-a": TAP1, "tapx": "fe:00:00:00:00:99"}, "br101": {}}
+    got = R.dynamic_elements(hybrid().guards, port_macs, False, {"br100": "02:00:00:00:01:00"})
+    assert got["br100_brmac"] == ['"tap-a" : 02:00:00:00:01:00', '"tapx" : 02:00:00:00:01:00']
+    assert "br101_brmac" not in got
+    assert R.dynamic_elements(hybrid().guards, port_macs, False)["br100_brmac"] == []  # no bridge yet
+    script = R._bind_script("hanet", got)
+    assert "flush map bridge hanet br100_brmac\nadd element bridge hanet br100_brmac {" in script
+    # a listing without what bind_ports filled: the map's elements too
+    listing = [
+        "table bridge hanet {",
+        "\tmap br100_brmac {",
+        "\t\ttype ifname : ether_addr",
+        '\t\telements = { "tap-a" : 02:00:00:00:01:00 }',
+        "\t}",
+        "}",
+    ]
+    assert R._without_dynamic(listing) == [ln for ln in listing if "elements" not in ln]
+
+
+def test_hybrid_hands_the_metadata_requests_to_the_host():
+    g = dataclasses.replace(sample().guards[0], routed_metadata=True)
+    rs = dataclasses.replace(sample(), guards=(g,))
+    pre = {c["name"]: c["rules"] for c in R._nft_bridge_table(rs)["chains"]}["prerouting"]
+    assert pre[-1] == (
+        'meta ibrname "br100" iifname != { "eth1" } ether type ip ip daddr 169.254.169.254 tcp dport 80'
+        " ether daddr set iifname map @br100_brmac meta pkttype set host"
+    )
