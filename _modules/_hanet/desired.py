@@ -239,6 +239,7 @@ def compute(cfg, host, owners=None):
     if me is None:
         return HostState(host=host, ruleset=Ruleset(driver=cfg.firewall_driver, table="hanet"))
 
+    public = public_link(cfg, host)
     bridges, dnsmasqs, snat, guards, floating, roles = [], [], [], [], [], []
     nat_floating = []  # floating IPs whose NAT this host holds (serving or hot standby)
     forward, service, meta_bridges, served_instances = [], [], [], {}
@@ -370,7 +371,7 @@ def compute(cfg, host, owners=None):
                     network=label,
                     cidr=net.cidr,
                     source=me.routing_source_ip,
-                    out_interface=me.public_interface,
+                    out_interface=public,
                     exempt=tuple(exempt),
                     force=cfg.force_snat_range,
                     all_destinations=not net.hardware,
@@ -384,7 +385,7 @@ def compute(cfg, host, owners=None):
                         fixed_ip=f.fixed_ip,
                         instance=inst.name,
                         network=label,
-                        public_interface=me.public_interface,
+                        public_interface=public,
                         cidr=net.cidr,
                     )
                     nat_floating.append(fip)
@@ -426,7 +427,7 @@ def compute(cfg, host, owners=None):
             targets = watch.setdefault(peer, set())
             targets.add((net.bridge, cfg.hosts[peer].networks[label].address))
             if cfg.hosts[peer].routing_source_ip:
-                targets.add((me.public_interface, cfg.hosts[peer].routing_source_ip))
+                targets.add((public, cfg.hosts[peer].routing_source_ip))
     own = sorted(label for label, n in cfg.networks.items() if not n.multi_host and host in n.network_hosts)
     records = tuple(
         InstanceRecord(
@@ -456,9 +457,21 @@ def compute(cfg, host, owners=None):
         standby_for=tuple((p, tuple(sorted(t))) for p, t in sorted(standby_for.items())),
         orders=bool(own),
         garp_refresh_s=cfg.ha.garp_refresh_s if own else 0,
-        health_uplink=me.public_interface if own else "",
+        health_uplink=public if own else "",
         health_segments=tuple((label, cfg.networks[label].bridge_interface or "") for label in own),
     )
+
+
+def public_link(cfg, host):
+    """The link that carries ``host``'s public address: its ``public_interface``, or the
+    bridge that interface is the flat uplink of (a host with one NIC: the bridge takes
+    the uplink's addresses and routes over when it enslaves it, ``links.carry``)."""
+    me = cfg.hosts[host]
+    for label in sorted(cfg.networks):
+        net = cfg.networks[label]
+        if net.bridge_interface == me.public_interface and _segment(net) is None and host in cfg.hosts_carrying(label):
+            return net.bridge
+    return me.public_interface
 
 
 def _segment(net):

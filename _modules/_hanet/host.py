@@ -34,7 +34,9 @@ def facet(name, state, paths, managed, salt=None, conf_dir=None):
     ``run()`` makes those changes and returns what it did."""
     if name == "links":
         bridges = links.drop_local_remotes(state.bridges, links.local_addresses())
-        cur = links.current(bridges, managed.get("links"))
+        cur = links.current(
+            bridges, managed.get("links"), carried=managed.get(links.CARRIED), floating=managed.get("floating")
+        )
         changes = links.plan(bridges, cur, managed.get("links"))
         guarded = {(br.name, a) for br in bridges for a in br.guarded}
         return changes, lambda: apply_links(changes, guarded, managed, state.garp_count)

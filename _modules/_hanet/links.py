@@ -20,8 +20,11 @@ create                segment link (vlan101, vx5102)      kind=vlan|vxlan, the S
                                                           vni, group, port, mtu, ...)
 delete                link name (a bridge or a segment)   kind (None: look it up)
 forget                a recorded link that is gone        (none): only the record changes
-enslave               port (uplink or segment link)       master
-release               port                                master (only if still there)
+enslave               port (uplink or segment link)       master (the port's own IPv4
+                                                          addresses and routes move onto
+                                                          the bridge: ``carry``)
+release               port                                master (only if still there;
+                                                          what was carried moves back)
 set                   link                                any of mtu, mtu_min (raise
                                                           only), state ("up"),
                                                           stp_state, forward_delay,
@@ -53,6 +56,7 @@ from .common import Change
 from .desired import Bridge, Segment
 
 FACET = "links"
+CARRIED = "carried"  # Managed facet: "<bridge> <port> <address>" a bridge took from its uplink
 ZERO_MAC = "00:00:00:00:00:00"
 SEGMENT_KINDS = ("vlan", "vxlan")
 #: link kinds hanet creates, and so the only kinds it will ever delete
@@ -431,14 +435,22 @@ def _read_segment(ipr, msg, links, desired_seg=None, fdb=None):
     return None
 
 
-def current(bridges_of_interest=(), managed_names=(), ipr=None):
+def current(bridges_of_interest=(), managed_names=(), ipr=None, carried=(), floating=()):
     """The bridges of interest as they are now in this network namespace.
 
     ``bridges_of_interest``: the desired ``Bridge``s (or bare bridge names);
     ``managed_names``: the link names hanet created (Managed facet ``links``). Returns a
     ``Snapshot`` (a tuple) of ``Observed`` bridges, desired ones first, for those that
-    exist as bridges.
+    exist as bridges. ``carried``: the Managed facet ``carried`` (the addresses a bridge
+    took over from its uplink, ``carry``): they are the host's, not the bridge's, and are
+    left out of its addresses; so are the ``floating`` IPs (their /32s are the floating
+    facet's, bound on a bridge that carries the host's public address).
     """
+    fips = {f"{ip}/32" for ip in floating or ()}
+    kept = {}
+    for entry in carried or ():
+        bridge, _port, address = entry.split(" ")
+        kept.setdefault(bridge, set()).add(address)
     desired = {}
     names = []
     for b in bridges_of_interest:
@@ -508,7 +520,11 @@ def current(bridges_of_interest=(), managed_names=(), ipr=None):
                     uplink=uplink,
                     segment=segment,
                     mtu=msg.get_attr("IFLA_MTU"),
-                    addresses=tuple(_addresses(ipr, msg["index"], addr_dump)),
+                    addresses=tuple(
+                        a
+                        for a in _addresses(ipr, msg["index"], addr_dump)
+                        if a not in kept.get(name, ()) and a not in fips
+                    ),
                     up=_up(msg),
                     stp_state=data.get_attr("IFLA_BR_STP_STATE") if data else 0,
                     forward_delay=data.get_attr("IFLA_BR_FORWARD_DELAY") if data else 0,
@@ -638,7 +654,94 @@ def _broadcast(address):
     return None
 
 
-def _do(ipr, change, made):
+RTPROT_KERNEL = 2  # routes the kernel makes for an address (its prefix): they follow it
+
+
+def _v4_addresses(ipr, index):
+    """(address/prefixlen, broadcast) of the IPv4 addresses of global scope on ``index``,
+    primary first."""
+    out = []
+    for msg in ipr.get_addr(family=socket.AF_INET, index=index):
+        if msg["index"] == index and msg["scope"] == 0:
+            addr = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+            out.append((f"{addr}/{msg['prefixlen']}", msg.get_attr("IFA_BROADCAST")))
+    return out
+
+
+def _routes_via(ipr, index):
+    """The IPv4 routes out of ``index`` that are not the kernel's own prefix routes (the
+    host's default route, its static routes), in every table, as ``route`` arguments."""
+    out = []
+    for msg in ipr.get_routes(family=socket.AF_INET):  # every table
+        if msg.get_attr("RTA_OIF") != index or msg["proto"] == RTPROT_KERNEL or msg.get_attr("RTA_MULTIPATH"):
+            continue
+        table = msg.get_attr("RTA_TABLE") or msg["table"]
+        if table == 255:  # local: the kernel's
+            continue
+        args = dict(
+            dst=f"{msg.get_attr('RTA_DST') or '0.0.0.0'}/{msg['dst_len']}",
+            table=table,
+            proto=msg["proto"],
+            scope=msg["scope"],
+            type=msg["type"],
+        )
+        for attr, key in (("RTA_GATEWAY", "gateway"), ("RTA_PRIORITY", "priority"), ("RTA_PREFSRC", "prefsrc")):
+            if msg.get_attr(attr) is not None:
+                args[key] = msg.get_attr(attr)
+        out.append(args)
+    return out
+
+
+def carry(ipr, src, dst, carried, back=False):
+    """Move the host's own IPv4 addresses and routes from link ``src`` to link ``dst``, as
+    nova-network did when it enslaved an uplink that carried them (a host with one NIC
+    for management, public traffic and the VMs' bridge). ``back``: from the bridge
+    ``src`` to its former uplink ``dst``, the addresses recorded in ``carried`` only.
+
+    The order never leaves the host without its routes: the addresses are added to
+    ``dst`` first, then each route is replaced by the same route out of ``dst`` (one
+    netlink request each, atomic in the kernel), then the addresses leave ``src``.
+    ``carried`` (the Managed facet ``carried``) records "<bridge> <port> <address>".
+    Returns the addresses moved."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    s, d = _need(ipr, src), _need(ipr, dst)
+    bridge, port = (src, dst) if back else (dst, src)
+    mine = {e.split(" ")[2] for e in carried if e.split(" ")[:2] == [bridge, port]}
+    addrs = [(a, brd) for a, brd in _v4_addresses(ipr, s) if (a in mine) == back]
+    if not addrs:
+        return []
+    routes = _routes_via(ipr, s)
+    if not _up(ipr.get_links(d)[0]):
+        ipr.link("set", index=d, state="up")  # a route out of a link that is down is dead
+    for addr, brd in addrs:
+        iface = ipaddress.ip_interface(addr)
+        kwargs = dict(index=d, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+        if brd:
+            kwargs["broadcast"] = brd
+        try:
+            ipr.addr("add", **kwargs)
+        except NetlinkError as exc:
+            if _errno(exc) != errno.EEXIST:
+                raise
+    for route in routes:
+        ipr.route("replace", oif=d, **route)
+    for addr, _brd in addrs:
+        iface = ipaddress.ip_interface(addr)
+        try:
+            ipr.addr("del", index=s, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+        except NetlinkError as exc:
+            if _errno(exc) not in (errno.EADDRNOTAVAIL, errno.ENOENT):
+                raise
+        entry = f"{bridge} {port} {addr}"
+        if back:
+            carried.discard(entry)
+        else:
+            carried.add(entry)
+    return [a for a, _ in addrs]
+
+
+def _do(ipr, change, made, carried):
     """Execute one change; return its description (None: nothing to do)."""
     from pyroute2.netlink.exceptions import NetlinkError
 
@@ -675,6 +778,10 @@ def _do(ipr, change, made):
         kind = _kind(ipr.get_links(index)[0])
         if kind not in OWN_KINDS:
             return None  # not a kind hanet creates (a physical uplink): never deleted
+        for entry in sorted(carried):  # the host's own addresses go back to its uplink first
+            bridge, port, _address = entry.split(" ")
+            if bridge == target and _index(ipr, port) is not None:
+                carry(ipr, target, port, carried, back=True)
         try:
             ipr.link("del", index=index)
         except NetlinkError as exc:
@@ -686,13 +793,15 @@ def _do(ipr, change, made):
         if ipr.get_links(port)[0].get_attr("IFLA_MASTER") == master:
             return None
         ipr.link("set", index=port, master=master)
-        return f"enslaved {target} to {d['master']}"
+        moved = carry(ipr, target, d["master"], carried)
+        return f"enslaved {target} to {d['master']}" + (f" (moved onto it: {', '.join(moved)})" if moved else "")
     if action == "release":
         port, master = _index(ipr, target), _index(ipr, d["master"])
         if port is None or master is None or ipr.get_links(port)[0].get_attr("IFLA_MASTER") != master:
             return None
+        moved = carry(ipr, d["master"], target, carried, back=True)
         ipr.link("set", index=port, master=0)
-        return f"released {target} from {d['master']}"
+        return f"released {target} from {d['master']}" + (f" (moved back: {', '.join(moved)})" if moved else "")
     if action == "set":
         index = _need(ipr, target)
         msg = ipr.get_links(index)[0]
@@ -765,7 +874,8 @@ def apply(changes, managed=None, ipr=None):
     what was actually done (steps that found the host already right are left out).
     """
     made = managed.get(FACET) if managed is not None else set()
-    before = set(made)
+    carried = managed.get(CARRIED) if managed is not None else set()
+    before, carried_before = set(made), set(carried)
     done = []
     try:
         with _ipr(ipr) as ipr:
@@ -773,7 +883,7 @@ def apply(changes, managed=None, ipr=None):
                 if change.facet != FACET:
                     continue
                 try:
-                    text = _do(ipr, change, made)
+                    text = _do(ipr, change, made, carried)
                 except LinkError:
                     raise
                 except Exception as exc:  # NetlinkError, OSError: say which step failed
@@ -783,4 +893,6 @@ def apply(changes, managed=None, ipr=None):
     finally:
         if managed is not None and made != before:
             managed.set(FACET, made)
+        if managed is not None and carried != carried_before:
+            managed.set(CARRIED, carried)
     return done

@@ -766,6 +766,9 @@ class RecordingIPRoute:
     def get_links(self, index):
         return self._by_index(index)
 
+    def get_addr(self, **kw):
+        return []  # no link carries an address: nothing to move onto a bridge
+
     def link(self, command, **kw):
         self.calls.append(("link", command, kw))
         if command == "add":
@@ -1099,3 +1102,69 @@ def test_drop_local_remotes_skips_this_hosts_own_vtep():
     assert got[0].segment.remotes == ("198.51.100.12", "198.51.100.31")
     assert got[1] == flat
     assert drop_local_remotes((br,), {"10.0.0.1"}) == (br,)
+
+
+# --------------------------------------------------------------------------- one-NIC hosts
+
+
+def carry_converge(desired, managed):
+    cur = links.current(desired, managed.get("links"), carried=managed.get(links.CARRIED))
+    changes = plan(desired, cur, managed.get("links"))
+    return changes, links.apply(changes, managed)
+
+
+def v4_routes(ipr):
+    out = []
+    for r in ipr.get_routes(family=2):
+        if r.get_attr("RTA_TABLE") == 255 or r["proto"] == links.RTPROT_KERNEL:
+            continue
+        oif = ipr.get_links(r.get_attr("RTA_OIF"))[0].get_attr("IFLA_IFNAME")
+        dst = f"{r.get_attr('RTA_DST') or '0.0.0.0'}/{r['dst_len']}"
+        out.append((r.get_attr("RTA_TABLE"), dst, r.get_attr("RTA_GATEWAY"), oif))
+    return sorted(out)
+
+
+def test_e2e_a_one_nic_host_s_addresses_and_routes_follow_its_uplink_into_the_bridge(ipr, managed):
+    """nova's one-NIC FlatDHCP host: the uplink carries the host's addresses (management,
+    public) and routes (the default one, a static one, one in another table). Enslaving
+    it moves them onto the bridge, never without a default route on the way; the next
+    plan has nothing to do; removing hanet moves them back, again without a gap."""
+    import threading
+
+    from pyroute2 import IPRoute
+
+    veth(ipr, "eth0", address="203.0.113.11/24")
+    eth0 = ipr.link_lookup(ifname="eth0")[0]
+    ipr.addr("add", index=eth0, address="192.0.2.11", prefixlen=24)
+    ipr.route("add", dst="0.0.0.0/0", gateway="203.0.113.1", oif=eth0)
+    ipr.route("add", dst="198.18.99.0/24", gateway="192.0.2.1", oif=eth0, priority=20)
+    ipr.route("add", dst="0.0.0.0/0", gateway="192.0.2.1", oif=eth0, table=100)
+    before = v4_routes(ipr)
+    gaps, stop = [], threading.Event()
+
+    def watch():  # every route lookup of the host's traffic, all the time
+        with IPRoute() as own:
+            while not stop.is_set():
+                try:
+                    own.route("get", dst="8.8.8.8")
+                except Exception as exc:  # pylint: disable=broad-except
+                    gaps.append(str(exc))
+
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        d = flat(name="br100", uplink="eth0", addresses=("192.168.0.3/24",))
+        _, done = carry_converge((d,), managed)
+        assert any("moved onto it: 203.0.113.11/24, 192.0.2.11/24" in x for x in done), done
+        assert links.addresses("br100") == ["203.0.113.11/24", "192.0.2.11/24", "192.168.0.3/24"]
+        assert links.addresses("eth0") == []
+        assert v4_routes(ipr) == sorted((t_, dst, gw, "br100") for t_, dst, gw, _ in before)
+        assert carry_converge((d,), managed)[0] == []  # the host's addresses are not the bridge's
+        _, done = carry_converge((), managed)
+    finally:
+        stop.set()
+        t.join(5)
+    assert gaps == []
+    assert links.addresses("eth0") == ["203.0.113.11/24", "192.0.2.11/24"]
+    assert v4_routes(ipr) == before
+    assert link(ipr, "br100") is None and managed.get(links.CARRIED) == set()

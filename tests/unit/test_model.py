@@ -589,3 +589,17 @@ def test_hybrid_on_hardware_gateway_networks_where_the_host_holds_the_floating_i
     green = next(g for g in guards.values() if g.routed_from)
     assert green.routed_force == ("198.51.100.0/24",) and not green.routed_metadata
     assert "10.0.0.5/32" in green.routed_exempt
+
+
+def test_a_one_nic_host_s_public_traffic_leaves_by_the_bridge_that_took_its_nic():
+    """public_interface is the flat uplink of a bridge on this host: the bridge carries
+    the public address (links.carry), so floating IPs are bound there and SNAT goes out
+    of it; a host whose public interface is no uplink is unchanged."""
+    p = example()
+    uplink = p["networks"]["private"]["bridge_interface"]
+    p["hosts"]["compute1"]["public_interface"] = uplink
+    state = desired.compute(model.load(p), "compute1")
+    assert desired.public_link(model.load(p), "compute1") == "br100"
+    assert {f.public_interface for f in state.floating_ips} == {"br100"}
+    assert {s.out_interface for s in state.ruleset.snat} == {"br100"}
+    assert desired.public_link(model.load(p), "compute2") == p["hosts"]["compute2"]["public_interface"]
