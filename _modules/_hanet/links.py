@@ -80,6 +80,7 @@ class Observed(Bridge):
     uplink_mac: Optional[str] = None  # MAC of the desired uplink (else the enslaved one)
     uplink_mtu: Optional[int] = None
     uplink_up: bool = True
+    uplink_holds_v4: bool = False  # the enslaved uplink still holds IPv4 addresses (a move to redo)
     segment_up: bool = True
     parent_mtu: Optional[int] = None  # MTU of the desired segment's parent
     ports: tuple = ()
@@ -296,6 +297,9 @@ def _plan_bridge(d, c, desired_uplinks, deleted, mtu_touched):
         port_mtu_moves = port_mtu_moves or bool(cur_uplink and cur_uplink != d.uplink)
         out.append(Change(FACET, "enslave", d.uplink, {"master": d.name}))
         enslaving = True
+    elif d.uplink and obs is not None and obs.uplink_holds_v4:
+        # an earlier move of the host's addresses onto the bridge failed half way: again
+        out.append(Change(FACET, "enslave", d.uplink, {"master": d.name}))
     elif not d.uplink and cur_uplink and cur_uplink not in desired_uplinks and cur_uplink not in deleted:
         out.append(Change(FACET, "release", cur_uplink, {"master": d.name}))
         port_mtu_moves = True
@@ -534,6 +538,14 @@ def current(bridges_of_interest=(), managed_names=(), ipr=None, carried=(), floa
                     uplink_mac=up_msg.get_attr("IFLA_ADDRESS") if up_msg is not None else None,
                     uplink_mtu=up_msg.get_attr("IFLA_MTU") if up_msg is not None else None,
                     uplink_up=_up(up_msg) if up_msg is not None else True,
+                    uplink_holds_v4=bool(
+                        up_msg is not None
+                        and up_msg.get_attr("IFLA_MASTER") == msg["index"]
+                        and any(
+                            a["index"] == up_msg["index"] and a["family"] == socket.AF_INET and a["scope"] == 0
+                            for a in addr_dump
+                        )
+                    ),
                     segment_up=_up(by_name[uplink]) if segment is not None else True,
                     parent_mtu=parent_mtu,
                     ports=tuple(port_names),
@@ -655,6 +667,7 @@ def _broadcast(address):
 
 
 RTPROT_KERNEL = 2  # routes the kernel makes for an address (its prefix): they follow it
+RTNH_F_ONLINK = 4
 
 
 def _v4_addresses(ipr, index):
@@ -684,6 +697,8 @@ def _routes_via(ipr, index):
             proto=msg["proto"],
             scope=msg["scope"],
             type=msg["type"],
+            tos=msg["tos"],
+            flags=msg["flags"] & RTNH_F_ONLINK,  # "onlink": a gateway outside every prefix
         )
         for attr, key in (("RTA_GATEWAY", "gateway"), ("RTA_PRIORITY", "priority"), ("RTA_PREFSRC", "prefsrc")):
             if msg.get_attr(attr) is not None:
@@ -714,18 +729,35 @@ def carry(ipr, src, dst, carried, back=False):
     routes = _routes_via(ipr, s)
     if not _up(ipr.get_links(d)[0]):
         ipr.link("set", index=d, state="up")  # a route out of a link that is down is dead
-    for addr, brd in addrs:
-        iface = ipaddress.ip_interface(addr)
-        kwargs = dict(index=d, address=str(iface.ip), prefixlen=iface.network.prefixlen)
-        if brd:
-            kwargs["broadcast"] = brd
-        try:
-            ipr.addr("add", **kwargs)
-        except NetlinkError as exc:
-            if _errno(exc) != errno.EEXIST:
-                raise
-    for route in routes:
-        ipr.route("replace", oif=d, **route)
+    added, replaced = [], []
+    try:
+        for addr, brd in addrs:
+            iface = ipaddress.ip_interface(addr)
+            kwargs = dict(index=d, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+            if brd:
+                kwargs["broadcast"] = brd
+            try:
+                ipr.addr("add", **kwargs)
+                added.append(kwargs)
+            except NetlinkError as exc:
+                if _errno(exc) != errno.EEXIST:
+                    raise
+        for route in routes:
+            ipr.route("replace", oif=d, **route)
+            replaced.append(route)
+    except Exception:
+        # put back what was moved: the host keeps its addresses and routes where they were
+        for route in replaced:
+            try:
+                ipr.route("replace", oif=s, **route)
+            except NetlinkError:
+                pass
+        for kwargs in added:
+            try:
+                ipr.addr("del", **{k: v for k, v in kwargs.items() if k != "broadcast"})
+            except NetlinkError:
+                pass
+        raise
     for addr, _brd in addrs:
         iface = ipaddress.ip_interface(addr)
         try:
@@ -791,7 +823,8 @@ def _do(ipr, change, made, carried):
     if action == "enslave":
         port, master = _need(ipr, target), _need(ipr, d["master"])
         if ipr.get_links(port)[0].get_attr("IFLA_MASTER") == master:
-            return None
+            moved = carry(ipr, target, d["master"], carried)  # what an earlier move left
+            return f"moved {', '.join(moved)} from {target} onto {d['master']}" if moved else None
         ipr.link("set", index=port, master=master)
         moved = carry(ipr, target, d["master"], carried)
         return f"enslaved {target} to {d['master']}" + (f" (moved onto it: {', '.join(moved)})" if moved else "")

@@ -670,6 +670,15 @@ def _hosts(c, raw, networks):
                 nets[label] = HostNet(address=addr)
         if pub is None:
             continue
+        for label, net in sorted(networks.items()):
+            if net.share_dhcp_address and net.bridge_interface == pub and net.vlan is None and net.vxlan is None:
+                # one NIC: the bridge would carry the host's own addresses with the MAC
+                # every host shares, which share_dhcp_address keeps off the uplink
+                c.add(
+                    f"{path}:public_interface",
+                    f"{pub} is the uplink of network {label}, which shares its DHCP address "
+                    "(and MAC) on every host: a host's own addresses cannot ride on that bridge",
+                )
         out[name] = Host(name=name, public_interface=pub, routing_source_ip=rsi, networks=nets)
     return out
 

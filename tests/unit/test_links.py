@@ -1168,3 +1168,29 @@ def test_e2e_a_one_nic_host_s_addresses_and_routes_follow_its_uplink_into_the_br
     assert links.addresses("eth0") == ["203.0.113.11/24", "192.0.2.11/24"]
     assert v4_routes(ipr) == before
     assert link(ipr, "br100") is None and managed.get(links.CARRIED) == set()
+
+
+def test_e2e_an_onlink_route_moves_and_a_half_done_move_is_finished_by_the_next_apply(ipr, managed):
+    """A /32 host address with its default route 'onlink' (a gateway outside every
+    prefix, common at cloud providers) moves with its flag; an uplink left enslaved with
+    its addresses (a move that failed half way, or a bridge someone made) is taken care of
+    by the next plan."""
+    veth(ipr, "eth0", address="203.0.113.11/32")
+    eth0 = ipr.link_lookup(ifname="eth0")[0]
+    ipr.route("add", dst="0.0.0.0/0", gateway="172.31.1.1", oif=eth0, flags=links.RTNH_F_ONLINK)
+    d = flat(name="br100", uplink="eth0", addresses=("192.168.0.3/24",))
+    carry_converge((d,), managed)
+    assert links.addresses("br100")[0] == "203.0.113.11/32" and links.addresses("eth0") == []
+    default = [r for r in ipr.get_routes(family=2) if r["dst_len"] == 0 and r.get_attr("RTA_TABLE") == 254]
+    assert len(default) == 1 and default[0]["flags"] & links.RTNH_F_ONLINK
+    assert ipr.get_links(default[0].get_attr("RTA_OIF"))[0].get_attr("IFLA_IFNAME") == "br100"
+    carry_converge((), managed)
+    assert links.addresses("eth0") == ["203.0.113.11/32"]
+
+    # half done: eth0 in br100 with its address still on it
+    ipr.link("add", ifname="br100", kind="bridge")
+    ipr.link("set", index=eth0, master=ipr.link_lookup(ifname="br100")[0])
+    managed.set("links", {"br100"})
+    changes, done = carry_converge((d,), managed)
+    assert "enslave eth0" in steps(changes) and any("moved 203.0.113.11/32 from eth0 onto br100" in x for x in done)
+    assert links.addresses("eth0") == [] and carry_converge((d,), managed)[0] == []

@@ -603,3 +603,13 @@ def test_a_one_nic_host_s_public_traffic_leaves_by_the_bridge_that_took_its_nic(
     assert {f.public_interface for f in state.floating_ips} == {"br100"}
     assert {s.out_interface for s in state.ruleset.snat} == {"br100"}
     assert desired.public_link(model.load(p), "compute2") == p["hosts"]["compute2"]["public_interface"]
+
+
+def test_a_shared_dhcp_address_network_cannot_ride_on_a_host_s_public_nic():
+    p = example()
+    p["networks"]["private"]["share_dhcp_address"] = True
+    for host in p["hosts"].values():
+        host.get("networks", {}).pop("private", None)  # every host serves at the gateway
+    assert model.load(p)
+    p["hosts"]["compute1"]["public_interface"] = p["networks"]["private"]["bridge_interface"]
+    assert [path for path, _ in problems(p)] == ["hanet:hosts:compute1:public_interface"]
