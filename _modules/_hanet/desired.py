@@ -186,6 +186,9 @@ class Ruleset:
     floating: tuple = ()  # FloatingIp
     # bridges whose DHCP replies to VMs get their UDP checksum filled in (dhcp_checksum_fill)
     checksum_fill: tuple = ()
+    # ((bridge, public link), ...): hardware-gateway bridges whose frames the host routes
+    # (PortGuard.routed_*): what it forwards from them may leave only by the public link
+    routed: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -225,6 +228,7 @@ def _plain(value):
 # --------------------------------------------------------------------------- compute
 
 SERVING, STANDBY, MEMBER = "serving", "standby", "member"
+NOT_UNICAST = ("224.0.0.0/4", "255.255.255.255/32")  # never taken off a bridge for the host
 
 
 def compute(cfg, host, owners=None):
@@ -283,7 +287,9 @@ def compute(cfg, host, owners=None):
         exempt = list(cfg.dmz_cidr) + [net.cidr]
         if cfg.metadata_host != "127.0.0.1":
             exempt.append(f"{cfg.metadata_host}/32")
-        hybrid = net.hardware and role == SERVING  # this host holds its VMs' floating IPs
+        # this host holds its VMs' floating IPs for good (multi_host: a network host's role
+        # moves in a failover, which does not re-apply the ruleset)
+        hybrid = net.hardware and net.multi_host and role == SERVING
         routed_from = sorted({n.ip for i, n in local for f in i.floating_ips if f.fixed_ip == n.ip}) if hybrid else []
         guards.append(
             PortGuard(
@@ -295,7 +301,9 @@ def compute(cfg, host, owners=None):
                 local_only=((net.gateway, net.shared_mac),) if net.share_dhcp_address else (),
                 routed_from=tuple(routed_from),
                 routed_force=tuple(cfg.force_snat_range) if hybrid and local else (),
-                routed_exempt=tuple(exempt) if hybrid and (routed_from or cfg.force_snat_range) and local else (),
+                routed_exempt=tuple(exempt + list(NOT_UNICAST))
+                if hybrid and (routed_from or cfg.force_snat_range) and local
+                else (),
                 routed_metadata=bool(hybrid and local and cfg.metadata_host == "127.0.0.1"),
             )
         )
@@ -411,6 +419,7 @@ def compute(cfg, host, owners=None):
         guards=tuple(guards),
         floating=tuple(sorted(nat_floating, key=lambda f: f.address)),
         checksum_fill=tuple(sorted(set(service))) if cfg.dhcp_checksum_fill else (),
+        routed=tuple(sorted({(g.bridge, public) for g in guards if g.routed_from or g.routed_force})),
     )
     sysctls = (("net.ipv4.ip_forward", "1"),) if (forward or floating or snat) else ()
     watch, standby_for = {}, {}

@@ -164,7 +164,12 @@ def is_empty(ruleset: D.Ruleset) -> bool:
 
 def _has_ip_part(rs):
     return bool(
-        rs.snat or rs.floating or rs.forward_bridges or rs.service_bridges or (rs.metadata and rs.metadata.bridges)
+        rs.snat
+        or rs.floating
+        or rs.forward_bridges
+        or rs.service_bridges
+        or rs.routed
+        or (rs.metadata and rs.metadata.bridges)
     )
 
 
@@ -215,6 +220,10 @@ def _nft_ip_table(rs):
         fwd.append("ct state established,related accept")
     if rs.floating:
         fwd.append("ct status dnat accept")
+    for bridge, public in sorted(set(rs.routed)):
+        # what the bridge hands up from a hardware-gateway network is routed out to the
+        # public side only: never to another network behind the hardware router's back
+        fwd.append(f"iifname {_q(bridge)} oifname != {_q(public)} drop")
     if rs.forward_bridges:
         fwd.append(f"iifname {_names(rs.forward_bridges)} accept")
         fwd.append(f"oifname {_names(rs.forward_bridges)} accept")
@@ -407,6 +416,8 @@ def _ipt_tables(rs):
         fwd.append("-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
     if rs.floating:
         fwd.append("-m conntrack --ctstate DNAT -j ACCEPT")
+    for bridge, public in sorted(set(rs.routed)):
+        fwd.append(f"-i {bridge} ! -o {public} -j DROP")
     for b in sorted(set(rs.forward_bridges)):
         fwd.append(f"-i {b} -j ACCEPT")
         fwd.append(f"-o {b} -j ACCEPT")
@@ -569,6 +580,7 @@ def _from_plain(d):
         ),
         floating=tuple(D.FloatingIp(**f) for f in d.get("floating", ())),
         checksum_fill=tuple(d.get("checksum_fill", ())),
+        routed=tuple(tuple(r) for r in d.get("routed", ())),
     )
 
 
@@ -893,11 +905,11 @@ def _apply_mangle(rs, text):
     if not shutil.which("iptables-restore"):
         raise RuntimeError("dhcp_checksum_fill needs iptables (iptables-restore), which this host does not have")
     try:
-        _run(["iptables-restore", "--noflush"], _ipt_apply_script(rs, text))
+        _run(["iptables-restore", "-w", "5", "--noflush"], _ipt_apply_script(rs, text))
     except RuntimeError as err:
         raise RuntimeError(
-            "dhcp_checksum_fill: this host cannot fill DHCP checksums (iptables' CHECKSUM target, "
-            f"kernel module xt_CHECKSUM): {err}"
+            f"dhcp_checksum_fill: the mangle rule was refused ({err}); it needs iptables' CHECKSUM target "
+            "(kernel module xt_CHECKSUM)"
         ) from err
 
 

@@ -139,3 +139,16 @@ def test_the_vm_reads_its_metadata_with_nothing_configured_on_the_router(lab, ba
 def _get(lab, node, url):
     cp = lab.exec(node, ["curl", "-sS", "--max-time", "3", url], timeout=15)
     return cp.stdout.strip() if cp.returncode == 0 else None
+
+
+def test_the_host_routes_what_it_takes_off_the_bridge_only_to_the_public_side(lab, base):
+    """db1 (network private, on compute2 too) is reachable from hw1 only through the
+    hardware router, which does not route to it: compute2 must not forward hw1's frames
+    into br100 behind the router's back, although it takes them off br300."""
+    apply(lab, pillar_with(base))
+    if "db1" not in lab.plugged:
+        lab.plug_vm("db1")
+    assert lab.dhcp("db1", "udhcpc")["address"] == "192.168.0.11"
+    assert lab.ping("compute2", "192.168.0.11", count=1)  # db1 is there
+    assert not lab.ping(VM, "192.168.0.11", count=2)
+    assert whoami(lab) == FIP  # and the public side still works
