@@ -130,11 +130,12 @@ def apply(changes, managed, garp_count=0, ipr=None):
         managed.set(FACET, names)
     for address in gone:  # once every address is silent: flows through them end
         flush_conntrack(address)
-    if failed:
-        raise RuntimeError("; ".join(failed))
     if garp_count and bound:
         # every address's first announcement before any repeat, in one send per round:
         # one arp.garp() per address, each with its own rounds, scales with the count
-        # (docs/floating-ips.md)
+        # (docs/floating-ips.md); also when another address failed (the next apply sees
+        # these bound and would never announce them)
         arp.garp_many([(ch.target, ch.detail["interface"]) for ch in bound], garp_count)
+    if failed:
+        raise RuntimeError("; ".join(failed))
     return done

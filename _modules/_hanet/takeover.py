@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -28,6 +29,7 @@ from . import arp, desired, failover, floating, host, links, metrics
 from .common import Change, FileLock, Managed, Paths, write_atomic
 
 PRECHECK_FRESH_S = 1.0  # how old the beacon's clear probe of a gateway may be
+log = logging.getLogger(__name__)
 GARP_MIN = 3  # a takeover announces every moved address at least this often
 HANDOVER_WAIT_S = 3.0  # how long a handover's takeover waits for the old owner to let go
 
@@ -365,7 +367,11 @@ def run(
         repeats=repeats,
     )
     for moved, rounds in repeats:
-        repeat_announcement(ctx, network, epoch, moved, rounds)
+        try:
+            repeat_announcement(ctx, network, epoch, moved, rounds)
+        except Exception as err:  # pylint: disable=broad-except
+            # the takeover is done and reported; its first frames went out: say so only
+            log.warning("hanet takeover of %s: the announcement's repeats failed: %s", network, err)
     return data
 
 

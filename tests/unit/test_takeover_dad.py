@@ -152,3 +152,15 @@ def test_a_large_announcement_s_rounds_are_as_far_apart_as_the_bucket_needs(tmp_
     slept.clear()
     takeover.repeat_announcement(ctx, "shared", 4, MOVING, 1)
     assert slept == [arp.GARP_INTERVAL] * 2
+
+
+def test_a_failed_repeat_is_logged_and_the_takeover_still_returns(tmp_path, monkeypatch, caplog):
+    ctx, _sent = repeats_ctx(tmp_path, monkeypatch)
+    monkeypatch.setattr(takeover, "_run", lambda *a, repeats, **kw: repeats.append((MOVING, 2)) or {"ok": 1})
+
+    def boom(*a, **kw):
+        raise OSError(100, "Network is down")
+
+    monkeypatch.setattr(takeover, "repeat_announcement", boom)
+    assert takeover.run(ctx, "shared", 4) == {"ok": 1}
+    assert "the announcement's repeats failed" in caplog.text
