@@ -222,8 +222,10 @@ def _nft_ip_table(rs):
         fwd.append("ct status dnat accept")
     for bridge, public in sorted(set(rs.routed)):
         # what the bridge hands up from a hardware-gateway network is routed out to the
-        # public side only: never to another network behind the hardware router's back
-        fwd.append(f"iifname {_q(bridge)} oifname != {_q(public)} drop")
+        # public side only: never to another network behind the hardware router's back.
+        # Not the bridge itself: with br_netfilter loaded, bridged frames pass this hook
+        # too, as iif and oif the bridge
+        fwd.append(f"iifname {_q(bridge)} oifname != {_names((bridge, public))} drop")
     if rs.forward_bridges:
         fwd.append(f"iifname {_names(rs.forward_bridges)} accept")
         fwd.append(f"oifname {_names(rs.forward_bridges)} accept")
@@ -417,6 +419,7 @@ def _ipt_tables(rs):
     if rs.floating:
         fwd.append("-m conntrack --ctstate DNAT -j ACCEPT")
     for bridge, public in sorted(set(rs.routed)):
+        fwd.append(f"-i {bridge} -o {bridge} -j ACCEPT")  # bridged (br_netfilter)
         fwd.append(f"-i {bridge} ! -o {public} -j DROP")
     for b in sorted(set(rs.forward_bridges)):
         fwd.append(f"-i {b} -j ACCEPT")
