@@ -1,6 +1,7 @@
 """Gratuitous ARP pacing: the schedule (pure), and a large announcement on a real veth in
 a network namespace, received and timed on the other end."""
 
+import contextlib
 import os
 import select
 import shutil
@@ -14,6 +15,24 @@ import pytest
 from _hanet import arp
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"), reason="needs root (network namespaces)")
+
+
+@contextlib.contextmanager
+def veth_pair():
+    """A veth pair ga <-> gb in a fresh namespace, this thread inside it: yields a packet
+    socket receiving the ARP frames that arrive on gb."""
+    with kernel_ns.fresh("hg") as ns:
+        kernel_ns.sh("ip", "-n", ns, "link", "add", "ga", "type", "veth", "peer", "name", "gb")
+        kernel_ns.sh("ip", "-n", ns, "link", "set", "ga", "up")
+        kernel_ns.sh("ip", "-n", ns, "link", "set", "gb", "up")
+        with kernel_ns.inside(ns):
+            rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+            try:
+                rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+                rx.bind(("gb", 0x0806))
+                yield rx
+            finally:
+                rx.close()
 
 
 def test_a_small_announcement_is_not_paced():
@@ -51,35 +70,27 @@ def test_a_thousand_addresses_are_announced_paced_on_the_wire():
     all of them, every address's request before any reply, no faster than the bucket."""
     n = 1000
     ips = [f"10.{99}.{i // 250}.{1 + i % 250}" for i in range(n)]
-    with kernel_ns.fresh("hg") as ns:
-        kernel_ns.sh("ip", "-n", ns, "link", "add", "ga", "type", "veth", "peer", "name", "gb")
-        kernel_ns.sh("ip", "-n", ns, "link", "set", "ga", "up")
-        kernel_ns.sh("ip", "-n", ns, "link", "set", "gb", "up")
-        with kernel_ns.inside(ns):
-            rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
-            rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
-            rx.bind(("gb", 0x0806))
-            seen, stop = [], threading.Event()
+    with veth_pair() as rx:
+        seen, stop = [], threading.Event()
 
-            def receive():
-                while not stop.is_set():
-                    if select.select([rx], [], [], 0.1)[0]:
-                        frame = rx.recv(128)
-                        seen.append((time.monotonic(), frame[21], socket.inet_ntoa(frame[28:32])))
+        def receive():
+            while not stop.is_set():
+                if select.select([rx], [], [], 0.1)[0]:
+                    frame = rx.recv(128)
+                    seen.append((time.monotonic(), frame[21], socket.inet_ntoa(frame[28:32])))
 
-            t = threading.Thread(target=receive, daemon=True)
-            t.start()
-            try:
-                t0 = time.monotonic()
-                sent = arp.garp_many([(ip, "ga") for ip in ips], count=1)
-                took = time.monotonic() - t0
-                deadline = time.monotonic() + 5
-                while len(seen) < 2 * n and time.monotonic() < deadline:
-                    time.sleep(0.05)
-            finally:
-                stop.set()
-                t.join(2)
-                rx.close()
+        t = threading.Thread(target=receive, daemon=True)
+        t.start()
+        try:
+            t0 = time.monotonic()
+            sent = arp.garp_many([(ip, "ga") for ip in ips], count=1)
+            took = time.monotonic() - t0
+            deadline = time.monotonic() + 5
+            while len(seen) < 2 * n and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            t.join(2)
     assert sent == 2 * n and len(seen) == 2 * n
     ops = [op for _, op, _ in seen]
     assert ops == [1] * n + [2] * n  # every request (first announcement), then every reply
@@ -96,19 +107,10 @@ def test_a_thousand_addresses_are_announced_paced_on_the_wire():
 def test_an_announcement_can_send_only_the_requests_or_only_the_replies(frames_of, ops):
     """A takeover sends every address's request at the binding, the replies later."""
     ips = ["10.98.0.1", "10.98.0.2", "10.98.0.3"]
-    with kernel_ns.fresh("hg") as ns:
-        kernel_ns.sh("ip", "-n", ns, "link", "add", "ga", "type", "veth", "peer", "name", "gb")
-        kernel_ns.sh("ip", "-n", ns, "link", "set", "ga", "up")
-        kernel_ns.sh("ip", "-n", ns, "link", "set", "gb", "up")
-        with kernel_ns.inside(ns):
-            rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
-            rx.bind(("gb", 0x0806))
-            try:
-                sent = arp.garp_many([(ip, "ga") for ip in ips], count=2, interval=0.0, frames_of=frames_of)
-                seen = []
-                while select.select([rx], [], [], 0.5)[0]:
-                    frame = rx.recv(128)
-                    seen.append((frame[21], socket.inet_ntoa(frame[28:32])))
-            finally:
-                rx.close()
+    with veth_pair() as rx:
+        sent = arp.garp_many([(ip, "ga") for ip in ips], count=2, interval=0.0, frames_of=frames_of)
+        seen = []
+        while select.select([rx], [], [], 0.5)[0]:
+            frame = rx.recv(128)
+            seen.append((frame[21], socket.inet_ntoa(frame[28:32])))
     assert sent == 6 and sorted(seen) == sorted((op, ip) for op in ops for ip in ips * 2)
