@@ -126,7 +126,7 @@ EXTRA = {
     "networks:*:bridge": "the Linux bridge the network's VM ports and uplink join",
     "networks:*:vxlan": "VXLAN segmentation instead of 802.1Q: `{vni, group or remotes, port}`; "
     "the underlay is bridge_interface",
-    "networks:*:gateway_mode": "host: the hosts are the gateway; hardware: a router is (dnsmasq hands it out)",
+    "networks:*:gateway_mode": "host: the hosts are the gateway; hardware: a router is (dnsmasq hands it out; needs multi_host)",
     "firewall_driver": "nftables or iptables",
     "networks:*:vlan": "802.1Q id: `vlan<id>` on bridge_interface, enslaved to the bridge",
     "networks:*:vxlan:vni": "the VXLAN network identifier",

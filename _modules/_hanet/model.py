@@ -557,6 +557,14 @@ def _networks(c, raw):
             )
         if multi_host is False and not nh:
             c.add(f"{path}:network_hosts", "is required when multi_host is false (ordered: the first live one serves)")
+        if mode == "hardware" and multi_host is False:
+            # the network hosts' failover moves and probes the gateway, which here is the
+            # router's own address: the owner would answer for it beside the router
+            c.add(
+                f"{path}:gateway_mode",
+                "hardware needs multi_host: true (with network_hosts the owner binds the gateway, "
+                "and a hardware network's gateway is its router's address)",
+            )
         if share and multi_host is False:
             c.add(f"{path}:share_dhcp_address", "is for multi_host networks (every host its instances' gateway)")
         elif share and mode == "hardware":

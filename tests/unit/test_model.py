@@ -138,6 +138,11 @@ def test_broken_pillar_reports_every_mistake_with_its_path():
             "required with gateway_mode: hardware",
         ),
         (
+            lambda p: p["networks"]["red"].update(multi_host=False, network_hosts=["net1", "net2"]),
+            "hanet:networks:red:gateway_mode",
+            "hardware needs multi_host: true",
+        ),
+        (
             lambda p: p["networks"]["red"].update(gateway_mode="router"),
             "hanet:networks:red:gateway_mode",
             "not host or hardware",
