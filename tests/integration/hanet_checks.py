@@ -7,6 +7,17 @@ import subprocess
 import time
 
 
+def minion_log_tail(lab, host, lines=60):
+    """The end of ``host``'s salt-minion log (the lab keeps it in its run directory): what
+    a minion that did not return was doing, for the failure message."""
+    path = os.path.join(lab.rundir, "logs", f"salt-minion-{host}.out")
+    try:
+        with open(path, errors="replace") as f:
+            return f"--- the end of {path}:\n" + "".join(f.readlines()[-lines:])
+    except OSError as e:
+        return f"--- no minion log: {e}"
+
+
 def state_apply(lab, tgt="*", test=False, timeout=240, highstate=False):
     """``state.apply hanet`` (or a highstate) on ``tgt`` (a list of minions, one minion,
     or "*": every host of the lab) through the master. Every minion answers and no state
@@ -16,7 +27,7 @@ def state_apply(lab, tgt="*", test=False, timeout=240, highstate=False):
     want = set(lab.topology.hosts) if tgt == "*" else {tgt} if isinstance(tgt, str) else set(tgt)
     assert set(res) == want, f"no answer from {want - set(res)}"
     for minion, ret in res.items():
-        assert isinstance(ret, dict), f"{minion}: {ret}"
+        assert isinstance(ret, dict), f"{minion}: {ret}\n{minion_log_tail(lab, minion)}"
         bad = {k: v["comment"] for k, v in ret.items() if v["result"] is False}
         assert not bad, f"{minion}: {bad}"
     return res

@@ -126,6 +126,35 @@ def test_the_floating_ip_follows_a_migrated_vm(lab, base):
         lab.move_vm(VM, "compute2")
 
 
+def test_the_floating_ip_follows_an_evacuated_vm(lab, base):
+    """compute2 loses power; hw1 is evacuated to compute1 (the pillar says so, applied on
+    compute1, and the VM boots there): the router's ARP entry for the floating IP follows
+    compute1's announcement, upstream reaches hw1 by it and hw1 leaves as it again."""
+    from hanet_lab import chaos
+
+    apply(lab, pillar_with(base))
+    assert eventually(lambda: whoami(lab), FIP) == FIP
+    assert lab.arp_cache("router")[FIP]["mac"] == lab.mac("compute2", "eth0")
+    chaos.power_off(lab, "compute2")
+    try:
+        lab.set_pillar(pillar_with(base, host="compute1"))
+        state_apply(lab, tgt="compute1")
+        lab.unplug_vm(VM)
+        lab.plug_vm(VM, host="compute1")
+        lease = lab.dhcp(VM, "dhclient")
+        assert (lease["address"], lease["router"]) == (FIXED, HW_ROUTER), lease
+        assert lab.arp_cache("router")[FIP]["mac"] == lab.mac("compute1", "eth0")
+        cp = lab.exec("router", ["curl", "-sS", "--max-time", "3", f"http://{FIP}/whoami"], timeout=15)
+        assert cp.returncode == 0 and cp.stdout.strip() == ROUTER, cp.stderr
+        assert eventually(lambda: whoami(lab), FIP, timeout=10) == FIP
+    finally:
+        chaos.power_on_started(lab, "compute2")
+        apply(lab, pillar_with(base))
+        lab.unplug_vm(VM)
+        lab.plug_vm(VM)
+        assert lab.dhcp(VM, "dhclient")["address"] == FIXED
+
+
 @pytest.mark.parametrize("fip", [True, False], ids=["with-floating-ip", "without"])
 def test_the_vm_reads_its_metadata_with_nothing_configured_on_the_router(lab, base, fip):
     """The router has no route for 169.254.169.254 (the lab's router never had one): the
