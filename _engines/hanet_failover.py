@@ -97,13 +97,95 @@ def _runner(opts):
     return runners
 
 
-def _call(fun, tag, data):
+def _call(fun, tag, data, via="engine"):
     try:
-        out = fun(tag=tag, data=data, via="engine")
+        out = fun(tag=tag, data=data, via=via)
         if isinstance(out, dict) and out.get("moved"):
             log.warning("hanet_failover: %s -> %s", tag, out)
+        return out
     except Exception:  # pylint: disable=broad-except  (log it; the engine keeps running)
         log.exception("hanet_failover: handling %s failed", tag)
+        return None
+
+
+# While the reports also come straight (``Hearing``), their events wait this long: the
+# datagram, sent before its event, is handled alone (one verification, one decision in the
+# CPU at the moment that counts), and the event still decides, this much later, if it
+# was lost.
+EVENT_DEFER_S = 0.05
+
+
+class Hearing:
+    """The beacons' reports sent straight here (``ha:report_port``, UDP), beside their
+    beacon events: each goes to ``hanet.liveness`` at once (``via="direct"``), which
+    verifies it as it does the event's; the event, arriving later, finds the report's
+    nonce taken by the other path and returns quietly (``failover.Record.handle``).
+
+    The listener is kept in step with the pillar: every successful prime
+    (the first, and each one a minion's start or a hanet highstate asks for) and every
+    reconcile round (each second) gives ``ha:report_port``; the listener starts on it,
+    moves when it changes, stops at 0. Until one succeeds (a master that knows no minion
+    yet), the events carry every report."""
+
+    def __init__(self, host, submit, parse, common):
+        self.host, self.submit, self.parse, self.common = host, submit, parse, common
+        self.reports = None
+        self._lock = threading.Lock()
+
+    def follow(self, out):
+        if not (isinstance(out, dict) and out.get("result") and "report_port" in out):
+            return
+        port = int(out["report_port"] or 0)
+        with self._lock:
+            if self.reports is not None and self.reports.wanted == port:
+                return
+            self._close()
+            if not port:
+                return
+            try:
+                self.reports = self.common.Datagrams(self.host, port, self._heard, "hanet-reports").start()
+                log.info("hanet_failover: hearing direct reports on UDP port %s", port)
+            except OSError as err:  # the events still carry every report
+                log.warning("hanet_failover: no direct reports on UDP port %s: %s", port, err)
+
+    def _heard(self, raw, _addr):
+        got = self.parse(raw)
+        if got is not None:
+            self.submit(*got)
+
+    def _close(self):
+        if self.reports is not None:
+            self.reports.stop()
+            self.reports = None
+
+    def stop(self):
+        with self._lock:
+            self._close()
+
+
+class _Overlay:
+    """The runner loader with a few functions replaced (it stays lazy)."""
+
+    def __init__(self, base, over):
+        self.base, self.over = base, over
+
+    def __getitem__(self, name):
+        return self.over[name] if name in self.over else self.base[name]
+
+    def __contains__(self, name):
+        return name in self.over or name in self.base
+
+
+def _steering(fun, hearing):
+    """``hanet.prime`` or ``hanet.reconcile`` as the engine calls it: its answer also
+    steers the listener."""
+
+    def call(*args, **kwargs):
+        out = fun(*args, **kwargs)
+        hearing.follow(out)
+        return out
+
+    return call
 
 
 def _beat(path):
@@ -112,12 +194,18 @@ def _beat(path):
         fh.write(f"{os.getpid()}\n")
 
 
-def handle(event, runners, pool, failover):
+def handle(event, runners, pool, failover, defer=0.0):
     """Dispatch one master event; returns what it did ("liveness", "prime", "outcome"
-    or None)."""
+    or None). ``defer``: seconds a liveness event waits before it is handled (while the
+    beacons' reports also come straight here: the datagram, sent first, gets them)."""
     tag, data = event.get("tag", ""), event.get("data")
     if fnmatch.fnmatchcase(tag, failover.LIVENESS_GLOB):
-        pool.submit(_call, runners["hanet.liveness"], tag, data)
+        if defer > 0:
+            later = threading.Timer(defer, pool.submit, (_call, runners["hanet.liveness"], tag, data))
+            later.daemon = True
+            later.start()
+        else:
+            pool.submit(_call, runners["hanet.liveness"], tag, data)
         return "liveness"
     if any(fnmatch.fnmatchcase(tag, p) for p in failover.PRIME_TAGS):
         pool.submit(_call, runners["hanet.prime"], tag, data)
@@ -152,6 +240,16 @@ def start(workers=4, reconcile_interval=1.0, stop=None):
     os.makedirs(os.path.dirname(beat), exist_ok=True)
     pool = ThreadPoolExecutor(max_workers=int(workers), thread_name_prefix="hanet-failover")
     loop = None
+    hearing = Hearing(
+        opts.get("interface") or "0.0.0.0",
+        lambda tag, data: pool.submit(_call, runners["hanet.liveness"], tag, data, "direct"),
+        failover.parse_report_datagram,
+        _lib("common"),
+    )
+    runners = _Overlay(
+        runners,
+        {name: _steering(runners[name], hearing) for name in ("hanet.prime", "hanet.reconcile")},
+    )
     writer = _lib("metrics").Writer(runners["hanet.metrics"]).start() if "hanet.metrics" in runners else None
     try:
         with salt.utils.event.get_master_event(opts, opts["sock_dir"], listen=True) as bus:
@@ -172,9 +270,10 @@ def start(workers=4, reconcile_interval=1.0, stop=None):
                     _beat(beat)
                 event = bus.get_event(wait=1, full=True)
                 if event:
-                    handle(event, runners, pool, failover)
+                    handle(event, runners, pool, failover, EVENT_DEFER_S if hearing.reports is not None else 0.0)
     finally:
         stop.set()
+        hearing.stop()
         if writer is not None:
             writer.stop()
         if loop is not None:

@@ -383,8 +383,27 @@ def _takeover_context():
         _h("events").send(__opts__, tag, data)
 
     return _h("takeover").Context(
-        me=__opts__["id"], cfg=_config(last_known=True), paths=_paths(), owners=_records, fire=fire
+        me=__opts__["id"],
+        cfg=_config(last_known=True),
+        paths=_paths(),
+        owners=_records,
+        fire=fire,
+        memo=__context__.setdefault("hanet.takeover.desired", {}),
     )
+
+
+def prepare():
+    """Compute ahead what a takeover order would need here (the validated model, and the
+    desired state of each network-host network this host stands by for, with this host
+    as its owner), kept in the running minion, so that the order only binds. The
+    liveness beacon of a network host calls it on every poll; it costs a fingerprint of
+    the pillar while nothing changed. Returns the networks prepared.
+
+    CLI example::
+
+        salt net2 hanet.prepare
+    """
+    return _h("takeover").prepare(_takeover_context())
 
 
 def takeover(
@@ -397,6 +416,8 @@ def takeover(
     warm=False,
     prechecked=None,
     handover=False,
+    heard_at=None,
+    heard_via=None,
 ):
     """Become the holder of network-host network ``network`` at ``epoch`` (ordered by
     the master after a confirmed failure, or for a planned move): probe the gateway
@@ -408,7 +429,9 @@ def takeover(
     calls it with ``warm=True`` (bind and announce only) and ``prechecked`` (its own
     probe of the gateway); see ``_hanet/takeover.py``. ``handover``: the old owner is
     alive and was told to let go (its health said it cannot serve the network): wait for
-    the gateway to fall silent before binding.
+    the gateway to fall silent before binding. ``heard_at``: when the beacon heard
+    the order (a stamp in the ``complete`` event's timings, ``heard_s``), ``heard_via``
+    how (``direct``: the master's datagram; ``publication``), also in the event.
 
     CLI example::
 
@@ -425,6 +448,8 @@ def takeover(
         warm=warm,
         prechecked=prechecked,
         handover=handover,
+        heard_at=heard_at,
+        heard_via=heard_via,
     )
 
 

@@ -19,7 +19,7 @@ import struct
 RTM_NEWADDR, RTM_DELADDR = 20, 21
 NLMSG_ERROR = 2
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
-IFA_ADDRESS, IFA_LOCAL = 1, 2
+IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST = 1, 2, 4
 CHUNK = 256  # messages per datagram (40 bytes each)
 
 _HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
@@ -27,9 +27,10 @@ _IFA = struct.Struct("=BBBBI")  # ifaddrmsg: family, prefixlen, flags, scope, in
 _RTA = struct.Struct("=HH")  # rtattr: len, type
 
 
-def message(action, index, address, prefixlen, seq):
+def message(action, index, address, prefixlen, seq, broadcast=None):
     """One RTM_NEWADDR (``add``: create, fail if it exists) or RTM_DELADDR (``del``)
-    request for ``address``/``prefixlen`` on the link ``index`` (pure)."""
+    request for ``address``/``prefixlen`` on the link ``index``, with ``broadcast``
+    when given (pure)."""
     addr = socket.inet_aton(address)
     body = (
         _IFA.pack(socket.AF_INET, int(prefixlen), 0, 0, int(index))
@@ -38,6 +39,8 @@ def message(action, index, address, prefixlen, seq):
         + _RTA.pack(8, IFA_ADDRESS)
         + addr
     )
+    if broadcast:
+        body += _RTA.pack(8, IFA_BROADCAST) + socket.inet_aton(broadcast)
     if action == "add":
         kind, flags = RTM_NEWADDR, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
     elif action == "del":
@@ -62,8 +65,8 @@ def acks(data):
 
 
 def change(ops):
-    """Apply ``ops``, a list of (action, index, address, prefixlen), in this network
-    namespace. Returns the errno of each op in order (0: done; e.g. EEXIST for an
+    """Apply ``ops``, a list of (action, index, address, prefixlen[, broadcast]), in
+    this network namespace. Returns the errno of each op in order (0: done; e.g. EEXIST for an
     address already there, EADDRNOTAVAIL for one already gone). Raises OSError when
     the kernel does not answer every request."""
     results = [None] * len(ops)
@@ -77,10 +80,10 @@ def change(ops):
             chunk = ops[start : start + CHUNK]
             seqs = {}
             buf = bytearray()
-            for i, (action, index, address, prefixlen) in enumerate(chunk, start):
+            for i, op in enumerate(chunk, start):
                 seq = (base + i) & 0xFFFFFFFF
                 seqs[seq] = i
-                buf += message(action, index, address, prefixlen, seq)
+                buf += message(*op[:4], seq, *op[4:5])
             sock.sendto(bytes(buf), (0, 0))
             while seqs:
                 try:

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,54 @@ class Worker:
     @property
     def alive(self):
         return self._thread is not None and self._thread.is_alive()
+
+
+class Datagrams(Worker):
+    """A UDP socket bound to ``(host, port)`` and a thread that hands each datagram to
+    ``handle(raw, (src, port))`` (the master's direct orders on a network host, the
+    beacons' direct reports on the master). ``wanted``: the port asked for (0: any)."""
+
+    def __init__(self, host, port, handle, name):
+        import socket
+
+        super().__init__()
+        self.thread_name, self.handle, self.wanted = name, handle, int(port)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, int(port)))
+        self.sock.settimeout(0.5)
+
+    @property
+    def port(self):
+        return self.sock.getsockname()[1]
+
+    def _run(self):
+        import socket
+
+        while not self._stop.is_set():
+            try:
+                raw, src = self.sock.recvfrom(65535)
+            except socket.timeout:
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    return
+                time.sleep(0.1)
+                continue
+            try:
+                self.handle(raw, src)
+            except Exception:  # pylint: disable=broad-except  (one bad datagram must not end the thread)
+                log.exception("%s: a datagram from %s failed", self.thread_name, src)
+
+    def send(self, raw, addr):
+        try:
+            self.sock.sendto(raw, addr)
+        except OSError:
+            pass
+
+    def stop(self, timeout=2.0):
+        super().stop(timeout)
+        self.sock.close()
 
 
 class FileLock:

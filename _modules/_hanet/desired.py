@@ -208,6 +208,8 @@ class HostState:
     standby_for: tuple = ()  # (peer, ((ifname, ip), ...)): the gateways and floating IPs it would take over
     orders: bool = False  # a network host of a network-host network: takeover orders come here
     garp_refresh_s: int = 0  # an owner re-announces its gateways and floating IPs this often (0: never)
+    order_port: int = 0  # where the master's direct orders come (ha:order_port; 0: none)
+    report_port: int = 0  # where the masters hear the beacon's reports directly (ha:report_port; 0: none)
     # what this network host watches of its own links (``_hanet.health``): its uplink, and
     # the segment link (bridge_interface) of each network-host network it is a network host of
     health_uplink: str = ""
@@ -466,6 +468,8 @@ def compute(cfg, host, owners=None):
         standby_for=tuple((p, tuple(sorted(t))) for p, t in sorted(standby_for.items())),
         orders=bool(own),
         garp_refresh_s=cfg.ha.garp_refresh_s if own else 0,
+        order_port=cfg.ha.order_port if own else 0,
+        report_port=cfg.ha.report_port if watch else 0,
         health_uplink=public if own else "",
         health_segments=tuple((label, cfg.networks[label].bridge_interface or "") for label in own),
     )

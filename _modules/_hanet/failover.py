@@ -218,6 +218,97 @@ def takeover_order(network, epoch, previous, detected_at=None, planned=False, de
     return [network, int(epoch)], kwargs
 
 
+# --------------------------------------------------------------------------- direct orders
+#
+# The master also sends each takeover and relinquish order straight to the network host,
+# as one UDP datagram signed with the master's key, before it publishes the Salt job of
+# the same jid: the beacon acts on whichever comes first (each jid once), and the job
+# does the rest. The datagram skips the master's publish handling and the minion's
+# share of a publication (decrypting it, forking the job) on the failover path.
+
+ORDER_MAX_AGE_S = 30.0  # a direct order older (or newer) than this, by the host's clock, is refused
+ORDER_MAX_BYTES = 8192
+
+
+def order_datagram(private_key, tgt, fun, args, kwargs, jid, now):
+    """The direct order ``fun(*args, **kwargs)`` for minion ``tgt`` under ``jid``,
+    signed with ``private_key`` (a ``salt.crypt.PrivateKey``: the master's)."""
+    import base64
+
+    body = json.dumps(
+        {"v": 1, "tgt": tgt, "fun": fun, "arg": list(args), "kwarg": dict(kwargs or {}), "jid": jid, "sent_at": now},
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
+    )
+    sig = base64.b64encode(private_key.sign(body.encode())).decode()
+    return json.dumps({"order": body, "sig": sig}, separators=(",", ":")).encode()
+
+
+def parse_order_datagram(raw, public_key_file, minion_id, now):
+    """``(order, None)`` for a direct order to ``minion_id`` signed by the key in
+    ``public_key_file`` (the master's, as the minion cached it) and sent within
+    ``ORDER_MAX_AGE_S`` of ``now``; ``(None, why)`` for anything else. ``order`` is
+    what ``parse_order`` returns for the same publication."""
+    import base64
+    import binascii
+
+    import salt.crypt
+
+    if len(raw) > ORDER_MAX_BYTES:
+        return None, "too large"
+    try:
+        outer = json.loads(raw)
+        body, sig = outer["order"], base64.b64decode(outer["sig"], validate=True)
+        if not isinstance(body, str):
+            raise TypeError("order is not a string")
+    except (ValueError, KeyError, TypeError, binascii.Error) as err:
+        return None, f"not an order ({err})"
+    if not os.path.isfile(public_key_file):
+        return None, f"no master key {public_key_file}"
+    try:
+        ok = salt.crypt.verify_signature(public_key_file, body.encode(), sig)
+    except (ValueError, TypeError) as err:
+        return None, f"bad signature ({err})"
+    if not ok:
+        return None, "bad signature"
+    try:
+        order = json.loads(body)
+        sent_at = float(order["sent_at"])
+        arg = list(order["arg"]) + ([dict(order["kwarg"], __kwarg__=True)] if order["kwarg"] else [])
+        load = {"fun": order["fun"], "tgt": order["tgt"], "tgt_type": "glob", "arg": arg, "jid": order["jid"]}
+    except (ValueError, KeyError, TypeError) as err:
+        return None, f"not an order ({err})"
+    if abs(now - sent_at) > ORDER_MAX_AGE_S:
+        return None, f"sent {now - sent_at:.1f} s ago by this host's clock (at most {ORDER_MAX_AGE_S:.0f})"
+    got = parse_order({"load": load}, minion_id)
+    return (got, None) if got is not None and got["jid"] else (None, "not an order for this host")
+
+
+def report_datagram(tag, data):
+    """A signed liveness or health report (``tag``, ``data``) as the beacon also sends it
+    straight to the masters' engines (``ha:report_port``), beside the beacon event."""
+    return json.dumps({"tag": tag, "data": data}, separators=(",", ":"), default=str).encode()
+
+
+def parse_report_datagram(raw):
+    """``(tag, data)`` of a report datagram, or None when it is not one. Nothing is
+    verified here: the engine hands it to the decision (``hanet.liveness``), which checks
+    the observer's signature, freshness and nonce as for the event."""
+    import fnmatch
+
+    if len(raw) > ORDER_MAX_BYTES:
+        return None
+    try:
+        got = json.loads(raw)
+        tag, data = got["tag"], got["data"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(tag, str) or not isinstance(data, dict) or not fnmatch.fnmatchcase(tag, LIVENESS_GLOB):
+        return None
+    return tag, data
+
+
 def parse_order(payload, minion_id):
     """A ``hanet.takeover`` or ``hanet.relinquish`` publication aimed at ``minion_id``
     alone, as {jid, fun, args, kwargs}; None for anything else."""

@@ -9,6 +9,7 @@ facet holds the addresses.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 
 from .common import Change
@@ -83,29 +84,23 @@ def flush_conntrack(address):
             return  # no conntrack tool, or it hangs: the entries time out on their own
 
 
-def apply(changes, managed, garp_count=0, ipr=None):
+def apply(changes, managed, garp_count=0):
     """Bind and unbind floating IPs (``plan``'s changes), all addresses in one netlink
     batch (``addrbatch``: 1,000 in milliseconds, where one request at a time took 0.6 s),
     then the unbound addresses' conntrack entries. The managed record follows what was
     done, also when a later address fails."""
     import errno
 
-    from pyroute2 import IPRoute
-
     from . import addrbatch, arp
 
     if not changes:
         return []
-    own = ipr is None
-    ipr = ipr or IPRoute()
-    try:
-        index = {link.get_attr("IFLA_IFNAME"): link["index"] for link in ipr.get_links()}
-    finally:
-        if own:
-            ipr.close()
-    for ch in changes:
-        if ch.detail["interface"] not in index:
-            raise RuntimeError(f"public interface {ch.detail['interface']} does not exist")
+    index = {}  # if_nametoindex: a link dump parsed by pyroute2 took 5-25 ms
+    for name in sorted({ch.detail["interface"] for ch in changes}):
+        try:
+            index[name] = socket.if_nametoindex(name)
+        except OSError:
+            raise RuntimeError(f"public interface {name} does not exist") from None
     ops = [("add" if ch.action == "bind" else "del", index[ch.detail["interface"]], ch.target, 32) for ch in changes]
     done, bound, gone = [], [], []
     names = managed.get(FACET)

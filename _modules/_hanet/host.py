@@ -141,10 +141,14 @@ def beacon_config(state):
         {"misses": state.probe.misses},
         {"rise": state.probe.rise},
     ]
+    if state.report_port and state.liveness:
+        out.append({"report_port": state.report_port})
     if state.orders:
         out.append({"orders": True})
         if state.garp_refresh_s:
             out.append({"garp_refresh_s": state.garp_refresh_s})
+        if state.order_port:
+            out.append({"order_port": state.order_port})
     if supervise:
         out.append({"supervise": True})
     if state.standby_for:

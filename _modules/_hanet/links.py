@@ -659,6 +659,11 @@ def link_request(change, index_of):
     raise LinkError(f"hanet does not create links of kind {kind!r}")
 
 
+def broadcast_of(address):
+    """The broadcast address a bound ``address`` ("ip/prefixlen") gets, or None (/31, /32)."""
+    return _broadcast(address)
+
+
 def _broadcast(address):
     iface = ipaddress.ip_interface(address)
     if iface.version == 4 and iface.network.prefixlen < 31:

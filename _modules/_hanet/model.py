@@ -40,6 +40,8 @@ HA_DEFAULTS = {
     "probe_interval_ms": None,
     "probe_misses": None,  # None: Probe's defaults
     "garp_refresh_s": 0,
+    "order_port": 4509,
+    "report_port": 4510,
 }
 TOP_KEYS = set(GLOBAL_DEFAULTS) | {"ha", "networks", "hosts", "instances"}
 NETWORK_KEYS = {
@@ -212,6 +214,12 @@ class Ha:
     probe_interval_ms: int = Probe.interval_ms
     probe_misses: int = Probe.misses
     garp_refresh_s: int = 0  # the owner announces what it holds again every so often; 0: never
+    # UDP port on the network hosts for the master's signed direct orders; 0: none (the
+    # Salt publication alone carries them)
+    order_port: int = 4509
+    # UDP port on the masters for the beacons' signed liveness reports, sent beside the
+    # beacon event; 0: none (the event alone carries them)
+    report_port: int = 4510
 
     @property
     def probe(self):
@@ -466,7 +474,15 @@ def load(pillar):
         c.int(ha_v["probe_misses"], p("ha:probe_misses"), 1, 100) if ha_v["probe_misses"] is not None else None,
     )
     refresh = c.int(ha_v["garp_refresh_s"], p("ha:garp_refresh_s"), 0, 86400)
-    ha = Ha(probe_interval_ms=probe.interval_ms, probe_misses=probe.misses, garp_refresh_s=refresh or 0)
+    order_port = c.int(ha_v["order_port"], p("ha:order_port"), 0, 65535)
+    report_port = c.int(ha_v["report_port"], p("ha:report_port"), 0, 65535)
+    ha = Ha(
+        probe_interval_ms=probe.interval_ms,
+        probe_misses=probe.misses,
+        garp_refresh_s=refresh or 0,
+        order_port=HA_DEFAULTS["order_port"] if order_port is None else order_port,
+        report_port=HA_DEFAULTS["report_port"] if report_port is None else report_port,
+    )
 
     raw_networks = c.mapping(top.get("networks"), p("networks"))
     raw_hosts = c.mapping(top.get("hosts"), p("hosts"))

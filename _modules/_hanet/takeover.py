@@ -23,7 +23,7 @@ import os
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 from . import arp, desired, failover, floating, host, links, metrics
 from .common import Change, FileLock, Managed, Paths, write_atomic
@@ -45,12 +45,49 @@ class Context:
     paths: Paths
     owners: Callable[[], dict]
     fire: Callable[[str, dict], None]
+    # desired states computed for this cfg, by owner map: kept by the caller across
+    # calls (the minion's running process), so that a takeover finds the state it
+    # binds computed already (``prepare``)
+    memo: Optional[dict] = None
 
     def owner_map(self):
         return owner_map(self.owners(), self.paths)
 
-    def desired(self):
-        return desired.compute(self.cfg, self.me, self.owner_map())
+    def desired(self, owners=None):
+        owners = self.owner_map() if owners is None else owners
+        if self.memo is None:
+            return desired.compute(self.cfg, self.me, owners)
+        if self.memo.get("cfg") is not self.cfg:  # a new pillar: nothing of the old one
+            self.memo.clear()
+            self.memo["cfg"] = self.cfg
+        key = tuple(sorted(owners.items()))
+        got = self.memo.get(key)
+        if got is None:
+            if len(self.memo) > MEMO_MAX:
+                for k in [k for k in list(self.memo) if k != "cfg"][: len(self.memo) // 2]:
+                    del self.memo[k]
+            got = self.memo[key] = desired.compute(self.cfg, self.me, owners)
+        return got
+
+
+MEMO_MAX = 16  # desired states a Context's memo keeps (a host's standby networks, and now)
+
+
+def prepare(ctx):
+    """Compute ahead what a takeover order would need on this host: the desired state
+    now, and for each network-host network it stands by for, the state with this host
+    as its owner (``ctx.memo`` keeps them). The liveness beacon calls it on every poll
+    (``hanet.prepare``); it costs nothing while the pillar and the record stay as they
+    are. Returns the networks prepared."""
+    now = ctx.owner_map()
+    ctx.desired(now)
+    ready = []
+    for label, net in sorted(ctx.cfg.networks.items()):
+        if net.multi_host or ctx.me not in net.network_hosts or now.get(label) == ctx.me:
+            continue
+        ctx.desired(dict(now, **{label: ctx.me}))
+        ready.append(label)
+    return ready
 
 
 # --------------------------------------------------------------------------- the host's record
@@ -303,7 +340,7 @@ def bind_moved(net, state, managed):
     recorded the same way), without reading the rest of the host first."""
     if net.gateway_cidr not in next((b.addresses for b in state.bridges if b.name == net.bridge), ()):
         raise RuntimeError(f"the desired state does not put {net.gateway} on {net.bridge}")
-    done = {"links": links_add(net, managed)}
+    done = {"links": links_add(net)}
     binds = [
         Change("floating", "bind", f.address, {"interface": f.public_interface})
         for f in state.floating_ips
@@ -314,17 +351,32 @@ def bind_moved(net, state, managed):
     return {k: v for k, v in done.items() if v}
 
 
-def links_add(net, managed):
-    return links.apply(
-        [Change("links", "add", f"{net.bridge} {net.gateway_cidr}", {"link": net.bridge, "address": net.gateway_cidr})],
-        managed,
-    )
+def links_add(net):
+    """Bind the gateway on the network's bridge (what ``links.apply`` does for the same
+    change, in one netlink message: its link lookup and pyroute2's parsing cost 10-20 ms
+    on the failover path). The managed record keeps links, not addresses: nothing to
+    record."""
+    import errno
+    import socket
+
+    from . import addrbatch
+
+    try:
+        index = socket.if_nametoindex(net.bridge)
+    except OSError:
+        raise links.LinkError(f"{net.bridge} does not exist: cannot bind {net.gateway_cidr}") from None
+    (code,) = addrbatch.change([("add", index, net.gateway, net.prefixlen, links.broadcast_of(net.gateway_cidr))])
+    if code == errno.EEXIST:
+        return []
+    if code:
+        raise links.LinkError(f"add {net.gateway_cidr} to {net.bridge}: {os.strerror(code)}")
+    return [f"added {net.gateway_cidr} to {net.bridge}"]
 
 
 def _as_owner(ctx, network):
     """This host's desired state were it the owner of ``network`` (what it holds, and so
     what a relinquish unbinds, once the record names another owner)."""
-    return desired.compute(ctx.cfg, ctx.me, dict(ctx.owner_map(), **{network: ctx.me}))
+    return ctx.desired(dict(ctx.owner_map(), **{network: ctx.me}))
 
 
 def _merge(done, more):
@@ -344,6 +396,8 @@ def run(
     warm=False,
     prechecked=None,
     handover=False,
+    heard_at=None,
+    heard_via=None,
 ):
     """Become the holder of ``network`` at ``epoch`` (see the module's docstring).
     Returns the ``complete`` event's data (warm: only what was bound); fires
@@ -365,6 +419,8 @@ def run(
         prechecked=prechecked,
         handover=handover,
         repeats=repeats,
+        heard_at=heard_at,
+        heard_via=heard_via,
     )
     for moved, rounds in repeats:
         try:
@@ -411,6 +467,8 @@ def _run(
     prechecked=None,
     handover=False,
     repeats=None,
+    heard_at=None,
+    heard_via=None,
 ):
     tag_base = {
         "network": network,
@@ -450,6 +508,8 @@ def _run(
             return {"network": network, "epoch": int(epoch), "outcome": prior.get("outcome")}
         bound = prior if prior and prior.get("outcome") == "bound" else None
         mark = _Marks(bound["marks"] if bound else None)
+        if heard_at and not bound:  # when the beacon heard the order (before "start")
+            mark.marks.append(("heard", float(heard_at)))
         moved = [tuple(m) for m in bound["moved"]] if bound else []
         try:
             net = _network(ctx, network)
@@ -471,7 +531,9 @@ def _run(
                     repeats.append((moved, max(state.garp_count, GARP_MIN) - 1))
                 _merge(done, host.apply_now(("links", "floating"), state, ctx.paths, managed))
                 if warm:
-                    slot.write(epoch=int(epoch), outcome="bound", marks=mark.marks, moved=moved, by="warm")
+                    slot.write(
+                        epoch=int(epoch), outcome="bound", marks=mark.marks, moved=moved, by="warm", via=heard_via
+                    )
                     return {"network": network, "epoch": int(epoch), "outcome": "bound", "timings": mark.timings()}
             else:
                 unfence(ctx.paths, network)
@@ -499,6 +561,8 @@ def _run(
             bound_by="warm" if bound else "job",
             changes=done,
         )
+        if bound and bound.get("via"):
+            data["heard_via"] = bound["via"]  # how the beacon heard the order: direct, publication
         slot.write(epoch=int(epoch), outcome="complete", data=data)
     ctx.fire(failover.failover_tag(network, "complete"), data)
     _count_takeover(ctx, data)

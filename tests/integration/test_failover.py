@@ -146,9 +146,14 @@ def test_power_loss_moves_gateway_dhcp_nat_and_floating_ip(cluster):
     # the fast path: the engine decided, the standby's beacon bound the addresses
     # itself (its job did DHCP, metadata and this event), the event carries the stamps
     dec = data["decision"]
-    assert dec["via"] == "engine" and dec["second_opinion"] in ("watch", "icmp")
+    # the report reached the engine straight from the beacon (ha:report_port), before its event
+    assert dec["via"] == "direct" and dec["second_opinion"] in ("watch", "icmp")
     assert data["detected_at"] <= dec["received_at"] <= dec["confirmed_at"] <= dec["published_at"]
     assert data["bound_by"] == "warm"
+    # the order reached the standby as the master's signed datagram (ha:order_port), before
+    # the Salt job of the same jid
+    assert data.get("heard_via") == "direct", data
+    assert data["timings"]["heard_s"] <= 0  # heard before the takeover started
     # one decision per report: the reactor's runner left the events to the engine
     assert not [e for e in later if e["tag"].endswith("/complete")], "a second complete event"
     assert not [e for e in later if "replayed" in str((e.get("data") or {}).get("reason"))]
@@ -488,3 +493,39 @@ def test_the_owner_re_announces_every_garp_refresh_s(cluster):
         del pillar["hanet"]["ha"]["garp_refresh_s"]
         lab.set_pillar(pillar)
         state_apply(lab, ["net1", "net2"], timeout=300)
+
+
+def test_with_the_order_port_blocked_the_publication_carries_the_order(cluster):
+    """The standby drops every datagram to ha:order_port (a firewall in its way): the
+    master hears no acknowledgement and publishes the job at once; the standby's beacon
+    hears the order on the publish channel and binds, as before direct orders."""
+    from hanet_lab import chaos
+
+    lab = cluster
+    own = owner(lab)["owner"]
+    standby = "net2" if own == "net1" else "net1"
+    block = (
+        "table inet hanet_test_block {\n"
+        " chain input {\n  type filter hook input priority -10;\n  udp dport 4509 counter drop;\n }\n}\n"
+    )
+    lab.exec(standby, ["nft", "-f", "-"], input=block, check=True)
+    try:
+        with lab.events() as ev:
+            up = chaos.Pinger(lab, "router", FLOATING).start()
+            try:
+                time.sleep(1)
+                chaos.power_off(lab, own)
+                done = ev.wait(f"hanet/failover/{NET}/complete", timeout=20)
+                time.sleep(1)
+            finally:
+                up.stop()
+        assert done, "no complete event"
+        data = done["data"]
+        assert (data["to"], data["bound_by"], data.get("heard_via")) == (standby, "warm", "publication"), data
+        assert holders(lab, FLOATING) == [standby]
+        assert [t for t, _ in up.replies() if t > data["completed_at"]], "no reply after the failover"
+        dropped = lab.exec(standby, ["nft", "list", "table", "inet", "hanet_test_block"], check=True).stdout
+        assert "packets 0 " not in dropped  # the datagram did come, and was dropped
+    finally:
+        lab.exec(standby, ["nft", "delete", "table", "inet", "hanet_test_block"])
+        chaos.power_on_started(lab, own)

@@ -84,3 +84,28 @@ def test_floating_apply_binds_and_unbinds_in_one_batch_and_records_what_it_did(n
         with pytest.raises(RuntimeError, match="public interface nope0 does not exist"):
             floating.apply([Change("floating", "bind", "203.0.113.71", {"interface": "nope0"})], managed)
         assert "203.0.113.71" not in managed.names
+
+
+def test_the_takeover_binds_the_gateway_as_the_links_state_would(ns):
+    """takeover.links_add: one netlink message, the prefix and broadcast address an
+    apply gives the gateway (`ip addr` shows the same line either way); again: nothing."""
+    from types import SimpleNamespace
+
+    from _hanet import links, takeover
+    from _hanet.common import Change as Ch
+
+    net = SimpleNamespace(bridge="pub0", gateway="10.20.0.1", prefixlen=24, gateway_cidr="10.20.0.1/24")
+
+    def brd_line():
+        out = kernel_ns.sh("ip", "-n", ns, "-4", "-o", "addr", "show", "dev", "pub0").stdout
+        return [line.split(" ", 2)[2].split("\\")[0].strip() for line in out.splitlines()]
+
+    with kernel_ns.inside(ns):
+        assert takeover.links_add(net) == ["added 10.20.0.1/24 to pub0"]
+        assert takeover.links_add(net) == []
+        fast = brd_line()
+        addrbatch.change([("del", index(ns, "pub0"), "10.20.0.1", 24)])
+        links.apply([Ch("links", "add", "pub0 10.20.0.1/24", {"link": "pub0", "address": "10.20.0.1/24"})])
+        assert brd_line() == fast and "brd 10.20.0.255" in fast[0], fast
+        with pytest.raises(links.LinkError, match="nope0 does not exist"):
+            takeover.links_add(SimpleNamespace(**dict(vars(net), bridge="nope0")))
