@@ -6,8 +6,12 @@ master moves a network when it and a standby both lose the owner, which is exact
 what this host sees from its side. When every peer has been silent for ``misses - 1``
 probe periods and the master does not answer either, ``on_fence()`` drops what the
 host serves (``takeover.fence``), before any standby can have been ordered to take it
-over (a standby needs ``misses`` periods to report the owner, and the master's
-decision comes on top). The new owner's duplicate address detection waits for the
+over: a standby needs ``misses`` periods to report the owner, but its probes run on a
+schedule of their own, so at worst its report comes as early as this verdict. The
+check follows each verdict at once (``Prober.judged``), the master's ICMP check takes
+at most a quarter period, and a takeover binds no earlier than ``guard_s`` after the
+first report (``takeover._fence_wait``): the margin does not hang on how long the
+master's decision takes. The new owner's duplicate address detection waits for the
 floating IPs to fall silent too (``takeover._dad``).
 
 The next hop does not count as evidence against isolation: an owner that the standbys
@@ -35,6 +39,28 @@ from .common import Worker
 log = logging.getLogger(__name__)
 
 
+# How long the fence's check of the master may take: a LAN answers ICMP within a
+# millisecond; every millisecond here is one the standby's takeover waits for
+# (takeover.fence_guard_s).
+def icmp_timeout(probe):
+    return max(0.02, probe.interval_s / 4)
+
+
+# What the fence needs after its check to fall silent (the unbind, its netlink messages
+# and the conntrack flush, and the thread's wake-up), in the lab 0.01-0.02 s
+UNBIND_S = 0.05
+
+
+def guard_s(probe):
+    """How long after a standby's detection of the owner the owner may still answer
+    before rule 2 silences it, at worst. The owner's fence counts ``misses - 1`` periods
+    on its own probes; a standby reports after ``misses`` on its own: with both
+    schedules' phases at their worst the fence's verdict comes when the earliest report
+    does, and its check of the master and the unbind follow. A takeover (not a planned
+    one) binds no earlier than this after ``detected_at``."""
+    return icmp_timeout(probe) + UNBIND_S
+
+
 def next_hop():
     """The IPv4 default route's gateway, or None."""
     from pyroute2 import IPRoute
@@ -48,7 +74,8 @@ def next_hop():
 
 
 class Fence(Worker):
-    """Watches ``prober``'s peers each ``probe.interval_s``; see the module docstring.
+    """Watches ``prober``'s peers right after each of its verdicts (``Prober.judged``);
+    see the module docstring.
     ``targets``: the addresses that stand for the master. With none and ``route`` true,
     the next hop stands in, read from the routing table in the watching thread
     (pyroute2 must not run in the minion's main thread, whose event loop is running)."""
@@ -71,7 +98,7 @@ class Fence(Worker):
             return False
         if any(p.misses < max(1, self.probe.misses - 1) for p in peers):
             return False
-        timeout = max(0.02, self.probe.interval_s / 2)
+        timeout = icmp_timeout(self.probe)
         return all(icmp.check([t], timeout=timeout, tries=1) != icmp.ALIVE for t in self.targets)
 
     def check(self):
@@ -99,5 +126,15 @@ class Fence(Worker):
                 hop = None
             if hop and hop not in self.targets:
                 self.targets.append(hop)
-        while not self._stop.wait(self.probe.interval_s):
+        judged = getattr(self.prober, "judged", None)
+        while not self._stop.is_set():
+            if judged is None:  # a prober without verdict events: a schedule of its own
+                if self._stop.wait(self.probe.interval_s):
+                    return
+            else:  # right after each period's verdict
+                if not judged.wait(self.probe.interval_s):
+                    continue
+                judged.clear()
+                if self._stop.is_set():
+                    return
             self.check()

@@ -153,6 +153,9 @@ class Prober(Worker):
         self._warned = set()
         self._sent_at = time.monotonic()
         self._target_seen = {}  # (ifname, ip) -> when it last answered (wall clock)
+        # set after every period's verdict: the fence checks right then, not on a
+        # schedule of its own (that phase cost up to a period of rule 2's margin)
+        self.judged = threading.Event()
 
     # -- lifecycle -----------------------------------------------------------------
     def stop(self, timeout=2.0):
@@ -305,6 +308,7 @@ class Prober(Worker):
                     self.on_change(peer.name, new, now, initial)
                 except Exception:  # a failing callback must not stop the probes
                     log.exception("hanet liveness: transition callback failed")
+        self.judged.set()
 
     def _run(self):
         next_round = time.monotonic()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from . import arp, desired, failover, floating, host, links, metrics
+from .fence import guard_s as fence_guard_s
 from .common import Change, FileLock, Managed, Paths, write_atomic
 
 PRECHECK_FRESH_S = 1.0  # how old the beacon's clear probe of a gateway may be
@@ -320,6 +321,22 @@ def _dad(net, planned, prechecked, mark, moving, handover=False):
     mark("dad")
 
 
+def _fence_wait(ctx, detected_at, cooperative):
+    """Rule 2's margin: an owner cut off from everything falls silent on its own, at worst
+    ``fence.guard_s`` after the first report of its loss (``detected_at``); until then a
+    standby whose probes cannot reach it (the partition that cut it off) must not bind.
+    The decision and the order usually take longer than that; when they did not, wait
+    out the rest. Not for a planned move or a handover: there the owner lets go itself.
+    True when it waited."""
+    if cooperative or not isinstance(detected_at, (int, float)):
+        return False
+    wait = float(detected_at) + fence_guard_s(ctx.cfg.ha.probe) - time.time()
+    if wait <= 0:
+        return False
+    time.sleep(min(wait, 1.0))  # a detection stamped in the future (a clock ahead): at most 1 s
+    return True
+
+
 def moving_addresses(net, state):
     """[(ip, interface)] that would move to this host with ``net``, from its desired
     state as a standby or as the owner: the gateway and the network's floating IPs
@@ -518,6 +535,8 @@ def _run(
             if not bound:
                 mark("config")
                 _dad(net, planned, prechecked, mark, moving_addresses(net, ctx.desired()), handover)
+                if _fence_wait(ctx, detected_at, planned or handover):
+                    mark("guarded")
                 unfence(ctx.paths, network)
                 write_local_owner(ctx.paths, network, ctx.me, epoch)
                 state = ctx.desired()
