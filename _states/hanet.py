@@ -35,6 +35,11 @@ usable on its own in a user's SLS; ``pillar`` may name another pillar key to rea
         - require:
           - hanet: hanet-ruleset
 
+    hanet-conntrackd:         # conntrackd on network hosts (ha:conntrack_sync)
+      hanet.conntrackd:
+        - require:
+          - hanet: hanet-ruleset
+
     hanet-dnsmasq:            # one dnsmasq per served network
       hanet.dnsmasq:
         - require:
@@ -158,6 +163,20 @@ def floating_ips(name, pillar_key="hanet"):
           hanet.floating_ips: []
     """
     return _facet(name, "floating", pillar_key)
+
+
+def conntrackd(name, pillar_key="hanet"):
+    """conntrackd on a network host (``ha:conntrack_sync``): started, restarted when its
+    config changes, stopped when the host no longer serves a network or the pillar turns
+    it off. It carries the flows of the host's networks to the other network hosts, which
+    commit them before they take a network over (docs/failover.md#open-connections).
+
+    .. code-block:: yaml
+
+        hanet-conntrackd:
+          hanet.conntrackd: []
+    """
+    return _facet(name, "conntrackd", pillar_key)
 
 
 def dnsmasq(name, pillar_key="hanet"):

@@ -34,6 +34,11 @@ Rows (same run, same lab, one after the other):
    router's public link); the router also pings the last of them, and the row reports
    when the first and the last answered again after the power loss (every address's
    gratuitous ARP is paced: ``arp.GARP_BURST``, ``arp.GARP_PPS``).
+3c. ``--no-streams`` skips it: hanet defaults with the network's ``snat_address`` and
+   ``ha:conntrack_sync`` (issue 14 §3); two TCP streams (``hanet_lab.stream``, 100 kB/s
+   each way) run through every power loss, app1 -> router and router -> the floating
+   IP; the row reports the longest pause and whether both survived (no reset, no byte
+   lost).
 4. hanet with two salt-masters and the failover record in etcd (issue 11), in a second
    lab built after the first is torn down (``--masters 2 --etcd 3``: master 192.0.2.1,
    master2 192.0.2.2, etcd 192.0.2.31-33): both masters up; then the first master
@@ -45,7 +50,7 @@ Prints per system and direction p50 / p95 / max (and the ratio to keepalived), t
 phase medians, and writes a PNG timeline of the median hanet trial (``--png``).
 
     ./dev bench failover [--trials 10] [--no-fast] [--no-keepalived] [--no-two-masters]
-                         [--fips N] [--png FILE] [--json FILE] [--md FILE]
+                         [--fips N] [--no-streams] [--png FILE] [--json FILE] [--md FILE]
 """
 
 from __future__ import annotations
@@ -71,6 +76,8 @@ CHECKOUT = os.path.dirname(HERE)
 VM, VM_IP, GW, ROUTER_IP, FIP = "app1", "10.20.0.10", "10.20.0.1", "203.0.113.1", "203.0.113.60"
 NETHOSTS = ("net1", "net2")
 MANY_NET, MANY_ROUTER = "198.18.0.0/22", "198.18.0.1/22"  # the --fips row's floating IPs
+SNAT_ADDRESS = "203.0.113.45"  # the open-connections row's snat_address
+STREAM_S = 6.0  # how long each stream of that row sends (the power loss comes 1 s in)
 
 
 def many_fips(n):
@@ -198,9 +205,12 @@ class Bench:
             self.lab.down()
             self.lab = None
 
-    def pillar(self, ha=None, keepalived=False, fips=0):
+    def pillar(self, ha=None, keepalived=False, fips=0, streams=False):
         p = lab_pillar(self.lab.topology)
         h = p["hanet"]
+        if streams:  # the open-connections row: the SNAT address moves, conntrackd carries the flows
+            h["networks"]["shared"]["snat_address"] = SNAT_ADDRESS
+            h.setdefault("ha", {})["conntrack_sync"] = {"interface": "mgmt0"}
         if keepalived:
             h["networks"].pop("shared")
             for host in NETHOSTS:
@@ -264,7 +274,7 @@ class Bench:
         return d
 
     # ------------------------------------------------------------------ hanet
-    def hanet_setup(self, ha, fips=0):
+    def hanet_setup(self, ha, fips=0, streams=False):
         log(
             f"hanet: pillar with shared network, floating IP {FIP}"
             + (f" and {fips - 1} more" if fips > 1 else "")
@@ -272,7 +282,7 @@ class Bench:
         )
         if fips > 1 and MANY_ROUTER not in self.lab.addresses("router", "eth0"):
             self.lab.exec("router", ["ip", "addr", "add", MANY_ROUTER, "dev", "eth0"], check=True)
-        self.lab.set_pillar(self.pillar(ha=ha, fips=fips))
+        self.lab.set_pillar(self.pillar(ha=ha, fips=fips, streams=streams))
         self.apply("*")
         if VM not in self.lab.plugged:
             self.lab.plug_vm(VM)
@@ -298,11 +308,18 @@ class Bench:
             out.append(got)
             wait = 0.05
 
-    def hanet_trial(self, active, row, kill_master=None, last_fip=None):
+    def hanet_trial(self, active, row, kill_master=None, last_fip=None, streams=False):
         """One power loss of ``active``; ``kill_master``: that salt-master is killed at the
         same moment (its events are then heard on another master); ``last_fip``: the
-        router also pings that floating IP (the --fips row's last)."""
+        router also pings that floating IP (the --fips row's last); ``streams``: two TCP
+        streams run through it (app1 -> router, router -> the floating IP)."""
         lab = self.lab
+        flows = {}
+        if streams:
+            from hanet_lab.stream import Stream
+
+            for name, args in (("out", ("router", VM, ROUTER_IP, 5001)), ("in", (VM, "router", FIP, 5002))):
+                flows[name] = Stream(lab, *args, duration=STREAM_S).start()
         # every master's bus (one master: the lab's own); a master killed at the power
         # loss is not listened to
         ev = Events(lab, [m for m in lab.masters if m != kill_master]) if len(lab.masters) > 1 else lab.events()
@@ -362,6 +379,17 @@ class Bench:
             "vm_replies": vm.replies(),
             "up_replies": up.replies(),
         }
+        if flows:
+            trial["streams"] = {}
+            for name, flow in flows.items():
+                ends = flow.results(STREAM_S + 30)
+                flow.stop()
+                ok = bool(ends["server"] and ends["client"])
+                ok = ok and all(e["error"] is None and e["intact"] for e in ends.values())
+                ok = ok and ends["server"]["received"] == ends["client"]["sent"]
+                ok = ok and ends["client"]["received"] == ends["server"]["sent"]
+                pause = max((e["pause_s"] for e in ends.values() if e), default=None)
+                trial["streams"][name] = {"survived": ok, "pause": pause, "ends": ends}
         for key, p in (("vm", vm), ("up", up), ("last", last)):
             if p is None:
                 continue
@@ -482,8 +510,8 @@ class Bench:
             log(f"WARNING: no hanet/prime from {host} within 30 s of its power-on")
         time.sleep(1.5)
 
-    def hanet_row(self, label, ha, kill_master=None, fips=0):
-        self.hanet_setup(ha, fips)
+    def hanet_row(self, label, ha, kill_master=None, fips=0, streams=False):
+        self.hanet_setup(ha, fips, streams)
         settings = dict(ha or {"probe_interval_ms": 100, "probe_misses": 3})
         last_fip = many_fips(fips)[-1] if fips > 1 else None
         if last_fip:
@@ -495,7 +523,7 @@ class Bench:
         row = {"system": "hanet", "label": label, "settings": settings, "trials": [], "load_before": loadavg()}
         active = self.owner()
         for i in range(self.args.trials):
-            tr = self.hanet_trial(active, label, kill_master=kill_master, last_fip=last_fip)
+            tr = self.hanet_trial(active, label, kill_master=kill_master, last_fip=last_fip, streams=streams)
             row["trials"].append(tr)
             if "failure" in tr:
                 self.reboot_hanet(active)
@@ -735,6 +763,23 @@ vrrp_instance shared {{
                         f"| {r['label']} | {name} | {f(s['p50'])} | "
                         f"{'-' if delta is None else f'{delta:+.3f}'} | {f(s['max'])} |"
                     )
+        for r in [r for r in hanet_rows if any("streams" in t for t in r["trials"])]:
+            lines.append("")
+            lines.append(
+                f"{r['label']}: two TCP streams, 100 kB/s each way, through the power loss "
+                f"(snat_address {SNAT_ADDRESS}, conntrackd over mgmt0); the longest pause an end "
+                "saw (s), and the trials in which both ends of both streams saw no reset and every byte:"
+            )
+            lines.append("")
+            lines.append("| stream | survived | pause p50 | pause max |")
+            lines.append("|---|---|---|---|")
+            for key, name in (("out", f"{VM} -> router"), ("in", f"router -> {FIP}")):
+                got = [t["streams"][key] for t in r["trials"] if key in (t.get("streams") or {})]
+                vals = [g["pause"] for g in got if g["pause"] is not None]
+                lines.append(
+                    f"| {name} | {sum(g['survived'] for g in got)}/{len(got)} | "
+                    f"{f(pctl(vals, 50))} | {f(max(vals) if vals else None)} |"
+                )
         many = [r for r in hanet_rows if any("last" in t for t in r["trials"])]
         for r in many:
             lines.append("")
@@ -882,6 +927,8 @@ vrrp_instance shared {{
                 self.hanet_row("hanet 50 ms x 3", {"probe_interval_ms": 50, "probe_misses": 3})
             if self.args.fips > 1:
                 self.hanet_row(f"hanet {self.args.fips} floating IPs", None, fips=self.args.fips)
+            if not self.args.no_streams:
+                self.hanet_row("hanet open connections", None, streams=True)
         if not self.args.no_keepalived:
             self.ka_setup()
             for adv in (1, 0.1):
@@ -909,6 +956,11 @@ def main(argv=None):
         type=int,
         default=1000,
         help="a row where the owner serves this many floating IPs (issue 14; default 1000; 0: no such row)",
+    )
+    ap.add_argument(
+        "--no-streams",
+        action="store_true",
+        help="skip the row with two TCP streams through the failover (snat_address, conntrack_sync)",
     )
     ap.add_argument(
         "--no-two-masters",

@@ -133,6 +133,13 @@ EXTRA = {
     "networks:*:vxlan:group": "multicast group of the underlay (or `remotes`)",
     "networks:*:vxlan:remotes": "underlay IPs of the other hosts (head-end replication), instead of `group`",
     "networks:*:vxlan:port": "UDP port (default: 4789)",
+    "ha:conntrack_sync": "`{interface, group, port}`: conntrackd (FTFW) on every network host, on multicast "
+    "`group` (default 225.0.0.50) : `port` (default 3780) over `interface` (the same name on each network host); "
+    "the flows of their networks reach the standbys, which commit them before a takeover binds "
+    "(docs/failover.md#open-connections)",
+    "networks:*:snat_address": "networks with network_hosts: the SNAT source of its instances' outbound "
+    "connections, bound by the owner on its public interface like a floating IP and moved with the gateway "
+    "(with conntrackd, open connections survive a failover; docs/failover.md#open-connections)",
     "networks:*:dns_servers": "resolvers for this network's dnsmasq (default: the global `dns_servers`)",
     "hosts:*:networks:*:address": "this host's own address on the network (its gateway in multi_host; with share_dhcp_address it is the network's gateway and may be left out)",
     "instances:*:host": "the minion id of the host the instance runs on",
@@ -185,6 +192,8 @@ DEFAULTS = {
     "networks:*:gateway_mode": "host",
     "networks:*:multi_host": "false",
     "networks:*:network_hosts": "none (multi_host networks)",
+    "networks:*:snat_address": "none: each host's routing_source_ip",
+    "ha:conntrack_sync": "none (off)",
 }
 
 REQUIRED = {

@@ -189,6 +189,22 @@ class Ruleset:
     # ((bridge, public link), ...): hardware-gateway bridges whose frames the host routes
     # (PortGuard.routed_*): what it forwards from them may leave only by the public link
     routed: tuple = ()
+    # networks' moving SNAT addresses (snat_address): a TCP packet to one that opens no
+    # connection the host knows is dropped, not answered with a reset (a flow the old
+    # owner SNATed, before conntrackd or the instance's next packet makes it known here)
+    snat_addresses: tuple = ()
+
+
+@dataclass(frozen=True)
+class ConntrackSync:
+    """conntrackd on a network host (``ha:conntrack_sync``): the flows of ``accept``
+    (the fixed ranges of the networks it serves or stands by for) shared with the other
+    network hosts on multicast ``group``:``port`` over ``interface``."""
+
+    interface: str
+    group: str
+    port: int
+    accept: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -204,6 +220,7 @@ class HostState:
     instances: tuple = ()  # InstanceRecord for the instances this host serves (metadata service)
     garp_count: int = 0  # gratuitous ARPs per address (re)bound here; 0: send_arp_for_ha is off
     liveness: tuple = ()  # (peer, ((ifname, ip), ...)): network hosts this host watches
+    conntrack_sync: Optional[ConntrackSync] = None  # conntrackd (network hosts, ha:conntrack_sync)
     probe: Probe = field(default_factory=Probe)  # how this host probes the peers in ``liveness``
     standby_for: tuple = ()  # (peer, ((ifname, ip), ...)): the gateways and floating IPs it would take over
     orders: bool = False  # a network host of a network-host network: takeover orders come here
@@ -249,6 +266,7 @@ def compute(cfg, host, owners=None):
     bridges, dnsmasqs, snat, guards, floating, roles = [], [], [], [], [], []
     nat_floating = []  # floating IPs whose NAT this host holds (serving or hot standby)
     forward, service, meta_bridges, served_instances = [], [], [], {}
+    moving_snat = []  # the snat_address of each network this host serves or stands by for
     domain = cfg.dhcp_domain
     for label in sorted(cfg.networks):
         if host not in cfg.hosts_carrying(label):
@@ -380,13 +398,28 @@ def compute(cfg, host, owners=None):
                 Snat(
                     network=label,
                     cidr=net.cidr,
-                    source=me.routing_source_ip,
+                    source=net.snat_address or me.routing_source_ip,
                     out_interface=public,
                     exempt=tuple(exempt),
                     force=cfg.force_snat_range,
                     all_destinations=not net.hardware,
                 )
             )
+        if net.snat_address:
+            # bound like a floating IP (no NAT of its own: the network's SNAT is to it),
+            # so it moves with the gateway; a standby's SNAT rule names it already
+            moving_snat.append(net.snat_address)
+            if serving:
+                floating.append(
+                    FloatingIp(
+                        address=net.snat_address,
+                        fixed_ip="",
+                        instance="",
+                        network=label,
+                        public_interface=public,
+                        cidr=net.cidr,
+                    )
+                )
         for inst, nic in served:
             for f in inst.floating_ips:
                 if f.fixed_ip == nic.ip:
@@ -422,6 +455,7 @@ def compute(cfg, host, owners=None):
         floating=tuple(sorted(nat_floating, key=lambda f: f.address)),
         checksum_fill=tuple(sorted(set(service))) if cfg.dhcp_checksum_fill else (),
         routed=tuple(sorted({(g.bridge, public) for g in guards if g.routed_from or g.routed_force})),
+        snat_addresses=tuple(sorted(set(moving_snat))),
     )
     sysctls = (("net.ipv4.ip_forward", "1"),) if (forward or floating or snat) else ()
     watch, standby_for = {}, {}
@@ -435,6 +469,8 @@ def compute(cfg, host, owners=None):
             if role == "standby":  # what moves here with the network: DAD-probed early
                 standby_for.setdefault(peer, set()).add((net.bridge, net.gateway))
                 standby_for[peer].update((f.public_interface, f.address) for f in nat_floating if f.network == label)
+                if net.snat_address:
+                    standby_for[peer].add((public, net.snat_address))
             targets = watch.setdefault(peer, set())
             targets.add((net.bridge, cfg.hosts[peer].networks[label].address))
             if cfg.hosts[peer].routing_source_ip:
@@ -472,6 +508,14 @@ def compute(cfg, host, owners=None):
         report_port=cfg.ha.report_port if watch else 0,
         health_uplink=public if own else "",
         health_segments=tuple((label, cfg.networks[label].bridge_interface or "") for label in own),
+        conntrack_sync=ConntrackSync(
+            interface=cfg.ha.conntrack_sync.interface,
+            group=cfg.ha.conntrack_sync.group,
+            port=cfg.ha.conntrack_sync.port,
+            accept=tuple(sorted({cfg.networks[label].cidr for label in own})),
+        )
+        if own and cfg.ha.conntrack_sync
+        else None,
     )
 
 

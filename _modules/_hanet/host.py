@@ -14,13 +14,13 @@ from __future__ import annotations
 import os
 import time
 
-from . import dnsmasq, floating, links, metadata, metrics, ruleset, sysctls
+from . import conntrackd, dnsmasq, floating, links, metadata, metrics, ruleset, sysctls
 from .common import Change, write_atomic
 from .failover import BEACON
 
 # The order in which facets are applied: links before the addresses dnsmasq binds,
 # the ruleset before the daemons start answering.
-FACETS = ("links", "sysctls", "ruleset", "floating", "dnsmasq", "metadata", "liveness", "startup")
+FACETS = ("links", "sysctls", "ruleset", "floating", "conntrackd", "dnsmasq", "metadata", "liveness", "startup")
 STARTUP_CONF = """# Written by hanet (salt://hanet): at start-up this minion applies the hanet state, which
 # consults the master's failover record before it binds any address it may no longer own.
 startup_states: sls
@@ -52,6 +52,10 @@ def facet(name, state, paths, managed, salt=None, conf_dir=None):
         cur = floating.current(managed.get("floating"), state.floating_ips)
         changes = floating.plan(state.floating_ips, cur)
         return changes, lambda: floating.apply(changes, managed, state.garp_count)
+    if name == "conntrackd":
+        sync = state.conntrack_sync
+        changes = conntrackd.plan(sync, conntrackd.current(paths), conntrackd.desired_text(sync, paths))
+        return changes, lambda: conntrackd.apply(changes, paths, sync)
     if name == "dnsmasq":
         cur = dnsmasq.current(paths, managed)
         changes = dnsmasq.plan(state.dnsmasqs, cur)

@@ -42,7 +42,9 @@ HA_DEFAULTS = {
     "garp_refresh_s": 0,
     "order_port": 4509,
     "report_port": 4510,
+    "conntrack_sync": None,
 }
+CONNTRACK_SYNC_KEYS = {"interface", "group", "port"}
 TOP_KEYS = set(GLOBAL_DEFAULTS) | {"ha", "networks", "hosts", "instances"}
 NETWORK_KEYS = {
     "cidr",
@@ -58,6 +60,7 @@ NETWORK_KEYS = {
     "network_hosts",
     "dns_servers",
     "share_dhcp_address",
+    "snat_address",
 }
 VXLAN_KEYS = {"vni", "group", "remotes", "port"}
 HOST_KEYS = {"public_interface", "routing_source_ip", "networks"}
@@ -108,6 +111,10 @@ class Network:
     network_hosts: tuple = ()
     dns_servers: tuple = ()
     share_dhcp_address: bool = False  # multi_host: every host is the gateway, one address
+    # network_hosts: the network's outbound SNAT source, bound by its owner on the public
+    # interface and moved with the gateway (open connections keep their source); None:
+    # each host's routing_source_ip
+    snat_address: Optional[str] = None
 
     @property
     def shared_mac(self):
@@ -210,6 +217,16 @@ class Probe:
 
 
 @dataclass(frozen=True)
+class ConntrackSync:
+    """``ha:conntrack_sync``: the network hosts' conntrackd (FTFW) talk on multicast
+    ``group``:``port`` over ``interface`` (the same name on each network host)."""
+
+    interface: str
+    group: str = "225.0.0.50"
+    port: int = 3780
+
+
+@dataclass(frozen=True)
 class Ha:
     probe_interval_ms: int = Probe.interval_ms
     probe_misses: int = Probe.misses
@@ -220,6 +237,9 @@ class Ha:
     # UDP port on the masters for the beacons' signed liveness reports, sent beside the
     # beacon event; 0: none (the event alone carries them)
     report_port: int = 4510
+    # conntrackd between the network hosts (None: off): the flows of their networks
+    # carried to the standbys, committed before a takeover binds
+    conntrack_sync: Optional["ConntrackSync"] = None
 
     @property
     def probe(self):
@@ -476,7 +496,11 @@ def load(pillar):
     refresh = c.int(ha_v["garp_refresh_s"], p("ha:garp_refresh_s"), 0, 86400)
     order_port = c.int(ha_v["order_port"], p("ha:order_port"), 0, 65535)
     report_port = c.int(ha_v["report_port"], p("ha:report_port"), 0, 65535)
+    sync = None
+    if ha_v["conntrack_sync"] is not None:
+        sync = _conntrack_sync(c, ha_v["conntrack_sync"], p("ha:conntrack_sync"))
     ha = Ha(
+        conntrack_sync=sync,
         probe_interval_ms=probe.interval_ms,
         probe_misses=probe.misses,
         garp_refresh_s=refresh or 0,
@@ -587,6 +611,19 @@ def _networks(c, raw):
             c.add(f"{path}:share_dhcp_address", "is for networks whose hosts are the gateway (gateway_mode: host)")
         elif share and spec.get("gateway") is None:
             c.add(f"{path}:gateway", "is required with share_dhcp_address (the address every host uses)")
+        snat = None
+        if spec.get("snat_address") is not None:
+            snat = c.ip(spec.get("snat_address"), f"{path}:snat_address")
+            if snat and multi_host is not False:
+                c.add(
+                    f"{path}:snat_address",
+                    "is for networks with network_hosts (the address moves with the gateway; "
+                    "a multi_host network's hosts each SNAT to their own)",
+                )
+                snat = None
+            elif snat and mode == "hardware":
+                c.add(f"{path}:snat_address", "is for networks whose hosts are the gateway (gateway_mode: host)")
+                snat = None
         servers = tuple(
             x
             for i, v in enumerate(c.list(spec.get("dns_servers"), f"{path}:dns_servers"))
@@ -614,8 +651,23 @@ def _networks(c, raw):
             network_hosts=tuple(nh),
             dns_servers=servers,
             share_dhcp_address=bool(share and multi_host and mode == "host" and gateway),
+            snat_address=snat,
         )
     return out
+
+
+def _conntrack_sync(c, raw, path):
+    spec = c.mapping(raw, path, required=True)
+    c.unknown_keys(spec, CONNTRACK_SYNC_KEYS, path)
+    ifname = c.str(spec.get("interface"), f"{path}:interface", IFNAME_RE, "an interface name (1-15 chars)")
+    group = c.ip(spec.get("group", ConntrackSync.group), f"{path}:group")
+    if group and not netaddr.IPAddress(group).is_multicast():
+        c.add(f"{path}:group", f"{group} is not a multicast address (224.0.0.0/4)")
+        group = None
+    port = c.int(spec.get("port", ConntrackSync.port), f"{path}:port", 1, 65535)
+    if None in (ifname, group, port):
+        return None
+    return ConntrackSync(interface=ifname, group=group, port=port)
 
 
 def _vxlan(c, raw, path):
@@ -933,6 +985,21 @@ def _cross_checks(c, networks, hosts, instances, nics, fips):
         rsi = hosts[h].routing_source_ip
         if rsi and rsi in fseen:
             c.add(f"{ROOT}:hosts:{h}:routing_source_ip", f"{rsi} is also a floating IP ({fseen[rsi]})")
+    # A moving SNAT address: bound like a floating IP, so it is none of the others.
+    rsis = {hosts[h].routing_source_ip: f"{ROOT}:hosts:{h}:routing_source_ip" for h in sorted(hosts)}
+    snats = {}
+    for label in labels:
+        addr = networks[label].snat_address
+        if not addr:
+            continue
+        path = f"{ROOT}:networks:{label}:snat_address"
+        clash = owners.get(addr) or fseen.get(addr) or rsis.get(addr) or snats.get(addr)
+        inside = [x for x in labels if netaddr.IPAddress(addr) in networks[x].net]
+        if clash:
+            c.add(path, f"{addr} is already used at {clash}")
+        elif inside:
+            c.add(path, f"{addr} is inside network {inside[0]}'s cidr {networks[inside[0]].cidr}")
+        snats.setdefault(addr, path)
 
 
 def carrying(networks, hosts, nic_homes, label):

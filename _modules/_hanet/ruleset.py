@@ -238,6 +238,8 @@ def _nft_ip_table(rs):
         if md.local_service:  # the local service answers only where VMs (or their router) reach it
             inp.append(f'iifname "lo" tcp dport {md.port} accept')
             inp.append(f"tcp dport {md.port} drop")
+    if rs.snat_addresses:  # a moved flow's packet before the host knows it: dropped, not reset
+        inp.append(f"ip daddr {_nft_set(sorted(rs.snat_addresses))} meta l4proto tcp ct state new drop")
     chains = [
         dict(name="prerouting", type="nat", hook="prerouting", priority=-100, rules=pre),
         dict(name="output", type="nat", hook="output", priority=-100, rules=out),
@@ -434,6 +436,8 @@ def _ipt_tables(rs):
         if md.local_service:  # as in nftables: not from the public or management side
             inp.append(f"-i lo -p tcp -m tcp --dport {md.port} -j ACCEPT")
             inp.append(f"-p tcp -m tcp --dport {md.port} -j DROP")
+    for a in sorted(rs.snat_addresses):  # as in nftables
+        inp.append(f"-d {a}/32 -p tcp -m conntrack --ctstate NEW -j DROP")
 
     def chain(builtin, rules):
         return dict(name=_ipt_chain(rs, builtin), builtin=builtin, rules=rules)

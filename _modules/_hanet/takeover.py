@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from . import arp, desired, failover, floating, host, links, metrics
+from . import arp, conntrackd, desired, failover, floating, host, links, metrics
 from .fence import guard_s as fence_guard_s
 from .common import Change, FileLock, Managed, Paths, write_atomic
 
@@ -541,6 +541,11 @@ def _run(
                 write_local_owner(ctx.paths, network, ctx.me, epoch)
                 state = ctx.desired()
                 mark("desired")
+                if state.conntrack_sync is not None:
+                    # the flows the old owner NATed, into this kernel before the first of
+                    # their packets can arrive (ha:conntrack_sync)
+                    conntrackd.commit(ctx.paths)
+                    mark("committed")
                 done = bind_moved(net, state, managed)
                 mark("bound")
                 moved = moving_addresses(net, state)
@@ -562,6 +567,9 @@ def _run(
                 done = host.apply_now(("links", "floating"), state, ctx.paths, managed)
             done.update(host.apply_now(("dnsmasq", "metadata"), state, ctx.paths, managed))
             mark("dhcp")
+            if state.conntrack_sync is not None and not warm:
+                # this host's caches from its kernel now, and the others told
+                conntrackd.after_takeover(ctx.paths)
         except Exception as err:  # report, then let the caller see it too
             if warm:  # the job of the same order tries again and reports
                 raise

@@ -19,6 +19,11 @@ hanet-ruleset:
     - require:
       - hanet: hanet-links
 
+hanet-conntrackd:
+  hanet.conntrackd:
+    - require:
+      - hanet: hanet-ruleset
+
 hanet-dnsmasq:
   hanet.dnsmasq:
     - require:

@@ -43,16 +43,19 @@ def changes_of(res):
     return out
 
 
-def failover_cluster(lab, floating="203.0.113.60", gateway="10.20.0.1"):
-    """The failover tests' starting point: the lab pillar with app1 holding ``floating``,
-    hanet applied everywhere, app1 plugged and leased from the gateway (held by net1),
-    and a moment for the beacons' first verdicts."""
+def failover_cluster(lab, floating="203.0.113.60", gateway="10.20.0.1", tweak=None):
+    """The failover tests' starting point: the lab pillar with app1 holding ``floating``
+    (and ``tweak(pillar["hanet"])`` applied), hanet applied everywhere, app1 plugged and
+    leased from the gateway (held by net1), and a moment for the beacons' first
+    verdicts."""
     import time
 
     from hanet_lab.pillar import lab_pillar
 
     pillar = lab_pillar(lab.topology)
     pillar["hanet"]["instances"]["app1"]["floating_ips"] = [floating]
+    if tweak is not None:
+        tweak(pillar["hanet"])
     lab.set_pillar(pillar)
     state_apply(lab, sorted(lab.topology.hosts), timeout=300)
     lab.plug_vm("app1")
@@ -81,3 +84,17 @@ def sniff(lab, node, iface, filt, verbose=False):
             p.wait(5)
     with open(out) as fh:
         lines.extend(fh.read().splitlines())
+
+
+def powered(lab, host):
+    """The host has power (its management link is up: chaos.power_off cuts every link)."""
+    out = subprocess.run(
+        ["ip", "-n", lab.ns(host), "-o", "link", "show", "mgmt0"], capture_output=True, text=True
+    ).stdout
+    return "state UP" in out
+
+
+def holders(lab, address, hosts=("net1", "net2")):
+    """Powered hosts among ``hosts`` whose namespace holds ``address`` (a host without
+    power keeps its kernel state in the lab, with every link down)."""
+    return [h for h in hosts if powered(lab, h) and any(a.split("/")[0] == address for a in lab.addresses(h))]

@@ -23,7 +23,7 @@ import subprocess
 import time
 
 import pytest
-from hanet_checks import failover_cluster
+from hanet_checks import failover_cluster, holders
 
 pytestmark = pytest.mark.lab
 
@@ -85,23 +85,6 @@ def failover_reject_kind(reason):
 
 def owner(lab):
     return lab.salt_run("hanet.status")["networks"][NET]
-
-
-def powered(lab, host):
-    out = subprocess.run(
-        ["ip", "-n", lab.ns(host), "-o", "link", "show", "mgmt0"], capture_output=True, text=True
-    ).stdout
-    return "state UP" in out
-
-
-def holders(lab, address):
-    """Powered hosts whose namespace holds ``address`` (a host without power keeps its
-    kernel state in the lab, with every link down)."""
-    out = []
-    for host in ("net1", "net2"):
-        if powered(lab, host) and any(a.split("/")[0] == address for a in lab.addresses(host)):
-            out.append(host)
-    return out
 
 
 def wait_owner(lab, expect, timeout=20):

@@ -113,7 +113,8 @@ def test_network_hosts_listen_for_orders_and_a_standby_probes_its_gateway():
     flat = {h: {k: v for item in c for k, v in item.items()} for h, c in conf.items()}
     assert flat["net1"].get("orders") is True and "standby_for" not in flat["net1"]
     assert flat["net2"]["orders"] is True
-    assert flat["net2"]["standby_for"] == {"net1": [["br200", "10.20.0.1"]]}
+    # the gateway, and the network's snat_address (pillar/hanet.sls sets one) on the uplink
+    assert flat["net2"]["standby_for"] == {"net1": [["br200", "10.20.0.1"], ["eth0", "203.0.113.40"]]}
     assert "orders" not in flat["compute1"] and "standby_for" not in flat["compute1"]
     for c in conf.values():
         assert beacon.validate(c) == (True, "valid")

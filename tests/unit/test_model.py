@@ -200,6 +200,46 @@ def test_broken_pillar_reports_every_mistake_with_its_path():
             "hanet:hosts:compute1:routing_source_ip",
             "floating IP",
         ),
+        (
+            lambda p: p["networks"]["private"].update(snat_address="203.0.113.40"),
+            "hanet:networks:private:snat_address",
+            "for networks with network_hosts",
+        ),
+        (
+            lambda p: p["networks"]["shared"].update(snat_address="203.0.113.50"),
+            "hanet:networks:shared:snat_address",
+            "already used at hanet:instances:",
+        ),
+        (
+            lambda p: p["networks"]["shared"].update(snat_address="203.0.113.21"),
+            "hanet:networks:shared:snat_address",
+            "already used at hanet:hosts:net1:routing_source_ip",
+        ),
+        (
+            lambda p: p["networks"]["shared"].update(snat_address="192.168.0.77"),
+            "hanet:networks:shared:snat_address",
+            "inside network private's cidr",
+        ),
+        (
+            lambda p: p["networks"]["shared"].update(snat_address="203.0.113.x"),
+            "hanet:networks:shared:snat_address",
+            "not an IPv4",
+        ),
+        (
+            lambda p: p.setdefault("ha", {}).update(conntrack_sync={"interface": "mgmt0", "group": "10.0.0.1"}),
+            "hanet:ha:conntrack_sync:group",
+            "not a multicast address",
+        ),
+        (
+            lambda p: p.setdefault("ha", {}).update(conntrack_sync={"group": "225.0.0.50"}),
+            "hanet:ha:conntrack_sync:interface",
+            "interface name",
+        ),
+        (
+            lambda p: p.setdefault("ha", {}).update(conntrack_sync={"interface": "mgmt0", "port": 70000}),
+            "hanet:ha:conntrack_sync:port",
+            "out of range",
+        ),
         # a value ending in a newline passed a ^...$ match: every pattern must match all of it
         (lambda p: p["networks"]["red"].update(bridge="br102\n"), "hanet:networks:red:bridge", "interface name"),
         (lambda p: p["instances"]["web1"].update(hostname="web1\n"), "hanet:instances:web1:hostname", ""),
@@ -464,6 +504,42 @@ def test_a_standby_probes_the_floating_ips_that_would_move_with_the_network():
     assert dict(b.standby_for) == {"net1": (("br200", "10.20.0.1"), ("eth0", "203.0.113.70"))}
     # the FIP of web1's first NIC (private, multi-host) is not the standby's business
     assert all(ip != "203.0.113.50" for _, ip in dict(b.standby_for)["net1"])
+
+
+def test_a_snat_address_is_bound_by_the_owner_and_moves_with_the_gateway():
+    """networks:shared:snat_address: the SNAT source of both network hosts (the owner's
+    and the hot standby's rule), bound by the owner like a floating IP (no NAT of its
+    own), probed by the standby, and bound by the standby once the record names it."""
+    p = example()
+    p["networks"]["shared"]["snat_address"] = "203.0.113.40"
+    cfg = model.load(p)
+    a, b = desired.compute(cfg, "net1"), desired.compute(cfg, "net2")
+    assert [s.source for s in a.ruleset.snat if s.network == "shared"] == ["203.0.113.40"]
+    assert [s.source for s in b.ruleset.snat if s.network == "shared"] == ["203.0.113.40"]
+    assert [(f.address, f.public_interface) for f in a.floating_ips if f.network == "shared"] == [
+        ("203.0.113.40", "eth0")
+    ]
+    assert b.floating_ips == () and "203.0.113.40" not in {f.address for f in b.ruleset.floating}
+    assert a.ruleset.snat_addresses == b.ruleset.snat_addresses == ("203.0.113.40",)
+    assert ("eth0", "203.0.113.40") in dict(b.standby_for)["net1"]
+    b2 = desired.compute(cfg, "net2", {"shared": "net2"})
+    assert "203.0.113.40" in {f.address for f in b2.floating_ips}
+    # a compute host of the network SNATs nothing of it and knows nothing of the address
+    c = desired.compute(cfg, "compute1")
+    assert c.ruleset.snat_addresses == () and "203.0.113.40" not in {f.address for f in c.floating_ips}
+
+
+def test_conntrack_sync_runs_on_the_network_hosts_only():
+    """ha:conntrack_sync: each network host gets a conntrackd for the fixed ranges of the
+    networks it serves or stands by for; compute hosts get none; off by default."""
+    p = example()
+    assert desired.compute(model.load(p), "net1").conntrack_sync is None
+    p.setdefault("ha", {})["conntrack_sync"] = {"interface": "mgmt0"}
+    cfg = model.load(p)
+    for h in ("net1", "net2"):
+        sync = desired.compute(cfg, h).conntrack_sync
+        assert (sync.interface, sync.group, sync.port, sync.accept) == ("mgmt0", "225.0.0.50", 3780, ("10.20.0.0/24",))
+    assert desired.compute(cfg, "compute1").conntrack_sync is None
 
 
 def shared_private():

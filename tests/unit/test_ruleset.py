@@ -359,6 +359,17 @@ def test_floating_ip():
     )
 
 
+def test_a_moving_snat_address_drops_what_opens_no_known_connection():
+    """snat_addresses: a TCP packet to one that conntrack finds new (a flow the old owner
+    SNATed, not yet known here) is dropped before the host answers it with a reset;
+    both drivers."""
+    rs = dataclasses.replace(sample(), snat_addresses=("203.0.113.40", "203.0.113.41"))
+    assert "ip daddr { 203.0.113.40, 203.0.113.41 } meta l4proto tcp ct state new drop" in chain(R.render(rs), "input")
+    ipt = R.render(dataclasses.replace(rs, driver="iptables"))
+    for a in ("203.0.113.40", "203.0.113.41"):
+        assert f"-A hanet-INPUT -d {a}/32 -p tcp -m conntrack --ctstate NEW -j DROP" in ipt
+
+
 def test_empty_and_plan_pure():
     assert R.render(empty()) == "" and R.render(empty("iptables")) == ""
     assert R.plan(empty(), None) == []
@@ -451,6 +462,7 @@ def rulesets(draw):
         service_bridges=tuple(draw(st.lists(st.sampled_from(bridges), unique=True)) if bridges else ()),
         guards=tuple(guards) if draw(st.booleans()) else (),
         floating=tuple(floating) if draw(st.booleans()) else (),
+        snat_addresses=tuple(draw(st.lists(st.sampled_from(["203.0.113.40", "203.0.113.41"]), unique=True))),
     )
 
 
