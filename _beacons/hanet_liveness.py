@@ -698,11 +698,8 @@ def _start(cfg):
     liveness, paths = lib["liveness"], lib["common"].Paths(root_dir=opts.get("root_dir", "/"))
     known = liveness.known_states(paths)
     holder = {}
-    report_to = []
-    if cfg.get("report_port"):
-        report_to = [(ip, int(cfg["report_port"])) for _, ip in masters(opts) if ip] or (
-            [(opts["master_ip"], int(cfg["report_port"]))] if opts.get("master_ip") else []
-        )
+    master_ips = [ip for _, ip in masters(opts) if ip] or ([opts["master_ip"]] if opts.get("master_ip") else [])
+    report_to = [(ip, int(cfg["report_port"])) for ip in master_ips] if cfg.get("report_port") else []
     sender = Sender(
         opts,
         lib,
@@ -794,7 +791,7 @@ def _start(cfg):
                     cfg["order_port"],
                     running.dispatch,
                     lib["failover"].parse_order_datagram,
-                    [ip for _, ip in masters(opts)] or [opts.get("master_ip")],
+                    master_ips,
                     lib["common"],
                 )
             except OSError as err:  # the publication still brings every order

@@ -95,31 +95,23 @@ _ACKS = {}  # jid -> threading.Event, set when the host acknowledged the direct 
 
 
 def _direct_socket():
-    """The UDP socket direct orders go from, with a thread that reads the hosts'
+    """Where direct orders go from (an ephemeral UDP port): its thread reads the hosts'
     acknowledgements (``{"ack": jid}``) into ``_ACKS``."""
     import json
-    import socket
 
-    sock = _clients.get("direct")
-    if sock is not None:
-        return sock
-    sock = _clients["direct"] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp = _clients.get("direct")
+    if udp is None:
 
-    def acks():
-        while True:
+        def ack(raw, _addr):
             try:
-                raw, _ = sock.recvfrom(2048)
-                jid = json.loads(raw).get("ack")
-            except OSError:
-                return
+                ev = _ACKS.get(json.loads(raw).get("ack"))
             except (ValueError, AttributeError):
-                continue
-            ev = _ACKS.get(jid)
+                return
             if ev is not None:
                 ev.set()
 
-    threading.Thread(target=acks, name="hanet-direct-acks", daemon=True).start()
-    return sock
+        udp = _clients["direct"] = _lib("common").Datagrams("0.0.0.0", 0, ack, "hanet-direct-acks").start()
+    return udp
 
 
 def _send_direct(tgt, fun, arg, kwarg, jid, port):
@@ -142,14 +134,14 @@ def _send_direct(tgt, fun, arg, kwarg, jid, port):
                 os.path.join(__opts__["pki_dir"], "master.pem")
             )
         raw = failover.order_datagram(key, tgt, fun, arg, kwarg, jid, time.time())
-        sock = _direct_socket()
+        udp = _direct_socket()
     except Exception as err:  # pylint: disable=broad-except  (the publication still goes)
         log.warning("hanet: no direct order to %s (%s); the publication alone carries it", tgt, err)
         return 0
     sent = 0
     for addr in addrs:
         try:
-            sock.sendto(raw, (addr, port))
+            udp.sock.sendto(raw, (addr, port))
             sent += 1
         except OSError as err:
             log.debug("hanet: direct order to %s at %s:%s: %s", tgt, addr, port, err)

@@ -58,6 +58,15 @@ class Change:
         return f"{self.action} {self.target}"
 
 
+def read_text(path):
+    """The text of ``path``, or None when it cannot be read (missing, a directory)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
 def write_atomic(path, text, mode=0o644):
     """Write ``text`` to ``path`` atomically; return True if the content changed."""
     try:

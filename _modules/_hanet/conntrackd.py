@@ -26,7 +26,7 @@ import time
 from typing import Optional
 
 from . import daemon
-from .common import Change, write_atomic
+from .common import Change, read_text, write_atomic
 
 FACET = "conntrackd"
 START_WAIT_S = 5.0  # for the control socket of a daemon just started
@@ -98,19 +98,11 @@ def local_address(ifname) -> Optional[str]:
     return _own_ip(ifname)
 
 
-def _read(path):
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return fh.read()
-    except OSError:
-        return None
-
-
 def current(paths) -> dict:
     """{"conf": the config's text or None, "pid": the daemon's pid or None}."""
     f = files(paths)
     pid = daemon.read_pid(f["pid"])
-    return {"conf": _read(f["conf"]), "pid": pid if daemon.process_matches(pid, f["conf"]) else None}
+    return {"conf": read_text(f["conf"]), "pid": pid if daemon.process_matches(pid, f["conf"]) else None}
 
 
 def plan(sync, current_, text=None) -> list:

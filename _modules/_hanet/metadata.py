@@ -51,7 +51,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from . import daemon
-from .common import Change, write_atomic
+from .common import Change, read_text, write_atomic
 
 FACET = "metadata"
 NAME = "metadata"
@@ -397,14 +397,6 @@ def argv(port, paths, bind=BIND) -> list:
     ]
 
 
-def _read(path):
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return fh.read()
-    except OSError:
-        return None
-
-
 def _alive(pid, pidfile):
     return daemon.process_matches(pid, f"--pidfile={pidfile}")
 
@@ -412,8 +404,8 @@ def _alive(pid, pidfile):
 def current(paths, managed=None) -> dict:
     """``{pid, alive, port, bind, records_text}``, or ``{}`` when hanet runs none here."""
     f = files(paths)
-    service = _read(f["service"])
-    pid_text = _read(f["pid"])
+    service = read_text(f["service"])
+    pid_text = read_text(f["pid"])
     known = managed is not None and NAME in managed.get(FACET)
     if service is None and pid_text is None and not known:
         return {}
@@ -428,7 +420,7 @@ def current(paths, managed=None) -> dict:
         "port": info.get("port"),
         "bind": info.get("bind"),
         "version": info.get("version"),
-        "records_text": _read(f["records"]),
+        "records_text": read_text(f["records"]),
     }
 
 
@@ -516,7 +508,7 @@ def revive(paths, name=NAME):  # pylint: disable=unused-argument
         cur = current(paths)
         if not cur or cur.get("alive") or cur.get("port") is None:
             return None
-        info = json.loads(_read(files(paths)["service"]) or "{}")
+        info = json.loads(read_text(files(paths)["service"]) or "{}")
         return _start(cur["port"], paths, info.get("bind", BIND))
 
 

@@ -535,8 +535,6 @@ def _run(
             if not bound:
                 mark("config")
                 _dad(net, planned, prechecked, mark, moving_addresses(net, ctx.desired()), handover)
-                if _fence_wait(ctx, detected_at, planned or handover):
-                    mark("guarded")
                 unfence(ctx.paths, network)
                 write_local_owner(ctx.paths, network, ctx.me, epoch)
                 state = ctx.desired()
@@ -546,6 +544,8 @@ def _run(
                     # their packets can arrive (ha:conntrack_sync)
                     conntrackd.commit(ctx.paths)
                     mark("committed")
+                if _fence_wait(ctx, detected_at, planned or handover):  # the last step before the bind
+                    mark("guarded")
                 done = bind_moved(net, state, managed)
                 mark("bound")
                 moved = moving_addresses(net, state)
