@@ -141,7 +141,7 @@ def scenario(name, computes, networks, workers, trials, tmp):
         runner = _runner(opts)
         published, fired, lock = [], [], threading.Lock()
 
-        def publish(tgt, fun, arg, kwarg=None, _p=published, lock=lock):
+        def publish(tgt, fun, arg, kwarg=None, direct=0, _p=published, lock=lock):
             with lock:
                 _p.append((time.time(), tgt, fun, list(arg)))
 

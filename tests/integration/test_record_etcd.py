@@ -303,7 +303,7 @@ def load_runner(opts, cfg, published, fired):
     mod._config = lambda mid, fresh=False: (cfg, {})
     mod._canonical = lambda fresh=False: "net1"
     mod._second_opinion = lambda cfg, peer: failover.Opinion("dead", "watch", ("10.0.0.1",))
-    mod._publish = lambda tgt, fun, arg, kwarg=None: published.append((opts["cachedir"], tgt, fun, list(arg)))
+    mod._publish = lambda tgt, fun, arg, kwarg=None, direct=0: published.append((opts["cachedir"], tgt, fun, list(arg)))
     mod._fire = lambda tag, data: fired.append((opts["cachedir"], tag, data))
     return mod
 
