@@ -422,15 +422,17 @@ class Orders:
 
     def _run(self, order, heard, via):
         what = "relinquish" if order.get("fun") == "hanet.relinquish" else "takeover"
+        began = time.time()
         try:
             if what == "relinquish":
                 got = self._fun("hanet.relinquish")(*order["args"])
             else:
-                got = self._fun("hanet.takeover")(
+                fun, prechecked = self._fun("hanet.takeover"), self.prechecks()
+                got = fun(
                     *order["args"],
                     warm=True,
-                    prechecked=self.prechecks(),
-                    heard_at=heard,
+                    prechecked=prechecked,
+                    heard_at=[("heard", heard), ("thread", began), ("looked_up", time.time())],
                     heard_via=via,
                     **order["kwargs"],
                 )

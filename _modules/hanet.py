@@ -25,6 +25,7 @@ import logging
 import os
 import pickle
 import sys
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # Salt's loader injects these
@@ -430,13 +431,18 @@ def takeover(
     probe of the gateway); see ``_hanet/takeover.py``. ``handover``: the old owner is
     alive and was told to let go (its health said it cannot serve the network): wait for
     the gateway to fall silent before binding. ``heard_at``: when the beacon heard
-    the order (a stamp in the ``complete`` event's timings, ``heard_s``), ``heard_via``
+    the order (a stamp in the ``complete`` event's timings, ``heard_s``; or a list of
+    ``[name, time]`` stamps of the beacon's steps, the first when it heard it; the
+    call's own entry is added as ``entered``), ``heard_via``
     how (``direct``: the master's datagram; ``publication``), also in the event.
 
     CLI example::
 
         salt net2 hanet.takeover shared 7 previous=net1
     """
+    if heard_at:
+        pre = list(heard_at) if isinstance(heard_at, (list, tuple)) else [("heard", heard_at)]
+        heard_at = pre + [("entered", time.time())]
     return _h("takeover").run(
         _takeover_context(),
         network,

@@ -8,11 +8,13 @@ probe periods and the master does not answer either, ``on_fence()`` drops what t
 host serves (``takeover.fence``), before any standby can have been ordered to take it
 over: a standby needs ``misses`` periods to report the owner, but its probes run on a
 schedule of their own, so at worst its report comes as early as this verdict. The
-check follows each verdict at once (``Prober.judged``), the master's ICMP check takes
-at most a quarter period, and a takeover binds no earlier than ``guard_s`` after the
-first report (``takeover._fence_wait``): the margin does not hang on how long the
-master's decision takes. The new owner's duplicate address detection waits for the
-floating IPs to fall silent too (``takeover._dad``).
+check follows each verdict at once (``Prober.judged``) and asks nothing then: the
+master is watched all along (``icmp.Silence``, four echoes in each ``master_window``), so the
+verdict knows at once whether the master fell silent; a takeover binds no earlier than
+``guard_s`` after the first report (``takeover._fence_wait``), the time the unbind
+takes. The margin does not hang on how long the master's decision takes. The new
+owner's duplicate address detection waits for the floating IPs to fall silent too
+(``takeover._dad``).
 
 The next hop does not count as evidence against isolation: an owner that the standbys
 and the master lost, and whose uplink still reaches the router (a partition of the
@@ -39,26 +41,37 @@ from .common import Worker
 log = logging.getLogger(__name__)
 
 
-# How long the fence's check of the master may take: a LAN answers ICMP within a
-# millisecond; every millisecond here is one the standby's takeover waits for
-# (takeover.fence_guard_s).
-def icmp_timeout(probe):
-    return max(0.02, probe.interval_s / 4)
+def master_window(probe):
+    """How long the master must have been silent for the fence to count it gone: a
+    period (half of one with ``misses`` 2). The fence's verdict comes at the earliest
+    ``misses - 1.5`` periods after the owner was cut off (the verdict of a round sent
+    right after the cut, half a period later, then ``misses - 2`` more), so a master
+    lost in the same cut has been silent that long; a healthy one answers every echo
+    within a millisecond, so several echoes in a row went unanswered."""
+    return probe.interval_s * min(1.0, max(0.5, probe.misses - 1.5))
 
 
-# What the fence needs after its check to fall silent (the unbind, its netlink messages
-# and the conntrack flush, and the thread's wake-up), in the lab 0.01-0.02 s
+def echo_period(probe):
+    """How often the fence's watch of the master sends an echo (four in each window,
+    at most one each 2 ms); also the time an echo has to be answered before it counts
+    as unanswered."""
+    return max(0.002, master_window(probe) / 4)
+
+
+# What the fence needs after its verdict to fall silent (the unbind, its netlink
+# messages and the conntrack flush, and the thread's wake-up), in the lab 0.01-0.02 s
 UNBIND_S = 0.05
 
 
-def guard_s(probe):
+def guard_s(probe):  # pylint: disable=unused-argument  (the probe's period no longer counts)
     """How long after a standby's detection of the owner the owner may still answer
     before rule 2 silences it, at worst. The owner's fence counts ``misses - 1`` periods
     on its own probes; a standby reports after ``misses`` on its own: with both
     schedules' phases at their worst the fence's verdict comes when the earliest report
-    does, and its check of the master and the unbind follow. A takeover (not a planned
-    one) binds no earlier than this after ``detected_at``."""
-    return icmp_timeout(probe) + UNBIND_S
+    does, knowing already whether the master answers (``master_window``); the unbind
+    follows. A takeover (not a planned one) binds no earlier than this after
+    ``detected_at``."""
+    return UNBIND_S
 
 
 def next_hop():
@@ -90,6 +103,7 @@ class Fence(Worker):
         self.route = route
         self.on_fence = on_fence
         self.fenced = False
+        self.watch = None  # icmp.Silence of the targets, once the thread runs
 
     def isolated(self):
         """Whether this host has lost every piece of evidence now."""
@@ -98,8 +112,11 @@ class Fence(Worker):
             return False
         if any(p.misses < max(1, self.probe.misses - 1) for p in peers):
             return False
-        timeout = icmp_timeout(self.probe)
-        return all(icmp.check([t], timeout=timeout, tries=1) != icmp.ALIVE for t in self.targets)
+        watch = self.watch
+        if watch is None:
+            return False
+        window, grace = master_window(self.probe), echo_period(self.probe)
+        return all(watch.silent(t, window, grace) for t in self.targets)
 
     def check(self):
         """One round; True when it fenced now."""
@@ -126,6 +143,13 @@ class Fence(Worker):
                 hop = None
             if hop and hop not in self.targets:
                 self.targets.append(hop)
+        self.watch = icmp.Silence(self.targets, echo_period(self.probe)).start()
+        try:
+            self._watch_verdicts()
+        finally:
+            self.watch.stop()
+
+    def _watch_verdicts(self):
         judged = getattr(self.prober, "judged", None)
         while not self._stop.is_set():
             if judged is None:  # a prober without verdict events: a schedule of its own

@@ -17,6 +17,8 @@ import struct
 import threading
 import time
 
+from .common import Worker
+
 log = logging.getLogger(__name__)
 
 ALIVE, DEAD = "alive", "dead"
@@ -197,3 +199,88 @@ class Watch:
                 else:
                     self._state[host] = [st[0] + 1, st[0] == 0 and st[1]]
             self._last_round = time.monotonic()
+
+
+class Silence(Worker):
+    """An ICMP echo to each of ``targets`` every ``period`` seconds, in a thread of its
+    own, so that whether a target has fallen silent is known at any moment without
+    waiting for an answer (the fence's view of the master, ``fence.Fence``).
+
+    ``silent(target, window, grace)``: the target answered no echo within the last
+    ``window`` seconds although at least two echoes to it went out in that window, each
+    at least ``grace`` seconds ago (time enough to be answered). An echo that could not
+    be sent (no route: the link is gone) counts as unanswered. A thread that did not run
+    (a starved process) sent nothing: no evidence, not silent. Replies that arrived while
+    this process was not scheduled are read before each verdict."""
+
+    thread_name = "hanet-fence-icmp"
+
+    def __init__(self, targets, period):
+        super().__init__()
+        self.targets = [t for t in targets if t]
+        self.period = float(period)
+        self._sent = {t: [] for t in self.targets}  # monotonic times of the recent echoes
+        self._heard = dict.fromkeys(self.targets, 0.0)  # monotonic time of the last reply
+        self._lock = threading.Lock()
+        self._sock = None
+        self._ident = (os.getpid() + 2) & 0xFFFF
+
+    def start(self):
+        try:
+            self._sock = _raw_socket()
+        except OSError as err:
+            log.warning("hanet: no ICMP watch of %s (%s): no evidence of isolation", self.targets, err)
+            return self
+        return super().start()
+
+    def stop(self, timeout=2.0):
+        super().stop(timeout)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _read(self):
+        """Replies queued on the socket (with the lock held)."""
+        if self._sock is None:
+            return
+        now = time.monotonic()
+        for src in _drain(self._sock, self._ident, self._heard):
+            self._heard[src] = now
+
+    def _run(self):
+        seq = 0
+        while not self._stop.is_set():
+            seq = (seq + 1) & 0xFFFF
+            with self._lock:
+                now = time.monotonic()
+                for t in self.targets:
+                    try:
+                        self._sock.sendto(echo(self._ident, seq), (t, 0))
+                    except OSError:
+                        pass  # no route: unanswered
+                    sent = self._sent[t]
+                    sent.append(now)
+                    del sent[:-64]
+            until = time.monotonic() + self.period
+            while not self._stop.is_set():
+                left = until - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    ready = select.select([self._sock], [], [], left)[0]
+                except (OSError, ValueError):
+                    return  # closed by stop()
+                if ready:
+                    with self._lock:
+                        self._read()
+
+    def silent(self, target, window, grace):
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive() or target not in self._heard:
+                return False
+            self._read()
+            now = time.monotonic()
+            if now - self._heard[target] < window:
+                return False
+            asked = [s for s in self._sent[target] if now - window <= s <= now - grace]
+            return len(asked) >= 2

@@ -525,8 +525,9 @@ def _run(
             return {"network": network, "epoch": int(epoch), "outcome": prior.get("outcome")}
         bound = prior if prior and prior.get("outcome") == "bound" else None
         mark = _Marks(bound["marks"] if bound else None)
-        if heard_at and not bound:  # when the beacon heard the order (before "start")
-            mark.marks.append(("heard", float(heard_at)))
+        if heard_at and not bound:  # when the beacon heard the order, and its steps before "start"
+            pre = heard_at if isinstance(heard_at, (list, tuple)) else [("heard", heard_at)]
+            mark.marks.extend((str(name), float(at)) for name, at in pre)
         moved = [tuple(m) for m in bound["moved"]] if bound else []
         try:
             net = _network(ctx, network)
