@@ -9,7 +9,9 @@ them in their external cache. A takeover commits that cache into the kernel
 (``conntrackd -c``) before it binds the addresses, so the first mid-stream packet finds
 its NAT mapping; afterwards the new owner flushes its caches, resyncs from the kernel
 and sends the others a bulk update (``after_takeover``), as conntrackd's own
-``primary-backup.sh`` does on a VRRP transition.
+``primary-backup.sh`` does on a VRRP transition. A conntrackd that starts (a host that
+comes back, a daemon the beacon's supervisor restarts: ``revive``) asks the others for
+their flows at once (``StartupResync``), so its external cache does not start empty.
 
 The daemon runs in the foreground of its own session, started by the state (it outlives
 the job) with a pid file hanet writes; its config, lock, control socket and log live
@@ -29,6 +31,7 @@ from . import daemon
 from .common import Change, read_text, write_atomic
 
 FACET = "conntrackd"
+NAME = "conntrackd"  # the supervisor's name for it (supervise.running)
 START_WAIT_S = 5.0  # for the control socket of a daemon just started
 
 
@@ -56,6 +59,7 @@ Sync {{
     Mode FTFW {{
         DisableExternalCache off
         ResendQueueSize 131072
+        StartupResync on
     }}
     Multicast {{
         IPv4_address {sync.group}
@@ -157,6 +161,17 @@ def _start(paths, text):
             return proc.pid
         time.sleep(0.05)
     raise RuntimeError(f"conntrackd did not answer on {f['ctl']} within {START_WAIT_S} s; see {f['log']}")
+
+
+def revive(paths, name=NAME):  # pylint: disable=unused-argument
+    """Start conntrackd again with the config hanet wrote, when hanet runs it here (the
+    config is there) and its process is gone (``supervise``). It asks its peers for
+    their flows at once (``StartupResync``). The new pid, or None."""
+    with daemon.lock(paths):
+        cur = current(paths)
+        if cur["pid"] is not None or not cur["conf"]:
+            return None
+        return _start(paths, cur["conf"])
 
 
 def apply(changes, paths, sync=None) -> list:

@@ -1,8 +1,9 @@
 """Keep hanet's daemons running between applies.
 
-There is no init system to restart dnsmasq or the metadata service when one dies, and a
-highstate may be hours away: a host whose dnsmasq was killed would answer no DHCP
-until then. ``Supervisor`` runs in the minion's running process (the ``hanet_liveness``
+There is no init system to restart dnsmasq, the metadata service or conntrackd when one
+dies, and a highstate may be hours away: a host whose dnsmasq was killed would answer no
+DHCP until then, one whose conntrackd died would lose its open connections in the next
+failover. ``Supervisor`` runs in the minion's running process (the ``hanet_liveness``
 beacon starts it with ``supervise: true``) and checks every ``interval`` whether each
 daemon hanet runs here is still alive; one it saw running that is now dead is started
 again at once with the same command line and files (leases kept), and
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import logging
 
-from . import dnsmasq, metadata
+from . import conntrackd, dnsmasq, metadata
 from .common import Worker
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,13 @@ def running(paths):
     cur = metadata.current(paths)
     if cur:
         out[("metadata", metadata.NAME)] = cur["pid"] if cur.get("alive") else None
+    cur = conntrackd.current(paths)
+    if cur["conf"]:  # hanet runs it here (ha:conntrack_sync)
+        out[("conntrackd", conntrackd.NAME)] = cur["pid"]
     return out
+
+
+REVIVE = {"dnsmasq": dnsmasq.revive, "metadata": metadata.revive, "conntrackd": conntrackd.revive}
 
 
 class Supervisor(Worker):
@@ -71,9 +78,8 @@ class Supervisor(Worker):
                 continue
             if key not in self._seen or time.monotonic() < self._retry_at.get(key, 0.0):
                 continue
-            revive = dnsmasq.revive if key[0] == "dnsmasq" else metadata.revive
             try:
-                new = revive(self.paths, key[1])
+                new = REVIVE[key[0]](self.paths, key[1])
             except (OSError, RuntimeError, ValueError) as err:
                 self._retry_at[key] = time.monotonic() + RETRY_S
                 log.warning("hanet supervise: could not restart %s %s: %s", key[0], key[1], err)

@@ -77,6 +77,48 @@ def external_cache(lab, host):
     return lab.exec(host, ["conntrackd", "-C", conf, "-e"]).stdout
 
 
+def conntrackd_pid(lab, host):
+    """The pid of ``host``'s live conntrackd, or None (hanet's own reading of its files)."""
+    from _hanet import conntrackd
+    from _hanet.common import Paths
+
+    return conntrackd.current(Paths(root_dir=lab.minion_root(host)))["pid"]
+
+
+def test_a_killed_conntrackd_is_started_again_and_gets_the_owners_flows_back(cluster):
+    """A daemon that dies between applies (the brief's "a daemon dies"): the beacon's
+    supervisor starts it again, and the new daemon asks the owner for its flows at once
+    (StartupResync), so the next failover still keeps the open connections."""
+    import os
+    import signal
+
+    from hanet_lab.stream import Stream
+
+    lab = cluster
+    into = Stream(lab, "app1", "router", FLOATING, 5003, 12.0).start()
+    try:
+        deadline = time.monotonic() + 10
+        while f"dst={FLOATING}" not in external_cache(lab, "net2") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "dport=5003" in external_cache(lab, "net2")
+        old = conntrackd_pid(lab, "net2")
+        assert old, "conntrackd runs on the standby"
+        with lab.events() as ev:
+            os.kill(old, signal.SIGKILL)
+            restarted = ev.wait("hanet/daemon/net2/conntrackd/conntrackd/restarted", timeout=10)
+        assert restarted, "the supervisor did not restart conntrackd"
+        new = conntrackd_pid(lab, "net2")
+        assert new and new != old and restarted["data"]["pid"] == new
+        # the new daemon's external cache holds the owner's open flow again, without
+        # waiting for the owner to send an update of it
+        deadline = time.monotonic() + 5
+        while "dport=5003" not in external_cache(lab, "net2") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "dport=5003" in external_cache(lab, "net2")
+    finally:
+        into.stop()
+
+
 def test_streams_through_the_snat_address_and_a_floating_ip_survive_a_power_loss(cluster):
     from hanet_lab import chaos
     from hanet_lab.stream import Stream

@@ -21,6 +21,7 @@ def test_the_config_names_the_link_the_group_and_only_the_networks_flows(tmp_pat
         "Interface mgmt0",
         "IPv4_address 10.20.0.0/24",
         "IPv4_address 10.30.0.0/24",
+        "StartupResync on",  # a daemon that (re)starts asks the others for their flows
     ):
         assert line in text
     # everything it writes lives under the minion's root_dir (contract §1)
