@@ -427,12 +427,19 @@ class Orders:
             if what == "relinquish":
                 got = self._fun("hanet.relinquish")(*order["args"])
             else:
-                fun, prechecked = self._fun("hanet.takeover"), self.prechecks()
+                fun = self._fun("hanet.takeover")
+                looked_up = time.time()
+                prechecked = self.prechecks()  # the DAD probe under way, if any, done
                 got = fun(
                     *order["args"],
                     warm=True,
                     prechecked=prechecked,
-                    heard_at=[("heard", heard), ("thread", began), ("looked_up", time.time())],
+                    heard_at=[
+                        ("heard", heard),
+                        ("thread", began),
+                        ("looked_up", looked_up),
+                        ("prechecked", time.time()),
+                    ],
                     heard_via=via,
                     **order["kwargs"],
                 )

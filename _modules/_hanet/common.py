@@ -265,6 +265,14 @@ def _after_fork_in_child():
 os.register_at_fork(before=_SPAWNING.acquire, after_in_parent=_SPAWNING.release, after_in_child=_after_fork_in_child)
 
 
+def spawn(cmd, **popen_kwargs):
+    """``subprocess.Popen(cmd, ...)`` under the lock that every fork of this process takes
+    first (see ``run``): for a long-lived child (conntrackd in the foreground), also when
+    a thread of the minion's process starts it (the beacon's supervisor)."""
+    with _SPAWNING:
+        return subprocess.Popen(cmd, **popen_kwargs)
+
+
 def run(cmd, timeout=None, input=None, capture_output=False, **popen_kwargs):  # noqa: A002
     """``subprocess.run(cmd, ...)`` without ``check``, safe in a thread of the minion's
     process (the beacon's supervisor restarting dnsmasq, a warm takeover, the port watch
@@ -288,8 +296,7 @@ def run(cmd, timeout=None, input=None, capture_output=False, **popen_kwargs):  #
         feed.seek(0)
         popen_kwargs["stdin"] = feed
     try:
-        with _SPAWNING:
-            proc = subprocess.Popen(cmd, **popen_kwargs)
+        proc = spawn(cmd, **popen_kwargs)
     finally:
         if feed is not None:
             feed.close()

@@ -132,7 +132,7 @@ def _stop(paths):
 
 
 def _start(paths, text):
-    from .common import run
+    from .common import run, spawn
 
     f = files(paths)
     os.makedirs(os.path.dirname(f["conf"]), exist_ok=True)
@@ -144,7 +144,7 @@ def _start(paths, text):
         except FileNotFoundError:
             pass
     with open(f["log"], "ab") as log:
-        proc = subprocess.Popen(
+        proc = spawn(
             [binary(), "-C", f["conf"]],
             stdin=subprocess.DEVNULL,
             stdout=log,

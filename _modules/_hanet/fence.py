@@ -8,9 +8,10 @@ probe periods and the master does not answer either, ``on_fence()`` drops what t
 host serves (``takeover.fence``), before any standby can have been ordered to take it
 over: a standby needs ``misses`` periods to report the owner, but its probes run on a
 schedule of their own, so at worst its report comes as early as this verdict. The
-check follows each verdict at once (``Prober.judged``) and asks nothing then: the
-master is watched all along (``icmp.Silence``, four echoes in each ``master_window``), so the
-verdict knows at once whether the master fell silent; a takeover binds no earlier than
+check follows each verdict at once (``Prober.judged``), and comes every
+``echo_period`` while every peer is gone; it asks nothing then: the master is watched
+all along (``icmp.Silence``, four echoes in each ``master_window``), so the check knows
+at once whether the master fell silent. A takeover binds no earlier than
 ``guard_s`` after the first report (``takeover._fence_wait``), the time the unbind
 takes. The margin does not hang on how long the master's decision takes. The new
 owner's duplicate address detection waits for the floating IPs to fall silent too
@@ -42,20 +43,25 @@ log = logging.getLogger(__name__)
 
 
 def master_window(probe):
-    """How long the master must have been silent for the fence to count it gone: a
-    period (half of one with ``misses`` 2). The fence's verdict comes at the earliest
+    """How long the master must have been silent for the fence to count it gone: half a
+    period (four echoes, ``echo_period``). The fence's verdict comes at the earliest
     ``misses - 1.5`` periods after the owner was cut off (the verdict of a round sent
-    right after the cut, half a period later, then ``misses - 2`` more), so a master
-    lost in the same cut has been silent that long; a healthy one answers every echo
-    within a millisecond, so several echoes in a row went unanswered."""
-    return probe.interval_s * min(1.0, max(0.5, probe.misses - 1.5))
+    right after the cut, half a period later, then ``misses - 2`` more): with ``misses``
+    2 or more a master lost in the same cut has been silent that long. A master lost
+    later than the peers (the links fail one after the other) is counted gone half a
+    period after it fell silent (the fence checks every ``echo_period`` while the peers
+    are gone), before the master itself can call the owner dead: its watch needs two
+    rounds of half a period and then its own 0.05 s check (``runner._second_opinion``).
+    A healthy master answers every echo within a millisecond, so several echoes in a row
+    went unanswered."""
+    return probe.interval_s / 2
 
 
 def echo_period(probe):
-    """How often the fence's watch of the master sends an echo (four in each window,
-    at most one each 2 ms); also the time an echo has to be answered before it counts
-    as unanswered."""
-    return max(0.002, master_window(probe) / 4)
+    """How often the fence's watch of the master sends an echo (four in each window);
+    also the time an echo has to be answered before it counts as unanswered, and how
+    often the fence checks while every peer is gone."""
+    return master_window(probe) / 4
 
 
 # What the fence needs after its verdict to fall silent (the unbind, its netlink
@@ -63,15 +69,16 @@ def echo_period(probe):
 UNBIND_S = 0.05
 
 
-def guard_s(probe):  # pylint: disable=unused-argument  (the probe's period no longer counts)
+def guard_s(probe):
     """How long after a standby's detection of the owner the owner may still answer
     before rule 2 silences it, at worst. The owner's fence counts ``misses - 1`` periods
     on its own probes; a standby reports after ``misses`` on its own: with both
     schedules' phases at their worst the fence's verdict comes when the earliest report
     does, knowing already whether the master answers (``master_window``); the unbind
-    follows. A takeover (not a planned one) binds no earlier than this after
-    ``detected_at``."""
-    return UNBIND_S
+    follows. With ``misses`` 1 the fence counts what a standby counts (one period), and
+    its verdict may come a period after the standby's: that period is added. A takeover
+    (not a planned one) binds no earlier than this after ``detected_at``."""
+    return UNBIND_S + (probe.interval_s if probe.misses < 2 else 0.0)
 
 
 def next_hop():
@@ -104,16 +111,26 @@ class Fence(Worker):
         self.on_fence = on_fence
         self.fenced = False
         self.watch = None  # icmp.Silence of the targets, once the thread runs
+        self._said_dead = False
+
+    def peers_gone(self):
+        """Whether every peer has been silent ``misses - 1`` periods (none known: no)."""
+        peers = list(self.prober.peers.values())
+        return bool(peers) and all(p.misses >= max(1, self.probe.misses - 1) for p in peers)
 
     def isolated(self):
         """Whether this host has lost every piece of evidence now."""
-        peers = list(self.prober.peers.values())
-        if not peers or not self.targets:
-            return False
-        if any(p.misses < max(1, self.probe.misses - 1) for p in peers):
+        if not self.targets or not self.peers_gone():
             return False
         watch = self.watch
         if watch is None:
+            return False
+        if not watch.alive:
+            if not self._said_dead:
+                self._said_dead = True
+                log.warning(
+                    "hanet fence: the watch of the master %s is not running: this host never fences", self.targets
+                )
             return False
         window, grace = master_window(self.probe), echo_period(self.probe)
         return all(watch.silent(t, window, grace) for t in self.targets)
@@ -143,6 +160,9 @@ class Fence(Worker):
                 hop = None
             if hop and hop not in self.targets:
                 self.targets.append(hop)
+        if not self.targets:
+            log.warning("hanet fence: no master address and no next hop known: this host never fences")
+            return
         self.watch = icmp.Silence(self.targets, echo_period(self.probe)).start()
         try:
             self._watch_verdicts()
@@ -152,13 +172,17 @@ class Fence(Worker):
     def _watch_verdicts(self):
         judged = getattr(self.prober, "judged", None)
         while not self._stop.is_set():
+            # right after each of the prober's verdicts, and every echo period while
+            # every peer is gone (the master may fall silent after them)
+            armed = not self.fenced and self.peers_gone()
+            wait = echo_period(self.probe) if armed else self.probe.interval_s
             if judged is None:  # a prober without verdict events: a schedule of its own
-                if self._stop.wait(self.probe.interval_s):
+                if self._stop.wait(wait):
                     return
-            else:  # right after each period's verdict
-                if not judged.wait(self.probe.interval_s):
-                    continue
+            elif judged.wait(wait):
                 judged.clear()
-                if self._stop.is_set():
-                    return
+            elif not armed:
+                continue
+            if self._stop.is_set():
+                return
             self.check()

@@ -201,6 +201,20 @@ class Watch:
             self._last_round = time.monotonic()
 
 
+# setsockopt(SOL_RAW, ICMP_FILTER, mask): the ICMP types (bits) a raw socket is not given
+SOL_RAW, ICMP_FILTER, ICMP_ECHOREPLY = 255, 1, 0
+
+
+def _replies_only(sock):
+    """Only echo replies reach ``sock`` (Linux): the pings a host's VMs send to their
+    gateway, or a flood of them, never wake the thread that reads it."""
+    try:
+        sock.setsockopt(SOL_RAW, ICMP_FILTER, struct.pack("I", ~(1 << ICMP_ECHOREPLY) & 0xFFFFFFFF))
+    except OSError as err:  # not Linux: every ICMP packet is read and dropped by ident
+        log.debug("hanet: no ICMP_FILTER: %s", err)
+    return sock
+
+
 class Silence(Worker):
     """An ICMP echo to each of ``targets`` every ``period`` seconds, in a thread of its
     own, so that whether a target has fallen silent is known at any moment without
@@ -210,8 +224,10 @@ class Silence(Worker):
     ``window`` seconds although at least two echoes to it went out in that window, each
     at least ``grace`` seconds ago (time enough to be answered). An echo that could not
     be sent (no route: the link is gone) counts as unanswered. A thread that did not run
-    (a starved process) sent nothing: no evidence, not silent. Replies that arrived while
-    this process was not scheduled are read before each verdict."""
+    (a starved process) sent nothing: no evidence, not silent; nor is a watch whose
+    socket could not be opened or whose thread ended (``alive``). Replies that arrived
+    while this process was not scheduled are read before each verdict. The socket is
+    given echo replies only (``ICMP_FILTER``)."""
 
     thread_name = "hanet-fence-icmp"
 
@@ -227,7 +243,7 @@ class Silence(Worker):
 
     def start(self):
         try:
-            self._sock = _raw_socket()
+            self._sock = _replies_only(_raw_socket())
         except OSError as err:
             log.warning("hanet: no ICMP watch of %s (%s): no evidence of isolation", self.targets, err)
             return self
@@ -235,9 +251,10 @@ class Silence(Worker):
 
     def stop(self, timeout=2.0):
         super().stop(timeout)
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
 
     def _read(self):
         """Replies queued on the socket (with the lock held)."""
@@ -247,36 +264,45 @@ class Silence(Worker):
         for src in _drain(self._sock, self._ident, self._heard):
             self._heard[src] = now
 
-    def _run(self):
-        seq = 0
-        while not self._stop.is_set():
-            seq = (seq + 1) & 0xFFFF
-            with self._lock:
-                now = time.monotonic()
-                for t in self.targets:
-                    try:
-                        self._sock.sendto(echo(self._ident, seq), (t, 0))
-                    except OSError:
-                        pass  # no route: unanswered
-                    sent = self._sent[t]
-                    sent.append(now)
-                    del sent[:-64]
-            until = time.monotonic() + self.period
-            while not self._stop.is_set():
-                left = until - time.monotonic()
-                if left <= 0:
-                    break
+    def _send(self, seq):
+        with self._lock:
+            now = time.monotonic()
+            for t in self.targets:
                 try:
-                    ready = select.select([self._sock], [], [], left)[0]
-                except (OSError, ValueError):
-                    return  # closed by stop()
-                if ready:
-                    with self._lock:
-                        self._read()
+                    self._sock.sendto(echo(self._ident, seq), (t, 0))
+                except OSError:
+                    pass  # no route: unanswered
+                sent = self._sent[t]
+                sent.append(now)
+                del sent[:-64]
+
+    def _run(self):
+        poller = select.poll()  # not select(): a minion's descriptors may pass 1024
+        poller.register(self._sock.fileno(), select.POLLIN)
+        seq, said = 0, 0.0
+        while not self._stop.is_set():
+            try:
+                seq = (seq + 1) & 0xFFFF
+                self._send(seq)
+                until = time.monotonic() + self.period
+                while not self._stop.is_set():
+                    left = until - time.monotonic()
+                    if left <= 0:
+                        break
+                    if poller.poll(left * 1000):
+                        with self._lock:
+                            self._read()
+            except Exception as err:  # pylint: disable=broad-except  (keep watching; say so)
+                if self._stop.is_set():
+                    return  # the socket was closed by stop()
+                if time.monotonic() - said > 60:
+                    said = time.monotonic()
+                    log.warning("hanet: the ICMP watch of %s: %s", self.targets, err, exc_info=True)
+                self._stop.wait(self.period)
 
     def silent(self, target, window, grace):
         with self._lock:
-            if self._thread is None or not self._thread.is_alive() or target not in self._heard:
+            if not self.alive or target not in self._heard:
                 return False
             self._read()
             now = time.monotonic()

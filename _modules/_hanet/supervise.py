@@ -10,7 +10,9 @@ again at once with the same command line and files (leases kept), and
 ``on_restart(daemon, name, pid)`` is called so that the beacon can tell the master. A
 daemon it never saw running (a record left from before a reboot, on a host that may no
 longer serve that network) is left to the next apply, and a failed restart is tried
-again only after ``RETRY_S``. The appliers and the supervisor take the
+again only after ``RETRY_S``; a daemon that keeps dying is restarted after a growing
+delay (``backoff``), so that a crash loop costs neither the CPU nor, with conntrackd,
+its peers' full resyncs. The appliers and the supervisor take the
 same lock (``daemon.lock``), so a planned restart or stop is never undone.
 """
 
@@ -32,6 +34,15 @@ def restarted_tag(minion, daemon, name):
 
 
 RETRY_S = 5.0  # after a failed restart, the next attempt waits this long
+# A daemon that keeps dying: the second restart within CRASH_WINDOW_S waits BACKOFF_S
+# after the one before, each further one twice as long, at most BACKOFF_MAX_S
+CRASH_WINDOW_S, BACKOFF_S, BACKOFF_MAX_S = 60.0, 0.5, 30.0
+
+
+def backoff(restarts):
+    """How long the ``restarts``-th restart within ``CRASH_WINDOW_S`` waits after the one
+    before: the first, none."""
+    return 0.0 if restarts < 2 else min(BACKOFF_MAX_S, BACKOFF_S * 2 ** (restarts - 2))
 
 
 def running(paths):
@@ -64,6 +75,7 @@ class Supervisor(Worker):
         self.interval = float(interval)
         self._seen = {}  # (daemon, name) -> pid last seen alive
         self._retry_at = {}  # (daemon, name) -> monotonic time of the next attempt
+        self._restarts = {}  # (daemon, name) -> monotonic times of its recent restarts
 
     def check(self):
         """One round: [(daemon, name, new pid)] for every daemon started again."""
@@ -87,6 +99,10 @@ class Supervisor(Worker):
             if new:
                 self._seen[key] = new
                 out.append((key[0], key[1], new))
+                at = time.monotonic()
+                recent = [t for t in self._restarts.get(key, ()) if at - t < CRASH_WINDOW_S] + [at]
+                self._restarts[key] = recent
+                self._retry_at[key] = at + backoff(len(recent) + 1)
         for kind, name, pid in out:
             log.warning("hanet supervise: %s %s had died; started again (pid %s)", kind, name, pid)
             try:

@@ -11,6 +11,8 @@ from _hanet import fence, icmp, model, takeover
 class _Silent:
     """The master fell silent (icmp.Silence's view, without its socket)."""
 
+    alive = True
+
     def __init__(self, targets, period):
         self.targets = targets
 
@@ -50,14 +52,45 @@ def test_the_fence_checks_at_the_verdict_not_a_period_later(monkeypatch):
 
 def test_the_fence_guard_is_the_unbind_and_the_master_window_fits_the_earliest_verdict():
     """The fence asks nothing at its verdict (the master is watched all along): the
-    guard is the unbind alone. The master must have been silent a period (half of one
-    with 2 misses): the earliest verdict comes misses - 1.5 periods after the cut."""
-    for ms, misses in ((100, 3), (50, 3), (50, 2), (200, 5)):
+    guard is the unbind alone. The master must have been silent half a period: the
+    earliest verdict comes misses - 1.5 periods after the cut. With 1 miss the fence
+    counts what a standby counts, and a period is added."""
+    for ms, misses in ((100, 3), (50, 3), (50, 2), (200, 5), (10, 2)):
         probe = model.Probe.of(ms, misses)
         assert fence.guard_s(probe) == fence.UNBIND_S
         assert fence.master_window(probe) <= (misses - 1.5) * probe.interval_s
-        assert fence.master_window(probe) >= 2 * fence.echo_period(probe)  # several echoes unanswered
-    assert fence.master_window(model.Probe.of(100, 3)) == 0.1
+        # at least two echoes that had time to be answered fall in every window
+        window, period = fence.master_window(probe), fence.echo_period(probe)
+        assert window - period >= 2.5 * period
+    assert fence.master_window(model.Probe.of(100, 3)) == 0.05
+    assert fence.guard_s(model.Probe.of(100, 1)) == fence.UNBIND_S + 0.1
+
+
+def test_a_master_lost_after_the_peers_is_noticed_without_waiting_for_a_verdict(monkeypatch):
+    """The links fail one after the other: the peers first, the master 0.3 s later. The
+    fence checks every echo period while the peers are gone, so it falls silent within
+    one of the master falling silent, not at the prober's next verdict (none comes
+    here)."""
+    flag = threading.Event()
+
+    class _Later(_Silent):
+        def silent(self, target, window, grace):
+            return flag.is_set()
+
+    monkeypatch.setattr(fence.icmp, "Silence", _Later)
+    probe = model.Probe.of(1000, 3)  # a verdict a second; echo period 0.125 s
+    prober = _Prober(misses=2)
+    fenced = threading.Event()
+    f = fence.Fence(prober, probe, ["192.0.2.1"], fenced.set, route=False).start()
+    try:
+        time.sleep(0.3)
+        assert not fenced.is_set()  # the master answers
+        t0 = time.monotonic()
+        flag.set()
+        assert fenced.wait(0.5)
+        assert time.monotonic() - t0 <= fence.echo_period(probe) + 0.1
+    finally:
+        f.stop()
 
 
 class _Alive:
@@ -66,7 +99,7 @@ class _Alive:
 
 
 def _silence(sent, heard):
-    s = icmp.Silence(["192.0.2.1"], 0.025)
+    s = icmp.Silence(["192.0.2.1"], 0.0125)
     s._thread = _Alive()
     now = time.monotonic()
     s._sent["192.0.2.1"] = [now - a for a in sent]
@@ -75,17 +108,21 @@ def _silence(sent, heard):
 
 
 def test_the_master_is_silent_only_after_echoes_that_had_time_to_be_answered():
-    window, grace = 0.1, 0.025
-    # echoes every quarter period, none answered for long: silent
-    assert _silence([0.1, 0.075, 0.05, 0.025, 0.0], heard=5.0).silent("192.0.2.1", window, grace)
+    window, grace = 0.05, 0.0125
+    # echoes every quarter window, none answered for long: silent
+    assert _silence([0.05, 0.0375, 0.025, 0.0125, 0.0], heard=5.0).silent("192.0.2.1", window, grace)
     # one answered 20 ms ago: not silent
-    assert not _silence([0.1, 0.075, 0.05, 0.025, 0.0], heard=0.02).silent("192.0.2.1", window, grace)
+    assert not _silence([0.05, 0.0375, 0.025, 0.0125, 0.0], heard=0.02).silent("192.0.2.1", window, grace)
     # the watch's thread was starved: one echo in the window, no evidence
-    assert not _silence([0.5, 0.05], heard=5.0).silent("192.0.2.1", window, grace)
+    assert not _silence([0.5, 0.03], heard=5.0).silent("192.0.2.1", window, grace)
     # echoes too recent to have been answered yet
-    assert not _silence([0.02, 0.01, 0.0], heard=5.0).silent("192.0.2.1", window, grace)
+    assert not _silence([0.01, 0.005, 0.0], heard=5.0).silent("192.0.2.1", window, grace)
     # a target not watched
-    assert not _silence([0.1, 0.05], heard=5.0).silent("192.0.2.9", window, grace)
+    assert not _silence([0.05, 0.025], heard=5.0).silent("192.0.2.9", window, grace)
+    # a watch whose thread ended says nothing
+    dead = _silence([0.05, 0.0375, 0.025, 0.0125, 0.0], heard=5.0)
+    dead._thread = None
+    assert not dead.silent("192.0.2.1", window, grace)
 
 
 def _ctx():
