@@ -50,6 +50,7 @@ NOVA = {
     "networks:*:mtu": "network_device_mtu",
     "networks:*:vlan": "vlan_start (a network's vlan)",
     "networks:*:dns_servers": "network's dns1/dns2",
+    "networks:*:dhcp_server": "network's dhcp_server / `nova-manage network create --dhcp_server`",
     "hosts:*:public_interface": "public_interface",
     "hosts:*:routing_source_ip": "routing_source_ip",
     "instances:*:floating_ips": "`nova floating-ip-associate`",
@@ -126,7 +127,12 @@ EXTRA = {
     "networks:*:bridge": "the Linux bridge the network's VM ports and uplink join",
     "networks:*:vxlan": "VXLAN segmentation instead of 802.1Q: `{vni, group or remotes, port}`; "
     "the underlay is bridge_interface",
-    "networks:*:gateway_mode": "host: the hosts are the gateway; hardware: a router is (dnsmasq hands it out; needs multi_host)",
+    "networks:*:gateway_mode": "host: the hosts are the gateway; hardware: a router is (dnsmasq hands it out); "
+    "with network_hosts it needs `dhcp_server`",
+    "networks:*:dhcp_server": "networks with network_hosts and gateway_mode hardware: the address the owner serves "
+    "DHCP on, binds and moves on failover (the gateway is the router's); the router handed to the instances "
+    "with a floating IP, whose connections leave through the owner as that IP "
+    "(docs/segmentation.md#hardware-gateways-with-network-hosts)",
     "firewall_driver": "nftables or iptables",
     "networks:*:vlan": "802.1Q id: `vlan<id>` on bridge_interface, enslaved to the bridge",
     "networks:*:vxlan:vni": "the VXLAN network identifier",
@@ -193,6 +199,7 @@ DEFAULTS = {
     "networks:*:multi_host": "false",
     "networks:*:network_hosts": "none (multi_host networks)",
     "networks:*:snat_address": "none: each host's routing_source_ip",
+    "networks:*:dhcp_server": "none (required with network_hosts and gateway_mode hardware)",
     "ha:conntrack_sync": "none (off)",
 }
 

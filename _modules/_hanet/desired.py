@@ -60,6 +60,9 @@ class DhcpHost:
     hostname: str  # fully qualified: web1.novalocal
     ip: str
     default_route: bool = True  # False: this NIC gets no router (use_single_default_gateway)
+    # the NIC has a floating IP on a network-host hardware network: its router is the
+    # owner's dhcp_server (Dnsmasq.floating_router), which routes it through that IP's SNAT
+    floating: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,9 @@ class Dnsmasq:
     # (ip, fqdn, short name) of every instance NIC on the network, on whatever host: its
     # DNS answers for all of them (nova's update_dns_entries), not only for its leases
     names: tuple = ()
+    # network_hosts with gateway_mode hardware: the router handed to the NICs with a
+    # floating IP (the dhcp_server, which moves with the floating IPs), not the hardware one
+    floating_router: Optional[str] = None
 
     def options_key(self):
         """Everything that needs a restart when it changes (hosts and names only need SIGHUP)."""
@@ -267,6 +273,7 @@ def compute(cfg, host, owners=None):
     nat_floating = []  # floating IPs whose NAT this host holds (serving or hot standby)
     forward, service, meta_bridges, served_instances = [], [], [], {}
     moving_snat = []  # the snat_address of each network this host serves or stands by for
+    routed_nh = []  # (bridge, public) of the hardware networks this host serves or stands by for
     domain = cfg.dhcp_domain
     for label in sorted(cfg.networks):
         if host not in cfg.hosts_carrying(label):
@@ -289,7 +296,7 @@ def compute(cfg, host, owners=None):
         if own:
             addresses.append(f"{own.address}/{net.prefixlen}")
         if role == SERVING and not net.multi_host:
-            addresses.append(net.gateway_cidr)
+            addresses.append(net.service_cidr)
         bridges.append(
             Bridge(
                 name=net.bridge,
@@ -298,7 +305,7 @@ def compute(cfg, host, owners=None):
                 segment=segment,
                 mtu=net.mtu,
                 addresses=tuple(addresses),
-                guarded=(net.gateway_cidr,) if role == SERVING and not net.multi_host else (),
+                guarded=(net.service_cidr,) if role == SERVING and not net.multi_host else (),
                 shared_mac=net.shared_mac,
             )
         )
@@ -340,8 +347,12 @@ def compute(cfg, host, owners=None):
         )
         for inst, _ in served:
             served_instances[inst.name] = inst
-        listen = own.address if net.multi_host else net.gateway
+        listen = own.address if net.multi_host else net.service_address
         router = net.gateway if net.hardware else listen
+        # a network-host hardware network: the hardware router is every NIC's router but
+        # those with a floating IP, whose connections must leave through the owner (the
+        # floating IP's SNAT), as nova's ebtables redirect made them on its hosts
+        floating_router = net.service_address if net.hardware and not net.multi_host else None
         if serving:
             dnsmasqs.append(
                 Dnsmasq(
@@ -358,6 +369,7 @@ def compute(cfg, host, owners=None):
                     conf_file=cfg.dnsmasq_config_file,
                     user=cfg.dnsmasq_user,
                     mtu=net.mtu if net.mtu != 1500 else None,
+                    floating_router=floating_router,
                     hosts=tuple(
                         sorted(
                             (
@@ -366,6 +378,7 @@ def compute(cfg, host, owners=None):
                                     hostname=f"{i.hostname}.{domain}",
                                     ip=n.ip,
                                     default_route=not (cfg.use_single_default_gateway and n.index != 0),
+                                    floating=bool(floating_router) and any(f.fixed_ip == n.ip for f in i.floating_ips),
                                 )
                                 for i, n in served
                             ),
@@ -387,6 +400,11 @@ def compute(cfg, host, owners=None):
         service.append(net.bridge)
         if not net.hardware:
             forward.append(net.bridge)
+        elif not net.multi_host:
+            # the owner routes what the instances with a floating IP send it (their
+            # router) and what a hardware router hands it (metadata, force_snat_range):
+            # out of the public link only, never to another network behind the router
+            routed_nh.append((net.bridge, public))
         # Hardware gateway too: the bridge hands the VMs' requests for 169.254.169.254 to
         # this host (PortGuard.routed_metadata); a router that routes them to the host
         # serving the VM works as well
@@ -454,10 +472,10 @@ def compute(cfg, host, owners=None):
         guards=tuple(guards),
         floating=tuple(sorted(nat_floating, key=lambda f: f.address)),
         checksum_fill=tuple(sorted(set(service))) if cfg.dhcp_checksum_fill else (),
-        routed=tuple(sorted({(g.bridge, public) for g in guards if g.routed_from or g.routed_force})),
+        routed=tuple(sorted({(g.bridge, public) for g in guards if g.routed_from or g.routed_force} | set(routed_nh))),
         snat_addresses=tuple(sorted(set(moving_snat))),
     )
-    sysctls = (("net.ipv4.ip_forward", "1"),) if (forward or floating or snat) else ()
+    sysctls = (("net.ipv4.ip_forward", "1"),) if (forward or floating or snat or routed_nh) else ()
     watch, standby_for = {}, {}
     for label, role in roles:
         net = cfg.networks[label]
@@ -467,7 +485,7 @@ def compute(cfg, host, owners=None):
             if peer == host:
                 continue
             if role == "standby":  # what moves here with the network: DAD-probed early
-                standby_for.setdefault(peer, set()).add((net.bridge, net.gateway))
+                standby_for.setdefault(peer, set()).add((net.bridge, net.service_address))
                 standby_for[peer].update((f.public_interface, f.address) for f in nat_floating if f.network == label)
                 if net.snat_address:
                     standby_for[peer].add((public, net.snat_address))

@@ -780,6 +780,7 @@ def vouching_addresses(cfg, host_ipv4):
     """The suspect's own addresses that can vouch for it (its grains' ipv4), less
     loopback and every address that moves between hosts (gateways, floating IPs)."""
     moving = {n.gateway for n in cfg.networks.values() if n.gateway}
+    moving |= {n.dhcp_server for n in cfg.networks.values() if n.dhcp_server}
     moving |= {f.address for i in cfg.instances.values() for f in i.floating_ips}
     return sorted(a for a in host_ipv4 or () if not a.startswith("127.") and a not in moving)
 
@@ -822,7 +823,7 @@ def cluster_status(cfg, owners, answers, skew=None):
         }
         if not net.multi_host:
             owner = owner_of(cfg, owners, label)
-            with_gw = sorted(h for h, n in holders.items() if net.gateway_cidr in n.get("addresses", []))
+            with_gw = sorted(h for h, n in holders.items() if net.service_cidr in n.get("addresses", []))
             entry.update(
                 owner=owner,
                 epoch=epoch_of(owners, label),
@@ -861,6 +862,11 @@ def clock_skew(answers, asked_at, returned_at):
     return out
 
 
+def _what(net):
+    """What a network-host network's moving address is called in a message."""
+    return "dhcp_server" if net.dhcp_server else "gateway"
+
+
 def cluster_problems(cfg, nets, fips, answers, skew=None):
     """What an operator must look at, from ``cluster_status``'s networks and floating IPs
     and the hosts' answers: ``[{"network"|"floating_ip"|"host": name, "problem": text}]``,
@@ -885,11 +891,11 @@ def cluster_problems(cfg, nets, fips, answers, skew=None):
             continue
         on, owner = e.get("gateway_on") or [], e.get("owner")
         if len(on) > 1:
-            add(f"{len(on)} hosts hold the gateway {net.gateway}: {', '.join(on)}")
+            add(f"{len(on)} hosts hold the {_what(net)} {net.service_address}: {', '.join(on)}")
         elif not on and owner is not None:
-            add(f"no host holds the gateway {net.gateway} (the record says {owner})")
+            add(f"no host holds the {_what(net)} {net.service_address} (the record says {owner})")
         elif owner is not None and on != [owner]:
-            add(f"the gateway {net.gateway} is on {on[0]}, the record says {owner}")
+            add(f"the {_what(net)} {net.service_address} is on {on[0]}, the record says {owner}")
         if e.get("confirmed") is False:
             add(f"the move to {owner} (epoch {e.get('epoch')}) is not confirmed yet")
         if not e["standby"]:

@@ -232,8 +232,11 @@ def status(host, state, cfg, paths, peers):
                 "present": br.name in present,
                 "addresses": addrs,
                 "role": role,
-                "active_gateway": not net.hardware
-                and (net.gateway_cidr in addrs if not net.multi_host else role == "serving"),
+                # a network-host network: the owner holds its service address (the
+                # gateway, or on a hardware network the dhcp_server that moves)
+                "active_gateway": net.service_cidr in addrs
+                if not net.multi_host
+                else not net.hardware and role == "serving",
                 "dnsmasq": daemons.get(br.network),
             }
         public = {h.public_interface for h in cfg.hosts.values()}
@@ -375,7 +378,7 @@ def serving(host, cfg, owners, view):
     for label, net in sorted(cfg.networks.items()):
         if net.multi_host or host not in net.network_hosts:
             continue
-        nets[label] = net.gateway_cidr in held.get(net.bridge, [])
+        nets[label] = net.service_cidr in held.get(net.bridge, [])
         epochs[label] = int((owners.get(label) or {}).get("epoch", 0))
     peers = view.get("peers") if isinstance(view.get("peers"), dict) else {}
     out = {

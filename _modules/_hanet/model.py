@@ -61,6 +61,7 @@ NETWORK_KEYS = {
     "dns_servers",
     "share_dhcp_address",
     "snat_address",
+    "dhcp_server",
 }
 VXLAN_KEYS = {"vni", "group", "remotes", "port"}
 HOST_KEYS = {"public_interface", "routing_source_ip", "networks"}
@@ -115,6 +116,23 @@ class Network:
     # interface and moved with the gateway (open connections keep their source); None:
     # each host's routing_source_ip
     snat_address: Optional[str] = None
+    # network_hosts with gateway_mode hardware (nova's ``dhcp_server``): the address the
+    # owner binds and moves on failover in the gateway's place (the gateway is the
+    # router's); dnsmasq listens on it, and it is the router of the instances with a
+    # floating IP
+    dhcp_server: Optional[str] = None
+
+    @property
+    def service_address(self):
+        """The address a network-host network's owner holds and a failover moves: the
+        gateway, or (``gateway_mode: hardware``) the ``dhcp_server``."""
+        return self.dhcp_server if self.dhcp_server else self.gateway
+
+    @property
+    def service_cidr(self):
+        """``service_address`` as it is bound on the bridge ("ip/prefixlen"), or None."""
+        a = self.service_address
+        return f"{a}/{self.prefixlen}" if a else None
 
     @property
     def shared_mac(self):
@@ -597,13 +615,25 @@ def _networks(c, raw):
             )
         if multi_host is False and not nh:
             c.add(f"{path}:network_hosts", "is required when multi_host is false (ordered: the first live one serves)")
-        if mode == "hardware" and multi_host is False:
-            # the network hosts' failover moves and probes the gateway, which here is the
-            # router's own address: the owner would answer for it beside the router
+        dhcp_server = None
+        if spec.get("dhcp_server") is not None:
+            dhcp_server = c.ip(spec.get("dhcp_server"), f"{path}:dhcp_server")
+            if dhcp_server and cidr and (why := _usable(dhcp_server, cidr)):
+                c.add(f"{path}:dhcp_server", f"{dhcp_server} is {why} the network's cidr {cidr}")
+                dhcp_server = None
+            elif dhcp_server and not (mode == "hardware" and multi_host is False):
+                c.add(
+                    f"{path}:dhcp_server",
+                    "is for networks with network_hosts and gateway_mode: hardware "
+                    "(elsewhere dnsmasq listens on the gateway, or in multi_host on each host's address)",
+                )
+                dhcp_server = None
+        elif mode == "hardware" and multi_host is False:
+            # the owner binds and moves an address of its own: the gateway is the router's
             c.add(
-                f"{path}:gateway_mode",
-                "hardware needs multi_host: true (with network_hosts the owner binds the gateway, "
-                "and a hardware network's gateway is its router's address)",
+                f"{path}:dhcp_server",
+                "is required with gateway_mode: hardware and network_hosts (the address the owner "
+                "serves DHCP on and moves on failover; the gateway is the router's)",
             )
         if share and multi_host is False:
             c.add(f"{path}:share_dhcp_address", "is for multi_host networks (every host its instances' gateway)")
@@ -652,6 +682,7 @@ def _networks(c, raw):
             dns_servers=servers,
             share_dhcp_address=bool(share and multi_host and mode == "host" and gateway),
             snat_address=snat,
+            dhcp_server=dhcp_server,
         )
     return out
 
@@ -739,6 +770,13 @@ def _hosts(c, raw, networks):
                     "network hosts; give the host an address of its own",
                 )
                 continue
+            if addr and net.dhcp_server and addr == net.dhcp_server:
+                c.add(
+                    f"{npath}:address",
+                    f"{addr} is network {label}'s dhcp_server, which moves between "
+                    "network hosts; give the host an address of its own",
+                )
+                continue
             if addr and net.hardware and addr == net.gateway:
                 c.add(f"{npath}:address", f"{addr} is network {label}'s hardware router")
                 continue
@@ -810,6 +848,9 @@ def _instances(c, raw, networks, hosts):
                 ip = None
             elif ip and ip == net.gateway:
                 c.add(f"{npath}:ip", f"{ip} is network {label}'s gateway")
+                ip = None
+            elif ip and ip == net.dhcp_server:
+                c.add(f"{npath}:ip", f"{ip} is network {label}'s dhcp_server")
                 ip = None
             if host in hosts and net.multi_host and not net.share_dhcp_address and label not in hosts[host].networks:
                 c.add(
@@ -954,6 +995,8 @@ def _cross_checks(c, networks, hosts, instances, nics, fips):
         n = networks[label]
         if n.gateway and (not n.multi_host or n.hardware or n.share_dhcp_address):
             claim(n.gateway, f"{ROOT}:networks:{label}:gateway")
+        if n.dhcp_server:
+            claim(n.dhcp_server, f"{ROOT}:networks:{label}:dhcp_server")
     for h in sorted(hosts):
         for label, hn in sorted(hosts[h].networks.items()):
             if not networks[label].share_dhcp_address:  # the shared one is the gateway's

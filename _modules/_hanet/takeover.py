@@ -196,8 +196,8 @@ def unbind_moved(net, state, managed):
                 Change(
                     "links",
                     "remove",
-                    f"{net.bridge} {net.gateway_cidr}",
-                    {"link": net.bridge, "address": net.gateway_cidr},
+                    f"{net.bridge} {net.service_cidr}",
+                    {"link": net.bridge, "address": net.service_cidr},
                 )
             ],
             managed,
@@ -302,10 +302,10 @@ def _dad(net, planned, prechecked, mark, moving, handover=False):
     first = True
     while waiting:
         answered = arp.probe_many(waiting, arp.DAD_TIMEOUT_S, tries=1)
-        if first and not handover and net.gateway in answered:
+        if first and not handover and net.service_address in answered:
             mark("dad")
             raise RuntimeError(
-                f"gateway {net.gateway} is still answered by {answered[net.gateway]} "
+                f"{failover._what(net)} {net.service_address} is still answered by {answered[net.service_address]} "
                 f"on {net.bridge}: not binding it (duplicate address)"
             )
         first = False
@@ -343,20 +343,20 @@ def moving_addresses(net, state):
     (which a standby keeps NAT rules for, ``ruleset.floating``)."""
     fips = {(f.address, f.public_interface) for f in state.ruleset.floating if f.network == net.label}
     fips |= {(f.address, f.public_interface) for f in state.floating_ips if f.network == net.label}
-    return [(net.gateway, net.bridge)] + sorted(fips)
+    return [(net.service_address, net.bridge)] + sorted(fips)
 
 
 def _holds_gateway(ctx, network):
     net = ctx.cfg.networks.get(network)
-    return net is not None and net.gateway_cidr in links.addresses_by_link().get(net.bridge, [])
+    return net is not None and net.service_cidr in links.addresses_by_link().get(net.bridge, [])
 
 
 def bind_moved(net, state, managed):
     """Bind what moves, and only that: the gateway on the network's bridge and the
     network's floating IPs, as the links and floating planners would (the same changes,
     recorded the same way), without reading the rest of the host first."""
-    if net.gateway_cidr not in next((b.addresses for b in state.bridges if b.name == net.bridge), ()):
-        raise RuntimeError(f"the desired state does not put {net.gateway} on {net.bridge}")
+    if net.service_cidr not in next((b.addresses for b in state.bridges if b.name == net.bridge), ()):
+        raise RuntimeError(f"the desired state does not put {net.service_address} on {net.bridge}")
     done = {"links": links_add(net)}
     binds = [
         Change("floating", "bind", f.address, {"interface": f.public_interface})
@@ -381,13 +381,14 @@ def links_add(net):
     try:
         index = socket.if_nametoindex(net.bridge)
     except OSError:
-        raise links.LinkError(f"{net.bridge} does not exist: cannot bind {net.gateway_cidr}") from None
-    (code,) = addrbatch.change([("add", index, net.gateway, net.prefixlen, links.broadcast_of(net.gateway_cidr))])
+        raise links.LinkError(f"{net.bridge} does not exist: cannot bind {net.service_cidr}") from None
+    cidr = net.service_cidr
+    (code,) = addrbatch.change([("add", index, net.service_address, net.prefixlen, links.broadcast_of(cidr))])
     if code == errno.EEXIST:
         return []
     if code:
-        raise links.LinkError(f"add {net.gateway_cidr} to {net.bridge}: {os.strerror(code)}")
-    return [f"added {net.gateway_cidr} to {net.bridge}"]
+        raise links.LinkError(f"add {cidr} to {net.bridge}: {os.strerror(code)}")
+    return [f"added {cidr} to {net.bridge}"]
 
 
 def _as_owner(ctx, network):
@@ -639,7 +640,7 @@ def announce(ctx, rounds=GARP_MIN):
             or ctx.me not in net.network_hosts
             or label in fenced(ctx.paths)
             or failover.owner_of(ctx.cfg, owners, label) != ctx.me
-            or net.gateway_cidr not in held.get(net.bridge, [])
+            or net.service_cidr not in held.get(net.bridge, [])
         ):
             continue
         state = state or ctx.desired()

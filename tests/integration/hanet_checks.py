@@ -7,6 +7,17 @@ import subprocess
 import time
 
 
+def eventually(fn, want, timeout=5.0):
+    """``fn()`` once it returns ``want`` (polled every 0.2 s), or its last answer after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    got = fn()
+    while got != want and time.monotonic() < deadline:
+        time.sleep(0.2)
+        got = fn()
+    return got
+
+
 def minion_log_tail(lab, host, lines=60):
     """The end of ``host``'s salt-minion log (the lab keeps it in its run directory): what
     a minion that did not return was doing, for the failure message."""

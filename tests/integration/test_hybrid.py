@@ -17,10 +17,9 @@ so upstream sees the floating IP, as with a host-gatewayed network.
 import copy
 import os
 import sys
-import time
 
 import pytest
-from hanet_checks import state_apply
+from hanet_checks import eventually, state_apply
 
 pytestmark = pytest.mark.lab
 
@@ -64,15 +63,6 @@ def base(lab):
 def apply(lab, pillar):
     lab.set_pillar(pillar)
     state_apply(lab)
-
-
-def eventually(fn, want, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    got = fn()
-    while got != want and time.monotonic() < deadline:
-        time.sleep(0.2)
-        got = fn()
-    return got
 
 
 def test_the_vm_s_connections_leave_as_its_floating_ip(lab, base):

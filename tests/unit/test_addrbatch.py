@@ -94,7 +94,7 @@ def test_the_takeover_binds_the_gateway_as_the_links_state_would(ns):
     from _hanet import links, takeover
     from _hanet.common import Change as Ch
 
-    net = SimpleNamespace(bridge="pub0", gateway="10.20.0.1", prefixlen=24, gateway_cidr="10.20.0.1/24")
+    net = SimpleNamespace(bridge="pub0", service_address="10.20.0.1", prefixlen=24, service_cidr="10.20.0.1/24")
 
     def brd_line():
         out = kernel_ns.sh("ip", "-n", ns, "-4", "-o", "addr", "show", "dev", "pub0").stdout

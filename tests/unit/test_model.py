@@ -139,8 +139,27 @@ def test_broken_pillar_reports_every_mistake_with_its_path():
         ),
         (
             lambda p: p["networks"]["red"].update(multi_host=False, network_hosts=["net1", "net2"]),
-            "hanet:networks:red:gateway_mode",
-            "hardware needs multi_host: true",
+            "hanet:networks:red:dhcp_server",
+            "required with gateway_mode: hardware and network_hosts",
+        ),
+        (
+            lambda p: p["networks"]["private"].update(dhcp_server="192.168.0.2"),
+            "hanet:networks:private:dhcp_server",
+            "is for networks with network_hosts and gateway_mode: hardware",
+        ),
+        (
+            lambda p: p["networks"]["red"].update(
+                multi_host=False, network_hosts=["net1", "net2"], dhcp_server="172.16.200.2"
+            ),
+            "hanet:networks:red:dhcp_server",
+            "not in the network's cidr",
+        ),
+        (
+            lambda p: p["networks"]["red"].update(
+                multi_host=False, network_hosts=["net1", "net2"], dhcp_server="172.16.100.3"
+            ),
+            "hanet:hosts:compute1:networks:red:address",
+            "is network red's dhcp_server",
         ),
         (
             lambda p: p["networks"]["red"].update(gateway_mode="router"),
@@ -694,3 +713,54 @@ def test_a_shared_dhcp_address_network_cannot_ride_on_a_host_s_public_nic():
     assert model.load(p)
     p["hosts"]["compute1"]["public_interface"] = p["networks"]["private"]["bridge_interface"]
     assert [path for path, _ in problems(p)] == ["hanet:hosts:compute1:public_interface"]
+
+
+def _green_on_network_hosts(p):
+    """The example's green network (hardware router 172.16.101.1) served by net1 and
+    net2 instead of multi_host: dhcp_server 172.16.101.2 moves between them."""
+    p["networks"]["green"].update(multi_host=False, network_hosts=["net1", "net2"], dhcp_server="172.16.101.2")
+    p["hosts"]["compute2"]["networks"].pop("green")
+    p["hosts"]["net1"]["networks"]["green"] = {"address": "172.16.101.5"}
+    p["hosts"]["net2"]["networks"]["green"] = {"address": "172.16.101.6"}
+    return p
+
+
+def test_a_hardware_network_with_network_hosts_moves_its_dhcp_server_not_the_router():
+    """The owner binds the dhcp_server (never the router's gateway), listens there and
+    hands it out as the router of the NICs with a floating IP (the hardware router to
+    the rest); the standby probes it and the floating IP before a takeover; both route
+    what the bridge sends them to the public side only; the compute host is a bridge."""
+    cfg = model.load(_green_on_network_hosts(example()))
+    net = cfg.networks["green"]
+    # (the contract's example has no such network: this is the extension, on green)
+    assert (net.service_address, net.service_cidr) == ("172.16.101.2", "172.16.101.2/24")
+    owner, standby, compute = (desired.compute(cfg, h) for h in ("net1", "net2", "compute2"))
+    br = {b.network: b for b in owner.bridges}["green"]
+    assert br.addresses == ("172.16.101.5/24", "172.16.101.2/24") and br.guarded == ("172.16.101.2/24",)
+    assert {b.network: b for b in standby.bridges}["green"].addresses == ("172.16.101.6/24",)
+    (dm,) = [d for d in owner.dnsmasqs if d.network == "green"]
+    assert (dm.listen_address, dm.router, dm.floating_router) == ("172.16.101.2", "172.16.101.1", "172.16.101.2")
+    assert [h.ip for h in dm.hosts if h.floating] == ["172.16.101.20"]
+    assert not [d for d in standby.dnsmasqs if d.network == "green"]
+    assert ("br102", "172.16.101.2") in dict(standby.standby_for)["net1"]
+    assert ("eth0", "203.0.113.51") in dict(standby.standby_for)["net1"]
+    for hs in (owner, standby):
+        assert ("br102", "eth0") in hs.ruleset.routed and ("net.ipv4.ip_forward", "1") in hs.sysctls
+        assert "br102" not in hs.ruleset.forward_bridges
+    assert [f.address for f in owner.floating_ips if f.network == "green"] == ["203.0.113.51"]
+    green = {b.network: b for b in compute.bridges}["green"]
+    assert green.addresses == () and not [d for d in compute.dnsmasqs if d.network == "green"]
+    guard = next(g for g in compute.ruleset.guards if g.bridge == "br102")
+    assert not (guard.routed_from or guard.routed_force or guard.routed_metadata)
+
+
+def test_dhcp_server_mistakes_are_named():
+    p = _green_on_network_hosts(example())
+    p["networks"]["green"]["dhcp_server"] = "172.16.101.1"
+    assert any(path == "hanet:networks:green:dhcp_server" and "already used" in msg for path, msg in problems(p))
+    p = _green_on_network_hosts(example())
+    p["instances"]["db1"]["nics"][0]["ip"] = "172.16.101.2"
+    assert any(path.endswith("nics:0:ip") and "dhcp_server" in msg for path, msg in problems(p))
+    p = _green_on_network_hosts(example())
+    del p["networks"]["green"]["dhcp_server"]
+    assert any(path == "hanet:networks:green:dhcp_server" and "required" in msg for path, msg in problems(p))

@@ -8,7 +8,9 @@ import pytest
 
 from _hanet import arp, takeover
 
-NET = SimpleNamespace(gateway="10.20.0.1", bridge="br200", label="shared")
+NET = SimpleNamespace(
+    gateway="10.20.0.1", service_address="10.20.0.1", dhcp_server=None, bridge="br200", label="shared"
+)
 MOVING = [("10.20.0.1", "br200"), ("203.0.113.60", "eth0"), ("203.0.113.61", "eth0")]
 
 
