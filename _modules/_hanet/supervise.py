@@ -83,7 +83,11 @@ class Supervisor(Worker):
 
         out = []
         now = running(self.paths)
-        self._seen = {k: v for k, v in self._seen.items() if k in now}  # stopped on purpose
+        # stopped on purpose: forgotten, with its restart history (started again later,
+        # by a takeover or an apply, it is a new daemon: no backoff from before)
+        self._seen = {k: v for k, v in self._seen.items() if k in now}
+        self._retry_at = {k: v for k, v in self._retry_at.items() if k in now}
+        self._restarts = {k: v for k, v in self._restarts.items() if k in now}
         for key, pid in sorted(now.items()):
             if pid:
                 self._seen[key] = pid

@@ -33,3 +33,32 @@ def test_a_crash_loop_is_restarted_at_once_then_after_a_delay(monkeypatch):
     time.sleep(supervise.BACKOFF_S + 0.05)
     assert len(sup.check()) == 1
     assert len(started) == 2
+
+
+def test_a_daemon_stopped_on_purpose_and_started_again_owes_no_backoff(monkeypatch):
+    """dnsmasq crash-looped, then its network was given up (its record gone) and taken
+    over again: the new dnsmasq dying is restarted at once, not after the old backoff."""
+    state = {"pid": 100, "record": True}
+    monkeypatch.setattr(
+        supervise, "running", lambda paths: {("dnsmasq", "shared"): state["pid"] or None} if state["record"] else {}
+    )
+
+    def revive(paths, name):
+        state["pid"] += 1
+        return state["pid"]
+
+    monkeypatch.setitem(supervise.REVIVE, "dnsmasq", revive)
+    sup = supervise.Supervisor(None, lambda *a: None)
+    sup.check()
+    for _ in range(2):  # died twice: the next restart would wait
+        state["pid"] = 0
+        sup.check()
+        time.sleep(supervise.BACKOFF_S + 0.05)
+    state["pid"] = 0
+    assert sup.check() == []  # in backoff
+    state["record"] = False  # relinquished: stopped on purpose
+    assert sup.check() == []
+    state.update(record=True, pid=500)  # taken over again: a new dnsmasq
+    assert sup.check() == []
+    state["pid"] = 0
+    assert [r[:2] for r in sup.check()] == [("dnsmasq", "shared")]
