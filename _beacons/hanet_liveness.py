@@ -44,6 +44,10 @@ hanet's ``hanet.liveness`` state configures this beacon from the pillar; by hand
 With ``supervise: true`` it also restarts dnsmasq and the metadata service when they die
 (``_hanet.supervise``) and fires ``hanet/daemon/<minion>/<daemon>/<name>/restarted``.
 
+With ``follow`` (a host with instances on a hardware network served by network hosts:
+``[[br300, 172.16.100.2]]``) it follows the MAC that answers for each network's
+``dhcp_server`` (``_hanet.follow``), where its instances' floating-IP frames are sent.
+
 Wherever it runs it also binds VM ports as they are plugged (``_hanet.portwatch``: the
 anti-spoofing table's dynamic sets, on every link event) and writes the host's metrics
 file every few seconds (``hanet.metrics``).
@@ -168,6 +172,11 @@ def validate(config):
         for t in standby_for.values()
     ):
         return False, "hanet_liveness: standby_for must map a peer to [[bridge, gateway], ...]"
+    follow = cfg.get("follow", [])
+    if not isinstance(follow, list) or not all(
+        isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in follow
+    ):
+        return False, "hanet_liveness: follow must be a list of [bridge, ip]"
     health = cfg.get("health")
     if health is not None and not (
         isinstance(health, dict)
@@ -645,6 +654,7 @@ class _Running:
         self.metrics = None
         self.refresh = None
         self.ports = None
+        self.follow = None
         self.save = save  # writes the peers' view (for hanet.status)
         self.parse_order = parse_order
         self.orders = {}  # master -> its OrderListener, once signed in to it; False: none
@@ -662,6 +672,8 @@ class _Running:
             self.refresh.stop()
         if self.ports is not None:
             self.ports.stop()
+        if self.follow is not None:
+            self.follow.stop()
         if self.fence is not None:
             self.fence.stop()
         if self.health is not None:
@@ -700,6 +712,7 @@ def _start(cfg):
             "metrics",
             "portwatch",
             "ruleset",
+            "follow",
         )
     }
     _warm()
@@ -813,6 +826,14 @@ def _start(cfg):
     running.metrics = lib["metrics"].Writer(lambda: hostlib.beacon_metrics(opts["id"], paths)).start()
     # VM ports bound when plugged (and unbound when unplugged), not at the next apply
     running.ports = lib["portwatch"].PortWatch(lambda: lib["ruleset"].bind_ports(paths)).start()
+    if cfg.get("follow"):
+        # a hardware network's owner (network hosts): the MAC its instances' floating-IP
+        # frames are readdressed to, followed through failovers
+        running.follow = (
+            lib["follow"]
+            .Follow(paths, [tuple(t) for t in cfg["follow"]], lambda: lib["ruleset"].bind_ports(paths))
+            .start()
+        )
     if cfg.get("orders") and cfg.get("garp_refresh_s"):
         # ha:garp_refresh_s: the owner says again who holds its gateways and floating IPs
         # (one round), before a switch's MAC table or a neighbour's ARP cache forgets it

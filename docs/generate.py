@@ -130,8 +130,8 @@ EXTRA = {
     "networks:*:gateway_mode": "host: the hosts are the gateway; hardware: a router is (dnsmasq hands it out); "
     "with network_hosts it needs `dhcp_server`",
     "networks:*:dhcp_server": "networks with network_hosts and gateway_mode hardware: the address the owner serves "
-    "DHCP on, binds and moves on failover (the gateway is the router's); the router handed to the instances "
-    "with a floating IP, whose connections leave through the owner as that IP "
+    "DHCP and metadata on, binds and moves on failover (the gateway is the router's); the compute hosts send "
+    "their instances' floating-IP traffic to the MAC that answers for it "
     "(docs/segmentation.md#hardware-gateways-with-network-hosts)",
     "firewall_driver": "nftables or iptables",
     "networks:*:vlan": "802.1Q id: `vlan<id>` on bridge_interface, enslaved to the bridge",

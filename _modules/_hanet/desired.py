@@ -60,9 +60,6 @@ class DhcpHost:
     hostname: str  # fully qualified: web1.novalocal
     ip: str
     default_route: bool = True  # False: this NIC gets no router (use_single_default_gateway)
-    # the NIC has a floating IP on a network-host hardware network: its router is the
-    # owner's dhcp_server (Dnsmasq.floating_router), which routes it through that IP's SNAT
-    floating: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,9 +83,6 @@ class Dnsmasq:
     # (ip, fqdn, short name) of every instance NIC on the network, on whatever host: its
     # DNS answers for all of them (nova's update_dns_entries), not only for its leases
     names: tuple = ()
-    # network_hosts with gateway_mode hardware: the router handed to the NICs with a
-    # floating IP (the dhcp_server, which moves with the floating IPs), not the hardware one
-    floating_router: Optional[str] = None
 
     def options_key(self):
         """Everything that needs a restart when it changes (hosts and names only need SIGHUP)."""
@@ -153,6 +147,10 @@ class PortGuard:
     # the VMs' metadata requests (169.254.169.254:80) go to this host's IP stack too, where
     # the ruleset hands them to the metadata service: the hardware router needs no recipe
     routed_metadata: bool = False
+    # a hardware network with network hosts: those frames go to the owner instead (the
+    # MAC that answers for this address, its dhcp_server, which the beacon's owner watch
+    # keeps in the bridge table, ``_hanet.follow``), which routes them the same way
+    routed_via: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -237,6 +235,9 @@ class HostState:
     # the segment link (bridge_interface) of each network-host network it is a network host of
     health_uplink: str = ""
     health_segments: tuple = ()  # (network, ifname or "")
+    # ((bridge, ip), ...): the dhcp_servers whose owner's MAC this host's frames are
+    # readdressed to (PortGuard.routed_via): the beacon learns it (``_hanet.follow``)
+    follow: tuple = ()
 
     def to_dict(self):
         return _plain(dataclasses.asdict(self))
@@ -274,6 +275,7 @@ def compute(cfg, host, owners=None):
     forward, service, meta_bridges, served_instances = [], [], [], {}
     moving_snat = []  # the snat_address of each network this host serves or stands by for
     routed_nh = []  # (bridge, public) of the hardware networks this host serves or stands by for
+    follow = []  # (bridge, dhcp_server): the owners whose MAC the beacon follows
     domain = cfg.dhcp_domain
     for label in sorted(cfg.networks):
         if host not in cfg.hosts_carrying(label):
@@ -314,9 +316,12 @@ def compute(cfg, host, owners=None):
         exempt = list(cfg.dmz_cidr) + [net.cidr]
         if cfg.metadata_host != "127.0.0.1":
             exempt.append(f"{cfg.metadata_host}/32")
-        # this host holds its VMs' floating IPs for good (multi_host: a network host's role
-        # moves in a failover, which does not re-apply the ruleset)
-        hybrid = net.hardware and net.multi_host and role == SERVING
+        # the host serving a VM takes its frames for its floating IP's SNAT: itself in
+        # multi_host; with network hosts their owner, whose MAC the beacon follows
+        via = net.dhcp_server if net.hardware and not net.multi_host else None
+        hybrid = net.hardware and (role == SERVING if net.multi_host else True)
+        if via and local:
+            follow.append((net.bridge, via))
         routed_from = sorted({n.ip for i, n in local for f in i.floating_ips if f.fixed_ip == n.ip}) if hybrid else []
         guards.append(
             PortGuard(
@@ -332,6 +337,7 @@ def compute(cfg, host, owners=None):
                 if hybrid and (routed_from or cfg.force_snat_range) and local
                 else (),
                 routed_metadata=bool(hybrid and local and cfg.metadata_host == "127.0.0.1"),
+                routed_via=via if local else None,
             )
         )
         if role == MEMBER:
@@ -349,10 +355,6 @@ def compute(cfg, host, owners=None):
             served_instances[inst.name] = inst
         listen = own.address if net.multi_host else net.service_address
         router = net.gateway if net.hardware else listen
-        # a network-host hardware network: the hardware router is every NIC's router but
-        # those with a floating IP, whose connections must leave through the owner (the
-        # floating IP's SNAT), as nova's ebtables redirect made them on its hosts
-        floating_router = net.service_address if net.hardware and not net.multi_host else None
         if serving:
             dnsmasqs.append(
                 Dnsmasq(
@@ -369,7 +371,6 @@ def compute(cfg, host, owners=None):
                     conf_file=cfg.dnsmasq_config_file,
                     user=cfg.dnsmasq_user,
                     mtu=net.mtu if net.mtu != 1500 else None,
-                    floating_router=floating_router,
                     hosts=tuple(
                         sorted(
                             (
@@ -378,7 +379,6 @@ def compute(cfg, host, owners=None):
                                     hostname=f"{i.hostname}.{domain}",
                                     ip=n.ip,
                                     default_route=not (cfg.use_single_default_gateway and n.index != 0),
-                                    floating=bool(floating_router) and any(f.fixed_ip == n.ip for f in i.floating_ips),
                                 )
                                 for i, n in served
                             ),
@@ -472,7 +472,12 @@ def compute(cfg, host, owners=None):
         guards=tuple(guards),
         floating=tuple(sorted(nat_floating, key=lambda f: f.address)),
         checksum_fill=tuple(sorted(set(service))) if cfg.dhcp_checksum_fill else (),
-        routed=tuple(sorted({(g.bridge, public) for g in guards if g.routed_from or g.routed_force} | set(routed_nh))),
+        routed=tuple(
+            sorted(
+                {(g.bridge, public) for g in guards if (g.routed_from or g.routed_force) and not g.routed_via}
+                | set(routed_nh)
+            )
+        ),
         snat_addresses=tuple(sorted(set(moving_snat))),
     )
     sysctls = (("net.ipv4.ip_forward", "1"),) if (forward or floating or snat or routed_nh) else ()
@@ -526,6 +531,7 @@ def compute(cfg, host, owners=None):
         report_port=cfg.ha.report_port if watch else 0,
         health_uplink=public if own else "",
         health_segments=tuple((label, cfg.networks[label].bridge_interface or "") for label in own),
+        follow=tuple(sorted(set(follow))),
         conntrack_sync=ConntrackSync(
             interface=cfg.ha.conntrack_sync.interface,
             group=cfg.ha.conntrack_sync.group,

@@ -37,10 +37,7 @@ Tags, chosen so that nova's ``dnsmasq_config_file`` recipes behave as they did:
   nova's default (dnsmasq's own address); ``router`` None: an empty router option;
 - a NIC with ``default_route`` False is tagged ``<label>-nogw`` by its MAC
   (``--dhcp-mac=set:<label>-nogw,<mac>``) and the opts file gives that tag an empty
-  router option (a client's own tag outranks them all);
-- on a network-host hardware network (``floating_router``), a NIC with a floating IP is
-  tagged ``<label>-fip`` the same way, and the opts file gives that tag the owner's
-  ``dhcp_server`` as router: its connections leave through the floating IP's SNAT.
+  router option (a client's own tag outranks them all).
 
 Why not nova's way (``set:<tag>`` in the hosts file): dnsmasq 2.90 (Debian 12) crashes
 (SIGSEGV, free() of a bad pointer) on SIGHUP when a host whose hosts-file line carries a
@@ -102,11 +99,6 @@ def files(label, paths):
 def no_router_tag(label):
     """The tag of the NICs that get no router (use_single_default_gateway)."""
     return f"{label}-nogw"
-
-
-def floating_tag(label):
-    """The tag of the NICs whose router is the network's ``floating_router``."""
-    return f"{label}-fip"
 
 
 # --------------------------------------------------------------------------- pure rendering
@@ -194,8 +186,7 @@ def argv(spec: Dnsmasq, paths, user: str = "root") -> list:
         f"--listen-address={spec.listen_address}",
         "--except-interface=lo",
         f"--dhcp-range=set:'{spec.network}',{spec.range_start},static,{spec.netmask},{spec.lease_time}s",
-        f"--tag-if=set:{spec.network},tag:'{spec.network}',tag:!{no_router_tag(spec.network)}"
-        + (f",tag:!{floating_tag(spec.network)}" if spec.floating_router else ""),
+        f"--tag-if=set:{spec.network},tag:'{spec.network}',tag:!{no_router_tag(spec.network)}",
         f"--dhcp-lease-max={spec.lease_max}",
         f"--dhcp-hostsfile={f['hosts']}",
         f"--dhcp-leasefile={f['leases']}",
@@ -210,8 +201,6 @@ def argv(spec: Dnsmasq, paths, user: str = "root") -> list:
     cmd.append(f"--dhcp-option=option:router,{spec.router}" if spec.router else "--dhcp-option=option:router")
     for mac in nogw_macs(spec):
         cmd.append(f"--dhcp-mac=set:{no_router_tag(spec.network)},{mac}")
-    for mac in floating_macs(spec):
-        cmd.append(f"--dhcp-mac=set:{floating_tag(spec.network)},{mac}")
     if spec.mtu:
         # option 26, forced (sent even when not asked for), like nova's recipe line
         # dhcp-option-force=26,<mtu>
@@ -245,14 +234,6 @@ def nogw_macs(spec: Dnsmasq) -> list:
     return sorted({h.mac.lower() for h in spec.hosts if not h.default_route})
 
 
-def floating_macs(spec: Dnsmasq) -> list:
-    """The MACs of the NICs whose router is ``floating_router`` (a floating IP on a
-    network-host hardware network; a NIC with no router keeps none), sorted."""
-    if not spec.floating_router:
-        return []
-    return sorted({h.mac.lower() for h in spec.hosts if h.floating and h.default_route} - set(nogw_macs(spec)))
-
-
 def optsfile(spec: Dnsmasq) -> str:
     """The ``--dhcp-optsfile`` (each line is what follows ``dhcp-option=``): an empty
     router option for the NICs tagged ``<label>-nogw`` (nova's use_single_default_gateway).
@@ -261,10 +242,7 @@ def optsfile(spec: Dnsmasq) -> str:
     this wins over the network's router and over a router the user's conf_file gives
     for the network. The line is always there, whatever the hosts.
     """
-    out = f"tag:{no_router_tag(spec.network)},option:router\n"
-    if spec.floating_router:
-        out += f"tag:{floating_tag(spec.network)},option:router,{spec.floating_router}\n"
-    return out
+    return f"tag:{no_router_tag(spec.network)},option:router\n"
 
 
 # the command line's format: bumped when ``argv`` changes in a way ``spec`` does not show
@@ -277,10 +255,6 @@ def options_digest(spec: Dnsmasq) -> str:
     plus the no-default-route MACs (they are on the command line)."""
     data = _plain(dataclasses.asdict(spec.options_key()))
     data["nogw_macs"] = nogw_macs(spec)
-    if spec.floating_router:  # absent otherwise: no restart of the other dnsmasqs
-        data["floating_macs"] = floating_macs(spec)
-    else:
-        data.pop("floating_router", None)
     data["argv_version"] = ARGV_VERSION
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -137,7 +137,7 @@ def beacon_config(state):
     names what it would take over from each peer (``standby_for``); a host that runs
     dnsmasq or the metadata service has them restarted when they die (``supervise``)."""
     supervise = bool(state.dnsmasqs or (state.metadata is not None and state.metadata.local_service))
-    if not state.liveness and not supervise:
+    if not state.liveness and not supervise and not state.follow:
         return None
     out = [
         {"peers": {peer: [list(t) for t in targets] for peer, targets in state.liveness}},
@@ -159,6 +159,8 @@ def beacon_config(state):
         out.append({"standby_for": {peer: [list(t) for t in targets] for peer, targets in state.standby_for}})
     if state.health_segments:
         out.append({"health": {"uplink": state.health_uplink, "segments": {n: i for n, i in state.health_segments}}})
+    if state.follow:
+        out.append({"follow": [list(t) for t in state.follow]})
     return out
 
 
@@ -239,6 +241,19 @@ def status(host, state, cfg, paths, peers):
                 else not net.hardware and role == "serving",
                 "dnsmasq": daemons.get(br.network),
             }
+        if state.follow:
+            # a hardware network's owner, as this host's beacon follows it: where its
+            # instances' floating-IP frames go (``_hanet.follow``)
+            from . import follow
+
+            seen = follow.learnt(paths)
+            for bridge, ip in state.follow:
+                label = next(b.network for b in state.bridges if b.name == bridge)
+                out["networks"][label]["owner_mac"] = {"address": ip, "mac": seen.get(ip)}
+                if seen.get(ip) is None:
+                    out["problems"].append(
+                        f"no MAC known for {label}'s dhcp_server {ip}: its floating IPs' frames go to the router"
+                    )
         public = {h.public_interface for h in cfg.hosts.values()}
         fl = {f.address for f in state.floating_ips}
         for ifname in sorted(public):

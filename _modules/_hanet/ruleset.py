@@ -265,7 +265,8 @@ def _binding_elements(bound):
     return sorted(f"{_q(p)} . {m} . {ip}" for p, m, ip in bound), arp, [f"{_q(p)} . {m}" for p, m in macs]
 
 
-DYNAMIC = ("_dpairs", "_darp", "_dmacs", "_ports", "_brmac")  # what bind_ports fills (not the apply)
+DYNAMIC = ("_dpairs", "_darp", "_dmacs", "_ports", "_brmac", "_via")  # what bind_ports fills (not the apply)
+MAPS = ("_brmac", "_via")
 
 
 def _idents(guards):
@@ -315,8 +316,16 @@ def _nft_bridge_table(rs, port_list=False):
             # handed to this host's IP stack (its floating IP's SNAT), not to the hardware
             # router. The frame is addressed to the bridge's own MAC (the map, which
             # bind_ports fills per VM port); a port not in it yet is left alone
-            sets.append(dict(name=f"{ident}_brmac", kind="map", type="ifname : ether_addr", elements=[]))
-            to_host = f"ether daddr set iifname map @{ident}_brmac meta pkttype set host"
+            if g.routed_via:
+                # to the network's owner (network hosts): its MAC, the one element of the
+                # map (the beacon's owner watch, ``_hanet.follow``, keeps it; keyed by the
+                # frame's ethertype so that any kernel can look it up); none known yet: the
+                # frame goes on to the hardware router
+                sets.append(dict(name=f"{ident}_via", kind="map", type="ether_type : ether_addr", elements=[]))
+                to_host = f"ether daddr set meta protocol map @{ident}_via"
+            else:
+                sets.append(dict(name=f"{ident}_brmac", kind="map", type="ifname : ether_addr", elements=[]))
+                to_host = f"ether daddr set iifname map @{ident}_brmac meta pkttype set host"
             not_to = f" ip daddr != {_nft_set(_nets(g.routed_exempt))}" if g.routed_exempt else ""
             if g.routed_from:
                 pre.append(f"{from_vm} ether type ip ip saddr {_nft_set(sorted(g.routed_from))}{not_to} {to_host}")
@@ -582,6 +591,7 @@ def _from_plain(d):
                 routed_force=tuple(g.get("routed_force", ())),
                 routed_exempt=tuple(g.get("routed_exempt", ())),
                 routed_metadata=bool(g.get("routed_metadata", False)),
+                routed_via=g.get("routed_via"),
             )
             for g in d.get("guards", ())
         ),
@@ -767,13 +777,14 @@ def _without_dynamic(lines):
     return out
 
 
-def dynamic_elements(guards, port_macs, port_list, bridge_macs=None):
+def dynamic_elements(guards, port_macs, port_list, bridge_macs=None, owner_macs=None):
     """{set name: sorted elements} for the sets ``bind_ports`` fills (pure): each NIC's
     (MAC, IP) bound to the port carrying its tap MAC (libvirt's rule; the pillar's
     ``port:`` bindings are static), and with ``port_list`` every port of the bridge that is
     not trusted (the VM ports the prerouting rule sends to the guard chain); where frames
     are routed by the host (``routed_from``), the map of every VM port to its bridge's
-    MAC (``bridge_macs``: {bridge: MAC})."""
+    MAC (``bridge_macs``: {bridge: MAC}); where they go to a network host (``routed_via``),
+    the MAC its owner answers with (``owner_macs``: {ip: MAC}, the beacon's owner watch)."""
     out = {}
     idents = _idents(guards)
     for g in guards:
@@ -784,7 +795,10 @@ def dynamic_elements(guards, port_macs, port_list, bridge_macs=None):
         out.update({f"{ident}_dpairs": pairs, f"{ident}_darp": arp, f"{ident}_dmacs": macs})
         if port_list:
             out[f"{ident}_ports"] = sorted(_q(p) for p in present if p not in g.trusted_ports)
-        if g.routed_from or g.routed_force or g.routed_metadata:
+        if g.routed_via:
+            mac = (owner_macs or {}).get(g.routed_via)
+            out[f"{ident}_via"] = [f"ip : {mac}"] if mac else []
+        elif g.routed_from or g.routed_force or g.routed_metadata:
             mac = (bridge_macs or {}).get(g.bridge)
             vm_ports = [p for p in present if p not in g.trusted_ports] if mac else []
             out[f"{ident}_brmac"] = sorted(f"{_q(p)} : {mac}" for p in vm_ports)
@@ -794,7 +808,7 @@ def dynamic_elements(guards, port_macs, port_list, bridge_macs=None):
 def _bind_script(table, elements):
     lines = []
     for name, els in sorted(elements.items()):
-        kind = "map" if name.endswith("_brmac") else "set"
+        kind = "map" if name.endswith(MAPS) else "set"
         lines.append(f"flush {kind} bridge {table} {name}")
         if els:
             lines.append(f"add element bridge {table} {name} {{ {', '.join(els)} }}")
@@ -821,7 +835,10 @@ def bind_ports(paths, locked=False):
     if not guards:
         return None
     port_macs, bridge_macs = _bridge_links(sorted({g.bridge for g in guards}))
-    elements = dynamic_elements(guards, port_macs, bool(state.get("port_list")), bridge_macs)
+    from . import follow
+
+    owners = follow.learnt(paths) if any(g.routed_via for g in guards) else {}
+    elements = dynamic_elements(guards, port_macs, bool(state.get("port_list")), bridge_macs, owners)
     _nft("-f", "-", stdin=_bind_script(state["table"], elements))
     return elements
 

@@ -8,14 +8,15 @@ minions, with real DHCP clients and a real power loss:
     compute2    hw1 172.16.100.10, floating IP 203.0.113.51
     compute1    hw2 172.16.100.11, no floating IP
     net1, net2  br300 172.16.100.5 / .6; the owner adds 172.16.100.2 (DHCP, the floating
-                IP's NAT) and the floating IP on eth0
+                IP's NAT, metadata) and the floating IP on eth0
 
-dnsmasq on the owner hands hw2 the hardware router and hw1, which has a floating IP, the
-dhcp_server: hw1's connections leave through the owner as its floating IP, and both
-move together in a failover or an evacuation. The tests check what an operator would:
-who each VM's router is, the source the upstream router sees, that upstream reaches hw1
-by its floating IP, metadata, and all of it again after the owner loses power and after
-a planned move back.
+Every VM's router is the hardware one. What hw1 sends out of the network, and every
+VM's metadata requests, are readdressed on its compute host's bridge to the MAC that
+answers for the dhcp_server (the beacon follows it): the owner routes them through the
+floating IP's SNAT, and hands them to its metadata service. The tests check what an
+operator would: each VM's router, the source the upstream router sees, that upstream
+reaches hw1 by its floating IP, metadata, a floating IP given to a running VM, and all of
+it again after the owner loses power and after a planned move back.
 """
 
 import copy
@@ -87,64 +88,66 @@ def served_as_before(lab, owner):
     floating IP, hw1 leaves as its floating IP and is reached by it, hw2 leaves with its
     own address through the hardware router, and hw1 reads its metadata."""
     assert holders(lab, SERVER) == [owner] and holders(lab, FIP) == [owner]
+    # where hw1's host sends those frames, as hanet.status shows it
+    seen = lab.salt("compute2", "hanet.status")["compute2"]["networks"][NET]["owner_mac"]
+    assert seen == {"address": SERVER, "mac": lab.mac(owner, "br300")}, seen
     assert eventually(lambda: http(lab, "hw1", f"http://{ROUTER}/whoami"), FIP) == FIP
     assert http(lab, "router", f"http://{FIP}/whoami") == ROUTER
     assert http(lab, "hw2", f"http://{ROUTER}/whoami") == VMS["hw2"][2]
     assert eventually(lambda: http(lab, "hw1", METADATA), VMS["hw1"][2]) == VMS["hw1"][2]
 
 
-def test_the_owner_hands_a_vm_with_a_floating_ip_itself_as_router(cluster):
+def test_a_vm_with_a_floating_ip_leaves_as_it_through_the_owner(cluster):
     lab = cluster
     for client in ("dhclient", "udhcpc"):
-        hw1, hw2 = lab.dhcp("hw1", client), lab.dhcp("hw2", client)
-        assert (hw1["address"], hw1["router"], hw1["server"]) == (VMS["hw1"][2], SERVER, SERVER), hw1
-        assert (hw2["address"], hw2["router"], hw2["server"]) == (VMS["hw2"][2], HW_ROUTER, SERVER), hw2
+        for vm in VMS:
+            lease = lab.dhcp(vm, client)
+            assert (lease["address"], lease["router"], lease["server"]) == (VMS[vm][2], HW_ROUTER, SERVER), lease
     served_as_before(lab, "net1")
-    # the hardware router sees hw1's fixed address only on the segment itself
+    # the hardware router sees hw1's fixed address on the segment itself, and hw2's
+    # metadata requests reach the owner although the router has no route for them
+    assert "169.254" not in lab.exec("router", ["ip", "route"], check=True).stdout
     assert http(lab, "hw1", f"http://{HW_ROUTER}/whoami") == VMS["hw1"][2]
+    assert eventually(lambda: http(lab, "hw2", METADATA), VMS["hw2"][2]) == VMS["hw2"][2]
 
 
-def test_without_a_floating_ip_a_vm_s_router_is_the_hardware_one_again(cluster):
+def test_a_floating_ip_taken_away_and_given_back_to_a_running_vm_works_at_the_next_apply(cluster):
+    """No DHCP renewal: hw1 keeps its lease; the apply on the owner and on hw1's host
+    is all it takes, both ways."""
     lab = cluster
     p = nh_pillar(lab)
     p["hanet"]["instances"]["hw1"]["floating_ips"] = []
     try:
         lab.set_pillar(p)
-        state_apply(lab, ["net1", "net2"])
-        lease = lab.dhcp("hw1", "dhclient")
-        assert (lease["address"], lease["router"]) == (VMS["hw1"][2], HW_ROUTER), lease
+        state_apply(lab, ["net1", "net2", "compute2"])
         assert eventually(lambda: http(lab, "hw1", f"http://{ROUTER}/whoami"), VMS["hw1"][2]) == VMS["hw1"][2]
         assert holders(lab, FIP) == []
     finally:
         lab.set_pillar(nh_pillar(lab))
-        state_apply(lab, ["net1", "net2"])
-        assert lab.dhcp("hw1", "dhclient")["router"] == SERVER
+        state_apply(lab, ["net1", "net2", "compute2"])
+    assert eventually(lambda: http(lab, "hw1", f"http://{ROUTER}/whoami"), FIP) == FIP
+    assert http(lab, "router", f"http://{FIP}/whoami") == ROUTER
 
 
-def test_a_router_that_routes_to_the_dhcp_server_gives_every_vm_metadata_and_force_snat_range(cluster):
-    """The docs' recipe for VMs whose router is the hardware one: one static route per
-    destination on the router, to the dhcp_server, which moves with the owner. hw2 reads
-    its metadata, and reaches compute1's public address (in force_snat_range) as the
-    owner's routing_source_ip, not as its fixed address."""
+def test_force_snat_range_is_routed_by_the_owner_for_every_vm(cluster):
+    """No floating IP (hw2), a force_snat_range covering compute1's public address: hw2
+    reaches it as the owner's routing_source_ip, with nothing configured on the router."""
     lab = cluster
     target = lab.topology.hosts["compute1"].first_address("eth0")
     source = lab.topology.hosts["net1"].first_address("eth0")
     httpd = os.path.join(os.path.dirname(sys.modules["hanet_lab"].__file__), "httpd.py")
     lab.popen("compute1", [sys.executable, httpd, "compute1", "8080", os.path.join(lab.rundir, "http-c1.log")])
+    url = f"http://{target}:8080/whoami"
+    assert eventually(lambda: http(lab, "hw2", url), VMS["hw2"][2]) == VMS["hw2"][2]  # by the router
     p = nh_pillar(lab)
     p["hanet"]["force_snat_range"] = [f"{target}/32"]
-    lab.set_pillar(p)
-    state_apply(lab, ["net1", "net2"])
-    for dst in ("169.254.169.254/32", f"{target}/32"):
-        lab.exec("router", ["ip", "route", "replace", dst, "via", SERVER], check=True)
     try:
-        assert eventually(lambda: http(lab, "hw2", METADATA), VMS["hw2"][2]) == VMS["hw2"][2]
-        assert eventually(lambda: http(lab, "hw2", f"http://{target}:8080/whoami"), source) == source
+        lab.set_pillar(p)
+        state_apply(lab, ["net1", "net2", "compute1"])
+        assert eventually(lambda: http(lab, "hw2", url), source) == source
     finally:
-        for dst in ("169.254.169.254/32", f"{target}/32"):
-            lab.exec("router", ["ip", "route", "del", dst])
         lab.set_pillar(nh_pillar(lab))
-        state_apply(lab, ["net1", "net2"])
+        state_apply(lab, ["net1", "net2", "compute1"])
 
 
 def test_a_power_loss_of_the_owner_moves_the_dhcp_server_and_the_floating_ip_together(cluster):
@@ -178,8 +181,9 @@ def test_a_power_loss_of_the_owner_moves_the_dhcp_server_and_the_floating_ip_tog
     served_as_before(lab, "net2")
     # a renewal from the new owner keeps both VMs' addresses and routers
     hw1 = lab.dhcp("hw1", "dhclient")
-    assert (hw1["address"], hw1["router"], hw1["server"]) == (VMS["hw1"][2], SERVER, SERVER), hw1
+    assert (hw1["address"], hw1["router"], hw1["server"]) == (VMS["hw1"][2], HW_ROUTER, SERVER), hw1
     assert lab.dhcp("hw2", "udhcpc")["router"] == HW_ROUTER
+    assert eventually(lambda: http(lab, "hw2", METADATA), VMS["hw2"][2]) == VMS["hw2"][2]
     chaos.power_on_started(lab, "net1")
     time.sleep(2)
     assert holders(lab, SERVER) == ["net2"] and holders(lab, FIP) == ["net2"]

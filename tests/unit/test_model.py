@@ -726,10 +726,12 @@ def _green_on_network_hosts(p):
 
 
 def test_a_hardware_network_with_network_hosts_moves_its_dhcp_server_not_the_router():
-    """The owner binds the dhcp_server (never the router's gateway), listens there and
-    hands it out as the router of the NICs with a floating IP (the hardware router to
-    the rest); the standby probes it and the floating IP before a takeover; both route
-    what the bridge sends them to the public side only; the compute host is a bridge."""
+    """The owner binds the dhcp_server (never the router's gateway) and listens there;
+    every NIC's router is the hardware one; the standby probes the dhcp_server and the
+    floating IP before a takeover; both route what reaches them from the bridge to the
+    public side only. The compute host readdresses what its VM with a floating IP sends
+    out of the network, and every VM's metadata requests, to the owner (its MAC, which
+    the beacon follows): nothing to its own IP stack."""
     cfg = model.load(_green_on_network_hosts(example()))
     net = cfg.networks["green"]
     # (the contract's example has no such network: this is the extension, on green)
@@ -739,19 +741,24 @@ def test_a_hardware_network_with_network_hosts_moves_its_dhcp_server_not_the_rou
     assert br.addresses == ("172.16.101.5/24", "172.16.101.2/24") and br.guarded == ("172.16.101.2/24",)
     assert {b.network: b for b in standby.bridges}["green"].addresses == ("172.16.101.6/24",)
     (dm,) = [d for d in owner.dnsmasqs if d.network == "green"]
-    assert (dm.listen_address, dm.router, dm.floating_router) == ("172.16.101.2", "172.16.101.1", "172.16.101.2")
-    assert [h.ip for h in dm.hosts if h.floating] == ["172.16.101.20"]
+    assert (dm.listen_address, dm.router) == ("172.16.101.2", "172.16.101.1")
     assert not [d for d in standby.dnsmasqs if d.network == "green"]
     assert ("br102", "172.16.101.2") in dict(standby.standby_for)["net1"]
     assert ("eth0", "203.0.113.51") in dict(standby.standby_for)["net1"]
     for hs in (owner, standby):
         assert ("br102", "eth0") in hs.ruleset.routed and ("net.ipv4.ip_forward", "1") in hs.sysctls
-        assert "br102" not in hs.ruleset.forward_bridges
+        assert "br102" not in hs.ruleset.forward_bridges and "br102" in hs.ruleset.metadata.bridges
     assert [f.address for f in owner.floating_ips if f.network == "green"] == ["203.0.113.51"]
+    assert owner.follow == () and standby.follow == ()
     green = {b.network: b for b in compute.bridges}["green"]
     assert green.addresses == () and not [d for d in compute.dnsmasqs if d.network == "green"]
     guard = next(g for g in compute.ruleset.guards if g.bridge == "br102")
-    assert not (guard.routed_from or guard.routed_force or guard.routed_metadata)
+    assert (guard.routed_from, guard.routed_metadata, guard.routed_via) == (("172.16.101.20",), True, "172.16.101.2")
+    assert compute.follow == (("br102", "172.16.101.2"),)
+    assert ("br102", "eth0") not in compute.ruleset.routed
+    from _hanet.host import beacon_config
+
+    assert {"follow": [["br102", "172.16.101.2"]]} in beacon_config(compute)
 
 
 def test_dhcp_server_mistakes_are_named():
