@@ -320,8 +320,6 @@ def compute(cfg, host, owners=None):
         # multi_host; with network hosts their owner, whose MAC the beacon follows
         via = net.dhcp_server if net.hardware and not net.multi_host else None
         hybrid = net.hardware and (role == SERVING if net.multi_host else True)
-        if via and local:
-            follow.append((net.bridge, via))
         routed_from = sorted({n.ip for i, n in local for f in i.floating_ips if f.fixed_ip == n.ip}) if hybrid else []
         guards.append(
             PortGuard(
@@ -337,9 +335,11 @@ def compute(cfg, host, owners=None):
                 if hybrid and (routed_from or cfg.force_snat_range) and local
                 else (),
                 routed_metadata=bool(hybrid and local and cfg.metadata_host == "127.0.0.1"),
-                routed_via=via if local else None,
             )
         )
+        if via and (guards[-1].routed_from or guards[-1].routed_force or guards[-1].routed_metadata):
+            guards[-1] = dataclasses.replace(guards[-1], routed_via=via)
+            follow.append((net.bridge, via))
         if role == MEMBER:
             continue
         # A standby is hot: it holds the network's rules (SNAT, forward, metadata, the

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import select
 import socket
 import time
 
@@ -64,10 +63,12 @@ def sender_of(frame):
 
 class Follow(Worker):
     """Keeps ``learnt`` true for ``targets`` [(bridge, ip)] and calls ``rebind()`` after
-    each change. A bridge that is missing (not created yet) is tried again each round;
-    errors are logged and the watch goes on."""
+    each change (again every round until a rebind succeeds). A bridge that is missing
+    (not created yet, or re-created) is opened again the next round; errors are logged
+    and the watch goes on."""
 
     thread_name = "hanet-follow"
+    BURST = 64  # frames read per wake-up at most: a flood of ARP never starves the rounds
 
     def __init__(self, paths, targets, rebind, probe_s=PROBE_S, local=None):
         super().__init__()
@@ -79,70 +80,108 @@ class Follow(Worker):
         wanted = {ip for _, ip in self.targets}
         self.macs = {ip: mac for ip, mac in learnt(paths).items() if ip in wanted}
         self.changes = 0  # how often a MAC was learnt or changed (tests, status)
+        self._unbound = False  # the last rebind failed: tried again every round
 
     def learn(self, ip, mac):
-        """Take ``mac`` for ``ip``; True if that changed what the kernel holds."""
+        """Take ``mac`` for ``ip``; True if that changed what the kernel holds. The file
+        first, then the view: a write that fails is tried again with the next frame."""
         if self.macs.get(ip) == mac:
             return False
         before = self.macs.get(ip)
-        self.macs[ip] = mac
-        self.changes += 1
         path = self.paths.run(FILE)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_atomic(path, json.dumps(self.macs, sort_keys=True) + "\n")
+        write_atomic(path, json.dumps(dict(self.macs, **{ip: mac}), sort_keys=True) + "\n")
+        self.macs[ip] = mac
+        self.changes += 1
         log.warning("hanet follow: %s is answered by %s now (was %s)", ip, mac, before or "unknown")
-        try:
-            self.rebind()
-        except Exception:  # pylint: disable=broad-except  (the next change or apply binds it)
-            log.exception("hanet follow: putting %s's MAC into the bridge table failed", ip)
+        self._bind()
         return True
 
+    def _bind(self):
+        try:
+            self.rebind()
+            self._unbound = False
+        except Exception:  # pylint: disable=broad-except  (tried again next round)
+            if not self._unbound:
+                log.exception("hanet follow: putting the owners' MACs into the bridge table failed")
+            self._unbound = True
+
     def _run(self):
-        socks = {}  # socket -> (bridge, its MAC as bytes)
+        import select
+
+        socks = {}  # bridge -> (socket, its MAC as bytes, its ifindex)
         next_round = 0.0
         try:
             while not self._stop.is_set():
-                now = time.monotonic()
-                if now >= next_round:
-                    self._round(socks)
-                    known = all(ip in self.macs for _, ip in self.targets)
-                    next_round = now + (self.probe_s if known else UNKNOWN_S)
-                wait = max(0.0, next_round - time.monotonic())
-                if not socks:
-                    self._stop.wait(wait)
-                    continue
                 try:
-                    ready = select.select(list(socks), [], [], wait)[0]
-                except (OSError, ValueError):
-                    ready = []
-                for sock in ready:
-                    self._hear(sock, *socks[sock])
+                    now = time.monotonic()
+                    if now >= next_round:
+                        self._round(socks)
+                        known = all(ip in self.macs for _, ip in self.targets)
+                        next_round = now + (self.probe_s if known else UNKNOWN_S)
+                    wait = max(0.0, next_round - time.monotonic())
+                    if not socks:
+                        self._stop.wait(wait)
+                        continue
+                    poller = select.poll()
+                    by_fd = {}
+                    for bridge, (sock, mac, _) in socks.items():
+                        poller.register(sock.fileno(), select.POLLIN)
+                        by_fd[sock.fileno()] = (sock, bridge, mac)
+                    for fd, _ in poller.poll(wait * 1000):
+                        self._hear(*by_fd[fd])
+                except Exception:  # pylint: disable=broad-except  (log it; the watch goes on)
+                    log.exception("hanet follow: a round failed")
+                    self._stop.wait(UNKNOWN_S)
         finally:
-            for sock in socks:
+            for sock, _, _ in socks.values():
                 sock.close()
+
+    def _open(self, socks, bridge):
+        """``socks[bridge]`` opened, or re-opened when the bridge was re-created (a socket
+        stays bound to the index of a link that is gone); False when it does not exist."""
+        from . import arp, liveness
+
+        try:
+            index = socket.if_nametoindex(bridge)
+        except OSError:
+            index = None
+        have = socks.get(bridge)
+        if have is not None and have[2] == index:
+            return True
+        if have is not None:
+            socks.pop(bridge)[0].close()
+        if index is None:
+            return False
+        sock = arp._raw(bridge)  # pylint: disable=protected-access
+        try:
+            sock.setblocking(False)
+            mac = liveness._hwaddr(sock, bridge)  # pylint: disable=protected-access
+        except BaseException:
+            sock.close()
+            raise
+        socks[bridge] = (sock, mac, index)
+        return True
 
     def _round(self, socks):
         """Open what is missing, take this host's own addresses, ask for the others."""
-        from . import arp, liveness
+        from . import liveness
 
+        if self._unbound:
+            self._bind()
         try:
             held = self.local()
         except Exception:  # pylint: disable=broad-except
             log.debug("hanet follow: reading this host's addresses failed", exc_info=True)
             held = {}
-        opened = {b: (s, mac) for s, (b, mac) in socks.items()}
         for bridge, ip in self.targets:
-            if bridge not in opened:
-                try:
-                    sock = arp._raw(bridge)  # pylint: disable=protected-access
-                    sock.setblocking(False)
-                    mac = liveness._hwaddr(sock, bridge)  # pylint: disable=protected-access
-                except OSError as err:
-                    log.debug("hanet follow: no socket on %s yet: %s", bridge, err)
+            try:
+                if not self._open(socks, bridge):
                     continue
-                socks[sock] = (bridge, mac)
-                opened[bridge] = (sock, mac)
-            sock, mac = opened[bridge]
+            except OSError as err:
+                log.debug("hanet follow: no socket on %s yet: %s", bridge, err)
+                continue
+            sock, mac, _ = socks[bridge]
             if ip in held.get(bridge, ()):
                 self.learn(ip, ":".join(f"{b:02x}" for b in mac))
                 continue
@@ -152,7 +191,7 @@ class Follow(Worker):
                 log.debug("hanet follow: asking for %s on %s failed: %s", ip, bridge, err)
 
     def _hear(self, sock, bridge, own):
-        while True:
+        for _ in range(self.BURST):
             try:
                 frame = sock.recv(128)
             except (BlockingIOError, InterruptedError):

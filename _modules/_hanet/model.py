@@ -118,8 +118,8 @@ class Network:
     snat_address: Optional[str] = None
     # network_hosts with gateway_mode hardware (nova's ``dhcp_server``): the address the
     # owner binds and moves on failover in the gateway's place (the gateway is the
-    # router's); dnsmasq listens on it, and it is the router of the instances with a
-    # floating IP
+    # router's); dnsmasq and the metadata service listen on it, and the compute hosts
+    # send their instances' floating-IP frames to the MAC that answers for it
     dhcp_server: Optional[str] = None
 
     @property

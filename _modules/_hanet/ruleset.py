@@ -265,7 +265,7 @@ def _binding_elements(bound):
     return sorted(f"{_q(p)} . {m} . {ip}" for p, m, ip in bound), arp, [f"{_q(p)} . {m}" for p, m in macs]
 
 
-DYNAMIC = ("_dpairs", "_darp", "_dmacs", "_ports", "_brmac", "_via")  # what bind_ports fills (not the apply)
+DYNAMIC = ("_dpairs", "_darp", "_dmacs", "_ports", "_brmac", "_via", "_self")  # what bind_ports fills
 MAPS = ("_brmac", "_via")
 
 
@@ -322,6 +322,7 @@ def _nft_bridge_table(rs, port_list=False):
                 # frame's ethertype so that any kernel can look it up); none known yet: the
                 # frame goes on to the hardware router
                 sets.append(dict(name=f"{ident}_via", kind="map", type="ether_type : ether_addr", elements=[]))
+                sets.append(dict(name=f"{ident}_self", type="ether_addr", elements=[]))
                 to_host = f"ether daddr set meta protocol map @{ident}_via"
             else:
                 sets.append(dict(name=f"{ident}_brmac", kind="map", type="ifname : ether_addr", elements=[]))
@@ -333,6 +334,11 @@ def _nft_bridge_table(rs, port_list=False):
                 pre.append(f"{from_vm} ether type ip ip daddr {_nft_set(_nets(g.routed_force))}{not_to} {to_host}")
             if g.routed_metadata:
                 pre.append(f"{from_vm} ether type ip ip daddr {METADATA_IP} tcp dport 80 {to_host}")
+            if g.routed_via:
+                # this host is the owner (the map holds the bridge's own MAC, ``_self``):
+                # readdressed frames go up to its IP stack, as the bridge would send a
+                # frame that came addressed to it
+                pre.append(f"{from_vm} ether type ip ether daddr @{ident}_self meta pkttype set host")
         chains.append(
             dict(
                 name=vm,
@@ -795,10 +801,14 @@ def dynamic_elements(guards, port_macs, port_list, bridge_macs=None, owner_macs=
         out.update({f"{ident}_dpairs": pairs, f"{ident}_darp": arp, f"{ident}_dmacs": macs})
         if port_list:
             out[f"{ident}_ports"] = sorted(_q(p) for p in present if p not in g.trusted_ports)
+        if not (g.routed_from or g.routed_force or g.routed_metadata):
+            continue  # nothing routed: no map (``_nft_bridge_table``)
         if g.routed_via:
             mac = (owner_macs or {}).get(g.routed_via)
             out[f"{ident}_via"] = [f"ip : {mac}"] if mac else []
-        elif g.routed_from or g.routed_force or g.routed_metadata:
+            own = (bridge_macs or {}).get(g.bridge)
+            out[f"{ident}_self"] = [own] if own else []
+        else:
             mac = (bridge_macs or {}).get(g.bridge)
             vm_ports = [p for p in present if p not in g.trusted_ports] if mac else []
             out[f"{ident}_brmac"] = sorted(f"{_q(p)} : {mac}" for p in vm_ports)
@@ -808,7 +818,7 @@ def dynamic_elements(guards, port_macs, port_list, bridge_macs=None, owner_macs=
 def _bind_script(table, elements):
     lines = []
     for name, els in sorted(elements.items()):
-        kind = "map" if name.endswith(MAPS) else "set"
+        kind = "map" if name.endswith(MAPS) else "set"  # (_self is a set)
         lines.append(f"flush {kind} bridge {table} {name}")
         if els:
             lines.append(f"add element bridge {table} {name} {{ {', '.join(els)} }}")

@@ -7,6 +7,8 @@ minions, with real DHCP clients and a real power loss:
     router      eth1 172.16.100.1 on seg-hw: the network's gateway; eth0 203.0.113.1
     compute2    hw1 172.16.100.10, floating IP 203.0.113.51
     compute1    hw2 172.16.100.11, no floating IP
+    net2        hw3 172.16.100.12, floating IP 203.0.113.52 (a VM on a network host: on the
+                standby first, on the owner after the failover)
     net1, net2  br300 172.16.100.5 / .6; the owner adds 172.16.100.2 (DHCP, the floating
                 IP's NAT, metadata) and the floating IP on eth0
 
@@ -31,10 +33,11 @@ pytestmark = pytest.mark.lab
 
 NET = "hw"
 ROUTER, HW_ROUTER, SERVER = "203.0.113.1", "172.16.100.1", "172.16.100.2"
-FIP = "203.0.113.51"
+FIP, FIP3 = "203.0.113.51", "203.0.113.52"
 VMS = {
     "hw1": ("compute2", "fa:16:3e:00:02:01", "172.16.100.10"),
     "hw2": ("compute1", "fa:16:3e:00:02:02", "172.16.100.11"),
+    "hw3": ("net2", "fa:16:3e:00:02:03", "172.16.100.12"),
 }
 METADATA = "http://169.254.169.254/latest/meta-data/local-ipv4"
 
@@ -63,6 +66,7 @@ def nh_pillar(lab):
     for name, (host, mac, ip) in VMS.items():
         h["instances"][name] = {"host": host, "nics": [{"network": NET, "mac": mac, "ip": ip}]}
     h["instances"]["hw1"]["floating_ips"] = [{"address": FIP, "fixed_ip": VMS["hw1"][2]}]
+    h["instances"]["hw3"]["floating_ips"] = [{"address": FIP3, "fixed_ip": VMS["hw3"][2]}]
     return p
 
 
@@ -87,7 +91,7 @@ def served_as_before(lab, owner):
     """What an operator checks on the network: one owner holds the dhcp_server and the
     floating IP, hw1 leaves as its floating IP and is reached by it, hw2 leaves with its
     own address through the hardware router, and hw1 reads its metadata."""
-    assert holders(lab, SERVER) == [owner] and holders(lab, FIP) == [owner]
+    assert holders(lab, SERVER) == [owner] and holders(lab, FIP) == [owner] and holders(lab, FIP3) == [owner]
     # where hw1's host sends those frames, as hanet.status shows it
     seen = lab.salt("compute2", "hanet.status")["compute2"]["networks"][NET]["owner_mac"]
     assert seen == {"address": SERVER, "mac": lab.mac(owner, "br300")}, seen
@@ -95,6 +99,10 @@ def served_as_before(lab, owner):
     assert http(lab, "router", f"http://{FIP}/whoami") == ROUTER
     assert http(lab, "hw2", f"http://{ROUTER}/whoami") == VMS["hw2"][2]
     assert eventually(lambda: http(lab, "hw1", METADATA), VMS["hw1"][2]) == VMS["hw1"][2]
+    # hw3, on a network host (the owner itself, or a standby): the same
+    assert eventually(lambda: http(lab, "hw3", f"http://{ROUTER}/whoami"), FIP3) == FIP3
+    assert http(lab, "router", f"http://{FIP3}/whoami") == ROUTER
+    assert eventually(lambda: http(lab, "hw3", METADATA), VMS["hw3"][2]) == VMS["hw3"][2]
 
 
 def test_a_vm_with_a_floating_ip_leaves_as_it_through_the_owner(cluster):
@@ -155,8 +163,8 @@ def test_a_power_loss_of_the_owner_moves_the_dhcp_server_and_the_floating_ip_tog
     from hanet_lab.arpwatch import ArpWatch
 
     lab = cluster
-    lab.dhcp("hw1", "dhclient")
-    lab.dhcp("hw2", "dhclient")
+    for vm in VMS:
+        lab.dhcp(vm, "dhclient")
     served_as_before(lab, "net1")
     wire = ArpWatch(lab, [("seg-hw", SERVER), ("public", FIP)]).start()
     out = chaos.Pinger(lab, "hw1", ROUTER).start()
@@ -173,7 +181,7 @@ def test_a_power_loss_of_the_owner_moves_the_dhcp_server_and_the_floating_ip_tog
         wire.stop()
     assert done, f"no hanet/failover/{NET}/complete event"
     data = done["data"]
-    assert (data["from"], data["to"]) == ("net1", "net2") and set(data["addresses"]) == {SERVER, FIP}, data
+    assert (data["from"], data["to"]) == ("net1", "net2") and set(data["addresses"]) == {SERVER, FIP, FIP3}, data
     seen = wire.summary()
     assert seen[SERVER]["two_holders_s"] == 0 and seen[FIP]["two_holders_s"] == 0, seen
     for pinger in (out, inbound):

@@ -87,3 +87,19 @@ def test_the_owner_is_found_by_asking_and_followed_by_its_announcement(tmp_path)
         finally:
             watch.stop()
         assert not watch.alive and len(bound) == 2
+
+
+def test_a_failed_rebind_is_tried_again_every_round(tmp_path):
+    calls = []
+
+    def rebind():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("nft: busy")
+
+    w = follow.Follow(Paths(root_dir=str(tmp_path)), [("hanet-nope0", "10.9.0.2")], rebind, local=dict)
+    assert w.learn("10.9.0.2", "02:00:00:00:00:01") and len(calls) == 1
+    w._round({})  # the bridge does not exist: nothing to ask, but the bind is due again
+    assert len(calls) == 2
+    w._round({})
+    assert len(calls) == 2

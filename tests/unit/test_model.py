@@ -759,6 +759,14 @@ def test_a_hardware_network_with_network_hosts_moves_its_dhcp_server_not_the_rou
     from _hanet.host import beacon_config
 
     assert {"follow": [["br102", "172.16.101.2"]]} in beacon_config(compute)
+    # nothing to route (no floating IP here, a central metadata host, no force_snat_range):
+    # no redirect, no owner to follow
+    p = _green_on_network_hosts(example())
+    p["instances"]["db1"]["floating_ips"] = []
+    p["metadata_host"] = "10.0.0.5"
+    compute = desired.compute(model.load(p), "compute2")
+    guard = next(g for g in compute.ruleset.guards if g.bridge == "br102")
+    assert (guard.routed_from, guard.routed_metadata, guard.routed_via, compute.follow) == ((), False, None, ())
 
 
 def test_dhcp_server_mistakes_are_named():

@@ -935,19 +935,26 @@ def test_what_a_hardware_bridge_hands_up_leaves_only_by_the_public_link():
 def test_with_network_hosts_the_frames_go_to_the_owner_s_mac_not_up_to_this_host():
     """routed_via (a hardware network served by network hosts): the same frames are
     readdressed to the MAC the owner answers with (the one element of the _via map,
-    keyed by ethertype; the owner watch learns it): they stay frames, nothing goes up to
-    this host's IP stack; no MAC known yet, no element, and the rule matches nothing."""
+    keyed by ethertype; the owner watch learns it): they stay frames; no MAC known yet,
+    no element, and the rule matches nothing. Where this host is the owner (the MAC is
+    the bridge's own, the _self set) they go up to its IP stack."""
     g = dataclasses.replace(hybrid().guards[0], routed_metadata=True, routed_via="192.168.0.2")
     rs = dataclasses.replace(hybrid(), guards=(g,) + hybrid().guards[1:])
     text = R.render(rs)
     pre = {c["name"]: c["rules"] for c in R._nft_bridge_table(rs)["chains"]}["prerouting"]
     to_owner = "ether daddr set meta protocol map @br100_via"
-    assert sum(rule.endswith(to_owner) for rule in pre) == 3 and "pkttype" not in text and "brmac" not in text
+    assert sum(rule.endswith(to_owner) for rule in pre) == 3 and "brmac" not in text
+    self_rule = 'meta ibrname "br100" iifname != { "eth1" } ether type ip ether daddr @br100_self meta pkttype set host'
+    assert pre.index(self_rule) == max(i for i, rule in enumerate(pre) if rule.endswith(to_owner)) + 1
     assert "\tmap br100_via {\n\t\ttype ether_type : ether_addr\n\t}" in text
     port_macs = {"br100": {"eth1": MAC1, "tap-a": TAP1}}
-    got = R.dynamic_elements(rs.guards, port_macs, False, {"br100": "02:00:00:00:01:00"}, {"192.168.0.2": MAC1})
-    assert got["br100_via"] == [f"ip : {MAC1}"] and "br100_brmac" not in got
+    own = "02:00:00:00:01:00"
+    got = R.dynamic_elements(rs.guards, port_macs, False, {"br100": own}, {"192.168.0.2": MAC1})
+    assert (got["br100_via"], got["br100_self"]) == ([f"ip : {MAC1}"], [own]) and "br100_brmac" not in got
     assert R.dynamic_elements(rs.guards, port_macs, False)["br100_via"] == []
-    assert "flush map bridge hanet br100_via\nadd element bridge hanet br100_via { ip : " in R._bind_script(
-        "hanet", got
-    )
+    script = R._bind_script("hanet", got)
+    assert "flush map bridge hanet br100_via\nadd element bridge hanet br100_via { ip : " in script
+    assert "flush set bridge hanet br100_self\n" in script
+    # nothing routed on the bridge: no map is rendered, and bind_ports flushes none
+    bare = dataclasses.replace(sample().guards[0], routed_via="192.168.0.2")
+    assert "br100_via" not in R.dynamic_elements((bare,), port_macs, False, {}, {"192.168.0.2": MAC1})
