@@ -337,6 +337,21 @@ def _fence_wait(ctx, detected_at, cooperative):
     return True
 
 
+def stamps(heard_at):
+    """[(name, epoch seconds)] from an order's ``heard_at`` (a time, or [[name, time],
+    ...]: the beacon's steps before the takeover started). They are timings only: what
+    cannot be read is left out and logged, never a reason for a takeover to fail."""
+    pre = heard_at if isinstance(heard_at, (list, tuple)) else [("heard", heard_at)]
+    out = []
+    for item in pre:
+        try:
+            name, at = item
+            out.append((str(name), float(at)))
+        except (TypeError, ValueError):
+            log.warning("hanet takeover: a stamp that is no (name, time): %r", item)
+    return out
+
+
 def moving_addresses(net, state):
     """[(ip, interface)] that would move to this host with ``net``, from its desired
     state as a standby or as the owner: the gateway and the network's floating IPs
@@ -527,8 +542,7 @@ def _run(
         bound = prior if prior and prior.get("outcome") == "bound" else None
         mark = _Marks(bound["marks"] if bound else None)
         if heard_at and not bound:  # when the beacon heard the order, and its steps before "start"
-            pre = heard_at if isinstance(heard_at, (list, tuple)) else [("heard", heard_at)]
-            mark.marks.extend((str(name), float(at)) for name, at in pre)
+            mark.marks.extend(stamps(heard_at))
         moved = [tuple(m) for m in bound["moved"]] if bound else []
         try:
             net = _network(ctx, network)

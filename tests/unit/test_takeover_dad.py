@@ -166,3 +166,14 @@ def test_a_failed_repeat_is_logged_and_the_takeover_still_returns(tmp_path, monk
     monkeypatch.setattr(takeover, "repeat_announcement", boom)
     assert takeover.run(ctx, "shared", 4) == {"ok": 1}
     assert "the announcement's repeats failed" in caplog.text
+
+
+def test_a_malformed_stamp_is_left_out_not_a_failed_takeover():
+    """heard_at comes from the beacon (or a hand-made order): a stamp that is no
+    (name, time) is dropped with a warning; the takeover goes on."""
+    assert takeover.stamps(1000.5) == [("heard", 1000.5)]
+    assert takeover.stamps([["thread", 1.0], ["looked_up", "2.5"], "junk", ["x"], ["y", None]]) == [
+        ("thread", 1.0),
+        ("looked_up", 2.5),
+    ]
+    assert takeover.stamps("soon") == []
