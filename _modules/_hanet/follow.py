@@ -47,6 +47,14 @@ def learnt(paths):
     return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
 
+def forget(paths):
+    """Remove what the watch learnt (this host follows no owner any more)."""
+    try:
+        os.unlink(paths.run(FILE))
+    except FileNotFoundError:
+        pass
+
+
 def sender_of(frame):
     """(sender IP, sender MAC) of an IPv4-over-Ethernet ARP request or reply, or None
     (a probe's sender 0.0.0.0 included: it says nothing about who holds an address)."""

@@ -188,6 +188,10 @@ def _liveness(state, salt, paths):
         saved = salt["beacons.save"]()
         if not saved.get("result"):
             raise RuntimeError(f"beacon save: {saved.get('comment')}")
+        if not state.follow:  # no owner to follow any more: what the watch learnt goes too
+            from . import follow
+
+            follow.forget(paths)
         return [str(c) for c in changes]
 
     return changes, run

@@ -215,3 +215,18 @@ def test_an_evacuation_moves_them_back_and_the_vm_still_leaves_as_its_floating_i
     gap, _, lost = out.outage()
     assert lost <= 1 and gap < 0.5, f"hw1 -> router: {lost} probes lost (longest gap {gap:.3f} s)"
     served_as_before(lab, "net1")
+
+
+def test_back_to_multi_host_nothing_of_the_owner_watch_is_left(cluster):
+    """The lab's own pillar again (hw multi_host): no _via map, no follow in the beacon,
+    no follow.json; each compute host serves its VMs' floating IPs itself."""
+    from hanet_lab.pillar import lab_pillar
+
+    lab = cluster
+    lab.set_pillar(lab_pillar(lab.topology))
+    state_apply(lab, sorted(lab.topology.hosts), timeout=300)
+    for host in ("compute1", "compute2", "net2"):
+        assert "_via" not in lab.exec(host, ["nft", "list", "table", "bridge", "hanet"], check=True).stdout
+        assert not os.path.exists(os.path.join(lab.minion_root(host), "run", "hanet", "follow.json")), host
+        beacon = lab.salt(host, "beacons.list", kwarg={"return_yaml": False})[host].get("hanet_liveness", [])
+        assert not any("follow" in item for item in beacon), beacon

@@ -103,3 +103,12 @@ def test_a_failed_rebind_is_tried_again_every_round(tmp_path):
     assert len(calls) == 2
     w._round({})
     assert len(calls) == 2
+
+
+def test_what_was_learnt_goes_when_nothing_is_followed(tmp_path):
+    paths = Paths(root_dir=str(tmp_path))
+    follow.Follow(paths, [("br0", "10.9.0.2")], lambda: None).learn("10.9.0.2", "02:00:00:00:00:01")
+    assert os.path.exists(paths.run(follow.FILE))
+    follow.forget(paths)
+    follow.forget(paths)  # twice: nothing to do
+    assert not os.path.exists(paths.run(follow.FILE)) and follow.learnt(paths) == {}
