@@ -831,7 +831,7 @@ def _start(cfg):
         # frames are readdressed to, followed through failovers
         running.follow = (
             lib["follow"]
-            .Follow(paths, [tuple(t) for t in cfg["follow"]], lambda: lib["ruleset"].bind_ports(paths))
+            .Follow(paths, [tuple(t) for t in cfg["follow"]], lambda macs: lib["ruleset"].bind_owners(paths, macs))
             .start()
         )
     if cfg.get("orders") and cfg.get("garp_refresh_s"):

@@ -15,7 +15,8 @@ neighbour's ARP cache would:
   own MAC: the frame goes up to its own IP stack.
 
 A change is written to ``<root_dir>/run/hanet/follow.json`` and put into the kernel by
-``ruleset.bind_ports`` (the apply does the same from that file). Until a MAC is known
+``rebind({ip: MAC})`` (the beacon: ``ruleset.bind_owners``, the ``_via`` maps alone;
+``bind_ports``, after every apply and port event, reads the same file). Until a MAC is known
 the frames go on to the hardware router, as they would without a floating IP. A MAC
 that stops answering is kept: without an owner the network has no floating IP to serve.
 """
@@ -70,7 +71,7 @@ def sender_of(frame):
 
 
 class Follow(Worker):
-    """Keeps ``learnt`` true for ``targets`` [(bridge, ip)] and calls ``rebind()`` after
+    """Keeps ``learnt`` true for ``targets`` [(bridge, ip)] and calls ``rebind(macs)`` after
     each change (again every round until a rebind succeeds). A bridge that is missing
     (not created yet, or re-created) is opened again the next round; errors are logged
     and the watch goes on."""
@@ -107,7 +108,7 @@ class Follow(Worker):
 
     def _bind(self):
         try:
-            self.rebind()
+            self.rebind(dict(self.macs))
             self._unbound = False
         except Exception:  # pylint: disable=broad-except  (tried again next round)
             if not self._unbound:

@@ -853,6 +853,29 @@ def bind_ports(paths, locked=False):
     return elements
 
 
+def bind_owners(paths, owners, locked=False):
+    """Put the owners' MACs (``owners``: {ip: MAC}, the beacon's owner watch) into the
+    ``_via`` maps alone, in one nft transaction: the owner watch's path after a failover,
+    which must not wait for a dump of every link (``bind_ports`` does the rest). Returns
+    {map: elements}, or None when no guarded bridge here sends frames to an owner."""
+    if not locked:
+        with _lock(paths):
+            return bind_owners(paths, owners, locked=True)
+    state = _load_state(paths)
+    if not state.get("ruleset") or "nft:bridge:" + str(state.get("table")) not in state.get("objects", ()):
+        return None
+    guards = [g for g in _from_plain(state["ruleset"]).guards if g.routed_via]
+    guards = [g for g in guards if g.routed_from or g.routed_force or g.routed_metadata]
+    if not guards:
+        return None
+    idents = _idents(_from_plain(state["ruleset"]).guards)
+    elements = {
+        f"{idents[g.bridge]}_via": [f"ip : {owners[g.routed_via]}"] if owners.get(g.routed_via) else [] for g in guards
+    }
+    _nft("-f", "-", stdin=_bind_script(state["table"], elements))
+    return elements
+
+
 def _load_state(paths):
     try:
         with open(paths.state(STATE_FILE), encoding="utf-8") as fh:

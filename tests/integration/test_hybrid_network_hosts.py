@@ -212,8 +212,13 @@ def test_an_evacuation_moves_them_back_and_the_vm_still_leaves_as_its_floating_i
         out.stop()
     # net2 serves the lab's other network-host network (shared) too: it moves as well
     assert [(m["to"], m["moved"]) for m in res if m["network"] == NET] == [("net1", True)], res
+    # A planned move breaks before it makes; what hw1's host still readdresses to the old
+    # owner once the router has followed the new one's announcement (the owner watch's
+    # re-pointing: a few ms) is answered to a host that never saw the flow (without
+    # ha:conntrack_sync): a few probes at 100 a second, not the seconds of a failover
     gap, _, lost = out.outage()
-    assert lost <= 1 and gap < 0.5, f"hw1 -> router: {lost} probes lost (longest gap {gap:.3f} s)"
+    print(f"evacuation: hw1 -> router: {lost} probes lost, longest gap {gap:.3f} s")
+    assert lost <= 5 and gap < 0.2, f"hw1 -> router: {lost} probes lost (longest gap {gap:.3f} s)"
     served_as_before(lab, "net1")
 
 

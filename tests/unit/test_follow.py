@@ -36,12 +36,12 @@ def test_the_sender_of_a_request_or_a_reply_is_taken_and_nothing_else():
 
 def test_a_change_is_written_and_bound_once(tmp_path):
     bound = []
-    w = follow.Follow(Paths(root_dir=str(tmp_path)), [("br0", "10.9.0.2")], lambda: bound.append(1))
+    w = follow.Follow(Paths(root_dir=str(tmp_path)), [("br0", "10.9.0.2")], lambda macs: bound.append(macs))
     assert w.learn("10.9.0.2", "02:00:00:00:00:01") and not w.learn("10.9.0.2", "02:00:00:00:00:01")
     assert w.learn("10.9.0.2", "02:00:00:00:00:02")
     assert len(bound) == 2 and follow.learnt(Paths(root_dir=str(tmp_path))) == {"10.9.0.2": "02:00:00:00:00:02"}
     # a restarted watch starts from what was learnt
-    again = follow.Follow(Paths(root_dir=str(tmp_path)), [("br0", "10.9.0.2")], lambda: None)
+    again = follow.Follow(Paths(root_dir=str(tmp_path)), [("br0", "10.9.0.2")], lambda macs: None)
     assert again.macs == {"10.9.0.2": "02:00:00:00:00:02"}
 
 
@@ -74,7 +74,11 @@ def test_the_owner_is_found_by_asking_and_followed_by_its_announcement(tmp_path)
         bound = []
         with kernel_ns.inside(w):
             watch = follow.Follow(
-                Paths(root_dir=str(tmp_path)), [("br0", "10.9.0.2")], lambda: bound.append(1), probe_s=60, local=dict
+                Paths(root_dir=str(tmp_path)),
+                [("br0", "10.9.0.2")],
+                lambda macs: bound.append(macs),
+                probe_s=60,
+                local=dict,
             ).start()
         try:
             assert _wait(lambda: watch.macs.get("10.9.0.2") == macs[a]), watch.macs
@@ -92,7 +96,7 @@ def test_the_owner_is_found_by_asking_and_followed_by_its_announcement(tmp_path)
 def test_a_failed_rebind_is_tried_again_every_round(tmp_path):
     calls = []
 
-    def rebind():
+    def rebind(macs):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("nft: busy")
@@ -107,7 +111,7 @@ def test_a_failed_rebind_is_tried_again_every_round(tmp_path):
 
 def test_what_was_learnt_goes_when_nothing_is_followed(tmp_path):
     paths = Paths(root_dir=str(tmp_path))
-    follow.Follow(paths, [("br0", "10.9.0.2")], lambda: None).learn("10.9.0.2", "02:00:00:00:00:01")
+    follow.Follow(paths, [("br0", "10.9.0.2")], lambda macs: None).learn("10.9.0.2", "02:00:00:00:00:01")
     assert os.path.exists(paths.run(follow.FILE))
     follow.forget(paths)
     follow.forget(paths)  # twice: nothing to do

@@ -737,6 +737,33 @@ def test_netns_binding_follows_plugged_nics(env, monkeypatch):
     assert R.plan(sample(), R.current(sample(), paths)) == []
 
 
+@needs_root
+def test_netns_the_owner_s_mac_goes_into_the_via_map_alone_and_with_the_ports(env):
+    """bind_owners (the owner watch) puts the owner's MAC into the _via map; bind_ports
+    (every apply and port event) puts in what the watch last wrote; neither is a
+    change the apply sees."""
+    import json
+
+    paths, nx = env
+    nx("ip", "link", "add", "br100", "type", "bridge")
+    g = dataclasses.replace(hybrid().guards[0], routed_metadata=True, routed_via="192.168.0.2")
+    rs = dataclasses.replace(hybrid(), guards=(g,) + hybrid().guards[1:])
+    run(rs, paths)
+    assert MAC1 not in nx("nft", "list", "map", "bridge", "hanet", "br100_via")
+    assert R.bind_owners(paths, {"192.168.0.2": MAC1}) == {"br100_via": [f"ip : {MAC1}"]}
+    assert f"ip : {MAC1}" in nx("nft", "list", "map", "bridge", "hanet", "br100_via")
+    assert R.plan(rs, R.current(rs, paths)) == []
+    os.makedirs(os.path.dirname(paths.run("follow.json")), exist_ok=True)
+    with open(paths.run("follow.json"), "w") as fh:
+        json.dump({"192.168.0.2": MAC2}, fh)
+    R.bind_ports(paths)
+    listing = nx("nft", "list", "map", "bridge", "hanet", "br100_via")
+    assert f"ip : {MAC2}" in listing and MAC1 not in listing
+    assert R.plan(rs, R.current(rs, paths)) == []
+    assert R.bind_owners(paths, {}) == {"br100_via": []}
+    assert "elements" not in nx("nft", "list", "map", "bridge", "hanet", "br100_via")
+
+
 def test_port_report_names_unknown_ports_and_unplugged_nics():
     guards = sample().guards
     port_macs = {
