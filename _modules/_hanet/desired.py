@@ -152,6 +152,11 @@ class PortGuard:
     # keeps in the bridge table, ``_hanet.follow``), which routes them the same way
     routed_via: Optional[str] = None
 
+    @property
+    def routed(self):
+        """Some frames of this bridge's VMs are taken off it (to this host or the owner)."""
+        return bool(self.routed_from or self.routed_force or self.routed_metadata)
+
 
 @dataclass(frozen=True)
 class FloatingIp:
@@ -319,7 +324,7 @@ def compute(cfg, host, owners=None):
         # the host serving a VM takes its frames for its floating IP's SNAT: itself in
         # multi_host; with network hosts their owner, whose MAC the beacon follows
         via = net.dhcp_server if net.hardware and not net.multi_host else None
-        hybrid = net.hardware and (role == SERVING if net.multi_host else True)
+        hybrid = net.hardware and (not net.multi_host or role == SERVING)
         routed_from = sorted({n.ip for i, n in local for f in i.floating_ips if f.fixed_ip == n.ip}) if hybrid else []
         guards.append(
             PortGuard(
@@ -337,7 +342,7 @@ def compute(cfg, host, owners=None):
                 routed_metadata=bool(hybrid and local and cfg.metadata_host == "127.0.0.1"),
             )
         )
-        if via and (guards[-1].routed_from or guards[-1].routed_force or guards[-1].routed_metadata):
+        if via and guards[-1].routed:
             guards[-1] = dataclasses.replace(guards[-1], routed_via=via)
             follow.append((net.bridge, via))
         if role == MEMBER:
@@ -401,9 +406,9 @@ def compute(cfg, host, owners=None):
         if not net.hardware:
             forward.append(net.bridge)
         elif not net.multi_host:
-            # the owner routes what the instances with a floating IP send it (their
-            # router) and what a hardware router hands it (metadata, force_snat_range):
-            # out of the public link only, never to another network behind the router
+            # the owner routes what the compute hosts' bridges readdress to it (floating
+            # IPs, force_snat_range; PortGuard.routed_via): out of the public link only,
+            # never to another network behind the router
             routed_nh.append((net.bridge, public))
         # Hardware gateway too: the bridge hands the VMs' requests for 169.254.169.254 to
         # this host (PortGuard.routed_metadata); a router that routes them to the host

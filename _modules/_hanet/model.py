@@ -164,11 +164,6 @@ class Network:
     def hardware(self):
         return self.gateway_mode == "hardware"
 
-    @property
-    def gateway_cidr(self):
-        """The gateway as it is bound on the bridge ("ip/prefixlen"), or None."""
-        return f"{self.gateway}/{self.prefixlen}" if self.gateway else None
-
 
 @dataclass(frozen=True)
 class HostNet:
@@ -447,6 +442,16 @@ def _usable(ip, net):
     return None
 
 
+def _in_cidr(c, value, path, cidr):
+    """``value`` as an IPv4 address usable in the network's ``cidr`` (None, and a problem
+    named by ``path``, when it is not; not checked against a cidr that was invalid)."""
+    ip = c.ip(value, path)
+    if ip and cidr and (why := _usable(ip, cidr)):
+        c.add(path, f"{ip} is {why} the network's cidr {cidr}")
+        return None
+    return ip
+
+
 # --------------------------------------------------------------------------- load
 
 
@@ -565,10 +570,7 @@ def _networks(c, raw):
             mode = None
         gateway = None
         if spec.get("gateway") is not None:
-            gateway = c.ip(spec.get("gateway"), f"{path}:gateway")
-            if gateway and cidr and (why := _usable(gateway, cidr)):
-                c.add(f"{path}:gateway", f"{gateway} is {why} the network's cidr {cidr}")
-                gateway = None
+            gateway = _in_cidr(c, spec.get("gateway"), f"{path}:gateway", cidr)
         elif mode == "hardware":
             c.add(f"{path}:gateway", "is required with gateway_mode: hardware (the router's address)")
         elif multi_host is False:
@@ -592,10 +594,7 @@ def _networks(c, raw):
             if net.prefixlen > 29:
                 c.add(f"{path}:cidr", f"{cidr} is too small for a VM network (/29 at most)")
             if spec.get("dhcp_start") is not None:
-                dhcp_start = c.ip(spec.get("dhcp_start"), f"{path}:dhcp_start")
-                if dhcp_start and (why := _usable(dhcp_start, cidr)):
-                    c.add(f"{path}:dhcp_start", f"{dhcp_start} is {why} the network's cidr {cidr}")
-                    dhcp_start = None
+                dhcp_start = _in_cidr(c, spec.get("dhcp_start"), f"{path}:dhcp_start", cidr)
             else:
                 base = netaddr.IPAddress(gateway) if gateway else net.network
                 dhcp_start = str(base + 1) if base + 1 < net.broadcast else str(net.network + 1)
@@ -617,11 +616,8 @@ def _networks(c, raw):
             c.add(f"{path}:network_hosts", "is required when multi_host is false (ordered: the first live one serves)")
         dhcp_server = None
         if spec.get("dhcp_server") is not None:
-            dhcp_server = c.ip(spec.get("dhcp_server"), f"{path}:dhcp_server")
-            if dhcp_server and cidr and (why := _usable(dhcp_server, cidr)):
-                c.add(f"{path}:dhcp_server", f"{dhcp_server} is {why} the network's cidr {cidr}")
-                dhcp_server = None
-            elif dhcp_server and not (mode == "hardware" and multi_host is False):
+            dhcp_server = _in_cidr(c, spec.get("dhcp_server"), f"{path}:dhcp_server", cidr)
+            if dhcp_server and not (mode == "hardware" and multi_host is False):
                 c.add(
                     f"{path}:dhcp_server",
                     "is for networks with network_hosts and gateway_mode: hardware "

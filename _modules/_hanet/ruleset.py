@@ -311,7 +311,7 @@ def _nft_bridge_table(rs, port_list=False):
         else:
             from_vm = f"iifname @{ident}_ports"
         pre.append(f"{from_vm} jump {vm}")
-        if g.routed_from or g.routed_force or g.routed_metadata:
+        if g.routed:
             # nova's ebtables redirect: what passed the guard and leaves the network is
             # handed to this host's IP stack (its floating IP's SNAT), not to the hardware
             # router. The frame is addressed to the bridge's own MAC (the map, which
@@ -791,7 +791,7 @@ def dynamic_elements(guards, port_macs, port_list, bridge_macs=None, owner_macs=
     are routed by the host (``routed_from``), the map of every VM port to its bridge's
     MAC (``bridge_macs``: {bridge: MAC}); where they go to a network host (``routed_via``),
     the MAC its owner answers with (``owner_macs``: {ip: MAC}, the beacon's owner watch)."""
-    out = {}
+    out = _via_elements(guards, owner_macs or {})
     idents = _idents(guards)
     for g in guards:
         ident = idents[g.bridge]
@@ -801,11 +801,9 @@ def dynamic_elements(guards, port_macs, port_list, bridge_macs=None, owner_macs=
         out.update({f"{ident}_dpairs": pairs, f"{ident}_darp": arp, f"{ident}_dmacs": macs})
         if port_list:
             out[f"{ident}_ports"] = sorted(_q(p) for p in present if p not in g.trusted_ports)
-        if not (g.routed_from or g.routed_force or g.routed_metadata):
+        if not g.routed:
             continue  # nothing routed: no map (``_nft_bridge_table``)
         if g.routed_via:
-            mac = (owner_macs or {}).get(g.routed_via)
-            out[f"{ident}_via"] = [f"ip : {mac}"] if mac else []
             own = (bridge_macs or {}).get(g.bridge)
             out[f"{ident}_self"] = [own] if own else []
         else:
@@ -839,9 +837,7 @@ def bind_ports(paths, locked=False):
         with _lock(paths):
             return bind_ports(paths, locked=True)
     state = _load_state(paths)
-    if not state.get("ruleset") or "nft:bridge:" + str(state.get("table")) not in state.get("objects", ()):
-        return None
-    guards = _from_plain(state["ruleset"]).guards
+    guards = _applied_guards(state)
     if not guards:
         return None
     port_macs, bridge_macs = _bridge_links(sorted({g.bridge for g in guards}))
@@ -862,18 +858,31 @@ def bind_owners(paths, owners, locked=False):
         with _lock(paths):
             return bind_owners(paths, owners, locked=True)
     state = _load_state(paths)
-    if not state.get("ruleset") or "nft:bridge:" + str(state.get("table")) not in state.get("objects", ()):
+    guards = _applied_guards(state)
+    elements = _via_elements(guards, owners)
+    if not elements:
         return None
-    guards = [g for g in _from_plain(state["ruleset"]).guards if g.routed_via]
-    guards = [g for g in guards if g.routed_from or g.routed_force or g.routed_metadata]
-    if not guards:
-        return None
-    idents = _idents(_from_plain(state["ruleset"]).guards)
-    elements = {
-        f"{idents[g.bridge]}_via": [f"ip : {owners[g.routed_via]}"] if owners.get(g.routed_via) else [] for g in guards
-    }
     _nft("-f", "-", stdin=_bind_script(state["table"], elements))
     return elements
+
+
+def _applied_guards(state):
+    """The guards of the ruleset hanet applied last (``state``), if its bridge table is
+    in place; else ()."""
+    if not state.get("ruleset") or "nft:bridge:" + str(state.get("table")) not in state.get("objects", ()):
+        return ()
+    return _from_plain(state["ruleset"]).guards
+
+
+def _via_elements(guards, owners):
+    """{<bridge>_via: [the owner's MAC as the one element, or none]} of the guards whose
+    frames go to a network host's owner (``owners``: {dhcp_server: MAC})."""
+    idents = _idents(guards)
+    return {
+        f"{idents[g.bridge]}_via": [f"ip : {owners[g.routed_via]}"] if owners.get(g.routed_via) else []
+        for g in guards
+        if g.routed_via and g.routed
+    }
 
 
 def _load_state(paths):
